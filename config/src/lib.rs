@@ -1,0 +1,1 @@
+//! ipsx config (being written).

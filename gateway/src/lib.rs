@@ -1,0 +1,1 @@
+//! ipsx gateway (being written).
