@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Base tools every test needs: curl, Python requests with PySocks, cargo-nextest.
+set -euo pipefail
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! python3 -c 'import requests, socks' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check requests PySocks
+fi
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
