@@ -1,1 +1,276 @@
-//! ipsx gateway (being written).
+//! The ipsx gateway: one proxy port that speaks HTTP/1.1 (absolute-form and CONNECT)
+//! and SOCKS5, authenticates clients by access token, reads per-request targeting, and
+//! relays through exits chosen by the rotation policies under rate limits and bans.
+//!
+//! Owns: listeners, the request pipeline, relaying, the admin API, metrics and reload.
+//! Does not own: choosing exits (`ipsx-rotation`), config parsing (`ipsx-config`),
+//! tunnels (`ipsx-tunnel-pool`).
+
+pub mod admin;
+mod auth;
+pub mod body;
+pub mod dest;
+pub mod error;
+pub mod exit;
+pub mod http1;
+mod pipeline;
+mod proxy;
+pub mod relay;
+pub mod socks5;
+pub mod targeting;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use ipsx_config::GatewayConfig;
+use ipsx_rotation::{Clock, ExitId, ExitInfo, RateLimiter, Rotator, RotatorConfig, SystemClock};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::ProxyError;
+use exit::{DialPolicy, ExitRuntime};
+
+/// One loaded config and everything built from it. Each request takes the snapshot that
+/// is current when it starts and keeps it to the end, so a reload never changes a
+/// request in flight.
+pub struct Runtime {
+    /// The validated config.
+    pub config: GatewayConfig,
+    /// Exits by id.
+    pub exits: HashMap<ExitId, Arc<ExitRuntime>>,
+    /// Per-token live connection counters, by token name.
+    token_conns: HashMap<String, Arc<AtomicUsize>>,
+    /// Increments at every successful reload.
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+/// The running gateway, shared by every connection.
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    rotator: Rotator,
+    limiter: RateLimiter,
+    config_path: Option<PathBuf>,
+    reload_lock: Mutex<()>,
+    last_reload_error: std::sync::Mutex<Option<String>>,
+    open_connections: AtomicUsize,
+    waiters: AtomicUsize,
+    requests_total: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Builds a gateway from a validated config; `config_path` enables reload.
+    pub fn new(config: GatewayConfig, config_path: Option<PathBuf>) -> Arc<Self> {
+        Self::with_clock(config, config_path, Arc::new(SystemClock))
+    }
+
+    /// As [`Gateway::new`], with an injected clock (tests).
+    pub fn with_clock(config: GatewayConfig, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Self> {
+        let rotator = Rotator::new(
+            RotatorConfig {
+                max_fallbacks: config.rotation.max_retries.max(3),
+                max_sessions: config.rotation.max_sessions,
+                ..RotatorConfig::default()
+            },
+            clock.clone(),
+        );
+        let limiter = RateLimiter::new(clock);
+        let runtime = build_runtime(config, None, 0);
+        rotator.set_exits(exit_infos(&runtime));
+        Arc::new(Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            rotator,
+            limiter,
+            config_path,
+            reload_lock: Mutex::new(()),
+            last_reload_error: std::sync::Mutex::new(None),
+            open_connections: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
+            requests_total: AtomicU64::new(0),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The current config snapshot.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// The exit selector.
+    pub fn rotator(&self) -> &Rotator {
+        &self.rotator
+    }
+
+    /// Swaps in a new config: new requests use it at once; requests in flight finish on
+    /// the snapshot they started with. Exits whose transport is unchanged keep their
+    /// pooled connections, counters, bans and sessions.
+    pub fn apply(&self, config: GatewayConfig) {
+        let old = self.runtime.load_full();
+        let new = build_runtime(config, Some(&old), old.generation + 1);
+        self.rotator.set_exits(exit_infos(&new));
+        self.runtime.store(Arc::new(new));
+        metrics::counter!("ipsx_config_reloads_total").increment(1);
+        tracing::info!(generation = old.generation + 1, "config applied");
+    }
+
+    /// Re-reads the config file (if the gateway was started from one) and applies it.
+    /// On error the running config stays and the error is kept for the admin API.
+    pub async fn reload(&self) -> Result<u64, String> {
+        let _guard = self.reload_lock.lock().await;
+        let Some(path) = &self.config_path else {
+            return Err("gateway was not started from a config file".into());
+        };
+        let result = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|text| GatewayConfig::from_toml(&text, &path.display().to_string()).map_err(|e| e.to_string()));
+        match result {
+            Ok(config) => {
+                self.apply(config);
+                *self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(self.runtime.load().generation)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "config reload refused; keeping the running config");
+                *self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// The last reload error, if the last reload failed.
+    pub fn last_reload_error(&self) -> Option<String> {
+        self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests handled since start.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    /// Starts a graceful shutdown: stop accepting, let requests finish until the drain
+    /// timeout, then close what is left.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Drops rate-limiter state of keys idle for long (call periodically).
+    pub fn prune(&self) {
+        self.limiter.prune();
+    }
+}
+
+fn exit_infos(rt: &Runtime) -> Vec<ExitInfo> {
+    rt.config
+        .exits
+        .iter()
+        .map(|e| ExitInfo {
+            id: ExitId::from(e.name.as_str()),
+            attrs: e.attrs.clone(),
+        })
+        .collect()
+}
+
+fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) -> Runtime {
+    let policy = DialPolicy {
+        allow: Arc::new(config.listener.allow_destinations.clone()),
+        connect_timeout: config.listener.connect_timeout,
+    };
+    let mut exits = HashMap::new();
+    for exit in &config.exits {
+        let id = ExitId::from(exit.name.as_str());
+        let reused = old
+            .and_then(|o| o.exits.get(&id))
+            .filter(|rt| rt.same_transport(exit, &policy) && rt.config == *exit)
+            .cloned();
+        let rt = reused.unwrap_or_else(|| Arc::new(ExitRuntime::new(exit.clone(), policy.clone(), config.listener.idle_timeout)));
+        exits.insert(id, rt);
+    }
+    let token_conns = config
+        .tokens
+        .iter()
+        .map(|t| {
+            let counter = old
+                .and_then(|o| o.token_conns.get(&t.name).cloned())
+                .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
+            (t.name.clone(), counter)
+        })
+        .collect();
+    Runtime {
+        config,
+        exits,
+        token_conns,
+        generation,
+    }
+}
+
+/// Serves the proxy port on an already bound listener until `shutdown` resolves or
+/// [`Gateway::begin_shutdown`] is called; then drains for the configured time.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl std::future::Future<Output = ()>) {
+    let tracker = TaskTracker::new();
+    let stop = gateway.shutdown.clone();
+    tokio::pin!(shutdown);
+    // Prune limiter state once a minute so keyed stores stay bounded.
+    let pruner = {
+        let gw = gateway.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => gw.prune(),
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let gw = gateway.clone();
+                tracker.spawn(async move { proxy::handle_connection(gw, stream, peer).await });
+            }
+            () = &mut shutdown => { stop.cancel(); break; }
+            () = stop.cancelled() => break,
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let drain = gateway.runtime().config.listener.drain_timeout;
+    tracing::info!(open = gateway.open_connections(), ?drain, "draining");
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(open = gateway.open_connections(), "drain timeout: closing remaining connections");
+    }
+    pruner.abort();
+}

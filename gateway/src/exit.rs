@@ -1,0 +1,362 @@
+//! Exits: how traffic leaves the gateway.
+//!
+//! An exit dials `host:port` for a client. Every kind of exit resolves the name where
+//! the traffic leaves (a local exit here; a tunnel exit at the far end), then the
+//! gateway checks the address actually dialled against the destination policy (DNS
+//! rebinding defence), then connects. Plain-HTTP requests go through a pooled hyper
+//! client per exit, whose connector is that same dial.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ipnet::IpNet;
+use ipsx_config::{ExitConfig, ExitTransport};
+use ipsx_rotation::ExitId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::body::ProxyBody;
+use crate::dest::refused_range;
+use crate::http1::Host;
+
+/// Why dialling through an exit failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// The destination is in a refused range (403 / SOCKS 0x02).
+    #[error("destination {ip} is {range}: refused")]
+    Refused {
+        /// The address that would have been dialled.
+        ip: IpAddr,
+        /// The range it falls in.
+        range: &'static str,
+    },
+    /// The name did not resolve (502 / SOCKS 0x04).
+    #[error("cannot resolve `{host}`: {message}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// Why.
+        message: String,
+    },
+    /// No address of a family this exit can reach.
+    #[error("`{host}` has no address this exit can reach (exit source {bind})")]
+    NoUsableAddress {
+        /// The name.
+        host: String,
+        /// The exit's source address.
+        bind: IpAddr,
+    },
+    /// Connect took longer than the connect timeout (504 / SOCKS 0x06).
+    #[error("connect to {addr} timed out")]
+    Timeout {
+        /// The address.
+        addr: String,
+    },
+    /// The target refused or the network failed (502 / SOCKS 0x05).
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl DialError {
+    /// True when the failure says something about the exit (ban rules count it).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+}
+
+/// What a dial needs besides the destination.
+#[derive(Debug, Clone)]
+pub struct DialPolicy {
+    /// Ranges allowed despite being private/loopback.
+    pub allow: Arc<Vec<IpNet>>,
+    /// Connect timeout (resolution included).
+    pub connect_timeout: Duration,
+}
+
+/// A stream opened through an exit.
+#[derive(Debug)]
+pub enum ExitStream {
+    /// A TCP socket from a local source address.
+    Tcp(TcpStream),
+}
+
+impl ExitStream {
+    /// The local address of the outgoing side, for the SOCKS reply.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(s) => s.local_addr().ok(),
+        }
+    }
+}
+
+impl AsyncRead for ExitStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ExitStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// One exit as the gateway runs it: its config, its dialler and its HTTP client pool.
+pub struct ExitRuntime {
+    /// The exit's id in the rotator.
+    pub id: ExitId,
+    /// Its config, as loaded.
+    pub config: ExitConfig,
+    dialer: Dialer,
+    client: Client<Dialer, ProxyBody>,
+}
+
+impl std::fmt::Debug for ExitRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitRuntime").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl ExitRuntime {
+    /// Builds the runtime of a configured exit.
+    pub fn new(config: ExitConfig, policy: DialPolicy, idle_timeout: Duration) -> Self {
+        let dialer = Dialer {
+            inner: Arc::new(DialerInner {
+                transport: config.transport.clone(),
+                policy,
+            }),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle_timeout)
+            .pool_max_idle_per_host(64)
+            .set_host(false)
+            .build(dialer.clone());
+        Self {
+            id: ExitId::from(config.name.as_str()),
+            config,
+            dialer,
+            client,
+        }
+    }
+
+    /// Opens a stream to `host:port` through this exit.
+    pub async fn dial(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
+        self.dialer.dial(host, port).await
+    }
+
+    /// The pooled HTTP/1 client that goes out through this exit.
+    pub fn http_client(&self) -> &Client<Dialer, ProxyBody> {
+        &self.client
+    }
+
+    /// True when this runtime can keep serving `config` (same transport and policy), so
+    /// a reload keeps its pooled connections.
+    pub fn same_transport(&self, config: &ExitConfig, policy: &DialPolicy) -> bool {
+        self.config.transport == config.transport
+            && *self.dialer.inner.policy.allow == *policy.allow
+            && self.dialer.inner.policy.connect_timeout == policy.connect_timeout
+    }
+}
+
+/// Dials through one exit; also the connector of the exit's hyper client.
+#[derive(Clone)]
+pub struct Dialer {
+    inner: Arc<DialerInner>,
+}
+
+struct DialerInner {
+    transport: ExitTransport,
+    policy: DialPolicy,
+}
+
+impl Dialer {
+    async fn dial(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
+        let timeout = self.inner.policy.connect_timeout;
+        let shown = format!("{}:{port}", host.to_header());
+        match tokio::time::timeout(timeout, self.dial_inner(host, port)).await {
+            Ok(result) => result,
+            Err(_) => Err(DialError::Timeout { addr: shown }),
+        }
+    }
+
+    async fn dial_inner(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
+        match &self.inner.transport {
+            ExitTransport::Local { bind } => {
+                let candidates: Vec<IpAddr> = match host {
+                    Host::Ip(ip) => vec![*ip],
+                    Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
+                        .await
+                        .map_err(|e| DialError::Resolve {
+                            host: name.clone(),
+                            message: e.to_string(),
+                        })?
+                        .map(|a| a.ip())
+                        .collect(),
+                };
+                let mut refused = None;
+                let mut last_err = None;
+                let mut usable = false;
+                for ip in candidates {
+                    let ip = canonical(ip);
+                    if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
+                        refused.get_or_insert(DialError::Refused { ip, range });
+                        continue;
+                    }
+                    if ip.is_ipv4() != bind.is_ipv4() {
+                        continue;
+                    }
+                    usable = true;
+                    let addr = SocketAddr::new(ip, port);
+                    match connect_from(*bind, addr).await {
+                        Ok(s) => return Ok(ExitStream::Tcp(s)),
+                        Err(source) => last_err = Some(DialError::Connect { addr, source }),
+                    }
+                }
+                if let Some(e) = last_err {
+                    return Err(e);
+                }
+                if let Some(e) = refused {
+                    return Err(e);
+                }
+                debug_assert!(!usable);
+                Err(DialError::NoUsableAddress {
+                    host: host.to_header(),
+                    bind: *bind,
+                })
+            }
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` dials as `a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+async fn connect_from(bind: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if bind.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if !bind.is_unspecified() {
+        socket.bind(SocketAddr::new(bind, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The connection type handed to hyper's client pool.
+pub struct PooledConn(TokioIo<ExitStream>);
+
+impl Connection for PooledConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for PooledConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl tower_service::Service<http::Uri> for Dialer {
+    type Response = PooledConn;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<PooledConn, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host_text = uri.host().unwrap_or_default();
+            let host = Host::parse(host_text).map_err(|e| DialError::Resolve {
+                host: host_text.to_owned(),
+                message: e.to_string(),
+            })?;
+            let port = uri.port_u16().unwrap_or(80);
+            let stream = this.dial(&host, port).await?;
+            Ok(PooledConn(TokioIo::new(stream)))
+        })
+    }
+}

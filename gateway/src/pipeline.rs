@@ -1,0 +1,234 @@
+//! The part of handling a request every protocol shares: turn targeting and config
+//! rules into a plan, pick an exit under the rate limits, and dial with retries.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ipsx_config::{LimitsConfig, OnLimit};
+use ipsx_rotation::{ExitId, Filter, LimitScope, LimitSet, Policy, SelectError, SelectRequest, SessionSpec};
+use tokio::time::Instant;
+
+use crate::auth::Authed;
+use crate::error::ProxyError;
+use crate::exit::{ExitRuntime, ExitStream};
+use crate::http1::Host;
+use crate::targeting::{Rotate, Targeting};
+use crate::{Gateway, Runtime};
+
+/// What one request will do, resolved from targeting, the matching rule and defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub filter: Filter,
+    pub policy: Policy,
+    pub session: Option<SessionSpec>,
+    pub domain: String,
+    pub limit_set: LimitSet,
+    pub limits: LimitsConfig,
+    pub token: String,
+    pub port: u16,
+}
+
+impl Plan {
+    /// Targeting (explicit) first, then the first rule matching the host, then defaults.
+    pub fn new(rt: &Runtime, authed: &Authed<'_>, targeting: &Targeting, host: &Host, port: u16) -> Self {
+        let domain = host.to_header();
+        let rule = rt.config.rule_for(&domain);
+        let filter = match rule {
+            Some(r) => targeting.filter.clone().or(&r.target),
+            None => targeting.filter.clone(),
+        };
+        let policy = match (targeting.rotate, &targeting.session) {
+            (Some(Rotate::Request), _) => Policy::PerRequest,
+            (_, Some(_)) => Policy::Sticky,
+            _ => rule.and_then(|r| r.policy).unwrap_or(rt.config.rotation.policy),
+        };
+        let session = match (&targeting.session, policy) {
+            (Some(id), Policy::Sticky) => Some(SessionSpec {
+                id: id.clone(),
+                ttl: targeting.session_ttl.unwrap_or(rt.config.rotation.session_ttl),
+                allow_replacement: rt.config.rotation.session_replacement,
+            }),
+            _ => None,
+        };
+        let limits = rule.and_then(|r| r.limits.clone()).unwrap_or_else(|| rt.config.limits.clone());
+        let limit_set = LimitSet {
+            per_exit: limits.per_exit,
+            per_exit_domain: limits.per_exit_domain,
+            per_token: authed.token.and_then(|t| t.rate),
+        };
+        Self {
+            filter,
+            policy,
+            session,
+            domain,
+            limit_set,
+            limits,
+            token: authed.token_name().to_owned(),
+            port,
+        }
+    }
+}
+
+/// Picks an exit for `plan`, skipping `tried`, honouring rate limits (wait or reject).
+pub(crate) async fn choose_exit(
+    gw: &Gateway,
+    rt: &Runtime,
+    plan: &Plan,
+    tried: &[ExitId],
+) -> Result<Arc<ExitRuntime>, ProxyError> {
+    let started = Instant::now();
+    loop {
+        let selection = gw
+            .rotator
+            .select(&SelectRequest {
+                token: &plan.token,
+                filter: &plan.filter,
+                policy: plan.policy,
+                session: plan.session.as_ref(),
+                domain: &plan.domain,
+            })
+            .map_err(|e| select_error(e, plan))?;
+        let mut candidates: Vec<ExitId> = std::iter::once(selection.primary).chain(selection.fallbacks).collect();
+        if plan.session.is_some() {
+            // A sticky session never silently moves to another exit.
+            candidates.truncate(1);
+        }
+        let candidates: Vec<Arc<ExitRuntime>> = candidates
+            .iter()
+            .filter(|id| !tried.contains(id))
+            .filter_map(|id| rt.exits.get(id).cloned())
+            .collect();
+        let with_port: Vec<&Arc<ExitRuntime>> = candidates.iter().filter(|e| e.config.allows_port(plan.port)).collect();
+        if with_port.is_empty() {
+            if candidates.is_empty() {
+                return Err(ProxyError::NoExit(format!(
+                    "no other exit matches {} for {} (tried {})",
+                    plan.filter,
+                    plan.domain,
+                    tried.len()
+                )));
+            }
+            return Err(ProxyError::Forbidden(format!(
+                "port {} is not carried by the exits matching {}",
+                plan.port, plan.filter
+            )));
+        }
+        let mut wait = Duration::MAX;
+        let mut scope = "exit";
+        for exit in with_port {
+            match gw.limiter.check(&plan.limit_set, &plan.token, &exit.id, &plan.domain) {
+                Ok(()) => return Ok(exit.clone()),
+                Err(limited) => {
+                    if limited.retry_after < wait {
+                        wait = limited.retry_after;
+                        scope = scope_name(limited.scope);
+                    }
+                    if limited.scope == LimitScope::Token {
+                        break;
+                    }
+                }
+            }
+        }
+        metrics::counter!("ipsx_rate_limited_total", "scope" => scope).increment(1);
+        let limited = ProxyError::RateLimited { scope, retry_after: wait };
+        if plan.limits.on_limit == OnLimit::Reject || started.elapsed() + wait > plan.limits.max_wait {
+            return Err(limited);
+        }
+        if gw.waiters.fetch_add(1, Ordering::AcqRel) >= plan.limits.max_waiters {
+            gw.waiters.fetch_sub(1, Ordering::AcqRel);
+            return Err(limited);
+        }
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        gw.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn scope_name(scope: LimitScope) -> &'static str {
+    match scope {
+        LimitScope::Exit => "exit",
+        LimitScope::ExitDomain => "exit_domain",
+        LimitScope::Token => "token",
+    }
+}
+
+fn select_error(e: SelectError, plan: &Plan) -> ProxyError {
+    match e {
+        SelectError::SessionExitGone { session, exit } => ProxyError::SessionGone(format!(
+            "session `{session}`: its exit `{exit}` is gone; start a new session (or enable rotation.session_replacement)"
+        )),
+        SelectError::AllCoolingDown { retry_after, .. } => ProxyError::NoExit(format!(
+            "every exit matching {} is cooling down for {}; retry in {}s",
+            plan.filter,
+            plan.domain,
+            retry_after.as_secs().max(1)
+        )),
+        SelectError::NoExitMatches { filter } => ProxyError::NoExit(format!("no live exit matches {filter}")),
+        other => ProxyError::NoExit(other.to_string()),
+    }
+}
+
+/// Dials `host:port` through an exit chosen for `plan`, moving on to another exit after
+/// a connect failure (nothing was sent, so it is always safe), at most `max_retries`
+/// times. Connect timeouts and errors feed the ban rules.
+pub(crate) async fn dial_with_retries(
+    gw: &Gateway,
+    rt: &Runtime,
+    plan: &Plan,
+    host: &Host,
+) -> Result<(Arc<ExitRuntime>, ExitStream), ProxyError> {
+    let mut tried: Vec<ExitId> = Vec::new();
+    loop {
+        let exit = choose_exit(gw, rt, plan, &tried).await?;
+        let _in_flight = gw.rotator.begin(&exit.id);
+        let started = Instant::now();
+        match exit.dial(host, plan.port).await {
+            Ok(stream) => {
+                gw.rotator.record_success(&exit.id, started.elapsed());
+                return Ok((exit, stream));
+            }
+            Err(source) => {
+                let refused = matches!(source, crate::exit::DialError::Refused { .. });
+                if !refused {
+                    gw.rotator.record_failure(&exit.id);
+                    apply_ban(gw, rt, &exit.id, &plan.domain, &connect_outcome(&source));
+                }
+                let err = ProxyError::Dial {
+                    exit: exit.id.to_string(),
+                    source,
+                };
+                tried.push(exit.id.clone());
+                if refused || tried.len() > rt.config.rotation.max_retries || plan.session.is_some() {
+                    return Err(err);
+                }
+                tracing::debug!(error = %err, "retrying on another exit");
+            }
+        }
+    }
+}
+
+/// The ban-rule outcome of a dial failure.
+pub(crate) fn connect_outcome(e: &crate::exit::DialError) -> ipsx_rotation::Outcome<'static> {
+    if e.is_timeout() {
+        ipsx_rotation::Outcome::ConnectTimeout
+    } else {
+        ipsx_rotation::Outcome::ConnectError
+    }
+}
+
+/// Applies the first matching ban rule, if any; returns true when the exit was banned.
+pub(crate) fn apply_ban(gw: &Gateway, rt: &Runtime, exit: &ExitId, domain: &str, outcome: &ipsx_rotation::Outcome<'_>) -> bool {
+    match ipsx_rotation::classify(&rt.config.bans, outcome) {
+        Some((scope, cooldown)) => {
+            let scope = match scope {
+                ipsx_rotation::BanScopeKind::Global => ipsx_rotation::BanScope::Global,
+                _ => ipsx_rotation::BanScope::Domain(domain.to_owned()),
+            };
+            tracing::info!(exit = %exit, ?scope, ?cooldown, "exit banned");
+            metrics::counter!("ipsx_exit_bans_total", "exit" => exit.to_string()).increment(1);
+            gw.rotator.ban(exit, scope, cooldown);
+            true
+        }
+        None => false,
+    }
+}

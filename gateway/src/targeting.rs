@@ -1,0 +1,250 @@
+//! Per-request targeting: what the client asks of its exit, from the proxy username
+//! (`acct-country-de-city-berlin-session-abc-sesstime-10`, the convention of the
+//! commercial gateways) and from `X-Ipsx-*` request headers.
+
+use std::time::Duration;
+
+use ipsx_rotation::{AttrError, CountryCode, ExitKind, Filter, parse_asn, parse_place};
+
+/// Why targeting was refused; always names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetingError {
+    /// A key we do not know.
+    #[error("unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, rotate)")]
+    UnknownKey(String),
+    /// A key with no value after it.
+    #[error("targeting key `{0}` has no value")]
+    MissingValue(String),
+    /// The same key twice.
+    #[error("targeting key `{0}` given twice")]
+    Duplicate(String),
+    /// A value of the wrong form.
+    #[error("{0}")]
+    BadValue(#[from] AttrError),
+    /// A value out of range or of the wrong form for a non-attribute key.
+    #[error("targeting key `{key}`: {message}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How requests rotate, when the client says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotate {
+    /// A new exit for every request, even with a session id.
+    Request,
+    /// Keep the session's exit (needs a session id).
+    Session,
+}
+
+/// What one request asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Targeting {
+    /// Exit attributes asked for.
+    pub filter: Filter,
+    /// Sticky session id.
+    pub session: Option<String>,
+    /// Session lifetime asked for.
+    pub session_ttl: Option<Duration>,
+    /// Rotation asked for.
+    pub rotate: Option<Rotate>,
+}
+
+/// Header prefix for targeting on plain HTTP requests.
+pub const HEADER_PREFIX: &str = "x-ipsx-";
+
+impl Targeting {
+    /// Parses a proxy username: `ACCOUNT(-KEY-VALUE)*`. Returns the account and the
+    /// targeting.
+    pub fn from_username(username: &str, max_ttl: Duration) -> Result<(String, Targeting), TargetingError> {
+        let mut parts = username.split('-');
+        let account = parts.next().unwrap_or_default().to_owned();
+        let mut t = Targeting::default();
+        let mut seen: Vec<&'static str> = Vec::new();
+        while let Some(key) = parts.next() {
+            let value = parts.next().ok_or_else(|| TargetingError::MissingValue(key.to_owned()))?;
+            if value.is_empty() {
+                return Err(TargetingError::MissingValue(key.to_owned()));
+            }
+            let canonical = t.set(key, value, max_ttl)?;
+            if seen.contains(&canonical) {
+                return Err(TargetingError::Duplicate(canonical.to_owned()));
+            }
+            seen.push(canonical);
+        }
+        t.check()?;
+        Ok((account, t))
+    }
+
+    /// Fills fields not set yet from `X-Ipsx-<Key>` headers.
+    pub fn add_headers<'a>(
+        &mut self,
+        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+        max_ttl: Duration,
+    ) -> Result<(), TargetingError> {
+        let mut from_headers = Targeting::default();
+        let mut seen: Vec<&'static str> = Vec::new();
+        for (name, value) in headers {
+            let lower = name.to_ascii_lowercase();
+            let Some(key) = lower.strip_prefix(HEADER_PREFIX) else { continue };
+            let value = std::str::from_utf8(value).map_err(|_| TargetingError::Invalid {
+                key: key.to_owned(),
+                message: "value is not UTF-8".into(),
+            })?;
+            let canonical = from_headers.set(key, value.trim(), max_ttl)?;
+            if seen.contains(&canonical) {
+                return Err(TargetingError::Duplicate(canonical.to_owned()));
+            }
+            seen.push(canonical);
+        }
+        self.filter = std::mem::take(&mut self.filter).or(&from_headers.filter);
+        self.session = self.session.take().or(from_headers.session);
+        self.session_ttl = self.session_ttl.or(from_headers.session_ttl);
+        self.rotate = self.rotate.or(from_headers.rotate);
+        self.check()
+    }
+
+    /// Sets one key; returns its canonical name.
+    fn set(&mut self, key: &str, value: &str, max_ttl: Duration) -> Result<&'static str, TargetingError> {
+        let lower = key.to_ascii_lowercase();
+        let canonical = match lower.as_str() {
+            "country" | "cc" => {
+                self.filter.country = Some(CountryCode::parse(key, value)?);
+                "country"
+            }
+            "region" | "state" | "st" => {
+                self.filter.region = Some(parse_place(key, value)?);
+                "region"
+            }
+            "city" => {
+                self.filter.city = Some(parse_place(key, value)?);
+                "city"
+            }
+            "asn" => {
+                self.filter.asn = Some(parse_asn(key, value)?);
+                "asn"
+            }
+            "type" => {
+                self.filter.kind = Some(ExitKind::parse(key, value)?);
+                "type"
+            }
+            "session" | "sessid" => {
+                let ok = !value.is_empty()
+                    && value.len() <= 64
+                    && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !ok {
+                    return Err(TargetingError::Invalid {
+                        key: key.to_owned(),
+                        message: "1-64 letters, digits or `_`".into(),
+                    });
+                }
+                self.session = Some(value.to_owned());
+                "session"
+            }
+            "sesstime" | "sessionduration" => {
+                let minutes: u64 = value.parse().map_err(|_| TargetingError::Invalid {
+                    key: key.to_owned(),
+                    message: format!("`{value}` is not a whole number of minutes"),
+                })?;
+                let ttl = Duration::from_secs(minutes.saturating_mul(60));
+                if minutes == 0 || ttl > max_ttl {
+                    return Err(TargetingError::Invalid {
+                        key: key.to_owned(),
+                        message: format!("must be 1..={} minutes", max_ttl.as_secs() / 60),
+                    });
+                }
+                self.session_ttl = Some(ttl);
+                "sesstime"
+            }
+            "rotate" => {
+                self.rotate = Some(match value.to_ascii_lowercase().as_str() {
+                    "request" => Rotate::Request,
+                    "session" => Rotate::Session,
+                    _ => {
+                        return Err(TargetingError::Invalid {
+                            key: key.to_owned(),
+                            message: format!("`{value}` is not `request` or `session`"),
+                        });
+                    }
+                });
+                "rotate"
+            }
+            _ => {
+                let mut shown = key.to_owned();
+                shown.truncate(32);
+                return Err(TargetingError::UnknownKey(shown));
+            }
+        };
+        Ok(canonical)
+    }
+
+    fn check(&self) -> Result<(), TargetingError> {
+        if self.rotate == Some(Rotate::Session) && self.session.is_none() {
+            return Err(TargetingError::Invalid {
+                key: "rotate".into(),
+                message: "`session` rotation needs a `session` key".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn commercial_usernames_parse() {
+        let (acct, t) = Targeting::from_username("acme-country-DE-city-new_york-session-abc123-sesstime-10", DAY).unwrap();
+        assert_eq!(acct, "acme");
+        assert_eq!(t.filter.country.unwrap().as_str(), "de");
+        assert_eq!(t.filter.city.as_deref(), Some("new york"));
+        assert_eq!(t.session.as_deref(), Some("abc123"));
+        assert_eq!(t.session_ttl, Some(Duration::from_secs(600)));
+        let (_, t) = Targeting::from_username("a-cc-us-st-california-asn-AS7922-type-mobile-sessid-x-rotate-session", DAY).unwrap();
+        assert_eq!(t.filter.asn, Some(7922));
+        assert_eq!(t.rotate, Some(Rotate::Session));
+        let (acct, t) = Targeting::from_username("plain", DAY).unwrap();
+        assert_eq!((acct.as_str(), t), ("plain", Targeting::default()));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("a-colour-red", "colour"),
+            ("a-country", "country"),
+            ("a-country-zz", "country"),
+            ("a-cc-de-country-fr", "country"),
+            ("a-asn-x", "asn"),
+            ("a-type-satellite", "type"),
+            ("a-session-a.b", "session"),
+            ("a-sesstime-0", "sesstime"),
+            ("a-sesstime-99999999", "sesstime"),
+            ("a-rotate-sometimes", "rotate"),
+            ("a-rotate-session", "rotate"),
+        ];
+        for (user, key) in cases {
+            let err = Targeting::from_username(user, DAY).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{key}`")), "{user}: {err}");
+        }
+    }
+
+    #[test]
+    fn username_wins_over_headers() {
+        let (_, mut t) = Targeting::from_username("a-country-de", DAY).unwrap();
+        let headers: Vec<(&str, &[u8])> = vec![("X-Ipsx-Country", b"fr"), ("X-Ipsx-City", b"berlin"), ("Accept", b"*/*")];
+        t.add_headers(headers.into_iter(), DAY).unwrap();
+        assert_eq!(t.filter.country.unwrap().as_str(), "de");
+        assert_eq!(t.filter.city.as_deref(), Some("berlin"));
+        let mut t = Targeting::default();
+        let bad: Vec<(&str, &[u8])> = vec![("X-Ipsx-Planet", b"mars")];
+        assert!(t.add_headers(bad.into_iter(), DAY).unwrap_err().to_string().contains("`planet`"));
+    }
+}
