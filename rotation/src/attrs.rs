@@ -21,7 +21,9 @@ pub enum AttrError {
         value: String,
     },
     /// The exit type is not one of residential, mobile, datacenter.
-    #[error("key `{key}`: unknown exit type `{value}` (expected residential, mobile or datacenter)")]
+    #[error(
+        "key `{key}`: unknown exit type `{value}` (expected residential, mobile or datacenter)"
+    )]
     UnknownKind {
         /// The key that carried the value.
         key: String,
@@ -302,13 +304,20 @@ impl fmt::Display for Filter {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn country_codes_parse_case_insensitively_with_aliases() {
-        assert_eq!(CountryCode::parse("cc", "DE").map(|c| c.to_string()), Ok("de".into()));
-        assert_eq!(CountryCode::parse("cc", "uk").map(|c| c.to_string()), Ok("gb".into()));
+        assert_eq!(
+            CountryCode::parse("cc", "DE").map(|c| c.to_string()),
+            Ok("de".into())
+        );
+        assert_eq!(
+            CountryCode::parse("cc", "uk").map(|c| c.to_string()),
+            Ok("gb".into())
+        );
         for bad in ["zz", "", "d", "deu", "d1", "ü", "xx"] {
             let err = CountryCode::parse("country", bad).unwrap_err();
             assert!(err.to_string().contains("`country`"), "{err}");

@@ -1,0 +1,3 @@
+//! Selection benchmarks (filled in below).
+
+fn main() {}
