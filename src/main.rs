@@ -1,5 +1,83 @@
-//! The `ipsx` binary: thin; parses options and calls the role crates.
+//! The `ipsx` binary: thin; parses options, loads config, calls the role crates.
 
-fn main() {
-    println!("ipsx: see `ipsx --help`");
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod echo;
+mod gateway_cmd;
+
+/// ipsx: a data-mining proxy gateway on a peer-to-peer IP Sharing Exchange.
+#[derive(Parser)]
+#[command(name = "ipsx", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy gateway (HTTP and SOCKS5 on one port).
+    Gateway {
+        /// The gateway config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only validate the config and print errors with line and key.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run an echo target that answers with the caller's address (for demos and tests).
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Country label reported in the answer.
+        #[arg(long)]
+        country_map: Vec<String>,
+    },
+    /// Bring up the local demo: exits on 127.0.0.x, an echo target, the gateway.
+    Up {
+        /// Proxy port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IPSX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ipsx: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Gateway { config, check } => gateway_cmd::run(&config, check).await,
+            Command::Echo {
+                listen,
+                country_map,
+            } => echo::run(listen, country_map).await,
+            Command::Up { port } => gateway_cmd::up(port).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipsx: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

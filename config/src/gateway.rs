@@ -218,9 +218,11 @@ impl HostPattern {
         };
         let ok = !rest.is_empty()
             && rest.len() <= 253
-            && rest
-                .split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            && rest.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
         if !ok && rest.parse::<IpAddr>().is_err() {
             return Err(format!(
                 "bad host pattern `{text}` (expected `example.com`, `*.example.com` or `*`)"
@@ -397,7 +399,11 @@ impl Checker<'_> {
         }
     }
 
-    fn place(&self, key: String, value: &Option<Spanned<String>>) -> Result<Option<String>, ConfigError> {
+    fn place(
+        &self,
+        key: String,
+        value: &Option<Spanned<String>>,
+    ) -> Result<Option<String>, ConfigError> {
         match value {
             None => Ok(None),
             Some(v) => ipsx_rotation::parse_place(&key, v.get_ref())
@@ -430,7 +436,11 @@ impl GatewayConfig {
             }
         }
         if l.max_connections == 0 {
-            return Err(check.invalid(whole.clone(), "gateway.max_connections".into(), "must be at least 1"));
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.max_connections".into(),
+                "must be at least 1",
+            ));
         }
         if !(1024..=1024 * 1024).contains(&l.max_header_bytes) {
             return Err(check.invalid(
@@ -440,14 +450,22 @@ impl GatewayConfig {
             ));
         }
         if !(8..=1000).contains(&l.max_headers) {
-            return Err(check.invalid(whole.clone(), "gateway.max_headers".into(), "must be between 8 and 1000"));
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.max_headers".into(),
+                "must be between 8 and 1000",
+            ));
         }
 
         let mut token_names = HashSet::new();
         let mut secrets = HashSet::new();
         for (i, t) in raw.token.iter().enumerate() {
             if t.name.is_empty() || !token_names.insert(t.name.clone()) {
-                return Err(check.invalid(whole.clone(), format!("token[{i}].name"), "must be unique and not empty"));
+                return Err(check.invalid(
+                    whole.clone(),
+                    format!("token[{i}].name"),
+                    "must be unique and not empty",
+                ));
             }
             if t.secret.expose().len() < 8 || !secrets.insert(t.secret.expose().to_owned()) {
                 return Err(check.invalid(
@@ -458,10 +476,18 @@ impl GatewayConfig {
             }
         }
         if raw.rotation.session_ttl > raw.rotation.max_session_ttl {
-            return Err(check.invalid(whole.clone(), "rotation.session_ttl".into(), "is longer than rotation.max_session_ttl"));
+            return Err(check.invalid(
+                whole.clone(),
+                "rotation.session_ttl".into(),
+                "is longer than rotation.max_session_ttl",
+            ));
         }
         if raw.rotation.max_retries > 10 {
-            return Err(check.invalid(whole.clone(), "rotation.max_retries".into(), "must be at most 10"));
+            return Err(check.invalid(
+                whole.clone(),
+                "rotation.max_retries".into(),
+                "must be at most 10",
+            ));
         }
 
         let mut exits = Vec::with_capacity(raw.exit.len());
@@ -471,12 +497,22 @@ impl GatewayConfig {
             let name = e.name.get_ref();
             let name_ok = !name.is_empty()
                 && name.len() <= 64
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
             if !name_ok {
-                return Err(check.invalid(e.name.span(), format!("exit[{i}].name"), "1-64 letters, digits, `-`, `_` or `.`"));
+                return Err(check.invalid(
+                    e.name.span(),
+                    format!("exit[{i}].name"),
+                    "1-64 letters, digits, `-`, `_` or `.`",
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(check.invalid(e.name.span(), format!("exit[{i}].name"), format!("duplicate exit name `{name}`")));
+                return Err(check.invalid(
+                    e.name.span(),
+                    format!("exit[{i}].name"),
+                    format!("duplicate exit name `{name}`"),
+                ));
             }
             let transport = match e.bind {
                 Some(bind) => ExitTransport::Local { bind },
@@ -489,7 +525,11 @@ impl GatewayConfig {
                 }
             };
             if e.protocols.is_empty() {
-                return Err(check.invalid(spanned.span(), format!("exit[{i}].protocols"), "must name at least one protocol"));
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("exit[{i}].protocols"),
+                    "must name at least one protocol",
+                ));
             }
             let attrs = ExitAttributes {
                 country: e.country,
@@ -510,11 +550,18 @@ impl GatewayConfig {
         for (i, spanned) in raw.rule.iter().enumerate() {
             let r = spanned.get_ref();
             if r.hosts.is_empty() {
-                return Err(check.invalid(spanned.span(), format!("rule[{i}].hosts"), "must name at least one host pattern"));
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("rule[{i}].hosts"),
+                    "must name at least one host pattern",
+                ));
             }
             let mut hosts = Vec::with_capacity(r.hosts.len());
             for h in &r.hosts {
-                hosts.push(HostPattern::parse(h.get_ref()).map_err(|m| check.invalid(h.span(), format!("rule[{i}].hosts"), m))?);
+                hosts.push(
+                    HostPattern::parse(h.get_ref())
+                        .map_err(|m| check.invalid(h.span(), format!("rule[{i}].hosts"), m))?,
+                );
             }
             let target = Filter {
                 country: r.target.country,
@@ -544,6 +591,8 @@ impl GatewayConfig {
 
     /// The first rule whose host patterns match `host`.
     pub fn rule_for(&self, host: &str) -> Option<&RuleConfig> {
-        self.rules.iter().find(|r| r.hosts.iter().any(|p| p.matches(host)))
+        self.rules
+            .iter()
+            .find(|r| r.hosts.iter().any(|p| p.matches(host)))
     }
 }

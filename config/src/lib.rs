@@ -10,8 +10,8 @@ mod secret;
 
 pub use error::{ConfigError, Location};
 pub use gateway::{
-    ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig,
-    OnLimit, Protocol, RotationConfig, RuleConfig, TokenConfig,
+    ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig, OnLimit,
+    Protocol, RotationConfig, RuleConfig, TokenConfig,
 };
 pub use secret::Secret;
 

@@ -40,7 +40,11 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 }
 
 /// Serves the admin API on a bound listener until `shutdown` resolves.
-pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve_admin(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let _ = prometheus();
     tokio::pin!(shutdown);
     loop {
@@ -68,8 +72,10 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<
     let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -80,8 +86,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/metrics") => {
             let text = prometheus().map(|h| h.render()).unwrap_or_default();
             let mut r = Response::new(Full::new(Bytes::from(text)));
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             r
         }
         (&Method::GET, "/api/status") => json_response(
@@ -100,7 +108,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .exits()
                 .into_iter()
                 .map(|snap| {
-                    let transport = rt.exits.get(&snap.id).map(|e| format!("{:?}", e.config.transport));
+                    let transport = rt
+                        .exits
+                        .get(&snap.id)
+                        .map(|e| format!("{:?}", e.config.transport));
                     let mut v = serde_json::to_value(&snap).unwrap_or_default();
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("transport".into(), json!(transport));
@@ -110,9 +121,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect();
             json_response(StatusCode::OK, json!({ "exits": exits }))
         }
-        (&Method::GET, "/api/sessions") => {
-            json_response(StatusCode::OK, json!({ "sessions": gw.rotator().sessions() }))
-        }
+        (&Method::GET, "/api/sessions") => json_response(
+            StatusCode::OK,
+            json!({ "sessions": gw.rotator().sessions() }),
+        ),
         (&Method::GET, "/api/limits") => {
             let rules: Vec<serde_json::Value> = rt
                 .config

@@ -19,14 +19,18 @@ pub(crate) struct Authed<'a> {
 
 impl Authed<'_> {
     /// Name used for logs, metrics and rate-limit keys.
-    pub fn token_name(&self) -> &str {
+    pub(crate) fn token_name(&self) -> &str {
         self.token.map_or("anonymous", |t| t.name.as_str())
     }
 }
 
 /// Checks a username/password pair. Compares against every token in constant time per
 /// token, without stopping at the first match, so timing does not reveal which matched.
-pub(crate) fn check_credentials<'a>(rt: &'a Runtime, username: &str, password: &str) -> Result<Authed<'a>, ProxyError> {
+pub(crate) fn check_credentials<'a>(
+    rt: &'a Runtime,
+    username: &str,
+    password: &str,
+) -> Result<Authed<'a>, ProxyError> {
     if rt.config.tokens.is_empty() {
         return Ok(Authed {
             token: None,
@@ -35,7 +39,12 @@ pub(crate) fn check_credentials<'a>(rt: &'a Runtime, username: &str, password: &
     }
     let mut found = None;
     for token in &rt.config.tokens {
-        let hit: bool = token.secret.expose().as_bytes().ct_eq(password.as_bytes()).into();
+        let hit: bool = token
+            .secret
+            .expose()
+            .as_bytes()
+            .ct_eq(password.as_bytes())
+            .into();
         if hit && found.is_none() {
             found = Some(token);
         }
@@ -50,11 +59,16 @@ pub(crate) fn check_credentials<'a>(rt: &'a Runtime, username: &str, password: &
 }
 
 /// Checks a `Proxy-Authorization` header value (`Basic base64(user:pass)`).
-pub(crate) fn check_basic<'a>(rt: &'a Runtime, header: Option<&[u8]>) -> Result<Authed<'a>, ProxyError> {
+pub(crate) fn check_basic<'a>(
+    rt: &'a Runtime,
+    header: Option<&[u8]>,
+) -> Result<Authed<'a>, ProxyError> {
     let Some(value) = header else {
         return check_credentials(rt, "", "").map_err(|_| ProxyError::Auth);
     };
-    let text = std::str::from_utf8(value).map_err(|_| ProxyError::Auth)?.trim();
+    let text = std::str::from_utf8(value)
+        .map_err(|_| ProxyError::Auth)?
+        .trim();
     let (scheme, encoded) = text.split_once(' ').ok_or(ProxyError::Auth)?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(ProxyError::Auth);

@@ -37,7 +37,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Stream { rx, .. } => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
@@ -45,13 +48,22 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Self::Empty) || matches!(self, Self::Stream { length: Some(0), .. })
+        matches!(self, Self::Empty)
+            || matches!(
+                self,
+                Self::Stream {
+                    length: Some(0),
+                    ..
+                }
+            )
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
-            Self::Stream { length: Some(n), .. } => SizeHint::with_exact(*n),
+            Self::Stream {
+                length: Some(n), ..
+            } => SizeHint::with_exact(*n),
             Self::Stream { length: None, .. } => SizeHint::default(),
         }
     }

@@ -75,7 +75,10 @@ impl ProxyError {
             Self::Auth => 407,
             Self::Targeting(_) => 400,
             Self::Forbidden(_) => 403,
-            Self::Dial { source: DialError::Refused { .. }, .. } => 403,
+            Self::Dial {
+                source: DialError::Refused { .. },
+                ..
+            } => 403,
             Self::NoExit(_) | Self::Overloaded(_) => 503,
             Self::SessionGone(_) | Self::Upstream { .. } => 502,
             Self::RateLimited { .. } => 429,
@@ -88,9 +91,20 @@ impl ProxyError {
     /// The SOCKS5 reply code to answer with.
     pub fn socks_reply(&self) -> Reply {
         match self {
-            Self::Forbidden(_) | Self::Dial { source: DialError::Refused { .. }, .. } => Reply::NotAllowed,
-            Self::Dial { source: DialError::Timeout { .. }, .. } | Self::UpstreamTimeout { .. } => Reply::TtlExpired,
-            Self::Dial { source: DialError::Connect { .. }, .. } => Reply::ConnectionRefused,
+            Self::Forbidden(_)
+            | Self::Dial {
+                source: DialError::Refused { .. },
+                ..
+            } => Reply::NotAllowed,
+            Self::Dial {
+                source: DialError::Timeout { .. },
+                ..
+            }
+            | Self::UpstreamTimeout { .. } => Reply::TtlExpired,
+            Self::Dial {
+                source: DialError::Connect { .. },
+                ..
+            } => Reply::ConnectionRefused,
             Self::Dial { .. } => Reply::HostUnreachable,
             Self::NoExit(_) => Reply::NetworkUnreachable,
             _ => Reply::GeneralFailure,

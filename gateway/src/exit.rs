@@ -104,7 +104,11 @@ impl ExitStream {
 }
 
 impl AsyncRead for ExitStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -112,7 +116,11 @@ impl AsyncRead for ExitStream {
 }
 
 impl AsyncWrite for ExitStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -159,7 +167,9 @@ pub struct ExitRuntime {
 
 impl std::fmt::Debug for ExitRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExitRuntime").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("ExitRuntime")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -283,7 +293,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 async fn connect_from(bind: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = if bind.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if bind.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if !bind.is_unspecified() {
         socket.bind(SocketAddr::new(bind, 0))?;
     }
@@ -312,7 +326,11 @@ impl hyper::rt::Read for PooledConn {
 }
 
 impl hyper::rt::Write for PooledConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 

@@ -79,7 +79,8 @@ impl Host {
             && name.split('.').all(|l| {
                 !l.is_empty()
                     && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
         // A name whose last label is all digits would be read as an address by some
         // resolvers; refuse it rather than guess.
@@ -112,7 +113,8 @@ pub fn parse_legacy_ipv4(text: &str) -> Option<Ipv4Addr> {
     }
     let mut nums = Vec::with_capacity(4);
     for p in &parts {
-        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X"))
+        {
             (h, 16)
         } else if p.len() > 1 && p.starts_with('0') {
             (&p[1..], 8)
@@ -125,7 +127,11 @@ pub fn parse_legacy_ipv4(text: &str) -> Option<Ipv4Addr> {
         if !digits.bytes().all(|b| (b as char).is_digit(radix)) {
             return None;
         }
-        let value = if digits.is_empty() { 0 } else { u64::from_str_radix(digits, radix).ok()? };
+        let value = if digits.is_empty() {
+            0
+        } else {
+            u64::from_str_radix(digits, radix).ok()?
+        };
         nums.push(value);
     }
     let (last, init) = nums.split_last()?;
@@ -220,7 +226,10 @@ impl RequestHead {
 
     /// True for methods that a retry on another exit cannot turn into a double action.
     pub fn is_idempotent(&self) -> bool {
-        matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+        matches!(
+            self.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
     }
 
     /// Header names listed in `Connection` (lower-case): hop-by-hop for this message.
@@ -228,7 +237,12 @@ impl RequestHead {
         self.headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .flat_map(|(_, v)| String::from_utf8_lossy(v).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+            .flat_map(|(_, v)| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
             .filter(|t| !t.is_empty())
             .collect()
     }
@@ -264,7 +278,10 @@ fn is_tchar(b: u8) -> bool {
 /// Returns `Ok(None)` while more bytes are needed, `Ok(Some((head, consumed)))` once the
 /// head is complete (`consumed` includes the blank line), and an error as soon as the
 /// bytes seen can no longer form an acceptable head.
-pub fn parse_request_head(buf: &[u8], limits: HeadLimits) -> Result<Option<(RequestHead, usize)>, HeadError> {
+pub fn parse_request_head(
+    buf: &[u8],
+    limits: HeadLimits,
+) -> Result<Option<(RequestHead, usize)>, HeadError> {
     // RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before the
     // request line.
     let mut start = 0;
@@ -308,7 +325,10 @@ pub fn parse_request_head(buf: &[u8], limits: HeadLimits) -> Result<Option<(Requ
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
             return Err(bad("obsolete line folding in header"));
         }
-        let colon = line.iter().position(|b| *b == b':').ok_or_else(|| bad("header line without `:`"))?;
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| bad("header line without `:`"))?;
         let name = &line[..colon];
         if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
             return Err(bad(format!(
@@ -317,7 +337,9 @@ pub fn parse_request_head(buf: &[u8], limits: HeadLimits) -> Result<Option<(Requ
             )));
         }
         let value = &line[colon + 1..];
-        if value.iter().any(|b| *b == 0 || *b == b'\r' || *b == b'\n' || (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
+        if value.iter().any(|b| {
+            *b == 0 || *b == b'\r' || *b == b'\n' || (*b < 0x20 && *b != b'\t') || *b == 0x7f
+        }) {
             return Err(bad(format!(
                 "control character in header `{}`",
                 String::from_utf8_lossy(name)
@@ -344,7 +366,10 @@ pub fn parse_request_head(buf: &[u8], limits: HeadLimits) -> Result<Option<(Requ
                     clip(&String::from_utf8_lossy(raw))
                 )));
             }
-            let n: u64 = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad Content-Length"))?;
+            let n: u64 = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("bad Content-Length"))?;
             if cl_value.is_some_and(|prev| prev != n) {
                 return Err(bad("two different Content-Length values"));
             }
@@ -426,14 +451,20 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 
 fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
-    let end = v.len() - v.iter().rev().take_while(|b| **b == b' ' || **b == b'\t').count();
+    let end = v.len()
+        - v.iter()
+            .rev()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
     if start >= end { &[] } else { &v[start..end] }
 }
 
 fn parse_request_line(line: &[u8]) -> Result<(String, &str, u8), HeadError> {
     let text = std::str::from_utf8(line).map_err(|_| bad("request line is not UTF-8"))?;
     let mut parts = text.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(bad("malformed request line"));
     };
     if method.is_empty() || !method.bytes().all(is_tchar) {
@@ -495,8 +526,13 @@ fn parse_target(method: &str, text: &str) -> Result<Target, HeadError> {
     }
     let lower_scheme = text.get(..7).map(str::to_ascii_lowercase);
     if lower_scheme.as_deref() != Some("http://") {
-        if text.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
-            return Err(bad("https URIs go through CONNECT (use the proxy for https with CONNECT)"));
+        if text
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
+            return Err(bad(
+                "https URIs go through CONNECT (use the proxy for https with CONNECT)",
+            ));
         }
         return Err(bad(format!("unsupported request target `{}`", clip(text))));
     }
@@ -578,7 +614,11 @@ impl ChunkedDecoder {
             ChunkState::Data(left) => {
                 let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
                 let left = left - n as u64;
-                self.state = if left == 0 { ChunkState::DataCr } else { ChunkState::Data(left) };
+                self.state = if left == 0 {
+                    ChunkState::DataCr
+                } else {
+                    ChunkState::Data(left)
+                };
                 Ok((n, ChunkEvent::Data(0..n)))
             }
             ChunkState::DataCr | ChunkState::DataLf => {
@@ -625,7 +665,10 @@ impl ChunkedDecoder {
                 }
                 let size_end = line.iter().position(|b| *b == b';').unwrap_or(line.len());
                 let size_text = &line[..size_end];
-                if size_text.is_empty() || size_text.len() > 15 || !size_text.iter().all(u8::is_ascii_hexdigit) {
+                if size_text.is_empty()
+                    || size_text.len() > 15
+                    || !size_text.iter().all(u8::is_ascii_hexdigit)
+                {
                     return Err(bad(format!(
                         "bad chunk size `{}`",
                         clip(&String::from_utf8_lossy(size_text))
@@ -636,7 +679,11 @@ impl ChunkedDecoder {
                 }
                 let size = u64::from_str_radix(std::str::from_utf8(size_text).unwrap_or("x"), 16)
                     .map_err(|_| bad("bad chunk size"))?;
-                self.state = if size == 0 { ChunkState::Trailer } else { ChunkState::Data(size) };
+                self.state = if size == 0 {
+                    ChunkState::Trailer
+                } else {
+                    ChunkState::Data(size)
+                };
                 Ok((used, ChunkEvent::Framing))
             }
         }
@@ -666,10 +713,14 @@ mod tests {
 
     #[test]
     fn absolute_form_get_parses() {
-        let (head, used) = parse("GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\n\r\nrest")
-            .unwrap()
-            .unwrap();
-        assert_eq!(used, "GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\n\r\n".len());
+        let (head, used) =
+            parse("GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\n\r\nrest")
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            used,
+            "GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com\r\n\r\n".len()
+        );
         assert_eq!(
             head.target,
             Target::Absolute {
@@ -684,15 +735,24 @@ mod tests {
 
     #[test]
     fn connect_parses_and_needs_a_port() {
-        let (head, _) = parse("CONNECT [::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        let (head, _) = parse("CONNECT [::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(head.target.port(), 443);
         assert_eq!(head.target.host(), &Host::Ip("::1".parse().unwrap()));
-        assert!(matches!(refused("CONNECT example.com HTTP/1.1\r\nHost: x\r\n\r\n"), HeadError::Bad(_)));
+        assert!(matches!(
+            refused("CONNECT example.com HTTP/1.1\r\nHost: x\r\n\r\n"),
+            HeadError::Bad(_)
+        ));
     }
 
     #[test]
     fn incomplete_heads_wait_for_more() {
-        assert!(parse("GET http://a/ HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        assert!(
+            parse("GET http://a/ HTTP/1.1\r\nHost: a\r\n")
+                .unwrap()
+                .is_none()
+        );
         assert!(parse("").unwrap().is_none());
     }
 
@@ -746,8 +806,15 @@ mod tests {
         }
         many.push_str("\r\n");
         assert_eq!(refused(&many).status(), 431);
-        let big = format!("GET http://a/ HTTP/1.1\r\nHost: a\r\nX: {}\r\n", "v".repeat(70 * 1024));
-        assert_eq!(refused(&big).status(), 431, "even before the head is complete");
+        let big = format!(
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\nX: {}\r\n",
+            "v".repeat(70 * 1024)
+        );
+        assert_eq!(
+            refused(&big).status(),
+            431,
+            "even before the head is complete"
+        );
     }
 
     #[test]
@@ -760,12 +827,22 @@ mod tests {
             ("10.1.1", "10.1.0.1"),
             ("169.254.169.254", "169.254.169.254"),
         ] {
-            assert_eq!(Host::parse(text).unwrap(), Host::Ip(ip.parse().unwrap()), "{text}");
+            assert_eq!(
+                Host::parse(text).unwrap(),
+                Host::Ip(ip.parse().unwrap()),
+                "{text}"
+            );
         }
         assert!(Host::parse("1.2.3.4.5").is_err());
-        assert!(Host::parse("256.1.1.1").is_err(), "numeric last label refused");
+        assert!(
+            Host::parse("256.1.1.1").is_err(),
+            "numeric last label refused"
+        );
         assert!(Host::parse("a..b").is_err());
-        assert_eq!(Host::parse("Example.COM.").unwrap(), Host::Name("example.com".into()));
+        assert_eq!(
+            Host::parse("Example.COM.").unwrap(),
+            Host::Name("example.com".into())
+        );
     }
 
     #[test]
@@ -775,7 +852,9 @@ mod tests {
             .unwrap();
         assert_eq!(h.framing, BodyFraming::Chunked);
         assert!(h.close);
-        let (h, _) = parse("POST http://a/ HTTP/1.0\r\nContent-Length: 3\r\n\r\n").unwrap().unwrap();
+        let (h, _) = parse("POST http://a/ HTTP/1.0\r\nContent-Length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.framing, BodyFraming::Length(3));
         assert!(h.close, "HTTP/1.0 closes unless keep-alive");
     }
@@ -808,7 +887,10 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_strictly() {
-        assert_eq!(decode_all(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\n").unwrap(), b"hello world");
+        assert_eq!(
+            decode_all(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\n").unwrap(),
+            b"hello world"
+        );
         for bad_body in [
             &b"ffffffffffffffffff\r\n"[..],
             b"5\r\nhelloX\r\n0\r\n\r\n",
@@ -817,7 +899,11 @@ mod tests {
             b"\r\n",
             b"0\r\nbad trailer\r\n\r\n",
         ] {
-            assert!(decode_all(bad_body).is_err(), "{:?}", String::from_utf8_lossy(bad_body));
+            assert!(
+                decode_all(bad_body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad_body)
+            );
         }
     }
 

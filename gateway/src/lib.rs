@@ -10,6 +10,7 @@ pub mod admin;
 mod auth;
 pub mod body;
 pub mod dest;
+pub mod echo;
 pub mod error;
 pub mod exit;
 pub mod http1;
@@ -51,7 +52,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("generation", &self.generation).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,7 +85,11 @@ impl Gateway {
     }
 
     /// As [`Gateway::new`], with an injected clock (tests).
-    pub fn with_clock(config: GatewayConfig, config_path: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Self> {
+    pub fn with_clock(
+        config: GatewayConfig,
+        config_path: Option<PathBuf>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         let rotator = Rotator::new(
             RotatorConfig {
                 max_fallbacks: config.rotation.max_retries.max(3),
@@ -140,16 +147,25 @@ impl Gateway {
         let result = tokio::fs::read_to_string(path)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))
-            .and_then(|text| GatewayConfig::from_toml(&text, &path.display().to_string()).map_err(|e| e.to_string()));
+            .and_then(|text| {
+                GatewayConfig::from_toml(&text, &path.display().to_string())
+                    .map_err(|e| e.to_string())
+            });
         match result {
             Ok(config) => {
                 self.apply(config);
-                *self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self
+                    .last_reload_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(self.runtime.load().generation)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "config reload refused; keeping the running config");
-                *self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                *self
+                    .last_reload_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 Err(e)
             }
         }
@@ -157,7 +173,10 @@ impl Gateway {
 
     /// The last reload error, if the last reload failed.
     pub fn last_reload_error(&self) -> Option<String> {
-        self.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_reload_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Client connections open now.
@@ -205,7 +224,13 @@ fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) 
             .and_then(|o| o.exits.get(&id))
             .filter(|rt| rt.same_transport(exit, &policy) && rt.config == *exit)
             .cloned();
-        let rt = reused.unwrap_or_else(|| Arc::new(ExitRuntime::new(exit.clone(), policy.clone(), config.listener.idle_timeout)));
+        let rt = reused.unwrap_or_else(|| {
+            Arc::new(ExitRuntime::new(
+                exit.clone(),
+                policy.clone(),
+                config.listener.idle_timeout,
+            ))
+        });
         exits.insert(id, rt);
     }
     let token_conns = config
@@ -228,7 +253,11 @@ fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) 
 
 /// Serves the proxy port on an already bound listener until `shutdown` resolves or
 /// [`Gateway::begin_shutdown`] is called; then drains for the configured time.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let tracker = TaskTracker::new();
     let stop = gateway.shutdown.clone();
     tokio::pin!(shutdown);
@@ -270,7 +299,10 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
     let drain = gateway.runtime().config.listener.drain_timeout;
     tracing::info!(open = gateway.open_connections(), ?drain, "draining");
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(open = gateway.open_connections(), "drain timeout: closing remaining connections");
+        tracing::warn!(
+            open = gateway.open_connections(),
+            "drain timeout: closing remaining connections"
+        );
     }
     pruner.abort();
 }

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ipsx_config::{LimitsConfig, OnLimit};
-use ipsx_rotation::{ExitId, Filter, LimitScope, LimitSet, Policy, SelectError, SelectRequest, SessionSpec};
+use ipsx_rotation::{
+    ExitId, Filter, LimitScope, LimitSet, Policy, SelectError, SelectRequest, SessionSpec,
+};
 use tokio::time::Instant;
 
 use crate::auth::Authed;
@@ -31,7 +33,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// Targeting (explicit) first, then the first rule matching the host, then defaults.
-    pub fn new(rt: &Runtime, authed: &Authed<'_>, targeting: &Targeting, host: &Host, port: u16) -> Self {
+    pub(crate) fn new(
+        rt: &Runtime,
+        authed: &Authed<'_>,
+        targeting: &Targeting,
+        host: &Host,
+        port: u16,
+    ) -> Self {
         let domain = host.to_header();
         let rule = rt.config.rule_for(&domain);
         let filter = match rule {
@@ -41,17 +49,23 @@ impl Plan {
         let policy = match (targeting.rotate, &targeting.session) {
             (Some(Rotate::Request), _) => Policy::PerRequest,
             (_, Some(_)) => Policy::Sticky,
-            _ => rule.and_then(|r| r.policy).unwrap_or(rt.config.rotation.policy),
+            _ => rule
+                .and_then(|r| r.policy)
+                .unwrap_or(rt.config.rotation.policy),
         };
         let session = match (&targeting.session, policy) {
             (Some(id), Policy::Sticky) => Some(SessionSpec {
                 id: id.clone(),
-                ttl: targeting.session_ttl.unwrap_or(rt.config.rotation.session_ttl),
+                ttl: targeting
+                    .session_ttl
+                    .unwrap_or(rt.config.rotation.session_ttl),
                 allow_replacement: rt.config.rotation.session_replacement,
             }),
             _ => None,
         };
-        let limits = rule.and_then(|r| r.limits.clone()).unwrap_or_else(|| rt.config.limits.clone());
+        let limits = rule
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_else(|| rt.config.limits.clone());
         let limit_set = LimitSet {
             per_exit: limits.per_exit,
             per_exit_domain: limits.per_exit_domain,
@@ -89,7 +103,9 @@ pub(crate) async fn choose_exit(
                 domain: &plan.domain,
             })
             .map_err(|e| select_error(e, plan))?;
-        let mut candidates: Vec<ExitId> = std::iter::once(selection.primary).chain(selection.fallbacks).collect();
+        let mut candidates: Vec<ExitId> = std::iter::once(selection.primary)
+            .chain(selection.fallbacks)
+            .collect();
         if plan.session.is_some() {
             // A sticky session never silently moves to another exit.
             candidates.truncate(1);
@@ -99,7 +115,10 @@ pub(crate) async fn choose_exit(
             .filter(|id| !tried.contains(id))
             .filter_map(|id| rt.exits.get(id).cloned())
             .collect();
-        let with_port: Vec<&Arc<ExitRuntime>> = candidates.iter().filter(|e| e.config.allows_port(plan.port)).collect();
+        let with_port: Vec<&Arc<ExitRuntime>> = candidates
+            .iter()
+            .filter(|e| e.config.allows_port(plan.port))
+            .collect();
         if with_port.is_empty() {
             if candidates.is_empty() {
                 return Err(ProxyError::NoExit(format!(
@@ -117,7 +136,10 @@ pub(crate) async fn choose_exit(
         let mut wait = Duration::MAX;
         let mut scope = "exit";
         for exit in with_port {
-            match gw.limiter.check(&plan.limit_set, &plan.token, &exit.id, &plan.domain) {
+            match gw
+                .limiter
+                .check(&plan.limit_set, &plan.token, &exit.id, &plan.domain)
+            {
                 Ok(()) => return Ok(exit.clone()),
                 Err(limited) => {
                     if limited.retry_after < wait {
@@ -131,8 +153,13 @@ pub(crate) async fn choose_exit(
             }
         }
         metrics::counter!("ipsx_rate_limited_total", "scope" => scope).increment(1);
-        let limited = ProxyError::RateLimited { scope, retry_after: wait };
-        if plan.limits.on_limit == OnLimit::Reject || started.elapsed() + wait > plan.limits.max_wait {
+        let limited = ProxyError::RateLimited {
+            scope,
+            retry_after: wait,
+        };
+        if plan.limits.on_limit == OnLimit::Reject
+            || started.elapsed() + wait > plan.limits.max_wait
+        {
             return Err(limited);
         }
         if gw.waiters.fetch_add(1, Ordering::AcqRel) >= plan.limits.max_waiters {
@@ -163,7 +190,9 @@ fn select_error(e: SelectError, plan: &Plan) -> ProxyError {
             plan.domain,
             retry_after.as_secs().max(1)
         )),
-        SelectError::NoExitMatches { filter } => ProxyError::NoExit(format!("no live exit matches {filter}")),
+        SelectError::NoExitMatches { filter } => {
+            ProxyError::NoExit(format!("no live exit matches {filter}"))
+        }
         other => ProxyError::NoExit(other.to_string()),
     }
 }
@@ -198,7 +227,8 @@ pub(crate) async fn dial_with_retries(
                     source,
                 };
                 tried.push(exit.id.clone());
-                if refused || tried.len() > rt.config.rotation.max_retries || plan.session.is_some() {
+                if refused || tried.len() > rt.config.rotation.max_retries || plan.session.is_some()
+                {
                     return Err(err);
                 }
                 tracing::debug!(error = %err, "retrying on another exit");
@@ -217,7 +247,13 @@ pub(crate) fn connect_outcome(e: &crate::exit::DialError) -> ipsx_rotation::Outc
 }
 
 /// Applies the first matching ban rule, if any; returns true when the exit was banned.
-pub(crate) fn apply_ban(gw: &Gateway, rt: &Runtime, exit: &ExitId, domain: &str, outcome: &ipsx_rotation::Outcome<'_>) -> bool {
+pub(crate) fn apply_ban(
+    gw: &Gateway,
+    rt: &Runtime,
+    exit: &ExitId,
+    domain: &str,
+    outcome: &ipsx_rotation::Outcome<'_>,
+) -> bool {
     match ipsx_rotation::classify(&rt.config.bans, outcome) {
         Some((scope, cooldown)) => {
             let scope = match scope {

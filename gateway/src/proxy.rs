@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::auth::{self, Authed};
 use crate::body::{BodyError, ProxyBody};
 use crate::error::ProxyError;
-use crate::http1::{self, BodyFraming, ChunkEvent, ChunkedDecoder, HeadLimits, RequestHead, Target};
+use crate::http1::{
+    self, BodyFraming, ChunkEvent, ChunkedDecoder, HeadLimits, RequestHead, Target,
+};
 use crate::pipeline::{self, Plan};
 use crate::relay::relay;
 use crate::socks5::{self, Reply};
@@ -76,12 +78,21 @@ pub(crate) async fn handle_connection(gw: Arc<Gateway>, stream: TcpStream, peer:
         Ok(_) => return,
         Err(_) => {
             // Nothing at all before the header deadline.
-            let _ = write_error(&mut conn.stream, &ProxyError::Head(http1::HeadError::Bad("request head timeout".into())), true, Some(408)).await;
+            let _ = write_error(
+                &mut conn.stream,
+                &ProxyError::Head(http1::HeadError::Bad("request head timeout".into())),
+                true,
+                Some(408),
+            )
+            .await;
             return;
         }
     };
     if open > rt.config.listener.max_connections {
-        let err = ProxyError::Overloaded(format!("gateway at its limit of {} connections", rt.config.listener.max_connections));
+        let err = ProxyError::Overloaded(format!(
+            "gateway at its limit of {} connections",
+            rt.config.listener.max_connections
+        ));
         tracing::warn!(%peer, "{err}");
         if is_socks {
             // Answer the greeting with "no acceptable method" and close.
@@ -106,7 +117,11 @@ enum HeadRead {
     Closed,
 }
 
-async fn read_head(conn: &mut ClientConn, limits: HeadLimits, deadline: Instant) -> Result<HeadRead, ProxyError> {
+async fn read_head(
+    conn: &mut ClientConn,
+    limits: HeadLimits,
+    deadline: Instant,
+) -> Result<HeadRead, ProxyError> {
     loop {
         if !conn.buf.is_empty()
             && let Some((head, used)) = http1::parse_request_head(&conn.buf, limits)?
@@ -128,7 +143,9 @@ async fn read_head(conn: &mut ClientConn, limits: HeadLimits, deadline: Instant)
                 return if conn.buf.is_empty() {
                     Ok(HeadRead::Closed)
                 } else {
-                    Err(ProxyError::Head(http1::HeadError::Bad("connection closed inside a request head".into())))
+                    Err(ProxyError::Head(http1::HeadError::Bad(
+                        "connection closed inside a request head".into(),
+                    )))
                 };
             }
             Ok(Ok(_)) => {}
@@ -140,7 +157,9 @@ fn timeout_error(buf: &BytesMut) -> ProxyError {
     if buf.is_empty() {
         ProxyError::Overloaded(String::new())
     } else {
-        ProxyError::Head(http1::HeadError::Bad("request head not complete before the header deadline".into()))
+        ProxyError::Head(http1::HeadError::Bad(
+            "request head not complete before the header deadline".into(),
+        ))
     }
 }
 
@@ -162,7 +181,12 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
             Ok(HeadRead::Closed) => return,
             Err(ProxyError::Overloaded(_)) => return, // idle keep-alive connection timed out
             Err(e) => {
-                let status = if matches!(&e, ProxyError::Head(http1::HeadError::Bad(m)) if m.contains("deadline")) { Some(408) } else { None };
+                let status = if matches!(&e, ProxyError::Head(http1::HeadError::Bad(m)) if m.contains("deadline"))
+                {
+                    Some(408)
+                } else {
+                    None
+                };
                 count_request("http", e.kind());
                 tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
                 let _ = write_error(&mut conn.stream, &e, true, status).await;
@@ -228,32 +252,54 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
     }
 }
 
-fn acquire_token_slot(rt: &Runtime, name: &str, max: Option<usize>) -> Result<Option<ArcCountGuard>, ProxyError> {
-    let Some(counter) = rt.token_conns.get(name) else { return Ok(None) };
+fn acquire_token_slot(
+    rt: &Runtime,
+    name: &str,
+    max: Option<usize>,
+) -> Result<Option<ArcCountGuard>, ProxyError> {
+    let Some(counter) = rt.token_conns.get(name) else {
+        return Ok(None);
+    };
     let now = counter.fetch_add(1, Ordering::AcqRel) + 1;
     let guard = ArcCountGuard(counter.clone());
     if let Some(max) = max
         && now > max
     {
-        return Err(ProxyError::Overloaded(format!("token `{name}` is at its limit of {max} connections")));
+        return Err(ProxyError::Overloaded(format!(
+            "token `{name}` is at its limit of {max} connections"
+        )));
     }
     Ok(Some(guard))
 }
 
-fn targeting_for(rt: &Runtime, authed: &Authed<'_>, head: Option<&RequestHead>) -> Result<Targeting, ProxyError> {
+fn targeting_for(
+    rt: &Runtime,
+    authed: &Authed<'_>,
+    head: Option<&RequestHead>,
+) -> Result<Targeting, ProxyError> {
     let max_ttl = rt.config.rotation.max_session_ttl;
     let (_account, mut targeting) = Targeting::from_username(&authed.username, max_ttl)?;
     if let Some(head) = head {
-        targeting.add_headers(head.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())), max_ttl)?;
+        targeting.add_headers(
+            head.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            max_ttl,
+        )?;
     }
     Ok(targeting)
 }
 
 fn count_request(protocol: &'static str, outcome: &'static str) {
-    metrics::counter!("ipsx_requests_total", "protocol" => protocol, "outcome" => outcome).increment(1);
+    metrics::counter!("ipsx_requests_total", "protocol" => protocol, "outcome" => outcome)
+        .increment(1);
 }
 
-async fn handle_connect(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, plan: &Plan, host: &http1::Host) {
+async fn handle_connect(
+    gw: &Arc<Gateway>,
+    rt: &Runtime,
+    conn: &mut ClientConn,
+    plan: &Plan,
+    host: &http1::Host,
+) {
     let (exit, mut upstream) = match pipeline::dial_with_retries(gw, rt, plan, host).await {
         Ok(pair) => pair,
         Err(e) => {
@@ -264,7 +310,12 @@ async fn handle_connect(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, 
         }
     };
     count_request("connect", "ok");
-    if conn.stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
+    if conn
+        .stream
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
         return;
     }
     if !conn.buf.is_empty() {
@@ -277,7 +328,13 @@ async fn handle_connect(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, 
     run_relay(gw, rt, &exit.id, &mut conn.stream, upstream).await;
 }
 
-async fn run_relay(gw: &Arc<Gateway>, rt: &Runtime, exit: &ExitId, client: &mut TcpStream, upstream: crate::exit::ExitStream) {
+async fn run_relay(
+    gw: &Arc<Gateway>,
+    rt: &Runtime,
+    exit: &ExitId,
+    client: &mut TcpStream,
+    upstream: crate::exit::ExitStream,
+) {
     let _in_flight = gw.rotator.begin(exit);
     let stop = hard_stop(gw, rt.config.listener.drain_timeout);
     let stats = relay(client, upstream, rt.config.listener.idle_timeout, stop).await;
@@ -292,13 +349,27 @@ async fn hard_stop(gw: &Arc<Gateway>, drain: Duration) {
 }
 
 /// Forwards one plain-HTTP request; returns whether the client connection may be reused.
-async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &RequestHead, plan: &Plan) -> bool {
-    let Target::Absolute { host, port, path } = &head.target else { return false };
-    let host_header = if *port == 80 { host.to_header() } else { format!("{}:{port}", host.to_header()) };
+async fn forward(
+    gw: &Arc<Gateway>,
+    rt: &Runtime,
+    conn: &mut ClientConn,
+    head: &RequestHead,
+    plan: &Plan,
+) -> bool {
+    let Target::Absolute { host, port, path } = &head.target else {
+        return false;
+    };
+    let host_header = if *port == 80 {
+        host.to_header()
+    } else {
+        format!("{}:{port}", host.to_header())
+    };
     let uri: http::Uri = match format!("http://{host_header}{path}").parse() {
         Ok(u) => u,
         Err(_) => {
-            let e = ProxyError::Head(http1::HeadError::Bad("request target is not a valid URI".into()));
+            let e = ProxyError::Head(http1::HeadError::Bad(
+                "request target is not a valid URI".into(),
+            ));
             count_request("http", e.kind());
             let _ = write_error(&mut conn.stream, &e, true, None).await;
             return false;
@@ -316,7 +387,11 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
         .header("expect")
         .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
         && head.framing != BodyFraming::None
-        && conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+        && conn
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
     {
         return false;
     }
@@ -336,7 +411,9 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
             }
         };
         let _in_flight = gw.rotator.begin(&exit.id);
-        let mut builder = http::Request::builder().method(head.method.as_str()).uri(uri.clone());
+        let mut builder = http::Request::builder()
+            .method(head.method.as_str())
+            .uri(uri.clone());
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&headers);
         }
@@ -351,9 +428,14 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
                 (Some(tx), b)
             }
         };
-        let Ok(request) = builder.body(body) else { return false };
+        let Ok(request) = builder.body(body) else {
+            return false;
+        };
         let started = Instant::now();
-        let send = tokio::time::timeout(rt.config.listener.response_timeout, exit.http_client().request(request));
+        let send = tokio::time::timeout(
+            rt.config.listener.response_timeout,
+            exit.http_client().request(request),
+        );
         tokio::pin!(send);
         let mut body_error: Option<ProxyError> = None;
         let result = match tx {
@@ -399,11 +481,28 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
                     && !matches!(source, crate::exit::DialError::Refused { .. })
                 {
                     gw.rotator.record_failure(&exit.id);
-                    pipeline::apply_ban(gw, rt, &exit.id, &plan.domain, &pipeline::connect_outcome(source));
+                    pipeline::apply_ban(
+                        gw,
+                        rt,
+                        &exit.id,
+                        &plan.domain,
+                        &pipeline::connect_outcome(source),
+                    );
                 }
-                let refused = matches!(e, ProxyError::Dial { source: crate::exit::DialError::Refused { .. }, .. });
+                let refused = matches!(
+                    e,
+                    ProxyError::Dial {
+                        source: crate::exit::DialError::Refused { .. },
+                        ..
+                    }
+                );
                 tried.push(exit.id.clone());
-                if connect_failed && !refused && (retry_allowed || !has_body) && tried.len() <= rt.config.rotation.max_retries && plan.session.is_none() {
+                if connect_failed
+                    && !refused
+                    && (retry_allowed || !has_body)
+                    && tried.len() <= rt.config.rotation.max_retries
+                    && plan.session.is_none()
+                {
                     tracing::debug!(error = %e, "retrying on another exit");
                     continue;
                 }
@@ -414,7 +513,8 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
             Ok(Ok(r)) => r,
         };
         gw.rotator.record_success(&exit.id, started.elapsed());
-        metrics::histogram!("ipsx_upstream_response_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("ipsx_upstream_response_seconds")
+            .record(started.elapsed().as_secs_f64());
 
         let (parts, mut incoming) = response.into_parts();
         // Ban rules: by status, and by body pattern when any rule has one.
@@ -442,7 +542,11 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
                 }
             }
         }
-        let prefix: Vec<u8> = held.iter().flat_map(|b| b.iter().copied()).take(BAN_PEEK_LIMIT).collect();
+        let prefix: Vec<u8> = held
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .take(BAN_PEEK_LIMIT)
+            .collect();
         let outcome = ipsx_rotation::Outcome::Response {
             status: parts.status.as_u16(),
             body_prefix: &prefix,
@@ -465,7 +569,16 @@ async fn forward(gw: &Arc<Gateway>, rt: &Runtime, conn: &mut ClientConn, head: &
         }
         count_request("http", "ok");
         let client_keep = !head.close && body_done;
-        return write_response(conn, head, parts, held, upstream_done, incoming, client_keep).await;
+        return write_response(
+            conn,
+            head,
+            parts,
+            held,
+            upstream_done,
+            incoming,
+            client_keep,
+        )
+        .await;
     }
 }
 
@@ -482,10 +595,14 @@ fn forwarded_headers(head: &RequestHead, host_header: &str) -> Result<http::Head
         {
             continue;
         }
-        let n = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| ProxyError::Head(http1::HeadError::Bad(format!("bad header name `{name}`"))))?;
-        let v = http::HeaderValue::from_bytes(trim(value))
-            .map_err(|_| ProxyError::Head(http1::HeadError::Bad(format!("bad value in header `{name}`"))))?;
+        let n = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            ProxyError::Head(http1::HeadError::Bad(format!("bad header name `{name}`")))
+        })?;
+        let v = http::HeaderValue::from_bytes(trim(value)).map_err(|_| {
+            ProxyError::Head(http1::HeadError::Bad(format!(
+                "bad value in header `{name}`"
+            )))
+        })?;
         map.append(n, v);
     }
     let host = http::HeaderValue::from_str(host_header)
@@ -496,7 +613,11 @@ fn forwarded_headers(head: &RequestHead, host_header: &str) -> Result<http::Head
 
 fn trim(v: &[u8]) -> &[u8] {
     let start = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
-    let end = v.len() - v.iter().rev().take_while(|b| **b == b' ' || **b == b'\t').count();
+    let end = v.len()
+        - v.iter()
+            .rev()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
     if start >= end { &[] } else { &v[start..end] }
 }
 
@@ -505,20 +626,30 @@ fn classify_client_error(exit: &ExitId, err: &hyper_util::client::legacy::Error)
     while let Some(s) = source {
         if let Some(d) = s.downcast_ref::<crate::exit::DialError>() {
             let rebuilt = match d {
-                crate::exit::DialError::Refused { ip, range } => crate::exit::DialError::Refused { ip: *ip, range },
-                crate::exit::DialError::Timeout { addr } => crate::exit::DialError::Timeout { addr: addr.clone() },
-                crate::exit::DialError::Resolve { host, message } => crate::exit::DialError::Resolve {
-                    host: host.clone(),
-                    message: message.clone(),
-                },
-                crate::exit::DialError::NoUsableAddress { host, bind } => crate::exit::DialError::NoUsableAddress {
-                    host: host.clone(),
-                    bind: *bind,
-                },
-                crate::exit::DialError::Connect { addr, source } => crate::exit::DialError::Connect {
-                    addr: *addr,
-                    source: std::io::Error::new(source.kind(), source.to_string()),
-                },
+                crate::exit::DialError::Refused { ip, range } => {
+                    crate::exit::DialError::Refused { ip: *ip, range }
+                }
+                crate::exit::DialError::Timeout { addr } => {
+                    crate::exit::DialError::Timeout { addr: addr.clone() }
+                }
+                crate::exit::DialError::Resolve { host, message } => {
+                    crate::exit::DialError::Resolve {
+                        host: host.clone(),
+                        message: message.clone(),
+                    }
+                }
+                crate::exit::DialError::NoUsableAddress { host, bind } => {
+                    crate::exit::DialError::NoUsableAddress {
+                        host: host.clone(),
+                        bind: *bind,
+                    }
+                }
+                crate::exit::DialError::Connect { addr, source } => {
+                    crate::exit::DialError::Connect {
+                        addr: *addr,
+                        source: std::io::Error::new(source.kind(), source.to_string()),
+                    }
+                }
             };
             return ProxyError::Dial {
                 exit: exit.to_string(),
@@ -527,7 +658,11 @@ fn classify_client_error(exit: &ExitId, err: &hyper_util::client::legacy::Error)
         }
         source = s.source();
     }
-    let message = if err.is_connect() { "connect failed".to_owned() } else { "target closed the connection before a response".to_owned() };
+    let message = if err.is_connect() {
+        "connect failed".to_owned()
+    } else {
+        "target closed the connection before a response".to_owned()
+    };
     ProxyError::Upstream {
         exit: exit.to_string(),
         message,
@@ -535,7 +670,11 @@ fn classify_client_error(exit: &ExitId, err: &hyper_util::client::legacy::Error)
 }
 
 /// Streams the client's request body into `tx`, validating its framing.
-async fn pump_body(conn: &mut ClientConn, framing: BodyFraming, tx: mpsc::Sender<Result<Bytes, BodyError>>) -> Result<(), ProxyError> {
+async fn pump_body(
+    conn: &mut ClientConn,
+    framing: BodyFraming,
+    tx: mpsc::Sender<Result<Bytes, BodyError>>,
+) -> Result<(), ProxyError> {
     let fail = |msg: &str| ProxyError::Head(http1::HeadError::Bad(msg.to_owned()));
     match framing {
         BodyFraming::None => Ok(()),
@@ -551,7 +690,9 @@ async fn pump_body(conn: &mut ClientConn, framing: BodyFraming, tx: mpsc::Sender
                         Ok(_) => {}
                     }
                 }
-                let take = usize::try_from(left).unwrap_or(usize::MAX).min(conn.buf.len());
+                let take = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(conn.buf.len());
                 let chunk = conn.buf.split_to(take).freeze();
                 left -= take as u64;
                 if tx.send(Ok(chunk)).await.is_err() {
@@ -611,12 +752,18 @@ async fn write_response(
     client_keep: bool,
 ) -> bool {
     let status = parts.status.as_u16();
-    let no_body = head.method == "HEAD" || status == 204 || status == 304 || (100..200).contains(&status);
+    let no_body =
+        head.method == "HEAD" || status == 204 || status == 304 || (100..200).contains(&status);
     let listed: Vec<String> = parts
         .headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .flat_map(|v| String::from_utf8_lossy(v.as_bytes()).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     let length: Option<u64> = parts
         .headers
@@ -632,7 +779,8 @@ async fn write_response(
     let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
     for (name, value) in &parts.headers {
         let n = name.as_str();
-        if http1::HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n) || n == "content-length" {
+        if http1::HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n) || n == "content-length"
+        {
             continue;
         }
         out.extend_from_slice(n.as_bytes());
@@ -646,7 +794,11 @@ async fn write_response(
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    out.extend_from_slice(if keep { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
+    out.extend_from_slice(if keep {
+        b"connection: keep-alive\r\n\r\n"
+    } else {
+        b"connection: close\r\n\r\n"
+    });
     if no_body {
         return conn.stream.write_all(&out).await.is_ok() && keep;
     }
@@ -718,14 +870,34 @@ fn socket_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
 }
 
 /// Writes an error response with the reason in the body and in `X-Ipsx-Error`.
-async fn write_error(stream: &mut TcpStream, e: &ProxyError, close: bool, status_override: Option<u16>) -> std::io::Result<()> {
+async fn write_error(
+    stream: &mut TcpStream,
+    e: &ProxyError,
+    close: bool,
+    status_override: Option<u16>,
+) -> std::io::Result<()> {
     let status = status_override.unwrap_or_else(|| e.status());
-    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
-    let message: String = if status == 408 { "request head timeout".into() } else { e.to_string() };
-    let message: String = message.chars().filter(|c| !c.is_control()).take(300).collect();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let message: String = if status == 408 {
+        "request head timeout".into()
+    } else {
+        e.to_string()
+    };
+    let message: String = message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect();
     let body = format!("ipsx: {message}\n");
     let mut out = Vec::with_capacity(256 + body.len());
-    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     let _ = write!(out, "x-ipsx-error: {message}\r\n");
     if status == 407 {
         out.extend_from_slice(b"proxy-authenticate: Basic realm=\"ipsx\"\r\n");
@@ -733,7 +905,11 @@ async fn write_error(stream: &mut TcpStream, e: &ProxyError, close: bool, status
     if let ProxyError::RateLimited { retry_after, .. } = e {
         let _ = write!(out, "retry-after: {}\r\n", retry_after.as_secs().max(1));
     }
-    out.extend_from_slice(if close { b"connection: close\r\n\r\n" } else { b"connection: keep-alive\r\n\r\n" });
+    out.extend_from_slice(if close {
+        b"connection: close\r\n\r\n"
+    } else {
+        b"connection: keep-alive\r\n\r\n"
+    });
     out.extend_from_slice(body.as_bytes());
     stream.write_all(&out).await?;
     if close {
@@ -819,11 +995,18 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
     if method == socks5::METHOD_USER_PASS && conn.stream.write_all(&[1, 0]).await.is_err() {
         return;
     }
-    let _token_guard = match authed.token.map(|t| acquire_token_slot(&rt, &t.name, t.max_connections)).transpose() {
+    let _token_guard = match authed
+        .token
+        .map(|t| acquire_token_slot(&rt, &t.name, t.max_connections))
+        .transpose()
+    {
         Ok(g) => g,
         Err(e) => {
             count_request("socks5", e.kind());
-            let _ = conn.stream.write_all(&socks5::encode_reply(e.socks_reply(), None)).await;
+            let _ = conn
+                .stream
+                .write_all(&socks5::encode_reply(e.socks_reply(), None))
+                .await;
             return;
         }
     };
@@ -833,7 +1016,10 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
         Err(e) => {
             fail(&e);
             if let Some(reply) = e.reply {
-                let _ = conn.stream.write_all(&socks5::encode_reply(reply, None)).await;
+                let _ = conn
+                    .stream
+                    .write_all(&socks5::encode_reply(reply, None))
+                    .await;
             }
             return;
         }
@@ -844,7 +1030,10 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
         Err(e) => {
             count_request("socks5", e.kind());
             tracing::info!(peer = %conn.peer, error = %e, "socks5 targeting refused");
-            let _ = conn.stream.write_all(&socks5::encode_reply(e.socks_reply(), None)).await;
+            let _ = conn
+                .stream
+                .write_all(&socks5::encode_reply(e.socks_reply(), None))
+                .await;
             return;
         }
     };
@@ -854,12 +1043,23 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
         Err(e) => {
             count_request("socks5", e.kind());
             tracing::info!(peer = %conn.peer, target = %plan.domain, error = %e, "socks5 connect refused");
-            let _ = conn.stream.write_all(&socks5::encode_reply(e.socks_reply(), None)).await;
+            let _ = conn
+                .stream
+                .write_all(&socks5::encode_reply(e.socks_reply(), None))
+                .await;
             return;
         }
     };
     count_request("socks5", "ok");
-    if conn.stream.write_all(&socks5::encode_reply(Reply::Succeeded, upstream.local_addr())).await.is_err() {
+    if conn
+        .stream
+        .write_all(&socks5::encode_reply(
+            Reply::Succeeded,
+            upstream.local_addr(),
+        ))
+        .await
+        .is_err()
+    {
         return;
     }
     let mut upstream = upstream;

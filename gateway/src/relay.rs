@@ -2,7 +2,7 @@
 //! nothing moves either way for the idle timeout. Buffers are fixed (16 KiB a
 //! direction), so memory per tunnel is bounded whatever the peers do.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,22 +24,27 @@ pub struct RelayStats {
 
 /// Relays until both directions end, an error occurs, the idle timeout passes with no
 /// bytes either way, or `stop` resolves (shutdown).
-pub async fn relay<A, B>(a: A, b: B, idle: Duration, stop: impl std::future::Future<Output = ()>) -> RelayStats
+pub async fn relay<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> RelayStats
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let last = Cell::new(Instant::now());
-    let up = copy_one_way(&mut ar, &mut bw, &last);
-    let down = copy_one_way(&mut br, &mut aw, &last);
+    let activity = Activity::new();
+    let up = copy_one_way(&mut ar, &mut bw, &activity);
+    let down = copy_one_way(&mut br, &mut aw, &activity);
     let both = async { tokio::join!(up, down) };
     let watchdog = async {
         loop {
-            let deadline = last.get() + idle;
+            let deadline = activity.last() + idle;
             tokio::time::sleep_until(deadline).await;
-            if last.get() + idle <= Instant::now() {
+            if activity.last() + idle <= Instant::now() {
                 return;
             }
         }
@@ -51,7 +56,31 @@ where
     }
 }
 
-async fn copy_one_way<R, W>(r: &mut R, w: &mut W, last: &Cell<Instant>) -> u64
+/// The time of the last byte either way, shared by both directions.
+struct Activity {
+    base: Instant,
+    micros: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let us = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.micros.store(us, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
+
+async fn copy_one_way<R, W>(r: &mut R, w: &mut W, last: &Activity) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -63,12 +92,12 @@ where
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        last.set(Instant::now());
+        last.touch();
         if w.write_all(&buf[..n]).await.is_err() {
             break;
         }
         total += n as u64;
-        last.set(Instant::now());
+        last.touch();
     }
     let _ = w.shutdown().await;
     total

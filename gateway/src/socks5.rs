@@ -64,11 +64,18 @@ pub struct Greeting {
 
 /// Parses `VER NMETHODS METHODS...`.
 pub fn parse_greeting(buf: &[u8]) -> Result<Option<(Greeting, usize)>, SocksError> {
-    let Some(&ver) = buf.first() else { return Ok(None) };
+    let Some(&ver) = buf.first() else {
+        return Ok(None);
+    };
     if ver != 5 {
-        return Err(err(format!("unsupported version {ver} (only SOCKS5)"), None));
+        return Err(err(
+            format!("unsupported version {ver} (only SOCKS5)"),
+            None,
+        ));
     }
-    let Some(&n) = buf.get(1) else { return Ok(None) };
+    let Some(&n) = buf.get(1) else {
+        return Ok(None);
+    };
     if n == 0 {
         return Err(err("greeting offers no methods (NMETHODS=0)", None));
     }
@@ -95,25 +102,35 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
 /// Parses `VER=1 ULEN UNAME PLEN PASSWD`.
 pub fn parse_auth(buf: &[u8]) -> Result<Option<(Credentials, usize)>, SocksError> {
-    let Some(&ver) = buf.first() else { return Ok(None) };
+    let Some(&ver) = buf.first() else {
+        return Ok(None);
+    };
     if ver != 1 {
         return Err(err(format!("unsupported auth version {ver}"), None));
     }
-    let Some(&ulen) = buf.get(1) else { return Ok(None) };
+    let Some(&ulen) = buf.get(1) else {
+        return Ok(None);
+    };
     let ulen = ulen as usize;
-    let Some(&plen) = buf.get(2 + ulen) else { return Ok(None) };
+    let Some(&plen) = buf.get(2 + ulen) else {
+        return Ok(None);
+    };
     let end = 3 + ulen + plen as usize;
     if buf.len() < end {
         return Ok(None);
     }
-    let username = std::str::from_utf8(&buf[2..2 + ulen]).map_err(|_| err("username is not UTF-8", None))?;
-    let password = std::str::from_utf8(&buf[3 + ulen..end]).map_err(|_| err("password is not UTF-8", None))?;
+    let username =
+        std::str::from_utf8(&buf[2..2 + ulen]).map_err(|_| err("username is not UTF-8", None))?;
+    let password =
+        std::str::from_utf8(&buf[3 + ulen..end]).map_err(|_| err("password is not UTF-8", None))?;
     Ok(Some((
         Credentials {
             username: username.to_owned(),
@@ -138,28 +155,55 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
         if let Some(&ver) = buf.first()
             && ver != 5
         {
-            return Err(err(format!("unsupported version {ver} in request"), Some(Reply::GeneralFailure)));
+            return Err(err(
+                format!("unsupported version {ver} in request"),
+                Some(Reply::GeneralFailure),
+            ));
         }
         return Ok(None);
     }
     if buf[0] != 5 {
-        return Err(err(format!("unsupported version {} in request", buf[0]), Some(Reply::GeneralFailure)));
+        return Err(err(
+            format!("unsupported version {} in request", buf[0]),
+            Some(Reply::GeneralFailure),
+        ));
     }
     match buf[1] {
         1 => {}
-        2 => return Err(err("BIND is not supported", Some(Reply::CommandNotSupported))),
-        3 => return Err(err("UDP ASSOCIATE is not supported", Some(Reply::CommandNotSupported))),
-        c => return Err(err(format!("unknown command {c}"), Some(Reply::CommandNotSupported))),
+        2 => {
+            return Err(err(
+                "BIND is not supported",
+                Some(Reply::CommandNotSupported),
+            ));
+        }
+        3 => {
+            return Err(err(
+                "UDP ASSOCIATE is not supported",
+                Some(Reply::CommandNotSupported),
+            ));
+        }
+        c => {
+            return Err(err(
+                format!("unknown command {c}"),
+                Some(Reply::CommandNotSupported),
+            ));
+        }
     }
     if buf[2] != 0 {
-        return Err(err("reserved byte is not zero", Some(Reply::GeneralFailure)));
+        return Err(err(
+            "reserved byte is not zero",
+            Some(Reply::GeneralFailure),
+        ));
     }
     let (host, addr_end) = match buf[3] {
         1 => {
             if buf.len() < 8 {
                 return Ok(None);
             }
-            (Host::Ip(IpAddr::V4(Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]))), 8)
+            (
+                Host::Ip(IpAddr::V4(Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]))),
+                8,
+            )
         }
         4 => {
             if buf.len() < 20 {
@@ -170,7 +214,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
             (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), 20)
         }
         3 => {
-            let Some(&len) = buf.get(4) else { return Ok(None) };
+            let Some(&len) = buf.get(4) else {
+                return Ok(None);
+            };
             if len == 0 {
                 return Err(err("empty domain name", Some(Reply::HostUnreachable)));
             }
@@ -178,11 +224,18 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
             if buf.len() < end {
                 return Ok(None);
             }
-            let name = std::str::from_utf8(&buf[5..end]).map_err(|_| err("domain name is not UTF-8", Some(Reply::HostUnreachable)))?;
-            let host = Host::parse(name).map_err(|e| err(e.to_string(), Some(Reply::HostUnreachable)))?;
+            let name = std::str::from_utf8(&buf[5..end])
+                .map_err(|_| err("domain name is not UTF-8", Some(Reply::HostUnreachable)))?;
+            let host =
+                Host::parse(name).map_err(|e| err(e.to_string(), Some(Reply::HostUnreachable)))?;
             (host, end)
         }
-        t => return Err(err(format!("unknown address type {t}"), Some(Reply::AddressTypeNotSupported))),
+        t => {
+            return Err(err(
+                format!("unknown address type {t}"),
+                Some(Reply::AddressTypeNotSupported),
+            ));
+        }
     };
     if buf.len() < addr_end + 2 {
         return Ok(None);
@@ -220,7 +273,10 @@ mod tests {
 
     #[test]
     fn greeting_cases() {
-        assert_eq!(parse_greeting(&[5, 1, 0]).unwrap().unwrap().0.methods, vec![0]);
+        assert_eq!(
+            parse_greeting(&[5, 1, 0]).unwrap().unwrap().0.methods,
+            vec![0]
+        );
         assert!(parse_greeting(&[5]).unwrap().is_none());
         assert!(parse_greeting(&[5, 2, 0]).unwrap().is_none());
         assert!(parse_greeting(&[5, 0]).is_err(), "NMETHODS=0");
@@ -229,18 +285,27 @@ mod tests {
 
     #[test]
     fn requests_in_every_address_type() {
-        let (r, n) = parse_request(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]).unwrap().unwrap();
-        assert_eq!((r.host, r.port, n), (Host::Ip("127.0.0.1".parse().unwrap()), 80, 10));
+        let (r, n) = parse_request(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.host, r.port, n),
+            (Host::Ip("127.0.0.1".parse().unwrap()), 80, 10)
+        );
         let mut v6 = vec![5, 1, 0, 4];
         v6.extend_from_slice(&"::1".parse::<Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&[1, 187]);
         assert_eq!(parse_request(&v6).unwrap().unwrap().0.port, 443);
-        let name = "a".repeat(63) + "." + &"b".repeat(63) + "." + &"c".repeat(63) + "." + &"d".repeat(61);
+        let name =
+            "a".repeat(63) + "." + &"b".repeat(63) + "." + &"c".repeat(63) + "." + &"d".repeat(61);
         assert_eq!(name.len(), 253);
         let mut dom = vec![5, 1, 0, 3, name.len() as u8];
         dom.extend_from_slice(name.as_bytes());
         dom.extend_from_slice(&[0, 80]);
-        assert_eq!(parse_request(&dom).unwrap().unwrap().0.host, Host::Name(name));
+        assert_eq!(
+            parse_request(&dom).unwrap().unwrap().0.host,
+            Host::Name(name)
+        );
     }
 
     #[test]
@@ -248,20 +313,35 @@ mod tests {
         let cases: [(&[u8], Reply); 5] = [
             (&[5, 2, 0, 1, 1, 2, 3, 4, 0, 80], Reply::CommandNotSupported),
             (&[5, 3, 0, 1, 1, 2, 3, 4, 0, 80], Reply::CommandNotSupported),
-            (&[5, 1, 0, 9, 1, 2, 3, 4, 0, 80], Reply::AddressTypeNotSupported),
+            (
+                &[5, 1, 0, 9, 1, 2, 3, 4, 0, 80],
+                Reply::AddressTypeNotSupported,
+            ),
             (&[5, 1, 0, 3, 0, 0, 80], Reply::HostUnreachable),
-            (&[5, 1, 0, 3, 3, b'a', b'/', b'b', 0, 80], Reply::HostUnreachable),
+            (
+                &[5, 1, 0, 3, 3, b'a', b'/', b'b', 0, 80],
+                Reply::HostUnreachable,
+            ),
         ];
         for (bytes, want) in cases {
-            assert_eq!(parse_request(bytes).unwrap_err().reply, Some(want), "{bytes:?}");
+            assert_eq!(
+                parse_request(bytes).unwrap_err().reply,
+                Some(want),
+                "{bytes:?}"
+            );
         }
     }
 
     #[test]
     fn byte_by_byte_is_incomplete_until_the_end() {
-        let full = [5u8, 1, 0, 3, 9, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't', 0x1f, 0x90];
+        let full = [
+            5u8, 1, 0, 3, 9, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't', 0x1f, 0x90,
+        ];
         for cut in 0..full.len() {
-            assert!(parse_request(&full[..cut]).unwrap().is_none(), "cut at {cut}");
+            assert!(
+                parse_request(&full[..cut]).unwrap().is_none(),
+                "cut at {cut}"
+            );
         }
         assert_eq!(parse_request(&full).unwrap().unwrap().0.port, 8080);
         let auth = [1u8, 1, b'u', 2, b'p', b'w'];

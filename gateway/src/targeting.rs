@@ -11,7 +11,9 @@ use ipsx_rotation::{AttrError, CountryCode, ExitKind, Filter, parse_asn, parse_p
 #[non_exhaustive]
 pub enum TargetingError {
     /// A key we do not know.
-    #[error("unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, rotate)")]
+    #[error(
+        "unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, rotate)"
+    )]
     UnknownKey(String),
     /// A key with no value after it.
     #[error("targeting key `{0}` has no value")]
@@ -60,13 +62,18 @@ pub const HEADER_PREFIX: &str = "x-ipsx-";
 impl Targeting {
     /// Parses a proxy username: `ACCOUNT(-KEY-VALUE)*`. Returns the account and the
     /// targeting.
-    pub fn from_username(username: &str, max_ttl: Duration) -> Result<(String, Targeting), TargetingError> {
+    pub fn from_username(
+        username: &str,
+        max_ttl: Duration,
+    ) -> Result<(String, Targeting), TargetingError> {
         let mut parts = username.split('-');
         let account = parts.next().unwrap_or_default().to_owned();
         let mut t = Targeting::default();
         let mut seen: Vec<&'static str> = Vec::new();
         while let Some(key) = parts.next() {
-            let value = parts.next().ok_or_else(|| TargetingError::MissingValue(key.to_owned()))?;
+            let value = parts
+                .next()
+                .ok_or_else(|| TargetingError::MissingValue(key.to_owned()))?;
             if value.is_empty() {
                 return Err(TargetingError::MissingValue(key.to_owned()));
             }
@@ -90,7 +97,9 @@ impl Targeting {
         let mut seen: Vec<&'static str> = Vec::new();
         for (name, value) in headers {
             let lower = name.to_ascii_lowercase();
-            let Some(key) = lower.strip_prefix(HEADER_PREFIX) else { continue };
+            let Some(key) = lower.strip_prefix(HEADER_PREFIX) else {
+                continue;
+            };
             let value = std::str::from_utf8(value).map_err(|_| TargetingError::Invalid {
                 key: key.to_owned(),
                 message: "value is not UTF-8".into(),
@@ -109,7 +118,12 @@ impl Targeting {
     }
 
     /// Sets one key; returns its canonical name.
-    fn set(&mut self, key: &str, value: &str, max_ttl: Duration) -> Result<&'static str, TargetingError> {
+    fn set(
+        &mut self,
+        key: &str,
+        value: &str,
+        max_ttl: Duration,
+    ) -> Result<&'static str, TargetingError> {
         let lower = key.to_ascii_lowercase();
         let canonical = match lower.as_str() {
             "country" | "cc" => {
@@ -135,7 +149,9 @@ impl Targeting {
             "session" | "sessid" => {
                 let ok = !value.is_empty()
                     && value.len() <= 64
-                    && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_');
                 if !ok {
                     return Err(TargetingError::Invalid {
                         key: key.to_owned(),
@@ -202,13 +218,21 @@ mod tests {
 
     #[test]
     fn commercial_usernames_parse() {
-        let (acct, t) = Targeting::from_username("acme-country-DE-city-new_york-session-abc123-sesstime-10", DAY).unwrap();
+        let (acct, t) = Targeting::from_username(
+            "acme-country-DE-city-new_york-session-abc123-sesstime-10",
+            DAY,
+        )
+        .unwrap();
         assert_eq!(acct, "acme");
         assert_eq!(t.filter.country.unwrap().as_str(), "de");
         assert_eq!(t.filter.city.as_deref(), Some("new york"));
         assert_eq!(t.session.as_deref(), Some("abc123"));
         assert_eq!(t.session_ttl, Some(Duration::from_secs(600)));
-        let (_, t) = Targeting::from_username("a-cc-us-st-california-asn-AS7922-type-mobile-sessid-x-rotate-session", DAY).unwrap();
+        let (_, t) = Targeting::from_username(
+            "a-cc-us-st-california-asn-AS7922-type-mobile-sessid-x-rotate-session",
+            DAY,
+        )
+        .unwrap();
         assert_eq!(t.filter.asn, Some(7922));
         assert_eq!(t.rotate, Some(Rotate::Session));
         let (acct, t) = Targeting::from_username("plain", DAY).unwrap();
@@ -232,19 +256,31 @@ mod tests {
         ];
         for (user, key) in cases {
             let err = Targeting::from_username(user, DAY).unwrap_err();
-            assert!(err.to_string().contains(&format!("`{key}`")), "{user}: {err}");
+            assert!(
+                err.to_string().contains(&format!("`{key}`")),
+                "{user}: {err}"
+            );
         }
     }
 
     #[test]
     fn username_wins_over_headers() {
         let (_, mut t) = Targeting::from_username("a-country-de", DAY).unwrap();
-        let headers: Vec<(&str, &[u8])> = vec![("X-Ipsx-Country", b"fr"), ("X-Ipsx-City", b"berlin"), ("Accept", b"*/*")];
+        let headers: Vec<(&str, &[u8])> = vec![
+            ("X-Ipsx-Country", b"fr"),
+            ("X-Ipsx-City", b"berlin"),
+            ("Accept", b"*/*"),
+        ];
         t.add_headers(headers.into_iter(), DAY).unwrap();
         assert_eq!(t.filter.country.unwrap().as_str(), "de");
         assert_eq!(t.filter.city.as_deref(), Some("berlin"));
         let mut t = Targeting::default();
         let bad: Vec<(&str, &[u8])> = vec![("X-Ipsx-Planet", b"mars")];
-        assert!(t.add_headers(bad.into_iter(), DAY).unwrap_err().to_string().contains("`planet`"));
+        assert!(
+            t.add_headers(bad.into_iter(), DAY)
+                .unwrap_err()
+                .to_string()
+                .contains("`planet`")
+        );
     }
 }

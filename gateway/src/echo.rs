@@ -1,0 +1,70 @@
+//! A tiny HTTP echo target for demos and tests: answers every request with the
+//! caller's address (the exit the request left from) and that address's demo country.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Serves the echo target on `listener` until the task is dropped. `countries` maps a
+/// caller address to the country label reported back.
+pub async fn serve_echo(listener: TcpListener, countries: HashMap<IpAddr, String>) {
+    let countries = Arc::new(countries);
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let countries = countries.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let countries = countries.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_owned();
+                        let headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .map(|(n, v)| {
+                                (
+                                    n.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect();
+                        let body_len = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes().len())
+                            .unwrap_or(0);
+                        let answer = serde_json::json!({
+                            "ip": peer.ip().to_string(),
+                            "port": peer.port(),
+                            "country": countries.get(&peer.ip()),
+                            "method": method,
+                            "path": path,
+                            "headers": headers,
+                            "body_bytes": body_len,
+                        });
+                        let mut body = serde_json::to_vec(&answer).unwrap_or_default();
+                        body.push(b'\n');
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
