@@ -1,0 +1,259 @@
+//! Shared harness for the end-to-end tests: an echo target, a gateway started in this
+//! process on 127.0.0.1:0, and helpers for real clients (curl, Python requests).
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    unreachable_pub,
+    missing_docs
+)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ipsx_config::GatewayConfig;
+use ipsx_gateway::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Exits used by most tests: two DE, two US, one FR, on distinct loopback addresses.
+pub const EXITS: &[(u8, &str)] = &[(2, "de"), (3, "de"), (4, "us"), (5, "us"), (6, "fr")];
+pub const TOKEN: &str = "test-token-1";
+
+pub fn exit_ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// The default test config: loopback allowed, one token, the exits above. `extra` is
+/// appended (rules, bans, limits).
+pub fn config_text(extra: &str) -> String {
+    let mut t = String::from(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\", \"::1/128\"]\nconnect_timeout = \"2s\"\n\n",
+    );
+    t.push_str(&format!(
+        "[[token]]\nname = \"tester\"\nsecret = \"{TOKEN}\"\n\n"
+    ));
+    for (last, cc) in EXITS {
+        t.push_str(&format!(
+            "[[exit]]\nname = \"{cc}-{last}\"\nbind = \"127.0.0.{last}\"\ncountry = \"{cc}\"\n\n"
+        ));
+    }
+    t.push_str(extra);
+    t
+}
+
+pub struct Echo {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let countries: HashMap<IpAddr, String> = EXITS
+            .iter()
+            .map(|(l, c)| (exit_ip(*l), (*c).to_owned()))
+            .collect();
+        let task = tokio::spawn(ipsx_gateway::echo::serve_echo(listener, countries));
+        Self { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/ip", self.addr)
+    }
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    task: JoinHandle<()>,
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some((_, t)) = &self.admin {
+            t.abort();
+        }
+    }
+}
+
+impl TestGateway {
+    pub async fn start(config_toml: &str) -> Self {
+        let config =
+            GatewayConfig::from_toml(config_toml, "test.toml").expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gateway = Gateway::new(config, None);
+        let task = tokio::spawn(ipsx_gateway::serve(
+            listener,
+            gateway.clone(),
+            std::future::pending(),
+        ));
+        Self {
+            addr,
+            gateway,
+            task,
+            admin: None,
+        }
+    }
+
+    pub async fn with_admin(mut self) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = tokio::spawn(ipsx_gateway::admin::serve_admin(
+            listener,
+            self.gateway.clone(),
+            std::future::pending(),
+        ));
+        self.admin = Some((addr, t));
+        self
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.as_ref().expect("admin started").0
+    }
+
+    pub fn proxy(&self, username: &str) -> String {
+        format!("http://{username}:{TOKEN}@{}", self.addr)
+    }
+
+    pub fn socks(&self, username: &str) -> String {
+        format!("socks5h://{username}:{TOKEN}@{}", self.addr)
+    }
+}
+
+/// Runs curl with the proxy environment cleared; bounded by a timeout.
+pub async fn curl(args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    clear_proxy_env(&mut cmd);
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("curl finished")
+        .expect("curl runs (is curl installed?)")
+}
+
+pub fn clear_proxy_env(cmd: &mut tokio::process::Command) {
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+    ] {
+        cmd.env_remove(v);
+    }
+}
+
+/// Runs a Python snippet (requests + PySocks); bounded by a timeout.
+pub async fn python(code: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg("-c").arg(code).args(args);
+    clear_proxy_env(&mut cmd);
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("python finished")
+        .expect("python3 runs")
+}
+
+/// The `ip` field of every echo answer in curl's output (one JSON object per line).
+pub fn echo_ips(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["ip"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Sends raw bytes and reads the answer until close or timeout.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw TCP target that counts connections and bytes received: proves that a refused
+/// request sent nothing to the target.
+pub struct CountingTarget {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub bytes: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CountingTarget {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CountingTarget {
+    /// `reply` is written after the first read (e.g. a canned HTTP response).
+    pub async fn start(reply: &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let (c, b) = (connections.clone(), bytes.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut replied = false;
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        b.fetch_add(n, Ordering::SeqCst);
+                        if !replied && !reply.is_empty() {
+                            replied = true;
+                            let _ = s.write_all(reply).await;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            bytes,
+            task,
+        }
+    }
+
+    pub fn untouched(&self) -> bool {
+        self.connections.load(Ordering::SeqCst) == 0 && self.bytes.load(Ordering::SeqCst) == 0
+    }
+}
+
+pub fn status_line(response: &str) -> &str {
+    response.lines().next().unwrap_or("")
+}

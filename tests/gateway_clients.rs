@@ -1,0 +1,335 @@
+//! Acceptance of the gateway with real clients: curl and Python requests (PySocks).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn urls(url: &str, n: usize) -> Vec<String> {
+    (0..n).map(|_| url.to_owned()).collect()
+}
+
+async fn curl_many(proxy_args: &[&str], url: &str, n: usize) -> Vec<String> {
+    let list = urls(url, n);
+    let mut args: Vec<&str> = proxy_args.to_vec();
+    // `--next`-free form: curl fetches every URL, one JSON answer per line.
+    args.extend(list.iter().map(String::as_str));
+    let out = curl(&args).await;
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ips = echo_ips(&out.stdout);
+    assert_eq!(
+        ips.len(),
+        n,
+        "every request answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ips
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_session_rotate_across_exits() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let proxy = gw.proxy("acct");
+    let ips = curl_many(&["-x", &proxy], &echo.url(), 40).await;
+    let distinct: HashSet<_> = ips.iter().collect();
+    assert!(
+        distinct.len() >= 3,
+        "40 requests left from only {distinct:?}"
+    );
+    // The same through SOCKS5 with the name resolved at the exit side. A SOCKS5 (or
+    // CONNECT) tunnel is one TCP stream, so exits rotate per connection: ask the target
+    // to close so that curl opens a new one per request.
+    let socks = gw.socks("acct");
+    let ips = curl_many(
+        &["--proxy", &socks, "-H", "Connection: close"],
+        &echo.url(),
+        40,
+    )
+    .await;
+    let distinct: HashSet<_> = ips.iter().collect();
+    assert!(
+        distinct.len() >= 3,
+        "SOCKS5: 40 requests left from only {distinct:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_one_exit() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    for proxy in [gw.proxy("acct-session-x"), gw.socks("acct-session-x")] {
+        let ips = curl_many(&["--proxy", &proxy], &echo.url(), 40).await;
+        let distinct: HashSet<_> = ips.iter().collect();
+        assert_eq!(distinct.len(), 1, "session x used {distinct:?} via {proxy}");
+    }
+    // Separate curl processes (separate connections) keep the session too.
+    let mut seen = HashSet::new();
+    for _ in 0..5 {
+        seen.extend(
+            curl_many(
+                &["-x", &gw.proxy("acct-session-y-sesstime-5")],
+                &echo.url(),
+                1,
+            )
+            .await,
+        );
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn country_targeting_only_uses_that_country() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let de: HashSet<String> = EXITS
+        .iter()
+        .filter(|(_, c)| *c == "de")
+        .map(|(l, _)| exit_ip(*l).to_string())
+        .collect();
+    let ips = curl_many(&["-x", &gw.proxy("acct-country-de")], &echo.url(), 40).await;
+    assert!(
+        ips.iter().all(|ip| de.contains(ip)),
+        "non-DE exit used: {ips:?}"
+    );
+    assert_eq!(
+        ips.iter().collect::<HashSet<_>>().len(),
+        2,
+        "both DE exits used"
+    );
+    // Header targeting on plain HTTP, stripped before forwarding.
+    let out = curl(&[
+        "-x",
+        &gw.proxy("acct"),
+        "-H",
+        "X-Ipsx-Country: fr",
+        &echo.url(),
+    ])
+    .await;
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        echo_ips(&out.stdout),
+        vec![exit_ip(6).to_string()],
+        "{body}"
+    );
+    assert!(
+        !body.to_ascii_lowercase().contains("x-ipsx"),
+        "targeting header leaked: {body}"
+    );
+    // SOCKS5 with targeting in the username.
+    let ips = curl_many(&["--proxy", &gw.socks("acct-cc-us")], &echo.url(), 10).await;
+    assert!(
+        ips.iter().all(|ip| ip == "127.0.0.4" || ip == "127.0.0.5"),
+        "{ips:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_targeting_gets_a_clear_error_naming_the_key() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let out = curl(&["-i", "-x", &gw.proxy("acct-country-zz"), &echo.url()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("`country`") && text.contains("zz"), "{text}");
+    let out = curl(&["-i", "-x", &gw.proxy("acct-colour-red"), &echo.url()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 400") && text.contains("`colour`"),
+        "{text}"
+    );
+    // A valid country with no exit: 503 that says what is missing.
+    let out = curl(&["-i", "-x", &gw.proxy("acct-country-jp"), &echo.url()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 503") && text.contains("country=jp"),
+        "{text}"
+    );
+    // SOCKS: the request fails (curl reports the SOCKS failure).
+    let out = curl(&["--proxy", &gw.socks("acct-country-zz"), &echo.url()]).await;
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_over_http_and_socks5h() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let code = r#"
+import sys, requests, json
+url, http_proxy, socks_proxy = sys.argv[1], sys.argv[2], sys.argv[3]
+seen = {}
+for name, proxy in (("http", http_proxy), ("socks", socks_proxy)):
+    s = requests.Session()
+    s.trust_env = False
+    ips = []
+    for i in range(40):
+        # SOCKS tunnels rotate per connection: close each one.
+        r = s.get(url, proxies={"http": proxy, "https": proxy}, timeout=20, headers={"Connection": "close"})
+        r.raise_for_status()
+        ips.append(r.json()["ip"])
+    seen[name] = ips
+print(json.dumps(seen))
+"#;
+    let out = python(
+        code,
+        &[&echo.url(), &gw.proxy("acct-session-py"), &gw.socks("acct")],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let http: HashSet<&str> = seen["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let socks: HashSet<&str> = seen["socks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(http.len(), 1, "session over HTTP proxy: {http:?}");
+    assert!(socks.len() >= 3, "no session over SOCKS5h: {socks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reaches_a_tls_origin() {
+    // A local TLS origin with a self-signed certificate for `localhost`.
+    let dir = tempdir();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl runs");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let origin = tls_origin(&dir).await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let cacert = dir.join("cert.pem");
+    let url = format!("https://localhost:{}/secure", origin.port());
+    let out = curl(&[
+        "-x",
+        &gw.proxy("acct-country-us"),
+        "--cacert",
+        cacert.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("hello over tls from 127.0.0.4")
+            || text.contains("hello over tls from 127.0.0.5"),
+        "{text}"
+    );
+    let out = curl(&[
+        "--proxy",
+        &gw.socks("acct-country-de"),
+        "--cacert",
+        cacert.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("from 127.0.0.2") || text.contains("from 127.0.0.3"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ipsx-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A minimal HTTPS origin (rustls) answering with the caller's address.
+async fn tls_origin(dir: &std::path::Path) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let body = format!("hello over tls from {}\n", peer.ip());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
