@@ -74,6 +74,12 @@ pub(crate) async fn handle_connection(gw: Arc<Gateway>, stream: TcpStream, peer:
         () = gw.shutdown.cancelled() => return,
     };
     let is_socks = match peeked {
+        Ok(Ok(1)) if first[0] == 4 => {
+            // SOCKS4 is not served: answer in its own words (0x5B: rejected) and close.
+            count_request("socks4", "bad_request");
+            let _ = conn.stream.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await;
+            return;
+        }
         Ok(Ok(1)) => first[0] == 5,
         Ok(_) => return,
         Err(_) => {
