@@ -324,11 +324,11 @@ impl ExitConfig {
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     #[serde(default)]
-    gateway: ListenerConfig,
+    gateway: Option<Spanned<ListenerConfig>>,
     #[serde(default)]
-    token: Vec<TokenConfig>,
+    token: Vec<Spanned<TokenConfig>>,
     #[serde(default)]
-    rotation: RotationConfig,
+    rotation: Option<Spanned<RotationConfig>>,
     #[serde(default)]
     limits: LimitsConfig,
     #[serde(default)]
@@ -421,9 +421,22 @@ impl GatewayConfig {
             message: e.message().trim().to_owned(),
         })?;
         let check = Checker { file, text };
-        let whole = 0..0;
+        let span_of = |t: &Option<Spanned<_>>| t.as_ref().map_or(0..0, |t: &Spanned<_>| t.span());
+        let whole = span_of(&raw.gateway);
+        let listener: ListenerConfig = raw
+            .gateway
+            .as_ref()
+            .map(|g| g.get_ref().clone())
+            .unwrap_or_default();
+        let rotation_span = raw.rotation.as_ref().map_or(0..0, |r| r.span());
+        let rotation: RotationConfig = raw
+            .rotation
+            .as_ref()
+            .map(|r| r.get_ref().clone())
+            .unwrap_or_default();
+        let tokens: Vec<TokenConfig> = raw.token.iter().map(|t| t.get_ref().clone()).collect();
 
-        let l = &raw.gateway;
+        let l = &listener;
         let positive = [
             ("gateway.header_timeout", l.header_timeout),
             ("gateway.idle_timeout", l.idle_timeout),
@@ -459,32 +472,33 @@ impl GatewayConfig {
 
         let mut token_names = HashSet::new();
         let mut secrets = HashSet::new();
-        for (i, t) in raw.token.iter().enumerate() {
+        for (i, spanned) in raw.token.iter().enumerate() {
+            let t = spanned.get_ref();
             if t.name.is_empty() || !token_names.insert(t.name.clone()) {
                 return Err(check.invalid(
-                    whole.clone(),
+                    spanned.span(),
                     format!("token[{i}].name"),
                     "must be unique and not empty",
                 ));
             }
             if t.secret.expose().len() < 8 || !secrets.insert(t.secret.expose().to_owned()) {
                 return Err(check.invalid(
-                    whole.clone(),
+                    spanned.span(),
                     format!("token[{i}].secret"),
                     "must be unique and at least 8 characters",
                 ));
             }
         }
-        if raw.rotation.session_ttl > raw.rotation.max_session_ttl {
+        if rotation.session_ttl > rotation.max_session_ttl {
             return Err(check.invalid(
-                whole.clone(),
+                rotation_span.clone(),
                 "rotation.session_ttl".into(),
                 "is longer than rotation.max_session_ttl",
             ));
         }
-        if raw.rotation.max_retries > 10 {
+        if rotation.max_retries > 10 {
             return Err(check.invalid(
-                whole.clone(),
+                rotation_span.clone(),
                 "rotation.max_retries".into(),
                 "must be at most 10",
             ));
@@ -579,9 +593,9 @@ impl GatewayConfig {
         }
 
         Ok(Self {
-            listener: raw.gateway,
-            tokens: raw.token,
-            rotation: raw.rotation,
+            listener,
+            tokens,
+            rotation,
             limits: raw.limits,
             bans: raw.ban,
             rules,
