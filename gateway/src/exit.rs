@@ -28,7 +28,7 @@ use crate::dest::refused_range;
 use crate::http1::Host;
 
 /// Why dialling through an exit failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum DialError {
     /// The destination is in a refused range (403 / SOCKS 0x02).
@@ -67,7 +67,7 @@ pub enum DialError {
         /// The address.
         addr: SocketAddr,
         /// The OS error.
-        source: io::Error,
+        source: Arc<io::Error>,
     },
 }
 
@@ -265,7 +265,12 @@ impl Dialer {
                     let addr = SocketAddr::new(ip, port);
                     match connect_from(*bind, addr).await {
                         Ok(s) => return Ok(ExitStream::Tcp(s)),
-                        Err(source) => last_err = Some(DialError::Connect { addr, source }),
+                        Err(source) => {
+                            last_err = Some(DialError::Connect {
+                                addr,
+                                source: Arc::new(source),
+                            })
+                        }
                     }
                 }
                 if let Some(e) = last_err {

@@ -449,7 +449,8 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
-fn trim_ows(v: &[u8]) -> &[u8] {
+/// `v` without leading and trailing spaces and tabs (RFC 9110 OWS).
+pub fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
     let end = v.len()
         - v.iter()

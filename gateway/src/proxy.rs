@@ -205,15 +205,11 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
         let authed = match auth::check_basic(&rt, head.header("proxy-authorization")) {
             Ok(a) => a,
             Err(e) => {
-                count_request("http", e.kind());
-                // The body (if any) was not read: close rather than resynchronise.
-                let close = head.framing != BodyFraming::None || head.close;
-                let _ = write_error(&mut conn.stream, &e, close, None).await;
-                if close {
-                    return;
+                if refuse_before_body(conn, &head, &e).await {
+                    deadline = Instant::now() + rt.config.listener.idle_timeout;
+                    continue;
                 }
-                deadline = Instant::now() + rt.config.listener.idle_timeout;
-                continue;
+                return;
             }
         };
         if token_guard.is_none()
@@ -231,14 +227,11 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
         let targeting = match targeting_for(&rt, &authed, Some(&head)) {
             Ok(t) => t,
             Err(e) => {
-                count_request("http", e.kind());
-                let close = head.framing != BodyFraming::None || head.close;
-                let _ = write_error(&mut conn.stream, &e, close, None).await;
-                if close {
-                    return;
+                if refuse_before_body(conn, &head, &e).await {
+                    deadline = Instant::now() + rt.config.listener.idle_timeout;
+                    continue;
                 }
-                deadline = Instant::now() + rt.config.listener.idle_timeout;
-                continue;
+                return;
             }
         };
         let host = head.target.host().clone();
@@ -256,6 +249,16 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
         }
         deadline = Instant::now() + rt.config.listener.idle_timeout;
     }
+}
+
+/// Answers a request refused before its body was read. Returns true when the
+/// connection can carry another request: only if there was no body (an unread body
+/// cannot be skipped safely, so the connection closes rather than resynchronise).
+async fn refuse_before_body(conn: &mut ClientConn, head: &RequestHead, e: &ProxyError) -> bool {
+    count_request("http", e.kind());
+    let close = head.framing != BodyFraming::None || head.close;
+    let _ = write_error(&mut conn.stream, e, close, None).await;
+    !close
 }
 
 fn acquire_token_slot(
@@ -604,7 +607,7 @@ fn forwarded_headers(head: &RequestHead, host_header: &str) -> Result<http::Head
         let n = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
             ProxyError::Head(http1::HeadError::Bad(format!("bad header name `{name}`")))
         })?;
-        let v = http::HeaderValue::from_bytes(trim(value)).map_err(|_| {
+        let v = http::HeaderValue::from_bytes(http1::trim_ows(value)).map_err(|_| {
             ProxyError::Head(http1::HeadError::Bad(format!(
                 "bad value in header `{name}`"
             )))
@@ -617,49 +620,13 @@ fn forwarded_headers(head: &RequestHead, host_header: &str) -> Result<http::Head
     Ok(map)
 }
 
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
-    let end = v.len()
-        - v.iter()
-            .rev()
-            .take_while(|b| **b == b' ' || **b == b'\t')
-            .count();
-    if start >= end { &[] } else { &v[start..end] }
-}
-
 fn classify_client_error(exit: &ExitId, err: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(s) = source {
         if let Some(d) = s.downcast_ref::<crate::exit::DialError>() {
-            let rebuilt = match d {
-                crate::exit::DialError::Refused { ip, range } => {
-                    crate::exit::DialError::Refused { ip: *ip, range }
-                }
-                crate::exit::DialError::Timeout { addr } => {
-                    crate::exit::DialError::Timeout { addr: addr.clone() }
-                }
-                crate::exit::DialError::Resolve { host, message } => {
-                    crate::exit::DialError::Resolve {
-                        host: host.clone(),
-                        message: message.clone(),
-                    }
-                }
-                crate::exit::DialError::NoUsableAddress { host, bind } => {
-                    crate::exit::DialError::NoUsableAddress {
-                        host: host.clone(),
-                        bind: *bind,
-                    }
-                }
-                crate::exit::DialError::Connect { addr, source } => {
-                    crate::exit::DialError::Connect {
-                        addr: *addr,
-                        source: std::io::Error::new(source.kind(), source.to_string()),
-                    }
-                }
-            };
             return ProxyError::Dial {
                 exit: exit.to_string(),
-                source: rebuilt,
+                source: d.clone(),
             };
         }
         source = s.source();
