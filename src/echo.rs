@@ -4,7 +4,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 /// Runs the echo target; `country_map` entries are `IP=COUNTRY`.
-pub(crate) async fn run(listen: SocketAddr, country_map: Vec<String>) -> Result<(), String> {
+pub(crate) async fn run(
+    listen: SocketAddr,
+    country_map: Vec<String>,
+    fixed_body: Option<usize>,
+) -> Result<(), String> {
     let mut countries = HashMap::new();
     for entry in country_map {
         let (ip, cc) = entry
@@ -20,6 +24,6 @@ pub(crate) async fn run(listen: SocketAddr, country_map: Vec<String>) -> Result<
         .map_err(|e| format!("echo: cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("echo listening on http://{addr}");
-    ipsx_gateway::echo::serve_echo(listener, countries).await;
+    ipsx_gateway::echo::serve_echo_with(listener, countries, fixed_body).await;
     Ok(())
 }

@@ -35,6 +35,9 @@ enum Command {
         /// Country label reported in the answer.
         #[arg(long)]
         country_map: Vec<String>,
+        /// Answer every request with this many bytes instead (benchmark origin).
+        #[arg(long)]
+        fixed_body: Option<usize>,
     },
     /// Bring up the local demo: exits on 127.0.0.x, an echo target, the gateway.
     Up {
@@ -69,7 +72,8 @@ fn main() -> ExitCode {
             Command::Echo {
                 listen,
                 country_map,
-            } => echo::run(listen, country_map).await,
+                fixed_body,
+            } => echo::run(listen, country_map, fixed_body).await,
             Command::Up { port } => gateway_cmd::up(port).await,
         }
     });

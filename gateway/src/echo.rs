@@ -14,7 +14,18 @@ use tokio::net::TcpListener;
 /// Serves the echo target on `listener` until the task is dropped. `countries` maps a
 /// caller address to the country label reported back.
 pub async fn serve_echo(listener: TcpListener, countries: HashMap<IpAddr, String>) {
+    serve_echo_with(listener, countries, None).await;
+}
+
+/// As [`serve_echo`]; with `fixed_body = Some(n)` every answer is `n` bytes of `x`
+/// instead (a benchmark origin whose cost does not depend on the request).
+pub async fn serve_echo_with(
+    listener: TcpListener,
+    countries: HashMap<IpAddr, String>,
+    fixed_body: Option<usize>,
+) {
     let countries = Arc::new(countries);
+    let fixed: Option<Bytes> = fixed_body.map(|n| Bytes::from(vec![b'x'; n]));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
