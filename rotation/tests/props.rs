@@ -175,7 +175,7 @@ proptest! {
 
     #[test]
     fn selections_respect_filter_health_and_bans(
-        specs in proptest::collection::vec(exit_spec(), 0..30),
+        specs in proptest::collection::vec(exit_spec(), 0..90),
         requests in proptest::collection::vec(
             (filter(), 0..DOMAINS.len(), 0..Policy::ALL.len(), 0u64..60, proptest::option::of((0u8..3, any::<bool>()))),
             1..20,
