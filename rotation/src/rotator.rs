@@ -1245,7 +1245,9 @@ fn shuffle_into(
     }
 }
 
-/// Moves the `k` members with the smallest `key` (ties broken at random) into `order`.
+/// Moves the `k` members with the smallest `key` (ties broken at random) into `order`,
+/// in one pass keeping a sorted top-k (k is small); the random tie-breaker is drawn only
+/// for members that can still enter the top-k.
 fn smallest_into(
     eligible: &Eligible,
     k: usize,
@@ -1253,23 +1255,26 @@ fn smallest_into(
     order: &mut Order,
     key: impl Fn(u32) -> u64,
 ) {
-    let mut keyed: SmallVec<[(u128, u32); 64]> = eligible
-        .iter()
-        .map(|&p| {
-            let slot = bucket.members[p as usize];
-            (
-                (u128::from(key(slot)) << 64) | u128::from(rng::next_u64()),
-                slot,
-            )
-        })
-        .collect();
-    let k = k.min(keyed.len());
-    if k < keyed.len() {
-        keyed.select_nth_unstable(k);
+    if k == 0 {
+        return;
     }
-    let head = &mut keyed[..k];
-    head.sort_unstable();
-    order.extend(head.iter().map(|&(_, slot)| slot));
+    let mut best: SmallVec<[(u64, u64, u32); 8]> = SmallVec::new();
+    for &p in eligible {
+        let slot = bucket.members[p as usize];
+        let primary = key(slot);
+        if best.len() == k && best.last().is_some_and(|&(worst, _, _)| primary > worst) {
+            continue;
+        }
+        let entry = (primary, rng::next_u64(), slot);
+        let at = best.partition_point(|e| (e.0, e.1) < (entry.0, entry.1));
+        if at < k {
+            if best.len() == k {
+                best.pop();
+            }
+            best.insert(at, entry);
+        }
+    }
+    order.extend(best.iter().map(|&(_, _, slot)| slot));
 }
 
 fn selection(pool: &Pool, order: &Order) -> Selection {
