@@ -269,6 +269,17 @@ impl Cases {
         black_box(sel.unwrap());
     }
 
+    fn ours_unfiltered_random(&self, i: usize) {
+        let sel = self.rot.select(&SelectRequest {
+            token: &self.inp.tokens[i % 100],
+            filter: &Filter::default(),
+            policy: Policy::PerRequest,
+            session: None,
+            domain: "example.com",
+        });
+        black_box(sel.unwrap());
+    }
+
     fn naive_unfiltered(&self, _i: usize) {
         black_box(self.naive.select(&Filter::default()).unwrap());
     }
@@ -295,7 +306,7 @@ impl Cases {
 
 type Case = (&'static str, fn(&Cases, usize));
 
-const PAIRS: [(&str, Case, Case); 4] = [
+const PAIRS: [(&str, Case, Case); 5] = [
     (
         "select, country filter (20 of 1000)",
         ("select/ours/country", Cases::ours_filtered),
@@ -307,7 +318,15 @@ const PAIRS: [(&str, Case, Case); 4] = [
         ("select/naive/sticky", Cases::naive_sticky),
     ),
     (
-        "select, no filter (all 1000)",
+        "select, no filter, per-request (sampled)",
+        (
+            "select/ours/unfiltered-per-request",
+            Cases::ours_unfiltered_random,
+        ),
+        ("select/naive/unfiltered", Cases::naive_unfiltered),
+    ),
+    (
+        "select, no filter, least-loaded (scan)",
         (
             "select/ours/unfiltered-least-loaded",
             Cases::ours_unfiltered,
@@ -356,8 +375,12 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .sample_size(30)
         .configure_from_args();
+    let mut done = std::collections::HashSet::new();
     for (_, ours, base) in PAIRS {
         for (name, f) in [ours, base] {
+            if !done.insert(name) {
+                continue;
+            }
             let mut i = 0usize;
             c.bench_function(name, |b| {
                 b.iter(|| {

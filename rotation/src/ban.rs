@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ParseError, truncate};
+use crate::rotator::BanScope;
 
 /// Most body patterns one rule may carry, and the longest pattern: a rule is matched
 /// against every response, so its cost stays bounded.
@@ -29,6 +30,16 @@ pub enum BanScopeKind {
     Domain,
     /// For every target.
     Global,
+}
+
+impl BanScopeKind {
+    /// The runtime scope for a request to `domain`.
+    pub fn for_domain(self, domain: &str) -> BanScope {
+        match self {
+            Self::Domain => BanScope::Domain(domain.to_owned()),
+            Self::Global => BanScope::Global,
+        }
+    }
 }
 
 /// One ban rule, as embedded in the TOML config:
@@ -274,6 +285,15 @@ mod tests {
         assert_eq!(classify(&rules, &Outcome::ConnectError), None);
         assert_eq!(classify(&rules, &resp(200, b"hello")), None);
         assert_eq!(classify(&[], &resp(403, b"captcha")), None);
+    }
+
+    #[test]
+    fn scope_kinds_become_runtime_scopes() {
+        assert_eq!(
+            BanScopeKind::Domain.for_domain("a.com"),
+            BanScope::Domain("a.com".into())
+        );
+        assert_eq!(BanScopeKind::Global.for_domain("a.com"), BanScope::Global);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::clock::{Clock, GovernorClock};
 use crate::error::{ParseError, truncate};
@@ -375,8 +376,15 @@ struct Step<K: Hash + Eq + Clone> {
     quota: Quota,
 }
 
-impl<K: Hash + Eq + Clone> Step<K> {
-    fn run(&self, clock: &dyn Clock) -> Result<(), Limited> {
+/// One limiter step, whatever its key type.
+trait Check {
+    /// Tests one cell; writes the new state back only when `commit`.
+    fn run(&mut self, commit: bool, clock: &dyn Clock) -> Result<(), Limited>;
+}
+
+impl<K: Hash + Eq + Clone> Check for Step<K> {
+    fn run(&mut self, commit: bool, clock: &dyn Clock) -> Result<(), Limited> {
+        self.probe.commit = commit;
         self.limiter
             .check_key(&self.probe)
             .map_err(|not_until| Limited {
@@ -462,29 +470,29 @@ impl RateLimiter {
             scope: LimitScope::ExitDomain,
             quota: q,
         });
-        let mut steps = (token_step, exit_step, domain_step);
-        // Probe all, in order; nothing is written.
-        if let Some(s) = &steps.0 {
-            s.run(clock)?;
+        let (mut t, mut e, mut d) = (token_step, exit_step, domain_step);
+        let mut steps: SmallVec<[&mut dyn Check; 3]> = SmallVec::new();
+        if let Some(s) = &mut t {
+            steps.push(s);
         }
-        if let Some(s) = &steps.1 {
-            s.run(clock)?;
+        if let Some(s) = &mut e {
+            steps.push(s);
         }
-        if let Some(s) = &steps.2 {
-            s.run(clock)?;
+        if let Some(s) = &mut d {
+            steps.push(s);
         }
-        // All conform: commit all.
-        if let Some(s) = &mut steps.0 {
-            s.probe.commit = true;
-            s.run(clock)?;
+        let Some((last, first)) = steps.split_last_mut() else {
+            return Ok(());
+        };
+        // Probe all but the last, in order; nothing is written, and the first refusal
+        // is the one reported.
+        for s in first.iter_mut() {
+            s.run(false, clock)?;
         }
-        if let Some(s) = &mut steps.1 {
-            s.probe.commit = true;
-            s.run(clock)?;
-        }
-        if let Some(s) = &mut steps.2 {
-            s.probe.commit = true;
-            s.run(clock)?;
+        // The last one needs no probe: if its commit refuses, nothing was taken.
+        last.run(true, clock)?;
+        for s in first.iter_mut() {
+            s.run(true, clock)?;
         }
         Ok(())
     }
@@ -503,7 +511,7 @@ impl RateLimiter {
                 scope: LimitScope::Exit,
                 quota: q,
             }
-            .run(clock)
+            .run(false, clock)
             .is_ok()
         });
         exit_ok
@@ -520,7 +528,7 @@ impl RateLimiter {
                     scope: LimitScope::ExitDomain,
                     quota: q,
                 }
-                .run(clock)
+                .run(false, clock)
                 .is_ok()
             })
     }
@@ -744,6 +752,37 @@ mod tests {
             (LimitScope::Exit, Duration::from_secs(60))
         );
         assert!(err.to_string().contains("1/min") && err.to_string().contains("exit"));
+    }
+
+    #[test]
+    fn a_refusal_in_the_middle_consumes_nothing_either() {
+        let (_clock, rl) = setup();
+        let limits = LimitSet {
+            per_token: Some(q("2/s")),
+            per_exit: Some(q("1/s")),
+            per_exit_domain: Some(q("1/s")),
+        };
+        let (a, b) = (exit("a"), exit("b"));
+        assert!(rl.check(&limits, "tok", &a, "x.com").is_ok());
+        for _ in 0..10 {
+            assert_eq!(
+                rl.check(&limits, "tok", &a, "y.com").unwrap_err().scope,
+                LimitScope::Exit
+            );
+        }
+        // The refusals on exit a took nothing from the token: 1 of 2 cells left.
+        assert!(rl.check(&limits, "tok", &b, "y.com").is_ok());
+        assert_eq!(
+            rl.check(&limits, "tok", &b, "z.com").unwrap_err().scope,
+            LimitScope::Token
+        );
+        // exit a x y.com was never charged; exit a x x.com was.
+        let domain_only = LimitSet {
+            per_exit_domain: Some(q("1/s")),
+            ..Default::default()
+        };
+        assert!(rl.exit_allows(&domain_only, &a, "y.com"));
+        assert!(!rl.exit_allows(&domain_only, &a, "x.com"));
     }
 
     #[test]

@@ -621,37 +621,52 @@ impl Rotator {
         let now = self.now();
         let pool = self.snapshot();
         let domain = normalize_domain(req.domain);
-        let bucket = pool.bucket_for(req.filter);
-        let scan = scan(&pool, bucket, req.filter, now, &domain);
-        match (req.policy, req.session) {
-            (Policy::Sticky, Some(spec)) => {
-                self.select_sticky(&pool, bucket, scan, req, spec, &domain, now, limits)
+        let ctx = Ctx {
+            pool: &pool,
+            bucket: pool.bucket_for(req.filter),
+            filter: req.filter,
+            domain: &domain,
+            now,
+            limits: limits
+                .filter(|(_, set)| set.per_exit.is_some() || set.per_exit_domain.is_some()),
+        };
+        let k = self.cfg.max_fallbacks + 1;
+        let policy = match (req.policy, req.session) {
+            (Policy::Sticky, Some(spec)) => return self.select_sticky(&ctx, req, spec),
+            (Policy::Sticky, None) => Policy::PerRequest,
+            (policy, _) => policy,
+        };
+        // Large buckets: Random and PerRequest draw random members and keep the usable
+        // ones, without scanning the bucket (same distribution, O(k) on average).
+        match policy {
+            Policy::Random => {
+                if let Some(order) = ctx.sample(k, |_| false) {
+                    return Ok(selection(&pool, &order));
+                }
             }
-            (policy, _) => {
-                let policy = if policy == Policy::Sticky {
-                    Policy::PerRequest
-                } else {
-                    policy
-                };
-                let mut eligible = nonempty(scan, req.filter, &domain, now)?;
-                prefer_unlimited(&pool, bucket, &mut eligible, limits, &domain);
-                let order = self.order(policy, &pool, bucket, &mut eligible, req.token);
-                Ok(selection(&pool, &order))
+            Policy::PerRequest => {
+                let memory = self.per_request_memory(req.token);
+                let prev = memory.previous();
+                if let Some(order) =
+                    ctx.sample(k, |slot| Some(pool.slots[slot as usize].tag) == prev)
+                {
+                    memory.remember(&pool, &order);
+                    return Ok(selection(&pool, &order));
+                }
             }
+            _ => {}
         }
+        let mut eligible = nonempty(ctx.scan(), req.filter, &domain, now)?;
+        ctx.prefer_unlimited(&mut eligible);
+        let order = self.order(policy, &ctx, &mut eligible, req.token);
+        Ok(selection(&pool, &order))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn select_sticky(
         &self,
-        pool: &Pool,
-        bucket: &Bucket,
-        scan: Scan,
+        ctx: &Ctx<'_>,
         req: &SelectRequest<'_>,
         spec: &SessionSpec,
-        domain: &str,
-        now: u64,
-        limits: Option<(&RateLimiter, &LimitSet)>,
     ) -> Result<Selection, SelectError> {
         let invalid = |reason| SelectError::InvalidSession {
             session: truncate(&spec.id),
@@ -668,72 +683,62 @@ impl Rotator {
         }
         let ttl =
             u64::try_from(spec.ttl.min(self.cfg.max_session_ttl).as_nanos()).unwrap_or(u64::MAX);
-        let deadline = now.saturating_add(ttl);
+        let deadline = ctx.now.saturating_add(ttl);
         let fallbacks = if spec.allow_replacement {
             self.cfg.max_fallbacks
         } else {
             0
         };
-        // Position in the bucket of a slot index, if it is eligible now.
-        let eligible_pos = |slot: u32| {
-            scan.eligible
-                .iter()
-                .position(|&p| bucket.members[p as usize] == slot)
-        };
-        // The answer for a session bound to slot `primary`, whose position in
-        // `scan.eligible` is `at`: fallbacks drawn at random from the rest.
-        let answer = |at: usize| {
-            let mut rest: Eligible = scan.eligible.clone();
-            let primary = bucket.members[rest.swap_remove(at) as usize];
-            prefer_unlimited(pool, bucket, &mut rest, limits, domain);
+        // The answer for a session bound to `primary`: fallbacks drawn at random from
+        // the other usable exits.
+        let answer = |primary: u32| {
             let mut order = Order::new();
             order.push(primary);
-            shuffle_into(&mut rest, 0, fallbacks, bucket, &mut order);
-            selection(pool, &order)
+            if fallbacks > 0
+                && let Ok(rest) = ctx.random(fallbacks, Some(primary))
+            {
+                order.extend(rest);
+            }
+            selection(ctx.pool, &order)
         };
         let key = session_key(req.token, &spec.id);
 
         // Fast path: a live binding with a usable exit; renew in place.
         if let Some(b) = self.sessions.get(&key)
-            && b.deadline.load(Ordering::Acquire) > now
+            && b.deadline.load(Ordering::Acquire) > ctx.now
             && b.filter == *req.filter
-            && let Some(&slot) = pool.by_id.get(&b.exit)
-            && let Some(at) = eligible_pos(slot)
+            && let Some(&slot) = ctx.pool.by_id.get(&b.exit)
+            && ctx.usable(slot)
         {
             b.deadline.fetch_max(deadline, Ordering::AcqRel);
-            return Ok(answer(at));
+            return Ok(answer(slot));
         }
 
         // Slow path, under moka's per-key lock so concurrent first uses agree.
         let mut out: Option<Result<Selection, SelectError>> = None;
         let bind_new = |out: &mut Option<Result<Selection, SelectError>>| -> Op<Arc<Binding>> {
-            let mut eligible = scan.eligible.clone();
-            if eligible.is_empty() {
-                *out = Some(Err(no_exit_error(
-                    scan.first_unban,
-                    req.filter,
-                    domain,
-                    now,
-                )));
-                return Op::Nop;
+            match ctx.random(fallbacks + 1, None) {
+                Ok(order) => {
+                    let sel = selection(ctx.pool, &order);
+                    let binding = Arc::new(Binding {
+                        exit: sel.primary.clone(),
+                        filter: req.filter.clone(),
+                        deadline: AtomicU64::new(deadline),
+                    });
+                    *out = Some(Ok(sel));
+                    Op::Put(binding)
+                }
+                Err(e) => {
+                    *out = Some(Err(e));
+                    Op::Nop
+                }
             }
-            prefer_unlimited(pool, bucket, &mut eligible, limits, domain);
-            let mut order = Order::new();
-            shuffle_into(&mut eligible, 0, fallbacks + 1, bucket, &mut order);
-            let sel = selection(pool, &order);
-            let binding = Arc::new(Binding {
-                exit: sel.primary.clone(),
-                filter: req.filter.clone(),
-                deadline: AtomicU64::new(deadline),
-            });
-            *out = Some(Ok(sel));
-            Op::Put(binding)
         };
         self.sessions
             .entry_by_ref(key.as_str())
             .and_compute_with(|current| {
                 let live = current.map(|e| e.into_value()).filter(|b| {
-                    b.deadline.load(Ordering::Acquire) > now && b.filter == *req.filter
+                    b.deadline.load(Ordering::Acquire) > ctx.now && b.filter == *req.filter
                 });
                 let Some(b) = live else {
                     return bind_new(&mut out);
@@ -742,21 +747,18 @@ impl Rotator {
                     session: spec.id.clone(),
                     exit: b.exit.clone(),
                 };
-                match pool.by_id.get(&b.exit) {
-                    Some(&slot) => match eligible_pos(slot) {
-                        Some(at) => {
-                            b.deadline.fetch_max(deadline, Ordering::AcqRel);
-                            out = Some(Ok(answer(at)));
-                            Op::Nop
-                        }
-                        None if spec.allow_replacement => bind_new(&mut out),
-                        // Unhealthy or banned: keep the binding (it may come back), fail.
-                        None => {
-                            out = Some(Err(gone()));
-                            Op::Nop
-                        }
-                    },
-                    None if spec.allow_replacement => bind_new(&mut out),
+                match ctx.pool.by_id.get(&b.exit) {
+                    Some(&slot) if ctx.usable(slot) => {
+                        b.deadline.fetch_max(deadline, Ordering::AcqRel);
+                        out = Some(Ok(answer(slot)));
+                        Op::Nop
+                    }
+                    _ if spec.allow_replacement => bind_new(&mut out),
+                    // Unhealthy or banned: keep the binding (it may come back), fail.
+                    Some(_) => {
+                        out = Some(Err(gone()));
+                        Op::Nop
+                    }
                     // Removed from the pool: fail once and forget the binding.
                     None => {
                         out = Some(Err(gone()));
@@ -764,35 +766,35 @@ impl Rotator {
                     }
                 }
             });
-        out.unwrap_or_else(|| Err(no_exit_error(None, req.filter, domain, now)))
+        out.unwrap_or_else(|| Err(no_exit_error(None, req.filter, ctx.domain, ctx.now)))
     }
 
-    /// Orders `eligible` (positions in `bucket`) by `policy`; returns up to
+    fn per_request_memory(&self, token: &str) -> Memory<'_> {
+        let h = self.hasher.hash_one(token);
+        Memory {
+            cell: &self.last_pick[(h as usize) % self.last_pick.len()],
+            // Truncation intended: the high half of the hash tags the token.
+            token_tag: (h >> 32) as u32,
+        }
+    }
+
+    /// Orders `eligible` (positions in the bucket) by `policy`; returns up to
     /// `max_fallbacks + 1` slot indexes.
-    fn order(
-        &self,
-        policy: Policy,
-        pool: &Pool,
-        bucket: &Bucket,
-        eligible: &mut Eligible,
-        token: &str,
-    ) -> Order {
+    fn order(&self, policy: Policy, ctx: &Ctx<'_>, eligible: &mut Eligible, token: &str) -> Order {
+        let (pool, bucket) = (ctx.pool, ctx.bucket);
         let k = self.cfg.max_fallbacks + 1;
         let mut order = Order::new();
         match policy {
             Policy::Random | Policy::Sticky => shuffle_into(eligible, 0, k, bucket, &mut order),
             Policy::PerRequest => {
-                let h = self.hasher.hash_one(token);
-                let cell = &self.last_pick[(h as usize) % self.last_pick.len()];
-                let token_tag = (h >> 32) as u32;
-                let last = cell.load(Ordering::Relaxed);
+                let memory = self.per_request_memory(token);
                 let n = eligible.len();
                 let mut start = 0;
                 if n >= 2
-                    && (last >> 32) as u32 == token_tag
-                    && let Some(i) = eligible.iter().position(|&p| {
-                        pool.slots[bucket.members[p as usize] as usize].tag == last as u32
-                    })
+                    && let Some(prev) = memory.previous()
+                    && let Some(i) = eligible
+                        .iter()
+                        .position(|&p| pool.slots[bucket.members[p as usize] as usize].tag == prev)
                 {
                     // Park the previous exit last and draw the primary from the others;
                     // the previous one may still come back as a fallback.
@@ -802,13 +804,7 @@ impl Rotator {
                     start = 1;
                 }
                 shuffle_into(eligible, start, k - order.len(), bucket, &mut order);
-                if let Some(&primary) = order.first() {
-                    let exit_tag = pool.slots[primary as usize].tag;
-                    cell.store(
-                        (u64::from(token_tag) << 32) | u64::from(exit_tag),
-                        Ordering::Relaxed,
-                    );
-                }
+                memory.remember(pool, &order);
             }
             Policy::RoundRobin => {
                 let last = bucket.last_rr.load(Ordering::Relaxed);
@@ -1080,27 +1076,6 @@ pub fn normalize_domain(domain: &str) -> Cow<'_, str> {
     }
 }
 
-fn scan(pool: &Pool, bucket: &Bucket, filter: &Filter, now: u64, domain: &str) -> Scan {
-    let mut eligible = Eligible::new();
-    let mut first_unban: Option<u64> = None;
-    for (pos, &i) in bucket.members.iter().enumerate() {
-        let slot = &pool.slots[i as usize];
-        if !filter.matches(&slot.info.attrs) || !slot.state.healthy.load(Ordering::Acquire) {
-            continue;
-        }
-        if let Some(until) = slot.state.banned_until(now, domain) {
-            first_unban = Some(first_unban.map_or(until, |f| f.min(until)));
-            continue;
-        }
-        // Bucket positions fit: pools are far below 2^32 exits.
-        eligible.push(pos as u32);
-    }
-    Scan {
-        eligible,
-        first_unban,
-    }
-}
-
 fn no_exit_error(first_unban: Option<u64>, filter: &Filter, domain: &str, now: u64) -> SelectError {
     match first_unban {
         Some(until) => SelectError::AllCoolingDown {
@@ -1122,28 +1097,134 @@ fn nonempty(scan: Scan, filter: &Filter, domain: &str, now: u64) -> Result<Eligi
     }
 }
 
-/// Keeps only the exits the rate limits would let through, unless that is none.
-fn prefer_unlimited(
-    pool: &Pool,
-    bucket: &Bucket,
-    eligible: &mut Eligible,
-    limits: Option<(&RateLimiter, &LimitSet)>,
-    domain: &str,
-) {
-    let Some((limiter, set)) = limits else { return };
-    if set.per_exit.is_none() && set.per_exit_domain.is_none() {
-        return;
+/// Buckets at least this large are sampled rather than scanned by the random policies.
+const SAMPLE_MIN: usize = 32;
+
+/// Everything one selection looks at.
+struct Ctx<'a> {
+    pool: &'a Pool,
+    bucket: &'a Bucket,
+    filter: &'a Filter,
+    domain: &'a str,
+    now: u64,
+    /// Only set when the set has an exit or exit x domain limit.
+    limits: Option<(&'a RateLimiter, &'a LimitSet)>,
+}
+
+impl Ctx<'_> {
+    /// Matches the filter, healthy, not banned for the domain.
+    fn usable(&self, slot: u32) -> bool {
+        let slot = &self.pool.slots[slot as usize];
+        self.filter.matches(&slot.info.attrs)
+            && slot.state.healthy.load(Ordering::Acquire)
+            && slot.state.banned_until(self.now, self.domain).is_none()
     }
-    let allowed: Eligible = eligible
-        .iter()
-        .copied()
-        .filter(|&p| {
-            let id = &pool.slots[bucket.members[p as usize] as usize].info.id;
-            limiter.exit_allows(set, id, domain)
-        })
-        .collect();
-    if !allowed.is_empty() {
-        *eligible = allowed;
+
+    /// Every usable member of the bucket, in bucket order, and when the first banned
+    /// one comes back.
+    fn scan(&self) -> Scan {
+        let mut eligible = Eligible::new();
+        let mut first_unban: Option<u64> = None;
+        for (pos, &i) in self.bucket.members.iter().enumerate() {
+            let slot = &self.pool.slots[i as usize];
+            if !self.filter.matches(&slot.info.attrs) || !slot.state.healthy.load(Ordering::Acquire)
+            {
+                continue;
+            }
+            if let Some(until) = slot.state.banned_until(self.now, self.domain) {
+                first_unban = Some(first_unban.map_or(until, |f| f.min(until)));
+                continue;
+            }
+            // Bucket positions fit: pools are far below 2^32 exits.
+            eligible.push(pos as u32);
+        }
+        Scan {
+            eligible,
+            first_unban,
+        }
+    }
+
+    /// `k` distinct usable members not `excluded`, drawn uniformly at random by
+    /// rejection from a large bucket; `None` when the bucket is small, rate limits must
+    /// be consulted, or the draws did not find `k` (then the caller scans).
+    fn sample(&self, k: usize, excluded: impl Fn(u32) -> bool) -> Option<Order> {
+        let members = &self.bucket.members;
+        if members.len() < SAMPLE_MIN || self.limits.is_some() || k == 0 {
+            return None;
+        }
+        let mut order = Order::new();
+        for _ in 0..4 * k + 16 {
+            let slot = members[rng::below(members.len())];
+            if !order.contains(&slot) && !excluded(slot) && self.usable(slot) {
+                order.push(slot);
+                if order.len() == k {
+                    return Some(order);
+                }
+            }
+        }
+        None
+    }
+
+    /// Up to `k` usable members (at least one) in random order, never `exclude`.
+    fn random(&self, k: usize, exclude: Option<u32>) -> Result<Order, SelectError> {
+        if let Some(order) = self.sample(k, |slot| Some(slot) == exclude) {
+            return Ok(order);
+        }
+        let mut scan = self.scan();
+        if let Some(x) = exclude {
+            scan.eligible
+                .retain(|p| self.bucket.members[*p as usize] != x);
+        }
+        let mut eligible = nonempty(scan, self.filter, self.domain, self.now)?;
+        self.prefer_unlimited(&mut eligible);
+        let mut order = Order::new();
+        shuffle_into(&mut eligible, 0, k, self.bucket, &mut order);
+        Ok(order)
+    }
+
+    /// Keeps only the exits the rate limits would let through, unless that is none.
+    fn prefer_unlimited(&self, eligible: &mut Eligible) {
+        let Some((limiter, set)) = self.limits else {
+            return;
+        };
+        let allowed: Eligible = eligible
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let id = &self.pool.slots[self.bucket.members[p as usize] as usize]
+                    .info
+                    .id;
+                limiter.exit_allows(set, id, self.domain)
+            })
+            .collect();
+        if !allowed.is_empty() {
+            *eligible = allowed;
+        }
+    }
+}
+
+/// The per-request memory cell of one token: which exit it was given last.
+struct Memory<'a> {
+    cell: &'a AtomicU64,
+    token_tag: u32,
+}
+
+impl Memory<'_> {
+    /// The tag of the exit this token was given last, if the cell is still its own.
+    fn previous(&self) -> Option<u32> {
+        let v = self.cell.load(Ordering::Relaxed);
+        // Truncations intended: the cell packs two 32-bit tags.
+        ((v >> 32) as u32 == self.token_tag).then_some(v as u32)
+    }
+
+    fn remember(&self, pool: &Pool, order: &Order) {
+        if let Some(&primary) = order.first() {
+            let exit_tag = pool.slots[primary as usize].tag;
+            self.cell.store(
+                (u64::from(self.token_tag) << 32) | u64::from(exit_tag),
+                Ordering::Relaxed,
+            );
+        }
     }
 }
 
@@ -1164,7 +1245,9 @@ fn shuffle_into(
     }
 }
 
-/// Moves the `k` members with the smallest `key` (ties broken at random) into `order`.
+/// Moves the `k` members with the smallest `key` (ties broken at random) into `order`,
+/// in one pass keeping a sorted top-k (k is small); the random tie-breaker is drawn only
+/// for members that can still enter the top-k.
 fn smallest_into(
     eligible: &Eligible,
     k: usize,
@@ -1172,23 +1255,26 @@ fn smallest_into(
     order: &mut Order,
     key: impl Fn(u32) -> u64,
 ) {
-    let mut keyed: SmallVec<[(u128, u32); 64]> = eligible
-        .iter()
-        .map(|&p| {
-            let slot = bucket.members[p as usize];
-            (
-                (u128::from(key(slot)) << 64) | u128::from(rng::next_u64()),
-                slot,
-            )
-        })
-        .collect();
-    let k = k.min(keyed.len());
-    if k < keyed.len() {
-        keyed.select_nth_unstable(k);
+    if k == 0 {
+        return;
     }
-    let head = &mut keyed[..k];
-    head.sort_unstable();
-    order.extend(head.iter().map(|&(_, slot)| slot));
+    let mut best: SmallVec<[(u64, u64, u32); 8]> = SmallVec::new();
+    for &p in eligible {
+        let slot = bucket.members[p as usize];
+        let primary = key(slot);
+        if best.len() == k && best.last().is_some_and(|&(worst, _, _)| primary > worst) {
+            continue;
+        }
+        let entry = (primary, rng::next_u64(), slot);
+        let at = best.partition_point(|e| (e.0, e.1) < (entry.0, entry.1));
+        if at < k {
+            if best.len() == k {
+                best.pop();
+            }
+            best.insert(at, entry);
+        }
+    }
+    order.extend(best.iter().map(|&(_, _, slot)| slot));
 }
 
 fn selection(pool: &Pool, order: &Order) -> Selection {

@@ -175,7 +175,7 @@ proptest! {
 
     #[test]
     fn selections_respect_filter_health_and_bans(
-        specs in proptest::collection::vec(exit_spec(), 0..30),
+        specs in proptest::collection::vec(exit_spec(), 0..90),
         requests in proptest::collection::vec(
             (filter(), 0..DOMAINS.len(), 0..Policy::ALL.len(), 0u64..60, proptest::option::of((0u8..3, any::<bool>()))),
             1..20,
@@ -218,6 +218,46 @@ proptest! {
                 _ => check_selection(&snap, &filter, domain, &result, max_fallbacks)?,
             }
         }
+    }
+
+    /// least-loaded and fastest return the true k smallest, in order.
+    #[test]
+    fn ordered_policies_return_the_smallest_keys_in_order(
+        loads in proptest::collection::vec((0usize..4, proptest::option::of(1u64..50), any::<bool>()), 1..80),
+        fastest in any::<bool>(),
+    ) {
+        let clock = ManualClock::new();
+        let rot = Rotator::new(RotatorConfig::default(), Arc::new(clock.clone()));
+        let ids: Vec<ExitId> = (0..loads.len()).map(|i| ExitId::new(&format!("e{i:02}"))).collect();
+        rot.set_exits(ids.iter().map(|id| ExitInfo { id: id.clone(), attrs: ExitAttributes::default() }).collect());
+        let mut guards = Vec::new();
+        for (id, (in_flight, latency, healthy)) in ids.iter().zip(&loads) {
+            for _ in 0..*in_flight {
+                guards.push(rot.begin(id));
+            }
+            if let Some(ms) = latency {
+                rot.record_success(id, Duration::from_millis(*ms));
+            }
+            rot.set_healthy(id, *healthy);
+        }
+        let snap: HashMap<ExitId, ExitSnapshot> = rot.exits().into_iter().map(|e| (e.id.clone(), e)).collect();
+        // Unmeasured first (as -1), then by EWMA; or by in-flight count.
+        let key = |e: &ExitSnapshot| -> f64 {
+            if fastest { e.latency_ewma_ms.unwrap_or(-1.0) } else { e.in_flight as f64 }
+        };
+        let policy = if fastest { Policy::Fastest } else { Policy::LeastLoaded };
+        let result = rot.select(&SelectRequest { token: "t", filter: &Filter::default(), policy, session: None, domain: "d" });
+        let mut eligible: Vec<f64> = snap.values().filter(|e| e.healthy).map(key).collect();
+        eligible.sort_by(f64::total_cmp);
+        match result {
+            Ok(sel) => {
+                let got: Vec<f64> = std::iter::once(&sel.primary).chain(&sel.fallbacks).map(|id| key(&snap[id])).collect();
+                prop_assert_eq!(&got[..], &eligible[..got.len()]);
+                prop_assert_eq!(got.len(), eligible.len().min(4));
+            }
+            Err(e) => prop_assert!(eligible.is_empty(), "{e}"),
+        }
+        drop(guards);
     }
 
     #[test]

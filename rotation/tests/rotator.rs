@@ -1042,3 +1042,192 @@ fn shared_types_are_send_and_sync() {
     send::<ipsx_rotation::InFlight>();
     send_sync::<SelectError>();
 }
+
+/// Buckets of 32 exits or more are sampled by the random policies instead of scanned:
+/// the same guarantees must hold there.
+#[test]
+fn large_buckets_keep_every_guarantee() {
+    let mut exits: Vec<ExitInfo> = (0..200)
+        .map(|i| exit(&format!("de-{i:03}"), "de"))
+        .collect();
+    exits.push(ExitInfo {
+        id: id("de-berlin"),
+        attrs: ExitAttributes {
+            country: Some(cc("de")),
+            city: Some("berlin".into()),
+            ..Default::default()
+        },
+    });
+    let f = fixture(exits);
+    let de = country("de");
+    // Most of the bucket is banned or unhealthy for this domain.
+    for i in 0..190 {
+        if i % 2 == 0 {
+            f.rot.ban(
+                &id(&format!("de-{i:03}")),
+                BanScope::Domain("example.com".into()),
+                Duration::from_secs(60),
+            );
+        } else {
+            f.rot.set_healthy(&id(&format!("de-{i:03}")), false);
+        }
+    }
+    let usable = |e: &ExitId| e.as_str() >= "de-190";
+    for policy in Policy::ALL {
+        let mut prev: Option<ExitId> = None;
+        let mut seen = HashSet::new();
+        for _ in 0..60 {
+            let sel = f.pick("tok", &de, policy).unwrap();
+            assert!(usable(&sel.primary), "{policy}: {sel:?}");
+            assert_eq!(sel.fallbacks.len(), 3);
+            assert!(sel.fallbacks.iter().all(usable));
+            assert!(!sel.fallbacks.contains(&sel.primary));
+            let distinct: HashSet<&ExitId> = sel.fallbacks.iter().collect();
+            assert_eq!(distinct.len(), 3);
+            if policy == Policy::PerRequest {
+                assert_ne!(Some(&sel.primary), prev.as_ref());
+            }
+            prev = Some(sel.primary.clone());
+            seen.insert(sel.primary);
+        }
+        if matches!(
+            policy,
+            Policy::Random | Policy::PerRequest | Policy::RoundRobin
+        ) {
+            assert!(seen.len() >= 5, "{policy}: {seen:?}");
+        }
+    }
+    // A city filter that one exit in the large bucket satisfies.
+    let berlin = Filter {
+        country: Some(cc("de")),
+        city: Some("berlin".into()),
+        ..Default::default()
+    };
+    for policy in Policy::ALL {
+        let sel = f.pick("tok", &berlin, policy).unwrap();
+        assert_eq!(sel.primary, id("de-berlin"));
+        assert!(sel.fallbacks.is_empty());
+    }
+    // Per-request with only two usable exits in a large bucket still alternates.
+    for i in 190..200 {
+        f.rot.set_healthy(&id(&format!("de-{i:03}")), i >= 198);
+    }
+    f.rot.set_healthy(&id("de-berlin"), false);
+    let picks: Vec<ExitId> = (0..20)
+        .map(|_| f.pick("tok", &de, Policy::PerRequest).unwrap().primary)
+        .collect();
+    for w in picks.windows(2) {
+        assert_ne!(w[0], w[1]);
+    }
+    // Sticky sessions with replacement in a large bucket.
+    let s = session("big", 60, true);
+    let bound = f.sticky("tok", &de, &s).unwrap();
+    assert_eq!(bound.fallbacks.len(), 1);
+    assert_eq!(f.sticky("tok", &de, &s).unwrap().primary, bound.primary);
+    // Everything usable banned: a wait, with the first unban time.
+    f.rot
+        .ban(&id("de-198"), BanScope::Global, Duration::from_secs(10));
+    f.rot
+        .ban(&id("de-199"), BanScope::Global, Duration::from_secs(20));
+    assert_eq!(
+        f.pick("tok", &de, Policy::Random)
+            .unwrap_err()
+            .retry_after(),
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn rotator_config_is_validated_and_sanitised() {
+    let cfg: RotatorConfig =
+        toml::from_str("max_fallbacks = 2\nmax_session_ttl = \"10m\"").unwrap();
+    assert_eq!(cfg.max_fallbacks, 2);
+    assert_eq!(cfg.max_session_ttl, Duration::from_secs(600));
+    assert_eq!(cfg.max_sessions, RotatorConfig::default().max_sessions);
+    assert!(cfg.validate().is_ok());
+    let err = toml::from_str::<RotatorConfig>("max_fallback = 2")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_fallback"), "{err}");
+    let err = toml::from_str::<RotatorConfig>("max_session_ttl = \"forever\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_session_ttl"), "{err}");
+    let bad = [
+        (
+            RotatorConfig {
+                ewma_alpha: 0.0,
+                ..Default::default()
+            },
+            "ewma_alpha",
+        ),
+        (
+            RotatorConfig {
+                ewma_alpha: f64::NAN,
+                ..Default::default()
+            },
+            "ewma_alpha",
+        ),
+        (
+            RotatorConfig {
+                ewma_alpha: 1.5,
+                ..Default::default()
+            },
+            "ewma_alpha",
+        ),
+        (
+            RotatorConfig {
+                max_fallbacks: 1000,
+                ..Default::default()
+            },
+            "max_fallbacks",
+        ),
+        (
+            RotatorConfig {
+                max_sessions: 0,
+                ..Default::default()
+            },
+            "max_sessions",
+        ),
+        (
+            RotatorConfig {
+                max_session_ttl: Duration::ZERO,
+                ..Default::default()
+            },
+            "max_session_ttl",
+        ),
+        (
+            RotatorConfig {
+                max_domain_bans_per_exit: 0,
+                ..Default::default()
+            },
+            "max_domain_bans_per_exit",
+        ),
+        (
+            RotatorConfig {
+                per_request_slots: 0,
+                ..Default::default()
+            },
+            "per_request_slots",
+        ),
+        (
+            RotatorConfig {
+                per_request_slots: usize::MAX,
+                ..Default::default()
+            },
+            "per_request_slots",
+        ),
+    ];
+    for (cfg, field) in bad {
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+        // Rotator::new never panics on it; the values in use are sane.
+        let f = fixture_with(cfg, de5());
+        assert!(f.rot.config().validate().is_ok());
+        f.rot.record_success(&id("de-0"), Duration::from_millis(5));
+        f.rot.record_success(&id("de-0"), Duration::from_millis(5));
+        let ewma = f.rot.exits()[0].latency_ewma_ms.unwrap();
+        assert!((ewma - 5.0).abs() < 1e-9);
+        assert!(f.pick("t", &country("de"), Policy::PerRequest).is_ok());
+    }
+}
