@@ -195,9 +195,11 @@ impl Gateway {
         self.shutdown.cancel();
     }
 
-    /// Drops rate-limiter state of keys idle for long (call periodically).
+    /// Drops rate-limiter state of keys idle for long, expired bans and sessions
+    /// (called once a minute by [`serve`]).
     pub fn prune(&self) {
         self.limiter.prune();
+        self.rotator.prune();
     }
 }
 
