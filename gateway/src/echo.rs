@@ -31,11 +31,16 @@ pub async fn serve_echo_with(
             continue;
         };
         let countries = countries.clone();
+        let fixed = fixed.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let countries = countries.clone();
+                    let fixed = fixed.clone();
                     async move {
+                        if let Some(body) = fixed {
+                            return Ok::<_, Infallible>(hyper::Response::new(Full::new(body)));
+                        }
                         let method = req.method().to_string();
                         let path = req.uri().path().to_owned();
                         let headers: Vec<(String, String)> = req
