@@ -1,6 +1,8 @@
 //! Test helpers: loopback targets, a tiny DNS server, an exit + tunnel pair.
 #![allow(clippy::unwrap_used, dead_code, unreachable_pub, missing_docs)]
 
+pub mod netns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipsx_provider::{Protocol, ProviderConfig, ProviderExit, ProviderHandle};
