@@ -336,6 +336,8 @@ struct Peer {
     stack: Arc<Stack>,
     meter: Arc<PeerMeter>,
     inbound: Vec<Vec<u8>>,
+    /// SYNs given a listening socket since the stack last ran: (source, destination).
+    pending_syns: Vec<(SocketAddr, SocketAddr)>,
 }
 
 struct Driver {
@@ -402,6 +404,7 @@ impl Driver {
                 stack,
                 meter,
                 inbound: Vec::new(),
+                pending_syns: Vec::new(),
             },
         );
         self.by_key.insert(key, index);
@@ -475,6 +478,7 @@ impl Driver {
                     continue;
                 };
                 let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                peer.pending_syns.clear();
                 poll_delay = match (poll_delay, d) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -661,27 +665,29 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
 }
 
 /// A listening socket for exactly `dst`, unless a socket already serves `src -> dst`.
+///
+/// Several SYNs to the same destination may arrive in one batch: each distinct source
+/// gets its own listener. smoltcp hands each SYN to the first free listener of that
+/// destination, which may not be "its" one, but listeners of one destination are
+/// interchangeable (the relay only needs the destination).
 fn new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> Option<SocketHandle> {
+    if peer.pending_syns.contains(&(src, dst)) {
+        return None; // a duplicate SYN in this batch
+    }
     let mut core = peer.stack.lock();
     let src_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(src);
     let dst_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(dst);
     let exists = core.sockets.iter().any(|(_, s)| match s {
         ipsx_tunnel_pool::smoltcp::socket::Socket::Tcp(t) => {
-            (t.remote_endpoint() == Some(src_ep) && t.local_endpoint() == Some(dst_ep))
-                || (t.state() == tcp::State::Listen
-                    && t.listen_endpoint()
-                        == IpListenEndpoint {
-                            addr: Some(dst_ep.addr),
-                            port: dst_ep.port,
-                        })
+            t.remote_endpoint() == Some(src_ep)
+                && t.local_endpoint() == Some(dst_ep)
+                && !matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait)
         }
         #[allow(unreachable_patterns)]
         _ => false,
     });
     if exists {
-        // A retransmitted SYN, or a second SYN racing a pending listener; the pending
-        // listener takes it, and the next retransmission gets a socket of its own.
-        return None;
+        return None; // a retransmitted SYN
     }
     let h = core.new_tcp_socket();
     let listen = IpListenEndpoint {
@@ -697,6 +703,8 @@ fn new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> Option<SocketH
         core.sockets.remove(h);
         return None;
     }
+    drop(core);
+    peer.pending_syns.push((src, dst));
     Some(h)
 }
 

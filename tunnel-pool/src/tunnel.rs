@@ -28,7 +28,7 @@ use crate::TunnelError;
 use crate::config::TunnelConfig;
 use crate::dns::{self, DnsCache};
 use crate::health::{Counters, HealthMonitor, HealthState, TunnelHealth};
-use crate::netstack::{Stack, StackStream};
+use crate::netstack::{SCRATCH, Stack, StackStream};
 
 /// A TCP stream through a tunnel: `AsyncRead + AsyncWrite + Unpin + Send + 'static`.
 pub type TunnelStream = StackStream;
@@ -152,7 +152,8 @@ impl Tunnel {
             .map_err(TunnelError::Bind)?;
         let local_addr = udp.local_addr().map_err(TunnelError::Bind)?;
         let index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
-        let tunn = Tunn::new(
+        // Boxed: `Tunn` is 11 KB and an async fn would otherwise carry it twice.
+        let tunn = Box::new(Tunn::new(
             boringtun::x25519::StaticSecret::from(cfg.private_key.0),
             boringtun::x25519::PublicKey::from(cfg.peer_public_key),
             cfg.preshared_key.as_ref().map(|k| k.0),
@@ -160,7 +161,7 @@ impl Tunnel {
                 .map(|d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX).max(1)),
             index,
             None,
-        );
+        ));
         let mut addrs = vec![IpCidr::new(IpAddress::Ipv4(cfg.inner_addr), 32)];
         if let Some(v6) = cfg.inner_addr_v6 {
             addrs.push(IpCidr::new(IpAddress::Ipv6(v6), 128));
@@ -608,25 +609,23 @@ async fn send_datagram(
 async fn drive(
     shared: Arc<Shared>,
     udp: UdpSocket,
-    mut tunn: Tunn,
+    mut tunn: Box<Tunn>,
     mut stop: watch::Receiver<bool>,
 ) {
     let ep = shared.cfg.endpoint;
-    // Big enough for any datagram of our MTU plus WireGuard's 32 bytes, and for the
-    // 148-byte handshake; larger datagrams are truncated and fail authentication.
-    let size = shared.cfg.mtu.max(1420) + 128;
-    let mut rx_buf = vec![0u8; size];
-    let mut out_buf = vec![0u8; size + 64];
     let mut inbound: Vec<Vec<u8>> = Vec::new();
     let mut outbound: Vec<Vec<u8>> = Vec::new();
     let mut next_timer = Instant::now() + TIMER_TICK;
     let mut poll_delay: Option<Duration> = None;
 
     let mut turn = Turn::default();
-    if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut out_buf, false) {
+    let mut out_buf = SCRATCH.take();
+    if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut out_buf.buf, false)
+    {
         send_datagram(&udp, ep, p, &shared, &mut turn).await;
     }
     apply_turn(&shared, std::mem::take(&mut turn));
+    drop(out_buf);
 
     loop {
         let now = Instant::now();
@@ -650,9 +649,16 @@ async fn drive(
             _ = tokio::time::sleep_until(wake_at) => {}
         }
 
+        // Scratch space for this turn only (given back before sleeping). Larger
+        // datagrams than it holds are truncated and fail authentication.
+        let mut rx_scratch = SCRATCH.take();
+        let mut out_scratch = SCRATCH.take();
+        let rx_buf = &mut rx_scratch.buf;
+        let out_buf = &mut out_scratch.buf;
+
         // 1. A bounded batch of datagrams.
         for _ in 0..RX_BATCH {
-            let (n, from) = match udp.try_recv_from(&mut rx_buf) {
+            let (n, from) = match udp.try_recv_from(rx_buf) {
                 Ok(x) => x,
                 Err(_) => break,
             };
@@ -668,7 +674,7 @@ async fn drive(
                 .bytes_received
                 .fetch_add(n as u64, Ordering::Relaxed);
             let kind = rx_buf.first().copied();
-            let res = tunn.decapsulate(Some(from.ip()), &rx_buf[..n], &mut out_buf);
+            let res = tunn.decapsulate(Some(from.ip()), &rx_buf[..n], out_buf);
             match res {
                 TunnResult::Err(e) => {
                     tracing::trace!(?e, "tunnel: datagram refused");
@@ -689,7 +695,7 @@ async fn drive(
                     send_datagram(&udp, ep, p, &shared, &mut turn).await;
                     // Packets queued while the handshake was pending.
                     for _ in 0..512 {
-                        match tunn.decapsulate(None, &[], &mut out_buf) {
+                        match tunn.decapsulate(None, &[], out_buf) {
                             TunnResult::WriteToNetwork(p) => {
                                 send_datagram(&udp, ep, p, &shared, &mut turn).await
                             }
@@ -711,7 +717,7 @@ async fn drive(
 
         // 3. Encrypt and send what it produced.
         for pkt in outbound.drain(..) {
-            match tunn.encapsulate(&pkt, &mut out_buf) {
+            match tunn.encapsulate(&pkt, out_buf) {
                 TunnResult::WriteToNetwork(p) => {
                     send_datagram(&udp, ep, p, &shared, &mut turn).await
                 }
@@ -726,7 +732,7 @@ async fn drive(
         let now = Instant::now();
         if now >= next_timer {
             next_timer = now + TIMER_TICK;
-            match tunn.update_timers(&mut out_buf) {
+            match tunn.update_timers(out_buf) {
                 TunnResult::WriteToNetwork(p) => {
                     send_datagram(&udp, ep, p, &shared, &mut turn).await
                 }
@@ -737,13 +743,17 @@ async fn drive(
             if probe {
                 shared.counters.probes.fetch_add(1, Ordering::Relaxed);
                 if let TunnResult::WriteToNetwork(p) =
-                    tunn.format_handshake_initiation(&mut out_buf, true)
+                    tunn.format_handshake_initiation(out_buf, true)
                 {
                     send_datagram(&udp, ep, p, &shared, &mut turn).await;
                 }
             }
         }
         apply_turn(&shared, std::mem::take(&mut turn));
+        drop(rx_scratch);
+        drop(out_scratch);
+        inbound.shrink_to(RX_BATCH);
+        outbound.shrink_to(RX_BATCH);
     }
     shared.stack.close();
     shared.health().monitor.on_closed();
