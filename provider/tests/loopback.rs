@@ -74,6 +74,29 @@ async fn several_exits_in_one_pool_leave_from_their_own_addresses() {
         exits.push((ip.to_string(), exit));
     }
     assert_eq!(pool.len(), 3);
+    let dup = ipsx_tunnel_pool::TunnelConfig::new(
+        ipsx_tunnel_pool::SecretKey::generate(),
+        [9; 32],
+        "127.0.0.1:9".parse().unwrap(),
+        Ipv4Addr::new(10, 77, 0, 9),
+    );
+    assert!(matches!(
+        pool.add("exit0", dup).await,
+        Err(ipsx_tunnel_pool::TunnelError::DuplicateName(_))
+    ));
+    let t0 = pool.get("exit0").unwrap();
+    assert!(matches!(
+        t0.connect_tcp("[2001:db8::1]:80".parse().unwrap()).await,
+        Err(ipsx_tunnel_pool::TunnelError::NoIpv6(_))
+    ));
+    assert!(matches!(
+        t0.connect_tcp("0.0.0.0:80".parse().unwrap()).await,
+        Err(ipsx_tunnel_pool::TunnelError::BadDestination(_))
+    ));
+    assert!(
+        t0.resolve("x.test").await.is_err(),
+        "no DNS server configured"
+    );
     for (i, (ip, _)) in exits.iter().enumerate() {
         let t = pool.get(&format!("exit{i}")).unwrap();
         let mut s = t.connect_tcp(who).await.unwrap();
