@@ -26,9 +26,13 @@ fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn ip_at(base: u32, off: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + base + off)
+}
+
 /// A namespace linked to the host by a veth pair:
-/// host side `10.200.N.1/30` (plus `10.200.N.5/32` for targets), namespace side
-/// `10.200.N.2/30`.
+/// host side `.1/30` (plus `.5/32` for targets), namespace side `.2/30` of a /29 in
+/// 10.200.0.0/16.
 pub struct Netns {
     pub name: String,
     pub host_veth: String,
@@ -42,7 +46,9 @@ impl Netns {
     pub fn new() -> Self {
         let pid = std::process::id();
         let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let n = (pid % 60) * 4 + k % 4;
+        // A /29 per namespace inside 10.200.0.0/16, spread by pid so concurrent test
+        // processes do not collide.
+        let n = ((pid % 2000) * 4 + k % 4) * 8;
         let name = format!("ipsx{}x{k}", pid % 100_000);
         let host_veth = format!("vh{}x{k}", pid % 100_000);
         let ns_veth = format!("vn{}x{k}", pid % 100_000);
@@ -63,7 +69,7 @@ impl Netns {
             "ip",
             "addr",
             "add",
-            &format!("10.200.{n}.1/30"),
+            &format!("{}/30", ip_at(n, 1)),
             "dev",
             &host_veth,
         ]);
@@ -71,7 +77,7 @@ impl Netns {
             "ip",
             "addr",
             "add",
-            &format!("10.200.{n}.5/32"),
+            &format!("{}/32", ip_at(n, 5)),
             "dev",
             &host_veth,
         ]);
@@ -82,7 +88,7 @@ impl Netns {
             &name,
             "addr",
             "add",
-            &format!("10.200.{n}.2/30"),
+            &format!("{}/30", ip_at(n, 2)),
             "dev",
             &ns_veth,
         ]);
@@ -92,13 +98,13 @@ impl Netns {
     }
 
     pub fn host_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, self.n as u8, 1)
+        ip_at(self.n, 1)
     }
     pub fn target_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, self.n as u8, 5)
+        ip_at(self.n, 5)
     }
     pub fn ns_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, self.n as u8, 2)
+        ip_at(self.n, 2)
     }
 
     /// Runs a command inside the namespace and returns its stdout.
