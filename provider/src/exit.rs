@@ -1,0 +1,882 @@
+//! The exit: one UDP port, many WireGuard peers, each peer's TCP flows terminated in a
+//! userspace stack and relayed to real sockets bound to the exit address.
+//!
+//! One driver task owns the UDP socket and every peer's `Tunn`. For each decrypted IP
+//! packet it checks the source (the peer's inner address only), and for a TCP SYN to a
+//! new destination it applies the egress policy and, if allowed, adds a listening
+//! socket for exactly that destination to the peer's smoltcp stack (any-IP mode) and
+//! spawns a relay task. Refused SYNs reach no socket, so smoltcp answers them with a
+//! RST: the client fails fast and no byte reaches the destination. UDP to port 53 is
+//! forwarded to the configured resolver; other UDP, ICMP and other protocols are dropped
+//! and counted.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipsx_tunnel_pool::boringtun::noise::handshake::parse_handshake_anon;
+use ipsx_tunnel_pool::boringtun::noise::rate_limiter::RateLimiter;
+use ipsx_tunnel_pool::boringtun::noise::{Packet, Tunn, TunnResult};
+use ipsx_tunnel_pool::boringtun::x25519;
+use ipsx_tunnel_pool::netstack::{Stack, StackStream};
+use ipsx_tunnel_pool::smoltcp::iface::SocketHandle;
+use ipsx_tunnel_pool::smoltcp::socket::tcp;
+use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, UdpSocket};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::ProviderError;
+use crate::config::ProviderConfig;
+use crate::meter::{LogEntry, MeterSnapshot, PeerMeter};
+use crate::packet::{self, Transport};
+use crate::policy::{EgressPolicy, discover_own_addresses};
+
+const TIMER_TICK: Duration = Duration::from_millis(250);
+const RX_BATCH: usize = 64;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Concurrent DNS forwards per exit; more are dropped (the client retries).
+const DNS_MAX_INFLIGHT: u64 = 256;
+/// Peers are found by the top 24 bits of the receiver index boringtun puts on the wire.
+const INDEX_SHIFT: u32 = 8;
+
+/// Exit-wide counters.
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    datagrams_invalid: AtomicU64,
+    unknown_peer: AtomicU64,
+    cookies_sent: AtomicU64,
+    handshakes: AtomicU64,
+    handshake_dh: AtomicU64,
+    spoofed_source: AtomicU64,
+    refused: AtomicU64,
+    dropped_other: AtomicU64,
+    dns_forwarded: AtomicU64,
+    dns_inflight: AtomicU64,
+    flows: AtomicU64,
+}
+
+/// A snapshot of the exit-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExitCounters {
+    /// Datagrams refused by WireGuard (garbage, bad MAC, replay, wrong size).
+    pub datagrams_invalid: u64,
+    /// Authenticated-looking datagrams for no known peer.
+    pub unknown_peer: u64,
+    /// Cookie replies sent (handshake flood defence).
+    pub cookies_sent: u64,
+    /// Completed handshakes.
+    pub handshakes: u64,
+    /// Handshake initiations that cost a Diffie-Hellman (bounded by the rate limit).
+    pub handshake_dh: u64,
+    /// Inner packets whose source was not the peer's address.
+    pub spoofed_source: u64,
+    /// Flows refused by the egress policy.
+    pub refused: u64,
+    /// Inner packets of other protocols (ICMP, non-DNS UDP ...) dropped.
+    pub dropped_other: u64,
+    /// DNS queries forwarded.
+    pub dns_forwarded: u64,
+    /// Flows relayed.
+    pub flows: u64,
+}
+
+impl AtomicCounters {
+    fn snapshot(&self) -> ExitCounters {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExitCounters {
+            datagrams_invalid: g(&self.datagrams_invalid),
+            unknown_peer: g(&self.unknown_peer),
+            cookies_sent: g(&self.cookies_sent),
+            handshakes: g(&self.handshakes),
+            handshake_dh: g(&self.handshake_dh),
+            spoofed_source: g(&self.spoofed_source),
+            refused: g(&self.refused),
+            dropped_other: g(&self.dropped_other),
+            dns_forwarded: g(&self.dns_forwarded),
+            flows: g(&self.flows),
+        }
+    }
+}
+
+enum Command {
+    Add {
+        key: [u8; 32],
+        inner_ip: IpAddr,
+        reply: oneshot::Sender<Result<(), ProviderError>>,
+    },
+    Remove {
+        key: [u8; 32],
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// What the handle and the relays share.
+struct Shared {
+    cfg: ProviderConfig,
+    policy: EgressPolicy,
+    counters: AtomicCounters,
+    meters: Mutex<HashMap<[u8; 32], Arc<PeerMeter>>>,
+    epoch: Instant,
+    local_addr: SocketAddr,
+    public_key: [u8; 32],
+}
+
+/// A running exit. Dropping the last clone stops it.
+#[derive(Clone)]
+pub struct ProviderHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    shared: Arc<Shared>,
+    cmd: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl std::fmt::Debug for ProviderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderHandle")
+            .field("local_addr", &self.inner.shared.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts exits.
+#[derive(Debug)]
+pub struct ProviderExit;
+
+impl ProviderExit {
+    /// Validates `cfg`, binds the UDP socket and starts serving its peers.
+    pub async fn start(cfg: ProviderConfig) -> Result<ProviderHandle, ProviderError> {
+        cfg.validate()?;
+        let udp = ipsx_tunnel_pool::netstack::bind_udp(
+            cfg.listen,
+            4 * ipsx_tunnel_pool::netstack::UDP_SOCKET_BUFFER,
+        )
+        .map_err(|e| ProviderError::Bind {
+            addr: cfg.listen,
+            source: e,
+        })?;
+        let local_addr = udp.local_addr().map_err(|e| ProviderError::Bind {
+            addr: cfg.listen,
+            source: e,
+        })?;
+        let mut own = cfg.own_addresses.clone();
+        own.extend(discover_own_addresses());
+        if !local_addr.ip().is_unspecified() {
+            own.push(local_addr.ip());
+        }
+        own.push(IpAddr::V4(cfg.inner_address));
+        let policy = EgressPolicy::new(
+            cfg.protocols.clone(),
+            cfg.allow_list()?,
+            own,
+            cfg.exit_address,
+        );
+        let secret = x25519::StaticSecret::from(cfg.private_key.0);
+        let public = x25519::PublicKey::from(&secret);
+        let shared = Arc::new(Shared {
+            policy,
+            counters: AtomicCounters::default(),
+            meters: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            local_addr,
+            public_key: public.to_bytes(),
+            cfg,
+        });
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(RateLimiter::new(&public, shared.cfg.handshake_rate_limit));
+        let mut driver = Driver {
+            shared: shared.clone(),
+            udp,
+            secret,
+            public,
+            limiter,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
+            notify: Arc::new(Notify::new()),
+        };
+        for p in shared.cfg.peers.clone() {
+            driver.add_peer(p.public_key.0, p.inner_ip)?;
+        }
+        let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
+        Ok(ProviderHandle {
+            inner: Arc::new(HandleInner {
+                shared,
+                cmd: cmd_tx,
+                stop,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+}
+
+// === impl ProviderHandle ===
+
+impl ProviderHandle {
+    /// The UDP address the exit listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.shared.local_addr
+    }
+
+    /// The exit's WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.shared.public_key
+    }
+
+    /// Accepts a requester's key (a new deal); its packets must come from `inner_ip`.
+    pub async fn add_peer(
+        &self,
+        public_key: [u8; 32],
+        inner_ip: IpAddr,
+    ) -> Result<(), ProviderError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::Add {
+                key: public_key,
+                inner_ip,
+                reply,
+            })
+            .await
+            .map_err(|_| ProviderError::Stopped)?;
+        rx.await.map_err(|_| ProviderError::Stopped)?
+    }
+
+    /// Stops serving a requester at once (its flows are reset). Its meter and log stay
+    /// readable for settlement.
+    pub async fn remove_peer(&self, public_key: &[u8; 32]) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .cmd
+            .send(Command::Remove {
+                key: *public_key,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    fn meter_of(&self, key: &[u8; 32]) -> Option<Arc<PeerMeter>> {
+        self.inner
+            .shared
+            .meters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    /// A peer's meter (bytes, active seconds, flows, refusals).
+    pub fn meter(&self, public_key: &[u8; 32]) -> Option<MeterSnapshot> {
+        self.meter_of(public_key).map(|m| m.snapshot())
+    }
+
+    /// The head of a peer's connection-log hash chain (what settlement records).
+    pub fn log_hash(&self, public_key: &[u8; 32]) -> Option<[u8; 32]> {
+        self.meter_of(public_key).map(|m| m.log_hash())
+    }
+
+    /// A peer's kept connection log, oldest first.
+    pub fn log(&self, public_key: &[u8; 32]) -> Option<Vec<LogEntry>> {
+        self.meter_of(public_key).map(|m| m.log())
+    }
+
+    /// Exit-wide counters.
+    pub fn counters(&self) -> ExitCounters {
+        self.inner.shared.counters.snapshot()
+    }
+
+    /// Stops the exit and waits for the driver to end.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+}
+
+// === the driver ===
+
+struct Peer {
+    key: [u8; 32],
+    inner_ip: IpAddr,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    stack: Arc<Stack>,
+    meter: Arc<PeerMeter>,
+    inbound: Vec<Vec<u8>>,
+    /// SYNs given a listening socket since the stack last ran: (source, destination).
+    pending_syns: Vec<(SocketAddr, SocketAddr)>,
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    udp: UdpSocket,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+    peers: HashMap<u32, Peer>,
+    by_key: HashMap<[u8; 32], u32>,
+    next_index: u32,
+    notify: Arc<Notify>,
+}
+
+impl Driver {
+    fn add_peer(&mut self, key: [u8; 32], inner_ip: IpAddr) -> Result<(), ProviderError> {
+        if self.by_key.contains_key(&key) {
+            return Err(ProviderError::PeerExists(ipsx_tunnel_pool::key_to_base64(
+                &key,
+            )));
+        }
+        if self.peers.values().any(|p| p.inner_ip == inner_ip) {
+            return Err(ProviderError::Config {
+                key: "inner_ip".into(),
+                reason: format!("{inner_ip} is already used by another peer"),
+            });
+        }
+        let mut index = self.next_index & 0x00ff_ffff;
+        for _ in 0..(1 << 24) {
+            if !self.peers.contains_key(&index) {
+                break;
+            }
+            index = (index + 1) & 0x00ff_ffff;
+        }
+        self.next_index = index.wrapping_add(1);
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(key),
+            None,
+            None,
+            index,
+            Some(self.limiter.clone()),
+        );
+        let addrs = [IpCidr::new(
+            IpAddress::Ipv4(self.shared.cfg.inner_address),
+            32,
+        )];
+        let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, self.notify.clone());
+        let meter = self
+            .shared
+            .meters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert_with(|| Arc::new(PeerMeter::new(&key)))
+            .clone();
+        self.peers.insert(
+            index,
+            Peer {
+                key,
+                inner_ip,
+                tunn,
+                endpoint: None,
+                stack,
+                meter,
+                inbound: Vec::new(),
+                pending_syns: Vec::new(),
+            },
+        );
+        self.by_key.insert(key, index);
+        Ok(())
+    }
+
+    fn remove_peer(&mut self, key: &[u8; 32]) -> bool {
+        match self.by_key.remove(key) {
+            Some(idx) => {
+                if let Some(p) = self.peers.remove(&idx) {
+                    p.stack.close();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+        let size = self.shared.cfg.mtu.max(1420) + 128;
+        let mut rx_buf = vec![0u8; size];
+        let mut out_buf = vec![0u8; size + 64];
+        let mut outbound: Vec<Vec<u8>> = Vec::new();
+        let mut next_timer = Instant::now() + TIMER_TICK;
+        let mut next_reset = Instant::now() + Duration::from_secs(1);
+        let mut poll_delay: Option<Duration> = None;
+        loop {
+            let now = Instant::now();
+            let mut wake_at = next_timer;
+            if let Some(d) = poll_delay {
+                wake_at = wake_at.min(now + d);
+            }
+            tokio::select! {
+                biased;
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(Command::Add { key, inner_ip, reply }) => {
+                        let _ = reply.send(self.add_peer(key, inner_ip));
+                    }
+                    Some(Command::Remove { key, reply }) => {
+                        let _ = reply.send(self.remove_peer(&key));
+                    }
+                    None => {}
+                },
+                r = self.udp.readable() => {
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+
+            for _ in 0..RX_BATCH {
+                let (n, from) = match self.udp.try_recv_from(&mut rx_buf) {
+                    Ok(x) => x,
+                    Err(_) => break,
+                };
+                self.on_datagram(&rx_buf[..n], from, &mut out_buf).await;
+            }
+
+            // Run every peer's stack; send what it produced.
+            poll_delay = None;
+            let keys: Vec<u32> = self.peers.keys().copied().collect();
+            for idx in keys {
+                let Some(peer) = self.peers.get_mut(&idx) else {
+                    continue;
+                };
+                let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                peer.pending_syns.clear();
+                poll_delay = match (poll_delay, d) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let Some(ep) = peer.endpoint else {
+                    outbound.clear();
+                    continue;
+                };
+                for pkt in outbound.drain(..) {
+                    if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(&pkt, &mut out_buf)
+                    {
+                        send(&self.udp, ep, p).await;
+                    }
+                }
+            }
+
+            let now = Instant::now();
+            if now >= next_reset {
+                next_reset = now + Duration::from_secs(1);
+                self.limiter.reset_count();
+            }
+            if now >= next_timer {
+                next_timer = now + TIMER_TICK;
+                for peer in self.peers.values_mut() {
+                    if let (TunnResult::WriteToNetwork(p), Some(ep)) =
+                        (peer.tunn.update_timers(&mut out_buf), peer.endpoint)
+                    {
+                        send(&self.udp, ep, p).await;
+                    }
+                }
+            }
+        }
+        for p in self.peers.values() {
+            p.stack.close();
+        }
+    }
+
+    async fn on_datagram(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let c = &self.shared.counters;
+        let Ok(packet) = Tunn::parse_incoming_packet(data) else {
+            c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let idx = match packet {
+            Packet::HandshakeInit(_) => {
+                // MAC1 check and load-dependent cookie before any Diffie-Hellman.
+                let init = match self.limiter.verify_packet(Some(from.ip()), data, out) {
+                    Ok(Packet::HandshakeInit(init)) => init,
+                    Ok(_) => return,
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        c.cookies_sent.fetch_add(1, Ordering::Relaxed);
+                        send(&self.udp, from, cookie).await;
+                        return;
+                    }
+                    Err(_) => {
+                        c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                c.handshake_dh.fetch_add(1, Ordering::Relaxed);
+                let Ok(half) = parse_handshake_anon(&self.secret, &self.public, &init) else {
+                    c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                match self.by_key.get(&half.peer_static_public) {
+                    Some(&idx) => idx,
+                    None => {
+                        c.unknown_peer.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx >> INDEX_SHIFT,
+            Packet::PacketCookieReply(p) => p.receiver_idx >> INDEX_SHIFT,
+            Packet::PacketData(p) => p.receiver_idx >> INDEX_SHIFT,
+        };
+        let Some(peer) = self.peers.get_mut(&idx) else {
+            c.unknown_peer.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let kind = data.first().copied();
+        match peer.tunn.decapsulate(Some(from.ip()), data, out) {
+            TunnResult::WriteToNetwork(p) => {
+                if kind == Some(1) {
+                    c.handshakes.fetch_add(1, Ordering::Relaxed);
+                    peer.endpoint = Some(from);
+                }
+                let ep = peer.endpoint.unwrap_or(from);
+                send(&self.udp, ep, p).await;
+                for _ in 0..512 {
+                    match peer.tunn.decapsulate(None, &[], out) {
+                        TunnResult::WriteToNetwork(p) => send(&self.udp, ep, p).await,
+                        _ => break,
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                // Authenticated data: the peer may have roamed.
+                peer.endpoint = Some(from);
+                let pkt = p.to_vec();
+                handle_inner(&self.shared, peer, pkt);
+            }
+            TunnResult::Done => {
+                peer.endpoint = Some(from);
+            }
+            TunnResult::Err(e) => {
+                tracing::trace!(?e, "exit: datagram refused");
+                c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn send(udp: &UdpSocket, ep: SocketAddr, p: &[u8]) {
+    for _ in 0..8 {
+        match udp.try_send_to(p, ep) {
+            Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if udp.writable().await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// One decrypted IP packet from a peer.
+fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
+    let c = &shared.counters;
+    let Some(parsed) = packet::parse(&pkt) else {
+        c.dropped_other.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if parsed.src != peer.inner_ip {
+        c.spoofed_source.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    match parsed.transport {
+        Transport::Tcp { syn_only: true, .. } => {
+            let dst = SocketAddr::new(parsed.dst, parsed.dst_port());
+            let src = SocketAddr::new(parsed.src, parsed.src_port());
+            match shared.policy.check(dst) {
+                Err(reason) => {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                    peer.meter.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
+                        %dst,
+                        %reason,
+                        "exit: flow refused"
+                    );
+                    // Fed to smoltcp anyway: no socket listens, so it answers RST.
+                }
+                Ok(()) => {
+                    if let Some(handle) = new_flow(peer, src, dst) {
+                        c.flows.fetch_add(1, Ordering::Relaxed);
+                        peer.meter.flows.fetch_add(1, Ordering::Relaxed);
+                        let stream = StackStream::new(peer.stack.clone(), handle);
+                        tokio::spawn(relay(shared.clone(), peer.meter.clone(), stream, dst));
+                    }
+                }
+            }
+            peer.inbound.push(pkt);
+        }
+        Transport::Tcp { .. } => peer.inbound.push(pkt),
+        Transport::Udp { dst_port: 53, .. } if shared.cfg.dns_upstream.is_some() => {
+            if c.dns_inflight.load(Ordering::Relaxed) >= DNS_MAX_INFLIGHT {
+                c.dropped_other.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            c.dns_forwarded.fetch_add(1, Ordering::Relaxed);
+            c.dns_inflight.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(forward_dns(
+                shared.clone(),
+                peer.stack.clone(),
+                parsed.owned(&pkt),
+            ));
+        }
+        _ => {
+            c.dropped_other.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A listening socket for exactly `dst`, unless a socket already serves `src -> dst`.
+///
+/// Several SYNs to the same destination may arrive in one batch: each distinct source
+/// gets its own listener. smoltcp hands each SYN to the first free listener of that
+/// destination, which may not be "its" one, but listeners of one destination are
+/// interchangeable (the relay only needs the destination).
+fn new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> Option<SocketHandle> {
+    if peer.pending_syns.contains(&(src, dst)) {
+        return None; // a duplicate SYN in this batch
+    }
+    let mut core = peer.stack.lock();
+    let src_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(src);
+    let dst_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(dst);
+    let exists = core.sockets.iter().any(|(_, s)| match s {
+        ipsx_tunnel_pool::smoltcp::socket::Socket::Tcp(t) => {
+            t.remote_endpoint() == Some(src_ep)
+                && t.local_endpoint() == Some(dst_ep)
+                && !matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait)
+        }
+        #[allow(unreachable_patterns)]
+        _ => false,
+    });
+    if exists {
+        return None; // a retransmitted SYN
+    }
+    let h = core.new_tcp_socket();
+    let listen = IpListenEndpoint {
+        addr: Some(dst_ep.addr),
+        port: dst_ep.port,
+    };
+    if core
+        .sockets
+        .get_mut::<tcp::Socket>(h)
+        .listen(listen)
+        .is_err()
+    {
+        core.sockets.remove(h);
+        return None;
+    }
+    drop(core);
+    peer.pending_syns.push((src, dst));
+    Some(h)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Relays one accepted flow to a real socket bound to the exit address.
+async fn relay(
+    shared: Arc<Shared>,
+    meter: Arc<PeerMeter>,
+    mut inner: StackStream,
+    dst: SocketAddr,
+) {
+    let start_ms = unix_ms();
+    let t0 = Instant::now();
+    let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, inner.established()).await;
+    if !matches!(accepted, Ok(Ok(()))) {
+        inner.abort();
+        return;
+    }
+    let outer = async {
+        let sock = if dst.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        sock.bind(SocketAddr::new(shared.cfg.exit_address, 0))?;
+        sock.connect(dst).await
+    };
+    let mut outer = match tokio::time::timeout(CONNECT_TIMEOUT, outer).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            inner.abort();
+            meter.append(LogEntry {
+                start_unix_ms: start_ms,
+                dst,
+                bytes_up: 0,
+                bytes_down: 0,
+                duration_ms: t0.elapsed().as_millis() as u64,
+            });
+            return;
+        }
+    };
+    let _ = outer.set_nodelay(true);
+    let up = Arc::new(AtomicU64::new(0));
+    let down = Arc::new(AtomicU64::new(0));
+    let mut a = Counted {
+        io: inner,
+        flow: up.clone(),
+        meter: meter.clone(),
+        up: true,
+        epoch: shared.epoch,
+    };
+    let mut b = Counted {
+        io: &mut outer,
+        flow: down.clone(),
+        meter: meter.clone(),
+        up: false,
+        epoch: shared.epoch,
+    };
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await;
+    meter.append(LogEntry {
+        start_unix_ms: start_ms,
+        dst,
+        bytes_up: up.load(Ordering::Relaxed),
+        bytes_down: down.load(Ordering::Relaxed),
+        duration_ms: t0.elapsed().as_millis() as u64,
+    });
+}
+
+/// Counts bytes read through it into the flow's and the peer's meters.
+struct Counted<S> {
+    io: S,
+    flow: Arc<AtomicU64>,
+    meter: Arc<PeerMeter>,
+    up: bool,
+    epoch: Instant,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.flow.fetch_add(n, Ordering::Relaxed);
+            let total = if self.up {
+                &self.meter.bytes_up
+            } else {
+                &self.meter.bytes_down
+            };
+            total.fetch_add(n, Ordering::Relaxed);
+            self.meter.touch(self.epoch.elapsed().as_secs());
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Forwards one DNS query to the upstream resolver, from the exit address, and queues
+/// the answer as an IP packet into the peer's stack output.
+async fn forward_dns(shared: Arc<Shared>, stack: Arc<Stack>, q: packet::OwnedUdp) {
+    let _guard = InflightGuard(&shared.counters.dns_inflight);
+    let Some(upstream) = shared.cfg.dns_upstream else {
+        return;
+    };
+    let bind = SocketAddr::new(shared.cfg.exit_address, 0);
+    let Ok(sock) = UdpSocket::bind(bind).await else {
+        return;
+    };
+    if sock.send_to(&q.payload, upstream).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 1500];
+    let got = tokio::time::timeout(DNS_TIMEOUT, async {
+        loop {
+            match sock.recv_from(&mut buf).await {
+                Ok((n, from)) if from == upstream => return Some(n),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    let Ok(Some(n)) = got else {
+        return;
+    };
+    // Keep the reply within the tunnel MTU; a truncated DNS answer would be wrong, so
+    // an oversized one is dropped (the client retries over TCP if it can).
+    let max = shared.cfg.mtu.saturating_sub(48);
+    if n > max {
+        return;
+    }
+    let Some(reply) = packet::udp_reply(&q, &buf[..n]) else {
+        return;
+    };
+    let mut core = stack.lock();
+    if core.closed {
+        return;
+    }
+    core.dev.tx.push_back(reply);
+    drop(core);
+    stack.notify.notify_one();
+}
+
+struct InflightGuard<'a>(&'a AtomicU64);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

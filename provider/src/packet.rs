@@ -1,0 +1,333 @@
+//! Just enough IPv4/IPv6 header parsing to route a decrypted packet (source check,
+//! TCP SYN detection, DNS interception), and building a UDP reply. Sans-IO; every
+//! access is bounds-checked because the bytes come from the network.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The transport part of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP; `syn_only` is a connection request (SYN without ACK).
+    Tcp {
+        /// Source port.
+        src_port: u16,
+        /// Destination port.
+        dst_port: u16,
+        /// SYN set, ACK clear.
+        syn_only: bool,
+    },
+    /// UDP.
+    Udp {
+        /// Source port.
+        src_port: u16,
+        /// Destination port.
+        dst_port: u16,
+        /// Offset of the payload in the packet.
+        payload_at: usize,
+        /// Payload length.
+        payload_len: usize,
+    },
+    /// Anything else (ICMP, extension headers, fragments ...).
+    Other,
+}
+
+/// The parsed headers of an IP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Transport header.
+    pub transport: Transport,
+}
+
+impl Parsed {
+    /// Destination port (0 for other protocols).
+    pub fn dst_port(&self) -> u16 {
+        match self.transport {
+            Transport::Tcp { dst_port, .. } | Transport::Udp { dst_port, .. } => dst_port,
+            Transport::Other => 0,
+        }
+    }
+
+    /// Source port (0 for other protocols).
+    pub fn src_port(&self) -> u16 {
+        match self.transport {
+            Transport::Tcp { src_port, .. } | Transport::Udp { src_port, .. } => src_port,
+            Transport::Other => 0,
+        }
+    }
+
+    /// An owned copy of a UDP datagram's addressing and payload.
+    pub fn owned(&self, pkt: &[u8]) -> OwnedUdp {
+        let payload = match self.transport {
+            Transport::Udp {
+                payload_at,
+                payload_len,
+                ..
+            } => pkt
+                .get(payload_at..payload_at.saturating_add(payload_len))
+                .unwrap_or(&[])
+                .to_vec(),
+            _ => Vec::new(),
+        };
+        OwnedUdp {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port(),
+            dst_port: self.dst_port(),
+            payload,
+        }
+    }
+}
+
+/// A UDP datagram detached from its packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedUdp {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn transport(proto: u8, l4: &[u8], l4_at: usize) -> Transport {
+    match proto {
+        6 => match (be16(l4, 0), be16(l4, 2), l4.get(13)) {
+            (Some(s), Some(d), Some(&flags)) if l4.len() >= 20 => Transport::Tcp {
+                src_port: s,
+                dst_port: d,
+                syn_only: flags & 0x02 != 0 && flags & 0x10 == 0,
+            },
+            _ => Transport::Other,
+        },
+        17 => match (be16(l4, 0), be16(l4, 2), be16(l4, 4)) {
+            (Some(s), Some(d), Some(len)) if (8..=l4.len()).contains(&(len as usize)) => {
+                Transport::Udp {
+                    src_port: s,
+                    dst_port: d,
+                    payload_at: l4_at + 8,
+                    payload_len: len as usize - 8,
+                }
+            }
+            _ => Transport::Other,
+        },
+        _ => Transport::Other,
+    }
+}
+
+/// Parses an IPv4 or IPv6 packet's headers; `None` if it is not a well-formed one.
+pub fn parse(pkt: &[u8]) -> Option<Parsed> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+            let total = usize::from(be16(pkt, 2)?);
+            if ihl < 20 || total < ihl || total > pkt.len() {
+                return None;
+            }
+            let src = Ipv4Addr::new(*pkt.get(12)?, *pkt.get(13)?, *pkt.get(14)?, *pkt.get(15)?);
+            let dst = Ipv4Addr::new(*pkt.get(16)?, *pkt.get(17)?, *pkt.get(18)?, *pkt.get(19)?);
+            let frag = be16(pkt, 6)?;
+            let proto = *pkt.get(9)?;
+            // Fragments (MF set or an offset) carry no usable transport header.
+            let transport = if frag & 0x3fff != 0 {
+                Transport::Other
+            } else {
+                transport(proto, pkt.get(ihl..total)?, ihl)
+            };
+            Some(Parsed {
+                src: IpAddr::V4(src),
+                dst: IpAddr::V4(dst),
+                transport,
+            })
+        }
+        6 => {
+            let payload_len = usize::from(be16(pkt, 4)?);
+            let end = 40usize.checked_add(payload_len)?;
+            if end > pkt.len() {
+                return None;
+            }
+            let mut s = [0u8; 16];
+            s.copy_from_slice(pkt.get(8..24)?);
+            let mut d = [0u8; 16];
+            d.copy_from_slice(pkt.get(24..40)?);
+            let proto = *pkt.get(6)?;
+            Some(Parsed {
+                src: IpAddr::V6(Ipv6Addr::from(s)),
+                dst: IpAddr::V6(Ipv6Addr::from(d)),
+                transport: transport(proto, pkt.get(40..end)?, 40),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn sum16(mut acc: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u32::from(*last) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// Builds the IP/UDP packet answering `q` with `payload` (source and destination
+/// swapped). `None` if the payload does not fit a UDP datagram.
+pub fn udp_reply(q: &OwnedUdp, payload: &[u8]) -> Option<Vec<u8>> {
+    let udp_len = u16::try_from(8 + payload.len()).ok()?;
+    let mut udp = Vec::with_capacity(usize::from(udp_len));
+    udp.extend_from_slice(&q.dst_port.to_be_bytes());
+    udp.extend_from_slice(&q.src_port.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    match (q.dst, q.src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let total = u16::try_from(20 + udp.len()).ok()?;
+            let mut pseudo = sum16(0, &from.octets());
+            pseudo = sum16(pseudo, &to.octets());
+            pseudo += 17 + u32::from(udp_len);
+            let mut ck = fold(sum16(pseudo, &udp));
+            if ck == 0 {
+                ck = 0xffff;
+            }
+            udp[6..8].copy_from_slice(&ck.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            let hck = fold(sum16(0, &ip));
+            ip[10..12].copy_from_slice(&hck.to_be_bytes());
+            ip.extend_from_slice(&udp);
+            Some(ip)
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let mut pseudo = sum16(0, &from.octets());
+            pseudo = sum16(pseudo, &to.octets());
+            pseudo += 17 + u32::from(udp_len);
+            let mut ck = fold(sum16(pseudo, &udp));
+            if ck == 0 {
+                ck = 0xffff;
+            }
+            udp[6..8].copy_from_slice(&ck.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&udp_len.to_be_bytes());
+            ip.extend_from_slice(&[17, 64]);
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            ip.extend_from_slice(&udp);
+            Some(ip)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn q4() -> OwnedUdp {
+        OwnedUdp {
+            src: "10.77.0.2".parse().unwrap(),
+            dst: "10.77.0.1".parse().unwrap(),
+            src_port: 40000,
+            dst_port: 53,
+            payload: b"question".to_vec(),
+        }
+    }
+
+    #[test]
+    fn reply_round_trips_through_parse() {
+        let r = udp_reply(&q4(), b"answer!").unwrap();
+        let p = parse(&r).unwrap();
+        assert_eq!(p.src, q4().dst);
+        assert_eq!(p.dst, q4().src);
+        assert_eq!((p.src_port(), p.dst_port()), (53, 40000));
+        assert_eq!(p.owned(&r).payload, b"answer!");
+        // IPv4 header checksum verifies to zero.
+        assert_eq!(fold(sum16(0, &r[..20])), 0);
+        let mut q6 = q4();
+        q6.src = "fd00::2".parse().unwrap();
+        q6.dst = "fd00::1".parse().unwrap();
+        let r6 = udp_reply(&q6, b"x").unwrap();
+        assert_eq!(parse(&r6).unwrap().owned(&r6).payload, b"x");
+        let mut mixed = q4();
+        mixed.src = "fd00::2".parse().unwrap();
+        assert!(udp_reply(&mixed, b"x").is_none());
+    }
+
+    #[test]
+    fn syn_detection() {
+        let mut pkt = vec![
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 1, 2, 3, 4,
+        ];
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&1234u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[12] = 0x50;
+        tcp[13] = 0x02;
+        pkt.extend_from_slice(&tcp);
+        let p = parse(&pkt).unwrap();
+        assert_eq!(
+            p.transport,
+            Transport::Tcp {
+                src_port: 1234,
+                dst_port: 80,
+                syn_only: true
+            }
+        );
+        pkt[20 + 13] = 0x12;
+        assert!(matches!(
+            parse(&pkt).unwrap().transport,
+            Transport::Tcp {
+                syn_only: false,
+                ..
+            }
+        ));
+        pkt[6] = 0x20; // MF: a fragment
+        assert_eq!(parse(&pkt).unwrap().transport, Transport::Other);
+        pkt.truncate(30);
+        assert!(parse(&pkt).is_none(), "total length beyond the buffer");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            if let Some(p) = parse(&buf) {
+                let _ = p.owned(&buf);
+            }
+        }
+
+        #[test]
+        fn parse_v4_header_fuzz(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..100), len in 0u16..200, ihl in 0u8..16, proto in proptest::num::u8::ANY) {
+            let mut pkt = vec![0x40 | ihl, 0];
+            pkt.extend_from_slice(&len.to_be_bytes());
+            pkt.extend_from_slice(&[0, 0, 0, 0, 64, proto, 0, 0, 10, 0, 0, 2, 1, 2, 3, 4]);
+            pkt.extend_from_slice(&tail);
+            if let Some(p) = parse(&pkt) {
+                let _ = p.owned(&pkt);
+            }
+        }
+    }
+}

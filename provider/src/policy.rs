@@ -1,0 +1,364 @@
+//! Egress policy: which destinations an exit dials for its peers. Sans-IO.
+//!
+//! Refused by default (QUALITY.md case 18): loopback, private (RFC 1918, fc00::/7),
+//! link-local (169.254/16 incl. the cloud metadata address, fe80::/10), CGNAT
+//! (100.64/10), multicast, broadcast, unspecified, documentation/benchmark ranges, the
+//! provider's own addresses, and IPv4-mapped IPv6 forms of all of these. An explicit
+//! allow-list (tests, dev) can name ranges that would otherwise be refused. Ports are
+//! limited to the offer's protocols.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A protocol an offer allows, i.e. a set of destination ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP 80.
+    Http,
+    /// TCP 443.
+    Https,
+    /// TCP 25, 465, 587.
+    Smtp,
+    /// Every port.
+    Any,
+}
+
+impl Protocol {
+    fn allows(self, port: u16) -> bool {
+        match self {
+            Self::Http => port == 80,
+            Self::Https => port == 443,
+            Self::Smtp => matches!(port, 25 | 465 | 587),
+            Self::Any => port != 0,
+        }
+    }
+}
+
+/// An address range (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address; `key` names the field for the error.
+    pub fn parse(key: &str, s: &str) -> Result<Self, crate::ProviderError> {
+        let bad = |reason: &str| crate::ProviderError::Config {
+            key: key.to_owned(),
+            reason: format!("`{}`: {reason}", s.chars().take(64).collect::<String>()),
+        };
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| bad("not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad("bad prefix"))?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad("prefix too long"));
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a destination was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Loopback, private, link-local, CGNAT, multicast ... (the name of the range).
+    Range(&'static str),
+    /// One of the provider's own addresses.
+    OwnAddress,
+    /// The port is outside the offer's protocols.
+    Port(u16),
+    /// The exit has no address of that family to dial from.
+    Family,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Range(r) => write!(f, "{r} destination"),
+            Self::OwnAddress => f.write_str("the provider's own address"),
+            Self::Port(p) => write!(f, "port {p} outside the offer's protocols"),
+            Self::Family => f.write_str("no exit address of that IP family"),
+        }
+    }
+}
+
+/// The special range `ip` falls in, if any.
+pub fn special_range(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => special_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return special_v4(v4).or(Some("IPv4-mapped"));
+            }
+            let seg0 = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if seg0 & 0xfe00 == 0xfc00 {
+                Some("private (fc00::/7)")
+            } else if seg0 & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if seg0 == 0x2001 && v6.segments()[1] == 0x0db8 {
+                Some("documentation")
+            } else if v6.segments()[..6] == [0, 0, 0, 0, 0, 0] {
+                Some("IPv4-compatible")
+            } else if seg0 == 0x0064 && v6.segments()[1] == 0xff9b {
+                // NAT64 maps to IPv4: check the embedded address.
+                let s = v6.segments();
+                let v4 =
+                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                special_v4(v4)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn special_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_unspecified() || o[0] == 0 {
+        Some("unspecified")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+        Some("CGNAT")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_broadcast() || o[0] >= 240 {
+        Some("reserved")
+    } else if ip.is_documentation() || (o[0] == 198 && (o[1] & 0xfe) == 18) {
+        Some("documentation")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("IETF protocol assignments")
+    } else {
+        None
+    }
+}
+
+/// The checked egress policy of one exit.
+#[derive(Debug, Clone)]
+pub struct EgressPolicy {
+    protocols: Vec<Protocol>,
+    allow: Vec<Cidr>,
+    own: Vec<IpAddr>,
+    exit_v4: bool,
+    exit_v6: bool,
+}
+
+impl EgressPolicy {
+    /// A policy allowing `protocols`, refusing `own` addresses and the special ranges
+    /// except those inside `allow`; `exit` is the address flows are dialled from.
+    pub fn new(protocols: Vec<Protocol>, allow: Vec<Cidr>, own: Vec<IpAddr>, exit: IpAddr) -> Self {
+        let mut own = own;
+        own.push(exit);
+        Self {
+            protocols,
+            allow,
+            own,
+            exit_v4: exit.is_ipv4(),
+            exit_v6: exit.is_ipv6(),
+        }
+    }
+
+    /// Checks one destination (the address actually dialled).
+    pub fn check(&self, dst: SocketAddr) -> Result<(), Refusal> {
+        let ip = canonical(dst.ip());
+        if !self.protocols.iter().any(|p| p.allows(dst.port())) {
+            return Err(Refusal::Port(dst.port()));
+        }
+        let allowed = self.allow.iter().any(|c| c.contains(ip));
+        if !allowed {
+            if self.own.iter().any(|o| canonical(*o) == ip) {
+                return Err(Refusal::OwnAddress);
+            }
+            if let Some(r) = special_range(dst.ip()) {
+                return Err(Refusal::Range(r));
+            }
+        }
+        if (ip.is_ipv4() && !self.exit_v4) || (ip.is_ipv6() && !self.exit_v6) {
+            return Err(Refusal::Family);
+        }
+        Ok(())
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as the IPv4 address they are.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Addresses of this host that a flow must not reach: the source addresses the kernel
+/// would pick for the default routes (a connected UDP socket sends nothing).
+pub fn discover_own_addresses() -> Vec<IpAddr> {
+    let mut v = Vec::new();
+    let probes: [(SocketAddr, SocketAddr); 2] = [
+        (
+            (Ipv4Addr::UNSPECIFIED, 0).into(),
+            (Ipv4Addr::new(192, 0, 2, 1), 9).into(),
+        ),
+        (
+            (Ipv6Addr::UNSPECIFIED, 0).into(),
+            (
+                "2001:db8::1"
+                    .parse::<Ipv6Addr>()
+                    .unwrap_or(Ipv6Addr::LOCALHOST),
+                9,
+            )
+                .into(),
+        ),
+    ];
+    for (bind, probe) in probes {
+        if let Ok(s) = std::net::UdpSocket::bind(bind)
+            && s.connect(probe).is_ok()
+            && let Ok(local) = s.local_addr()
+            && !local.ip().is_unspecified()
+        {
+            v.push(local.ip());
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &[&str]) -> EgressPolicy {
+        EgressPolicy::new(
+            vec![Protocol::Http, Protocol::Https],
+            allow
+                .iter()
+                .map(|a| Cidr::parse("allow", a).unwrap())
+                .collect(),
+            vec!["203.0.113.9".parse().unwrap(), "8.8.4.4".parse().unwrap()],
+            "127.0.0.2".parse().unwrap(),
+        )
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn refuses_the_quality_md_list() {
+        let p = policy(&[]);
+        for dst in [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "10.1.2.3:80",
+            "172.16.0.1:80",
+            "172.31.255.255:443",
+            "192.168.1.1:80",
+            "100.64.0.1:80",
+            "100.127.255.255:80",
+            "169.254.169.254:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:169.254.169.254]:80",
+            "[fc00::1]:80",
+            "[fd12::1]:443",
+            "[fe80::1]:80",
+            "[::]:80",
+            "[ff02::1]:80",
+            "[64:ff9b::a00:1]:80",
+        ] {
+            assert!(p.check(sa(dst)).is_err(), "{dst} should be refused");
+        }
+        assert_eq!(p.check(sa("8.8.4.4:80")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("127.0.0.2:80")), Err(Refusal::OwnAddress));
+        assert_eq!(p.check(sa("93.184.216.34:22")), Err(Refusal::Port(22)));
+        assert_eq!(p.check(sa("93.184.216.34:80")), Ok(()));
+        assert_eq!(p.check(sa("[2606:4700::1]:443")), Err(Refusal::Family));
+        assert!(!policy(&[]).protocols.iter().any(|p| p.allows(25)));
+    }
+
+    #[test]
+    fn allow_list_opens_ranges_but_not_ports() {
+        let p = policy(&["127.0.0.0/8"]);
+        assert_eq!(p.check(sa("127.0.0.1:80")), Ok(()));
+        assert_eq!(p.check(sa("127.0.0.1:22")), Err(Refusal::Port(22)));
+        assert!(p.check(sa("10.0.0.1:80")).is_err());
+        // Explicitly allowed own address (tests run everything on loopback).
+        assert_eq!(p.check(sa("127.0.0.2:80")), Ok(()));
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert!(Cidr::parse("k", "10.0.0.0/33").is_err());
+        assert!(Cidr::parse("k", "nonsense").is_err());
+        assert!(Cidr::parse("k", "::/129").is_err());
+        let all = Cidr::parse("k", "0.0.0.0/0").unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        assert!(!all.contains("::1".parse().unwrap()));
+        let err = Cidr::parse("allow_destinations", "x/1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_destinations"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_v4_check_is_total(a in proptest::num::u32::ANY, port in proptest::num::u16::ANY) {
+            let p = policy(&["127.0.0.0/8"]);
+            let _ = p.check(SocketAddr::from((Ipv4Addr::from(a), port)));
+        }
+
+        #[test]
+        fn mapped_v6_same_verdict_as_v4(a in proptest::num::u32::ANY) {
+            let p = EgressPolicy::new(vec![Protocol::Any], vec![], vec![], "::".parse().unwrap());
+            let v4 = Ipv4Addr::from(a);
+            let mapped = v4.to_ipv6_mapped();
+            let r4 = special_range(IpAddr::V4(v4)).is_some();
+            let r6 = p.check(SocketAddr::from((mapped, 80))).is_err();
+            proptest::prop_assert!(!r4 || r6);
+        }
+    }
+}

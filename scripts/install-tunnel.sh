@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Tools the tunnel and provider tests need: wireguard-go and wg (interop peers),
+# iproute2 (network namespaces). Idempotent; run as root.
+set -euo pipefail
+need_apt=()
+command -v wireguard-go >/dev/null || need_apt+=(wireguard-go)
+command -v wg >/dev/null || need_apt+=(wireguard-tools)
+command -v ip >/dev/null || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
