@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod echo;
 mod gateway_cmd;
+mod provider_cmd;
 
 /// ipsx: a data-mining proxy gateway on a peer-to-peer IP Sharing Exchange.
 #[derive(Parser)]
@@ -39,6 +40,18 @@ enum Command {
         #[arg(long)]
         fixed_body: Option<usize>,
     },
+    /// Run a provider exit: a userspace WireGuard server whose flows leave from the
+    /// configured exit address.
+    Provider {
+        /// The provider config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only validate the config.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Print a new WireGuard private key and its public key.
+    Keygen,
     /// Bring up the local demo: exits on 127.0.0.x, an echo target, the gateway.
     Up {
         /// Proxy port.
@@ -50,7 +63,9 @@ enum Command {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IPSX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // IPSX_LOG_FORMAT=json: one JSON object per line, for log collectors.
     if std::env::var("IPSX_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         logs.json().init();
@@ -76,6 +91,11 @@ fn main() -> ExitCode {
                 country_map,
                 fixed_body,
             } => echo::run(listen, country_map, fixed_body).await,
+            Command::Provider { config, check } => provider_cmd::run(&config, check).await,
+            Command::Keygen => {
+                provider_cmd::keygen();
+                Ok(())
+            }
             Command::Up { port } => gateway_cmd::up(port).await,
         }
     });

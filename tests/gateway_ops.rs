@@ -25,24 +25,34 @@ fn workspace() -> PathBuf {
 
 #[test]
 fn every_example_config_parses() {
-    let mut seen = 0;
+    let mut gateways = 0;
+    let mut providers = 0;
     for entry in std::fs::read_dir(workspace().join("examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        // Gateway configs start with a [gateway] table; other roles' examples are
-        // checked by their own crates' tests.
+        let name = path.display().to_string();
+        // Each example is a gateway config (has a [gateway] table) or a provider config
+        // (has an exit_address); none may be left unchecked.
         if text.lines().any(|l| l.trim() == "[gateway]") {
-            GatewayConfig::from_toml(&text, &path.display().to_string())
-                .unwrap_or_else(|e| panic!("{e}"));
-            seen += 1;
+            GatewayConfig::from_toml(&text, &name).unwrap_or_else(|e| panic!("{e}"));
+            gateways += 1;
+        } else if text
+            .lines()
+            .any(|l| l.trim_start().starts_with("exit_address"))
+        {
+            ipsx_provider::ProviderConfig::from_toml(&text)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            providers += 1;
+        } else {
+            panic!("{name}: not a config this test knows how to check");
         }
     }
     assert!(
-        seen >= 2,
-        "examples/local-exits.toml and friends are present"
+        gateways >= 2 && providers >= 1,
+        "examples present: {gateways} gateway, {providers} provider"
     );
 }
 

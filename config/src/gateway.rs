@@ -84,6 +84,9 @@ pub struct ListenerConfig {
     /// How often the config file is checked for changes (0s: never; SIGHUP still works).
     #[serde(with = "humantime_serde")]
     pub reload_poll: Duration,
+    /// A "what is my IP" URL fetched through each WireGuard exit that names an
+    /// `exit_ip`; an exit leaving from another address is marked unhealthy.
+    pub verify_url: Option<String>,
 }
 
 impl Default for ListenerConfig {
@@ -101,6 +104,7 @@ impl Default for ListenerConfig {
             max_headers: 100,
             allow_destinations: Vec::new(),
             reload_poll: Duration::from_secs(1),
+            verify_url: None,
         }
     }
 }
@@ -296,6 +300,16 @@ pub enum ExitTransport {
         /// The source address.
         bind: IpAddr,
     },
+    /// A userspace WireGuard tunnel to an exit (ours, wireguard-go, kernel wg with NAT).
+    WireGuard {
+        /// The tunnel, from a wg-quick file.
+        tunnel: Box<ipsx_tunnel_pool::TunnelConfig>,
+        /// The file it came from (for the admin API and logs).
+        file: std::path::PathBuf,
+        /// The address traffic should leave from; checked through the tunnel against
+        /// `gateway.verify_url` when both are set.
+        exit_ip: Option<IpAddr>,
+    },
 }
 
 /// `[[exit]]`: one configured exit.
@@ -368,6 +382,10 @@ struct RawExit {
     name: Spanned<String>,
     bind: Option<IpAddr>,
     #[serde(default)]
+    wireguard: Option<Spanned<String>>,
+    #[serde(default)]
+    exit_ip: Option<IpAddr>,
+    #[serde(default)]
     country: Option<CountryCode>,
     #[serde(default)]
     region: Option<Spanned<String>>,
@@ -379,6 +397,14 @@ struct RawExit {
     kind: Option<ExitKind>,
     #[serde(default = "default_protocols")]
     protocols: Vec<Protocol>,
+}
+
+/// The folder relative paths in a config file are read from: the file's own folder.
+fn base_dir(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(file)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn default_protocols() -> Vec<Protocol> {
@@ -528,16 +554,49 @@ impl GatewayConfig {
                     format!("duplicate exit name `{name}`"),
                 ));
             }
-            let transport = match e.bind {
-                Some(bind) => ExitTransport::Local { bind },
-                None => {
+            let transport = match (e.bind, &e.wireguard) {
+                (Some(bind), None) => ExitTransport::Local { bind },
+                (None, Some(path)) => {
+                    let key = format!("exit[{i}].wireguard");
+                    let file = base_dir(file).join(path.get_ref());
+                    let conf_text = std::fs::read_to_string(&file).map_err(|err| {
+                        check.invalid(
+                            path.span(),
+                            key.clone(),
+                            format!("{}: {err}", file.display()),
+                        )
+                    })?;
+                    let tunnel = ipsx_tunnel_pool::parse_wg_quick(&conf_text).map_err(|err| {
+                        check.invalid(path.span(), key, format!("{}: {err}", file.display()))
+                    })?;
+                    ExitTransport::WireGuard {
+                        tunnel: Box::new(tunnel),
+                        file,
+                        exit_ip: e.exit_ip,
+                    }
+                }
+                (Some(_), Some(path)) => {
+                    return Err(check.invalid(
+                        path.span(),
+                        format!("exit[{i}].wireguard"),
+                        "an exit has either `bind` (local) or `wireguard` (tunnel), not both",
+                    ));
+                }
+                (None, None) => {
                     return Err(check.invalid(
                         spanned.span(),
                         format!("exit[{i}].bind"),
-                        "missing: a local exit needs the source address to bind",
+                        "missing: a local exit needs `bind` (the source address), a tunnel exit `wireguard` (a wg-quick file)",
                     ));
                 }
             };
+            if e.exit_ip.is_some() && e.wireguard.is_none() {
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("exit[{i}].exit_ip"),
+                    "only for `wireguard` exits",
+                ));
+            }
             if e.protocols.is_empty() {
                 return Err(check.invalid(
                     spanned.span(),

@@ -1,5 +1,6 @@
 //! A tiny HTTP echo target for demos and tests: answers every request with the
-//! caller's address (the exit the request left from) and that address's demo country.
+//! caller's address (the exit the request left from) and that address's demo country,
+//! as JSON; `/ip.txt` answers with the address alone, as plain text.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -40,6 +41,11 @@ pub async fn serve_echo_with(
                     async move {
                         if let Some(body) = fixed {
                             return Ok::<_, Infallible>(hyper::Response::new(Full::new(body)));
+                        }
+                        if req.uri().path() == "/ip.txt" {
+                            // Plain text, for "what is my IP" probes.
+                            let text = format!("{}\n", peer.ip());
+                            return Ok(hyper::Response::new(Full::new(Bytes::from(text))));
                         }
                         let method = req.method().to_string();
                         let path = req.uri().path().to_owned();

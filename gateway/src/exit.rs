@@ -61,6 +61,14 @@ pub enum DialError {
         /// The address.
         addr: String,
     },
+    /// The WireGuard tunnel to the exit failed (502 / SOCKS 0x04).
+    #[error("tunnel: {message}")]
+    Tunnel {
+        /// What the tunnel said.
+        message: String,
+        /// Whether another exit may be tried (nothing was sent).
+        retry_elsewhere: bool,
+    },
     /// The target refused or the network failed (502 / SOCKS 0x05).
     #[error("connect to {addr} failed: {source}")]
     Connect {
@@ -75,6 +83,18 @@ impl DialError {
     /// True when the failure says something about the exit (ban rules count it).
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout { .. })
+    }
+
+    fn from_tunnel(e: ipsx_tunnel_pool::TunnelError) -> Self {
+        match e {
+            ipsx_tunnel_pool::TunnelError::ConnectTimeout(addr) => Self::Timeout {
+                addr: addr.to_string(),
+            },
+            other => Self::Tunnel {
+                retry_elsewhere: other.retry_elsewhere(),
+                message: other.to_string(),
+            },
+        }
     }
 }
 
@@ -92,6 +112,8 @@ pub struct DialPolicy {
 pub enum ExitStream {
     /// A TCP socket from a local source address.
     Tcp(TcpStream),
+    /// A TCP stream inside a WireGuard tunnel.
+    Tunnel(ipsx_tunnel_pool::TunnelStream),
 }
 
 impl ExitStream {
@@ -99,6 +121,7 @@ impl ExitStream {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
             Self::Tcp(s) => s.local_addr().ok(),
+            Self::Tunnel(_) => None,
         }
     }
 }
@@ -111,6 +134,7 @@ impl AsyncRead for ExitStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -123,18 +147,21 @@ impl AsyncWrite for ExitStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -145,12 +172,14 @@ impl AsyncWrite for ExitStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Self::Tcp(s) => s.is_write_vectored(),
+            Self::Tunnel(s) => s.is_write_vectored(),
         }
     }
 }
@@ -180,6 +209,7 @@ impl ExitRuntime {
             inner: Arc::new(DialerInner {
                 transport: config.transport.clone(),
                 policy,
+                tunnel: tokio::sync::OnceCell::new(),
             }),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -193,6 +223,16 @@ impl ExitRuntime {
             dialer,
             client,
         }
+    }
+
+    /// Starts this exit's WireGuard tunnel now (no-op for local exits or when started).
+    pub async fn start_tunnel(&self) -> Result<Option<ipsx_tunnel_pool::Tunnel>, DialError> {
+        self.dialer.tunnel().await
+    }
+
+    /// The started tunnel, if this is a WireGuard exit whose tunnel is up.
+    pub fn tunnel(&self) -> Option<&ipsx_tunnel_pool::Tunnel> {
+        self.dialer.inner.tunnel.get()
     }
 
     /// Opens a stream to `host:port` through this exit.
@@ -223,6 +263,9 @@ pub struct Dialer {
 struct DialerInner {
     transport: ExitTransport,
     policy: DialPolicy,
+    /// The started tunnel of a WireGuard exit (started once, on first use or by
+    /// [`ExitRuntime::start_tunnel`]).
+    tunnel: tokio::sync::OnceCell<ipsx_tunnel_pool::Tunnel>,
 }
 
 impl Dialer {
@@ -235,8 +278,57 @@ impl Dialer {
         }
     }
 
+    async fn tunnel(&self) -> Result<Option<ipsx_tunnel_pool::Tunnel>, DialError> {
+        let ExitTransport::WireGuard { tunnel, .. } = &self.inner.transport else {
+            return Ok(None);
+        };
+        self.inner
+            .tunnel
+            .get_or_try_init(|| ipsx_tunnel_pool::Tunnel::start((**tunnel).clone()))
+            .await
+            .cloned()
+            .map(Some)
+            .map_err(DialError::from_tunnel)
+    }
+
     async fn dial_inner(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
         match &self.inner.transport {
+            ExitTransport::WireGuard { .. } => {
+                let Some(tunnel) = self.tunnel().await? else {
+                    return Err(DialError::Tunnel {
+                        message: "tunnel not started".into(),
+                        retry_elsewhere: true,
+                    });
+                };
+                // Names resolve at the exit, through the tunnel (no DNS leak, geo-correct
+                // answers); the address actually dialled is then checked here.
+                let candidates = match host {
+                    Host::Ip(ip) => vec![*ip],
+                    Host::Name(name) => {
+                        tunnel.resolve(name).await.map_err(|e| DialError::Resolve {
+                            host: name.clone(),
+                            message: e.to_string(),
+                        })?
+                    }
+                };
+                let mut refused = None;
+                let mut last_err = None;
+                for ip in candidates {
+                    let ip = canonical(ip);
+                    if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
+                        refused.get_or_insert(DialError::Refused { ip, range });
+                        continue;
+                    }
+                    match tunnel.connect_tcp(SocketAddr::new(ip, port)).await {
+                        Ok(stream) => return Ok(ExitStream::Tunnel(stream)),
+                        Err(e) => last_err = Some(DialError::from_tunnel(e)),
+                    }
+                }
+                Err(last_err.or(refused).unwrap_or_else(|| DialError::Resolve {
+                    host: host.to_header(),
+                    message: "no address".into(),
+                }))
+            }
             ExitTransport::Local { bind } => {
                 let candidates: Vec<IpAddr> = match host {
                     Host::Ip(ip) => vec![*ip],

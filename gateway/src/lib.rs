@@ -195,6 +195,49 @@ impl Gateway {
         self.shutdown.cancel();
     }
 
+    /// Starts WireGuard tunnels not started yet, then feeds every tunnel's health into
+    /// the rotator: an exit whose tunnel is silent, never handshook, or leaves from
+    /// another address than its `exit_ip` gets no new requests until it recovers.
+    pub async fn check_exits(&self) {
+        let rt = self.runtime();
+        for exit in rt.exits.values() {
+            let ipsx_config::ExitTransport::WireGuard { exit_ip, .. } = &exit.config.transport
+            else {
+                continue;
+            };
+            let tunnel = match exit.tunnel() {
+                Some(t) => t.clone(),
+                None => match exit.start_tunnel().await {
+                    Ok(Some(t)) => t,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(exit = %exit.id, error = %e, "tunnel did not start");
+                        self.rotator.set_healthy(&exit.id, false);
+                        continue;
+                    }
+                },
+            };
+            let mut health = tunnel.health();
+            if let (Some(url), Some(ip), None) = (
+                &rt.config.listener.verify_url,
+                exit_ip,
+                health.exit_verified,
+            ) {
+                if let Err(e) = tunnel.verify_exit(url, *ip).await {
+                    tracing::warn!(exit = %exit.id, error = %e, "exit address verification failed");
+                }
+                health = tunnel.health();
+            }
+            let healthy = health.healthy && health.exit_verified != Some(false);
+            self.rotator.set_healthy(&exit.id, healthy);
+            metrics::gauge!("ipsx_exit_healthy", "exit" => exit.id.to_string()).set(if healthy {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
     /// Drops rate-limiter state of keys idle for long, expired bans and sessions
     /// (called once a minute by [`serve`]).
     pub fn prune(&self) {
@@ -263,15 +306,17 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let stop = gateway.shutdown.clone();
     tokio::pin!(shutdown);
-    // Prune limiter state once a minute so keyed stores stay bounded.
-    let pruner = {
+    // Exit health every 2 s; limiter, ban and session state pruned once a minute.
+    let housekeeping = {
         let gw = gateway.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            let mut health = tokio::time::interval(std::time::Duration::from_secs(2));
+            let mut prune = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => gw.prune(),
+                    _ = health.tick() => gw.check_exits().await,
+                    _ = prune.tick() => gw.prune(),
                     () = stop.cancelled() => return,
                 }
             }
@@ -306,5 +351,5 @@ pub async fn serve(
             "drain timeout: closing remaining connections"
         );
     }
-    pruner.abort();
+    housekeeping.abort();
 }

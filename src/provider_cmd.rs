@@ -1,0 +1,40 @@
+//! `ipsx provider` and `ipsx keygen`.
+
+use std::path::Path;
+
+use ipsx_provider::{ProviderConfig, ProviderExit};
+use ipsx_tunnel_pool::{SecretKey, key_to_base64};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// `ipsx provider --config FILE [--check]`.
+pub(crate) async fn run(path: &Path, check: bool) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config =
+        ProviderConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if check {
+        println!("{}: ok ({} peers)", path.display(), config.peers.len());
+        return Ok(());
+    }
+    let handle = ProviderExit::start(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "provider exit listening on {} (udp), public key {}",
+        handle.local_addr(),
+        key_to_base64(&handle.public_key())
+    );
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `ipsx keygen`: a fresh key pair, base64 as WireGuard writes them.
+pub(crate) fn keygen() {
+    let key = SecretKey::generate();
+    println!("private_key = {}", key_to_base64(&key.0));
+    println!("public_key  = {}", key_to_base64(&key.public_key()));
+}

@@ -1,0 +1,180 @@
+//! The gateway over WireGuard exits: our userspace tunnels to our provider exits on
+//! loopback (wg-quick files in the gateway config), rotation across them, names
+//! resolved at the exit, exit-address verification, and a dead exit avoided.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+#[path = "../provider/tests/common/mod.rs"]
+mod provider_common;
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use common::*;
+use ipsx_tunnel_pool::{SecretKey, key_to_base64};
+
+struct Exit {
+    handle: ipsx_provider::ProviderHandle,
+    conf_path: std::path::PathBuf,
+}
+
+/// Starts one of our provider exits leaving from `exit_ip`, and writes the wg-quick
+/// file a gateway uses to reach it.
+async fn provider(
+    dir: &std::path::Path,
+    name: &str,
+    exit_ip: &str,
+    dns: std::net::SocketAddr,
+) -> Exit {
+    let mut cfg = provider_common::exit_config(exit_ip, &["127.0.0.0/8"]);
+    cfg.dns_upstream = Some(dns);
+    let handle = ipsx_provider::ProviderExit::start(cfg).await.unwrap();
+    let client = SecretKey::generate();
+    handle
+        .add_peer(client.public_key(), "10.77.0.2".parse().unwrap())
+        .await
+        .unwrap();
+    let conf = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = 10.77.0.2/32\nDNS = 10.77.0.1\n\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n",
+        key_to_base64(&client.0),
+        key_to_base64(&handle.public_key()),
+        handle.local_addr(),
+    );
+    let conf_path = dir.join(format!("{name}.conf"));
+    std::fs::write(&conf_path, conf).unwrap();
+    Exit { handle, conf_path }
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("ipsx-wg-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_wireguard_exits_sees_each_provider_address() {
+    let echo = Echo::start().await;
+    let dns = provider_common::dns_server(vec![("echo.test", Ipv4Addr::new(127, 0, 0, 1))]).await;
+    let dir = tempdir();
+    let de = provider(&dir, "de", "127.0.0.2", dns).await;
+    let us = provider(&dir, "us", "127.0.0.4", dns).await;
+    let fr = provider(&dir, "fr", "127.0.0.6", dns).await;
+    let mut cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\"]\nconnect_timeout = \"3s\"\nverify_url = \"http://echo.test:{}/ip.txt\"\n\n[[token]]\nname = \"t\"\nsecret = \"{TOKEN}\"\n\n",
+        echo.addr.port()
+    );
+    for (name, exit, ip) in [
+        ("de", &de, "127.0.0.2"),
+        ("us", &us, "127.0.0.4"),
+        ("fr", &fr, "127.0.0.6"),
+    ] {
+        cfg.push_str(&format!(
+            "[[exit]]\nname = \"wg-{name}\"\nwireguard = \"{}\"\nexit_ip = \"{ip}\"\ncountry = \"{name}\"\n\n",
+            exit.conf_path.display()
+        ));
+    }
+    let gw = TestGateway::start(&cfg).await;
+    gw.gateway.check_exits().await;
+
+    // Rotation across the three tunnels; each answer shows the provider's exit address.
+    let url = format!("http://echo.test:{}/ip", echo.addr.port());
+    let mut args = vec![
+        "--proxy".to_owned(),
+        gw.socks("acct"),
+        "-H".into(),
+        "Connection: close".into(),
+    ];
+    args.extend((0..30).map(|_| url.clone()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&refs).await;
+    let ips = echo_ips(&out.stdout);
+    assert_eq!(ips.len(), 30, "{}", String::from_utf8_lossy(&out.stderr));
+    let distinct: HashSet<&String> = ips.iter().collect();
+    assert_eq!(distinct.len(), 3, "{distinct:?}");
+    // Plain HTTP with targeting: the name `echo.test` only exists at the exit's resolver.
+    let out = curl(&["-x", &gw.proxy("acct-country-us"), &url, &url]).await;
+    assert_eq!(
+        echo_ips(&out.stdout),
+        vec!["127.0.0.4".to_owned(); 2],
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The exits were verified to leave from the addresses they promised.
+    for exit in gw.gateway.rotator().exits() {
+        assert!(exit.healthy, "{exit:?}");
+    }
+
+    // A provider stops: requests keep working on the others (a dial into the dead tunnel
+    // times out and moves on, and health takes the exit out of rotation).
+    de.handle.shutdown().await;
+    let out = curl(&["-x", &gw.proxy("acct"), &url, &url, &url, &url]).await;
+    let ips = echo_ips(&out.stdout);
+    assert_eq!(ips.len(), 4, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(ips.iter().all(|ip| ip != "127.0.0.2"), "{ips:?}");
+    us.handle.shutdown().await;
+    fr.handle.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_exit_is_marked_unhealthy() {
+    let echo = Echo::start().await;
+    let dns = provider_common::dns_server(vec![("echo.test", Ipv4Addr::new(127, 0, 0, 1))]).await;
+    let dir = tempdir();
+    let liar = provider(&dir, "liar", "127.0.0.3", dns).await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://echo.test:{}/ip.txt\"\n\n[[exit]]\nname = \"liar\"\nwireguard = \"{}\"\nexit_ip = \"127.0.0.9\"\n",
+        echo.addr.port(),
+        liar.conf_path.display()
+    );
+    let gw = TestGateway::start(&cfg).await;
+    gw.gateway.check_exits().await;
+    let exits = gw.gateway.rotator().exits();
+    assert!(
+        !exits[0].healthy,
+        "exit promised 127.0.0.9 but leaves from 127.0.0.3"
+    );
+    let out = curl(&["-i", "-x", &format!("http://{}", gw.addr), &echo.url()]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.1 503"));
+    liar.handle.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn wireguard_exit_config_errors_name_the_file_line_and_key() {
+    let dir = tempdir();
+    let conf = dir.join("bad.conf");
+    std::fs::write(&conf, "[Interface]\nPrivateKey = nope\n").unwrap();
+    let text = format!(
+        "[[exit]]\nname = \"x\"\nwireguard = \"{}\"\n",
+        conf.display()
+    );
+    let err = ipsx_config::GatewayConfig::from_toml(&text, "gw.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gw.toml:3:")
+            && err.contains("exit[0].wireguard")
+            && err.contains("PrivateKey"),
+        "{err}"
+    );
+    let both = format!(
+        "[[exit]]\nname = \"x\"\nbind = \"127.0.0.2\"\nwireguard = \"{}\"\n",
+        conf.display()
+    );
+    let err = ipsx_config::GatewayConfig::from_toml(&both, "gw.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not both"), "{err}");
+    let missing = "[[exit]]\nname = \"x\"\nwireguard = \"/nonexistent/x.conf\"\n";
+    let err = ipsx_config::GatewayConfig::from_toml(missing, "gw.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/x.conf"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
