@@ -9,7 +9,6 @@ mod provider_common;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use common::*;
 use ipsx_tunnel_pool::{SecretKey, key_to_base64};
