@@ -20,7 +20,7 @@ pub fn refused_range(ip: IpAddr, allow: &[IpNet]) -> Option<&'static str> {
                 if allow.iter().any(|net| net.contains(&IpAddr::V4(v4))) {
                     return None;
                 }
-                return refused_v4(v4).or(Some("IPv4-mapped"));
+                return refused_v4(v4);
             }
             refused_v6(v6)
         }
