@@ -1,0 +1,2 @@
+//! Chain.
+pub mod bindings;
