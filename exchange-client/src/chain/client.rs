@@ -133,7 +133,9 @@ pub struct DeployReport {
     pub centralizer_tx: TxOutcome,
 }
 
-fn http_provider(
+/// An HTTP provider for `rpc_url`, with `signer` as its wallet if given. Nonces are
+/// fetched from the node for every transaction (see below), gas is estimated.
+pub fn http_provider(
     rpc_url: &str,
     signer: Option<PrivateKeySigner>,
 ) -> Result<DynProvider, ChainError> {
@@ -148,12 +150,20 @@ fn http_provider(
             reason: format!("scheme {:?} is not http or https", url.scheme()),
         });
     }
+    // The simple nonce manager asks the node for every transaction: a reverted gas
+    // estimate then cannot leave a gap in a locally cached nonce, and several processes
+    // may share a key.
+    let builder = ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .fetch_chain_id();
     Ok(match signer {
-        Some(s) => ProviderBuilder::new()
+        Some(s) => builder
             .wallet(EthereumWallet::from(s))
             .connect_http(url)
             .erased(),
-        None => ProviderBuilder::new().connect_http(url).erased(),
+        None => builder.connect_http(url).erased(),
     })
 }
 

@@ -14,10 +14,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use alloy::primitives::U256;
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::providers::{DynProvider, Provider};
 use alloy::signers::local::PrivateKeySigner;
 
-use super::client::{DeployParams, DeployReport, deploy};
+use super::client::{DeployParams, DeployReport, deploy, http_provider};
 use super::error::ChainError;
 
 /// How long anvil may take to print its listening address.
@@ -259,14 +259,13 @@ impl Anvil {
 
     /// A read-only provider to this node.
     pub fn provider(&self) -> Result<DynProvider, ChainError> {
-        let url = self
-            .endpoint
-            .parse()
-            .map_err(|e| ChainError::InvalidRpcUrl {
-                url: self.endpoint.clone(),
-                reason: format!("{e}"),
-            })?;
-        Ok(ProviderBuilder::new().connect_http(url).erased())
+        http_provider(&self.endpoint, None)
+    }
+
+    /// A provider that signs with dev key `i` (nonces fetched per transaction, so a
+    /// reverted gas estimate leaves no nonce gap).
+    pub fn wallet_provider(&self, i: usize) -> Result<DynProvider, ChainError> {
+        http_provider(&self.endpoint, Some(self.key(i)))
     }
 
     /// Moves the chain's clock forward by `secs` and mines a block.
