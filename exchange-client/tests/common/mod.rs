@@ -32,12 +32,23 @@ impl World {
     /// A fresh anvil and deployment with `fee_bps`; each of `n_users` users gets
     /// `funded` tokens, approves the Centralizer for everything and deposits `deposited`.
     pub async fn new(n_users: usize, fee_bps: u16, funded: U256, deposited: U256) -> Self {
+        Self::with_period(n_users, fee_bps, funded, deposited, 600).await
+    }
+
+    /// Same as `new` with a challenge period of `period` seconds.
+    pub async fn with_period(
+        n_users: usize,
+        fee_bps: u16,
+        funded: U256,
+        deposited: U256,
+        period: u64,
+    ) -> Self {
         let anvil = Anvil::spawn().unwrap();
         let owner_key = anvil.key(OWNER);
         let mut params = DeployParams::all_to(owner_key.address());
         params.treasury = anvil.key(TREASURY).address();
         params.fee_bps = fee_bps;
-        params.challenge_period_secs = 600;
+        params.challenge_period_secs = period;
         let report = deploy(anvil.endpoint(), owner_key.clone(), &params)
             .await
             .unwrap();
