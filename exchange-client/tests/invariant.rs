@@ -77,7 +77,12 @@ fn awkward(rng: &mut StdRng, max: U256) -> U256 {
     }
 }
 
-fn expect(step: usize, what: &str, r: Result<impl std::fmt::Debug, ChainError>, want: Result<(), &str>) {
+fn expect(
+    step: usize,
+    what: &str,
+    r: Result<impl std::fmt::Debug, ChainError>,
+    want: Result<(), &str>,
+) {
     match (r, want) {
         (Ok(_), Ok(())) => {}
         (Err(e), Err(name)) => {
@@ -86,7 +91,10 @@ fn expect(step: usize, what: &str, r: Result<impl std::fmt::Debug, ChainError>, 
                 Some(ipsx_exchange_client::chain::Revert::Token(t)) => format!("Token {t:?}"),
                 _ => panic!("step {step} {what}: expected revert {name}, got non-revert error {e}"),
             };
-            assert!(got.starts_with(name), "step {step} {what}: expected {name}, got {got}");
+            assert!(
+                got.starts_with(name),
+                "step {step} {what}: expected {name}, got {got}"
+            );
         }
         (Ok(v), Err(name)) => panic!("step {step} {what}: expected {name}, succeeded with {v:?}"),
         (Err(e), Ok(())) => panic!("step {step} {what}: expected success, got {e}"),
@@ -127,11 +135,17 @@ fn pay_check(ch: &Ch, cum: U256, must_increase: bool) -> Result<(), &'static str
 
 #[tokio::test]
 async fn invariant_holds_after_every_step_of_a_random_sequence() {
-    let seed = std::env::var("IPSX_CHAIN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x1b5c_2017);
+    let seed = std::env::var("IPSX_CHAIN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x1b5c_2017);
     let mut rng = StdRng::seed_from_u64(seed);
     let funded = tokens("1000");
     let w = World::with_period(USERS, FEE_BPS, funded, U256::ZERO, PERIOD).await;
-    let mut m = Model { tokens: vec![funded; USERS], ..Model::default() };
+    let mut m = Model {
+        tokens: vec![funded; USERS],
+        ..Model::default()
+    };
     let mut counts = BTreeMap::<&str, (u32, u32)>::new();
 
     for step in 0..STEPS {
@@ -197,14 +211,23 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
                 if let Ok((id, _)) = &r {
                     m.sub_bal(me, amount);
                     m.add_res(me, amount);
-                    let ch = Ch { requester: u, provider: p, deposit: amount, claimed: U256::ZERO, closing: false, expired: false };
+                    let ch = Ch {
+                        requester: u,
+                        provider: p,
+                        deposit: amount,
+                        claimed: U256::ZERO,
+                        closing: false,
+                        expired: false,
+                    };
                     m.open.insert(*id, ch);
                 }
                 expect(step, "openChannel", r, want);
                 ("openChannel", ok)
             }
             40..=47 => {
-                let Some((id, ch)) = pick_channel(&mut rng, &m) else { continue };
+                let Some((id, ch)) = pick_channel(&mut rng, &m) else {
+                    continue;
+                };
                 let req = w.users[ch.requester].address();
                 let amount = awkward(&mut rng, m.bal(req) / U256::from(3));
                 let want = if ch.closing {
@@ -227,17 +250,26 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
                 ("topUp", ok)
             }
             48..=67 => {
-                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else { continue };
+                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else {
+                    continue;
+                };
                 let close_it = rng.gen_bool(0.25);
                 let cum = match rng.gen_range(0..4) {
                     0 => ch.claimed,
                     1 => ch.claimed.saturating_sub(U256::from(1)),
                     _ => ch.claimed + awkward(&mut rng, ch.deposit - ch.claimed),
                 };
-                let want = if ch.expired { Err("ChallengePeriodOver") } else { pay_check(&ch, cum, !close_it) };
+                let want = if ch.expired {
+                    Err("ChallengePeriodOver")
+                } else {
+                    pay_check(&ch, cum, !close_it)
+                };
                 let sig = w.users[ch.requester].sign_balance_proof(id, cum).unwrap();
                 let log = B256::from(U256::from(step));
-                let proof = BalanceProof { channel_id: id, cumulative_amount: cum };
+                let proof = BalanceProof {
+                    channel_id: id,
+                    cumulative_amount: cum,
+                };
                 let r = w.users[ch.provider].claim(&proof, sig, log, close_it).await;
                 let ok = r.is_ok();
                 expect(step, "claim", r, want);
@@ -252,11 +284,19 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
                 (if close_it { "claim+close" } else { "claim" }, ok)
             }
             68..=74 => {
-                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else { continue };
+                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else {
+                    continue;
+                };
                 let cum = ch.claimed + awkward(&mut rng, ch.deposit - ch.claimed);
                 let want = pay_check(&ch, cum, false);
-                let consent = CloseConsent { channel_id: id, cumulative_amount: cum, log_hash: B256::repeat_byte(7) };
-                let sig = w.users[ch.provider].sign_close_consent(id, cum, consent.log_hash).unwrap();
+                let consent = CloseConsent {
+                    channel_id: id,
+                    cumulative_amount: cum,
+                    log_hash: B256::repeat_byte(7),
+                };
+                let sig = w.users[ch.provider]
+                    .sign_close_consent(id, cum, consent.log_hash)
+                    .unwrap();
                 let r = w.users[ch.requester].cooperative_close(&consent, sig).await;
                 let ok = r.is_ok();
                 expect(step, "cooperativeClose", r, want);
@@ -267,9 +307,15 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
                 ("cooperativeClose", ok)
             }
             75..=82 => {
-                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else { continue };
+                let Some((id, mut ch)) = pick_channel(&mut rng, &m) else {
+                    continue;
+                };
                 let cum = ch.claimed + awkward(&mut rng, (ch.deposit - ch.claimed) / U256::from(2));
-                let want = if ch.closing { Err("ChannelClosing") } else { pay_check(&ch, cum, false) };
+                let want = if ch.closing {
+                    Err("ChannelClosing")
+                } else {
+                    pay_check(&ch, cum, false)
+                };
                 let r = w.users[ch.requester].start_close(id, cum).await;
                 let ok = r.is_ok();
                 expect(step, "startClose", r, want);
@@ -337,12 +383,24 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
             }
         };
         let e = counts.entry(name).or_default();
-        if ok { e.0 += 1 } else { e.1 += 1 }
+        if ok {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
 
         // After every step: the model matches the chain, and the invariant holds.
         for a in w.wallets() {
-            assert_eq!(w.owner.balance(a).await.unwrap(), m.bal(a), "step {step} ({name}): balance of {a}");
-            assert_eq!(w.owner.reserved(a).await.unwrap(), m.res(a), "step {step} ({name}): reserved of {a}");
+            assert_eq!(
+                w.owner.balance(a).await.unwrap(),
+                m.bal(a),
+                "step {step} ({name}): balance of {a}"
+            );
+            assert_eq!(
+                w.owner.reserved(a).await.unwrap(),
+                m.res(a),
+                "step {step} ({name}): reserved of {a}"
+            );
         }
         w.assert_invariant().await;
     }
@@ -351,19 +409,38 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
     let mut per_requester = BTreeMap::<Address, U256>::new();
     for (id, ch) in &m.open {
         let on_chain = w.owner.channel(*id).await.unwrap().unwrap();
-        assert_eq!((on_chain.deposit, on_chain.claimed), (ch.deposit, ch.claimed));
+        assert_eq!(
+            (on_chain.deposit, on_chain.claimed),
+            (ch.deposit, ch.claimed)
+        );
         assert_eq!(on_chain.settle_after.is_some(), ch.closing);
-        *per_requester.entry(w.users[ch.requester].address()).or_default() += ch.deposit - ch.claimed;
+        *per_requester
+            .entry(w.users[ch.requester].address())
+            .or_default() += ch.deposit - ch.claimed;
     }
     for a in w.wallets() {
-        assert_eq!(w.owner.reserved(a).await.unwrap(), per_requester.get(&a).copied().unwrap_or_default());
+        assert_eq!(
+            w.owner.reserved(a).await.unwrap(),
+            per_requester.get(&a).copied().unwrap_or_default()
+        );
     }
     for id in &m.closed {
         assert_eq!(w.owner.channel(*id).await.unwrap(), None);
     }
     println!("seed {seed:#x}: (succeeded, reverted) per operation: {counts:?}");
     // The sequence exercised every kind of operation at least once successfully.
-    for op in ["deposit", "withdraw", "openChannel", "topUp", "claim", "startClose", "settle"] {
-        assert!(counts.get(op).is_some_and(|c| c.0 > 0), "{op} never succeeded: {counts:?}");
+    for op in [
+        "deposit",
+        "withdraw",
+        "openChannel",
+        "topUp",
+        "claim",
+        "startClose",
+        "settle",
+    ] {
+        assert!(
+            counts.get(op).is_some_and(|c| c.0 > 0),
+            "{op} never succeeded: {counts:?}"
+        );
     }
 }
