@@ -218,9 +218,11 @@ contract Centralizer is EIP712, Ownable2Step, ReentrancyGuardTransient {
         _reserve(msg.sender, amount);
         uint256 nonce = channelNonce++;
         channelId = channelIdFor(msg.sender, provider, nonce);
-        _channels[channelId] = Channel({
-            requester: msg.sender, settleAfter: 0, provider: provider, deposit: amount128, claimed: 0, logHash: 0
-        });
+        // Field by field: the zero fields (settleAfter, claimed, logHash) cost no write.
+        Channel storage ch = _channels[channelId];
+        ch.requester = msg.sender;
+        ch.provider = provider;
+        ch.deposit = amount128;
         emit ChannelOpened(channelId, msg.sender, provider, amount);
     }
 

@@ -38,7 +38,7 @@ async fn gas_table() {
         .open_channel(prov.address(), tokens("100"))
         .await
         .unwrap();
-    rows.push(("openChannel", open.gas_used));
+    rows.push(("openChannel (first)", open.gas_used));
     rows.push((
         "topUp",
         req.top_up(id, tokens("10")).await.unwrap().gas_used,
