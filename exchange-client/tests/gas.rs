@@ -60,10 +60,11 @@ async fn gas_table() {
     rows.push(("claim (next)", claim(tokens("2"), false).await));
     rows.push(("claim + close", claim(tokens("3"), true).await));
 
-    let (id2, _) = req
+    let (id2, open2) = req
         .open_channel(prov.address(), tokens("10"))
         .await
         .unwrap();
+    rows.push(("openChannel (next)", open2.gas_used));
     let consent = CloseConsent {
         channel_id: id2,
         cumulative_amount: tokens("4"),
