@@ -1,0 +1,26 @@
+//! alloy bindings generated from the committed artifacts in `contracts/artifacts/`
+//! (ABI and creation bytecode, so each binding also has a `deploy` function).
+
+#![allow(missing_docs, unreachable_pub, clippy::too_many_arguments)]
+
+use alloy::sol;
+
+sol!(
+    #[sol(rpc, all_derives)]
+    IPSXToken,
+    "../contracts/artifacts/IPSXToken.json"
+);
+
+sol!(
+    #[sol(rpc, all_derives)]
+    Centralizer,
+    "../contracts/artifacts/Centralizer.json"
+);
+
+sol!(
+    /// Hostile ERC20 that re-enters a target during transfers; used by the reentrancy tests
+    /// only.
+    #[sol(rpc, all_derives)]
+    ReentrantToken,
+    "../contracts/artifacts/ReentrantToken.json"
+);

@@ -1,0 +1,30 @@
+//! The Ethereum layer of the whitepaper: the IPSX token and the Centralizer contract.
+//!
+//! - [`proof`]: sans-IO balance-proof maths (EIP-712 digests, signing, verification with
+//!   the contract's exact rules, channel ids, fee split).
+//! - [`client`]: typed async calls ([`ChainClient`]) and [`deploy`].
+//! - [`deployment`]: the deployment file every role reads.
+//! - [`testing`]: a real anvil for tests (and for `ipsx up`), killed on drop.
+//!
+//! Channel ids are `bytes32`:
+//! `keccak256(abi.encode(chainId, centralizer, requester, provider, nonce))`.
+
+pub mod bindings;
+pub mod client;
+pub mod deployment;
+pub mod error;
+pub mod proof;
+pub mod testing;
+pub mod units;
+
+pub use client::{
+    ChainClient, ChannelState, DeployParams, DeployReport, TxOutcome, WalletBalances, deploy,
+};
+pub use deployment::Deployment;
+pub use error::{ChainError, Revert};
+pub use proof::{
+    BalanceProof, ChannelDomain, CloseConsent, FeeSplit, ProofError, channel_id_for, fee_split,
+    recover_signer, sign_balance_proof, sign_close_consent, verify_balance_proof,
+    verify_close_consent,
+};
+pub use units::{format_tokens, parse_tokens};
