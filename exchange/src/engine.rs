@@ -88,12 +88,12 @@ pub enum Command {
         /// Unix seconds.
         now: u64,
     },
-    /// A signed balance proof (the signature is kept for the provider's claim).
+    /// A balance proof whose signature recovered to `signer`.
     Proof {
-        /// The message.
+        /// The proof with its signature.
         proof: BalanceProof,
-        /// The requester's signature, 0x-hex.
-        signature: String,
+        /// The recovered signer.
+        signer: Address,
         /// Unix seconds.
         now: u64,
     },
@@ -259,15 +259,6 @@ pub struct HistoryEntry {
     pub what: String,
 }
 
-/// The latest balance proof of a deal, as the provider needs it to claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredProof {
-    /// The signed message.
-    pub proof: BalanceProof,
-    /// The requester's signature over it, 0x-hex.
-    pub signature: String,
-}
-
 /// A deal in the deal book.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deal {
@@ -295,7 +286,7 @@ pub struct Deal {
     pub history: Vec<HistoryEntry>,
     /// Latest balance proof.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proof: Option<StoredProof>,
+    pub proof: Option<BalanceProof>,
     /// Whether the provider has rated the requester.
     pub rated_by_provider: bool,
     /// Whether the requester has rated the provider.
@@ -720,14 +711,10 @@ impl Exchange {
                 self.use_nonce(report.wallet, report.nonce, report.expiry);
                 Ok(self.report(report, actor))
             }
-            Command::Proof {
-                proof, signature, ..
-            } => {
-                proof.check(now, ttl)?;
-                self.check_nonce(proof.wallet, proof.nonce)?;
-                self.check_proof(proof)?;
-                self.use_nonce(proof.wallet, proof.nonce, proof.expiry);
-                Ok(self.store_proof(proof, signature))
+            Command::Proof { proof, signer, .. } => {
+                proof.check()?;
+                self.check_proof(proof, signer)?;
+                Ok(self.store_proof(proof))
             }
             Command::Rate { rating, .. } => {
                 rating.check(now, ttl)?;
@@ -1141,60 +1128,58 @@ impl Exchange {
         changed
     }
 
-    fn check_proof(&self, p: &BalanceProof) -> Result<(), ExchangeError> {
+    fn check_proof(&self, p: &BalanceProof, signer: &Address) -> Result<(), ExchangeError> {
         let d = self
             .deals
             .get(&p.deal_id)
             .ok_or(ExchangeError::UnknownDeal(p.deal_id))?;
-        if d.requester != p.wallet {
-            return Err(ExchangeError::NotParty {
-                wallet: p.wallet,
-                what: format!("deal {} as requester", p.deal_id),
+        if d.requester != *signer {
+            return Err(ExchangeError::BadSignature {
+                reason: format!(
+                    "signed by {signer}, but deal {} is paid by {}",
+                    d.id, d.requester
+                ),
             });
         }
-        if d.provider != p.provider {
-            return Err(ExchangeError::invalid(
-                "provider",
-                format!("deal {} is with provider {}", d.id, d.provider),
-            ));
-        }
-        if p.amount > d.terms.value {
-            return Err(ExchangeError::invalid(
-                "amount",
-                format!("{} exceeds the deal's value {}", p.amount, d.terms.value),
-            ));
-        }
-        if let Some(prev) = &d.proof
-            && p.amount <= prev.proof.amount
-        {
-            return Err(ExchangeError::conflict(
-                "amount",
-                format!(
-                    "{} is not above the stored proof's {}",
-                    p.amount, prev.proof.amount
-                ),
-            ));
+        if let Some(prev) = &d.proof {
+            if prev.channel_id != p.channel_id {
+                return Err(ExchangeError::invalid(
+                    "channel_id",
+                    format!("deal {} is paid over channel {}", d.id, prev.channel_id),
+                ));
+            }
+            if p.cumulative_amount <= prev.cumulative_amount {
+                return Err(ExchangeError::conflict(
+                    "cumulative_amount",
+                    format!(
+                        "{} is not above the stored proof's {}",
+                        p.cumulative_amount, prev.cumulative_amount
+                    ),
+                ));
+            }
         }
         Ok(())
     }
 
-    fn store_proof(&mut self, p: &BalanceProof, signature: &str) -> Outcome {
+    fn store_proof(&mut self, p: &BalanceProof) -> Outcome {
         let now = self.now;
         if let Some(d) = self.deals.get_mut(&p.deal_id) {
-            d.proof = Some(StoredProof {
-                proof: p.clone(),
-                signature: signature.to_owned(),
-            });
+            d.proof = Some(p.clone());
             d.history.push(HistoryEntry {
                 at: now,
                 actor: Actor::Requester,
-                what: format!("balance proof {}", p.amount),
+                what: format!("balance proof {}", p.cumulative_amount),
             });
         }
-        self.emit(p.deal_id, EventKind::Proof { amount: p.amount });
+        self.emit(
+            p.deal_id,
+            EventKind::Proof {
+                amount: p.cumulative_amount,
+            },
+        );
         Outcome::ProofStored {
             deal_id: p.deal_id,
-            amount: p.amount,
+            amount: p.cumulative_amount,
         }
     }
 

@@ -85,6 +85,21 @@ pub enum ExchangeError {
     /// The journal could not be written or read.
     #[error("storage: {0}")]
     Storage(String),
+    /// The exchange answered the client with an error.
+    #[error("exchange answered {status} {code}: {message}")]
+    Remote {
+        /// HTTP status.
+        status: u16,
+        /// The error code from the body.
+        code: String,
+        /// The field at fault, if named.
+        field: Option<String>,
+        /// The message from the body.
+        message: String,
+    },
+    /// The client could not reach the exchange or read its answer.
+    #[error("transport: {0}")]
+    Transport(String),
     /// The configuration is invalid.
     #[error("config `{key}`: {reason}")]
     Config {
@@ -121,7 +136,8 @@ impl ExchangeError {
             Self::NotParty { .. } => 403,
             Self::UnknownOrder(_) | Self::UnknownDeal(_) => 404,
             Self::Replay { .. } | Self::Conflict { .. } => 409,
-            Self::Chain(_) | Self::Storage(_) => 503,
+            Self::Chain(_) | Self::Storage(_) | Self::Transport(_) => 503,
+            Self::Remote { status, .. } => *status,
             Self::Config { .. } => 500,
         }
     }
@@ -142,6 +158,8 @@ impl ExchangeError {
             Self::Chain(_) => "chain",
             Self::Storage(_) => "storage",
             Self::Config { .. } => "config",
+            Self::Remote { .. } => "remote",
+            Self::Transport(_) => "transport",
         }
     }
 
@@ -158,7 +176,8 @@ impl ExchangeError {
             Self::UnknownDeal(_) => Some("deal_id".into()),
             Self::NotParty { .. } => Some("wallet".into()),
             Self::Config { key, .. } => Some(key.clone()),
-            Self::Chain(_) | Self::Storage(_) => None,
+            Self::Remote { field, .. } => field.clone(),
+            Self::Chain(_) | Self::Storage(_) | Self::Transport(_) => None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use alloy_primitives::Address;
+use alloy_primitives::{Address, B256};
 use base64::Engine as _;
 use ipsx_rotation::{CountryCode, ExitAttributes, ExitKind, parse_place};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -370,24 +370,22 @@ pub struct StatusReport {
     pub nonce: u64,
 }
 
-/// A requester's off-chain balance proof for a deal: the cumulative amount the provider
-/// may claim. Stored so the provider can always fetch the latest one.
+/// A requester's off-chain balance proof for a deal's payment channel: the Centralizer's
+/// `BalanceProof(bytes32 channelId,uint256 cumulativeAmount)`, signed by the requester
+/// under the Centralizer's EIP-712 domain. Stored so the provider can always fetch the
+/// latest one and claim it on chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalanceProof {
-    /// The requester; must be the signer.
-    pub wallet: Address,
     /// The deal paid for.
     pub deal_id: u64,
-    /// The deal's provider (the payee).
-    pub provider: Address,
-    /// Cumulative amount, base units (never decreases; at most the deal's value).
+    /// The payment channel (the first proof binds it to the deal).
+    pub channel_id: B256,
+    /// Total owed over the channel's life, base units (only grows).
     #[serde(with = "amount")]
-    pub amount: u128,
-    /// The message is refused after this time.
-    pub expiry: u64,
-    /// Unique per wallet among unexpired messages.
-    pub nonce: u64,
+    pub cumulative_amount: u128,
+    /// The requester's signature, 0x-hex `r || s || v` (65 bytes).
+    pub signature: String,
 }
 
 /// A counterparty's rating after a deal ends.
@@ -664,10 +662,15 @@ impl Cancel {
 
 impl BalanceProof {
     /// Checks the message fields.
-    pub fn check(&self, now: u64, max_ttl: u64) -> Result<(), ExchangeError> {
-        check_expiry(self.expiry, now, max_ttl)?;
-        if self.amount == 0 {
-            return Err(ExchangeError::invalid("amount", "must be positive"));
+    pub fn check(&self) -> Result<(), ExchangeError> {
+        if self.cumulative_amount == 0 {
+            return Err(ExchangeError::invalid(
+                "cumulative_amount",
+                "must be positive",
+            ));
+        }
+        if self.signature.len() > 140 {
+            return Err(ExchangeError::invalid("signature", "too long"));
         }
         Ok(())
     }
