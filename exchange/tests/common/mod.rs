@@ -2,11 +2,14 @@
 //! in-memory balance table, wallets, and order builders.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod pg;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use alloy_primitives::{Address, U256};
 use alloy_signer_local::PrivateKeySigner;
+use ipsx_exchange::EngineConfig;
 use ipsx_exchange::server::{serve_with, unix_now};
 use ipsx_exchange::store::Store;
 use ipsx_exchange::{
@@ -38,9 +41,19 @@ impl Node {
 
     /// A node on the given database URL and balances.
     pub async fn start_on(database: &str, balances: MemoryBalances) -> Node {
+        Node::start_with(database, balances, EngineConfig::default()).await
+    }
+
+    /// A node with engine rules.
+    pub async fn start_with(
+        database: &str,
+        balances: MemoryBalances,
+        engine: EngineConfig,
+    ) -> Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cfg = ExchangeConfig::for_tests(database, Default::default());
+        let mut cfg = ExchangeConfig::for_tests(database, Default::default());
+        cfg.engine = engine;
         let (stop, stopped) = oneshot::channel::<()>();
         let b: Arc<dyn ipsx_exchange::BalanceSource> = Arc::new(balances.clone());
         let task = tokio::spawn(async move {
