@@ -1,0 +1,2 @@
+//! API bench: placeholder until the server lands.
+fn main() {}

@@ -1,0 +1,210 @@
+//! The exchange node's configuration file (TOML), checked into an [`ExchangeConfig`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use alloy_primitives::Address;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+use crate::error::ExchangeError;
+
+/// Everything `ipsx exchange --config FILE` reads.
+///
+/// ```toml
+/// chain_id = 31337
+/// database = "sqlite:///var/lib/ipsx/exchange.db"   # or "postgres://user@host:5432/db"
+/// rpc_url = "http://127.0.0.1:8545"
+/// centralizer = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+///
+/// [engine]
+/// accept_window_s = 30
+/// settle_window_s = 300
+/// commission_bps = 250
+/// max_ttl_s = 2678400
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// EIP-155 chain id: part of every signature's domain.
+    pub chain_id: u64,
+    /// Journal location: `sqlite://PATH` (created if missing) or `postgres://...`.
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// JSON-RPC URL of the chain holding the Centralizer (plain HTTP).
+    #[serde(default)]
+    pub rpc_url: Option<String>,
+    /// Address of the Centralizer contract (balances; balance-proof domain).
+    #[serde(default)]
+    pub centralizer: Address,
+    /// Local development and tests only: fixed balances instead of a chain
+    /// (wallet -> base units, decimal string). Exactly one of this and `rpc_url`.
+    #[serde(default)]
+    pub static_balances: Option<BTreeMap<Address, String>>,
+    /// Matching, deadlines and commission.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Serve HTTPS with these PEM files instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Largest request body accepted, bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Most offers in one batch.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+/// TLS certificate chain and key, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain file.
+    pub cert: PathBuf,
+    /// Private key file.
+    pub key: PathBuf,
+}
+
+fn default_database() -> String {
+    "sqlite://ipsx-exchange.db".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_max_batch() -> usize {
+    1000
+}
+
+impl ExchangeConfig {
+    /// A config for tests: in-memory balances, the given database URL.
+    pub fn for_tests(database: impl Into<String>, balances: BTreeMap<Address, String>) -> Self {
+        Self {
+            chain_id: 31337,
+            database: database.into(),
+            rpc_url: None,
+            centralizer: Address::ZERO,
+            static_balances: Some(balances),
+            engine: EngineConfig::default(),
+            tls: None,
+            max_body_bytes: default_max_body(),
+            max_batch: default_max_batch(),
+        }
+    }
+
+    /// Parses and checks a TOML document; errors name the key (and line for syntax).
+    pub fn from_toml(text: &str) -> Result<Self, ExchangeError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ExchangeError::Config {
+            key: e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "document".into()),
+            reason: e.message().to_owned(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ExchangeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ExchangeError::Config {
+            key: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks values serde cannot.
+    pub fn check(&self) -> Result<(), ExchangeError> {
+        let err = |key: &str, reason: &str| ExchangeError::Config {
+            key: key.into(),
+            reason: reason.into(),
+        };
+        if !(self.database.starts_with("sqlite:")
+            || self.database.starts_with("postgres://")
+            || self.database.starts_with("postgresql://"))
+        {
+            return Err(err("database", "expected sqlite://PATH or postgres://..."));
+        }
+        match (&self.rpc_url, &self.static_balances) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "static_balances",
+                    "set either rpc_url or static_balances",
+                ));
+            }
+            (None, None) => return Err(err("rpc_url", "required (or static_balances for tests)")),
+            (Some(url), None) if !url.starts_with("http://") && !url.starts_with("https://") => {
+                return Err(err("rpc_url", "expected an http:// URL"));
+            }
+            _ => {}
+        }
+        if let Some(b) = &self.static_balances {
+            for v in b.values() {
+                crate::types::amount::parse(v).map_err(|e| err("static_balances", &e))?;
+            }
+        }
+        if self.engine.commission_bps > 10_000 {
+            return Err(err("engine.commission_bps", "at most 10000"));
+        }
+        if self.engine.max_ttl_s == 0 {
+            return Err(err("engine.max_ttl_s", "must be positive"));
+        }
+        if self.max_batch == 0 || self.max_body_bytes < 1024 {
+            return Err(err(
+                "max_batch",
+                "max_batch >= 1 and max_body_bytes >= 1024",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = r#"
+chain_id = 31337
+database = "sqlite:///tmp/x.db"
+rpc_url = "http://127.0.0.1:8545"
+centralizer = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+[engine]
+accept_window_s = 30
+settle_window_s = 300
+commission_bps = 250
+max_ttl_s = 2678400
+"#;
+        let c = ExchangeConfig::from_toml(text).unwrap();
+        assert_eq!(c.engine.commission_bps, 250);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        for (text, key) in [
+            ("chain_id = 1\nrpc_url = \"http://x\"\nbogus = 1", "line 3"),
+            ("chain_id = 1", "rpc_url"),
+            ("chain_id = 1\nrpc_url = \"ftp://x\"", "rpc_url"),
+            (
+                "chain_id = 1\nrpc_url = \"http://x\"\ndatabase = \"mysql://\"",
+                "database",
+            ),
+            (
+                "chain_id = 1\nstatic_balances = { \"0x0000000000000000000000000000000000000001\" = \"-5\" }",
+                "static_balances",
+            ),
+            (
+                "chain_id = 1\nrpc_url = \"http://x\"\n[engine]\ncommission_bps = 10001",
+                "engine.commission_bps",
+            ),
+        ] {
+            let e = ExchangeConfig::from_toml(text).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The OpenAPI 3.1 document of the API, served at `GET /v1/openapi.json`. A test checks
+//! that every documented route is served and that the message schemas list exactly the
+//! fields the server accepts.
+
+use serde_json::{Value, json};
+
+/// Every route: (method, path, summary, request body schema, success status).
+pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
+    ("get", "/v1/health", "Liveness: `ok`.", None, 200),
+    ("get", "/v1/openapi.json", "This document.", None, 200),
+    (
+        "post",
+        "/v1/offers",
+        "Post one signed offer (Offer Orders List); it may fill resting requests at once.",
+        Some("SignedOffer"),
+        201,
+    ),
+    (
+        "post",
+        "/v1/offers/batch",
+        "Post many signed offers; one result (ok or error) per offer, in order.",
+        Some("OfferBatch"),
+        200,
+    ),
+    (
+        "post",
+        "/v1/requests",
+        "Post a signed request; accepted only if the on-chain balance minus holds covers its maximum cost; fills at once as far as the book allows, the rest rests until expiry.",
+        Some("SignedRequest"),
+        201,
+    ),
+    (
+        "post",
+        "/v1/cancel",
+        "Cancel the open part of one's own order; a request's unfilled part is released.",
+        Some("SignedCancel"),
+        200,
+    ),
+    (
+        "get",
+        "/v1/book",
+        "The order book: offers in matching order and resting requests. Query: country, type, max_price, wallet, limit.",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/v1/deals/{id}",
+        "One deal with its terms, statuses and history.",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/v1/deals/{id}/proof",
+        "The latest balance proof of a deal (what the provider claims on chain).",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/v1/reports",
+        "A side's signed status report for a deal (agreement protocol input).",
+        Some("SignedStatusReport"),
+        200,
+    ),
+    (
+        "post",
+        "/v1/proofs",
+        "A requester's balance proof for a deal's payment channel (Centralizer EIP-712 domain).",
+        Some("BalanceProof"),
+        200,
+    ),
+    (
+        "post",
+        "/v1/ratings",
+        "Rate the counterparty of an ended deal (1-5, weighted by deal value).",
+        Some("SignedRating"),
+        200,
+    ),
+    (
+        "post",
+        "/v1/preferences",
+        "Set one's matching preferences.",
+        Some("SignedPreferences"),
+        200,
+    ),
+    (
+        "get",
+        "/v1/wallets/{address}/deals",
+        "Deals of a wallet, oldest first.",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/v1/wallets/{address}/events",
+        "Server-sent events of a wallet's deals (`event: deal`, `id` = event id); resume with `Last-Event-ID` or `?after=`.",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/v1/profiles/{address}",
+        "A wallet's profile: rating, deal counts, preferences, funds held.",
+        None,
+        200,
+    ),
+];
+
+fn s(t: &str) -> Value {
+    json!({ "type": t })
+}
+
+fn amount() -> Value {
+    json!({ "type": "string", "pattern": "^[0-9]{1,39}$", "description": "token base units, decimal" })
+}
+
+fn address() -> Value {
+    json!({ "type": "string", "pattern": "^0x[0-9a-fA-F]{40}$" })
+}
+
+fn strings() -> Value {
+    json!({ "type": "array", "items": { "type": "string" } })
+}
+
+fn object(required: &[&str], props: Value) -> Value {
+    json!({ "type": "object", "additionalProperties": false, "required": required, "properties": props })
+}
+
+fn signed(schema: &str) -> Value {
+    object(
+        &["payload", "signature"],
+        json!({
+            "payload": { "$ref": format!("#/components/schemas/{schema}") },
+            "signature": { "type": "string", "description": "EIP-712 signature, 0x-hex r||s||v (65 bytes), domain (\"IPSX Exchange\", \"1\", chainId)" }
+        }),
+    )
+}
+
+/// Component schemas of the messages.
+pub fn schemas() -> Value {
+    json!({
+        "Offer": object(
+            &["provider", "exit_address", "country", "type", "protocols", "price_per_ip_second", "min_duration_s", "max_duration_s", "capacity", "wg_endpoint", "wg_public_key", "expiry", "nonce"],
+            json!({
+                "provider": address(), "exit_address": s("string"), "country": s("string"),
+                "region": s("string"), "city": s("string"), "asn": s("integer"),
+                "type": { "enum": ["residential", "mobile", "datacenter"] },
+                "protocols": { "type": "array", "items": { "enum": ["http", "https", "smtp", "any"] } },
+                "price_per_ip_second": amount(), "min_duration_s": s("integer"), "max_duration_s": s("integer"),
+                "capacity": s("integer"), "wg_endpoint": s("string"), "wg_public_key": s("string"),
+                "expiry": s("integer"), "nonce": s("integer")
+            }),
+        ),
+        "Request": object(
+            &["requester", "count", "duration_s", "max_price_per_ip_second", "wg_public_key", "expiry", "nonce"],
+            json!({
+                "requester": address(), "count": s("integer"),
+                "countries": strings(), "regions": strings(), "cities": strings(),
+                "asns": { "type": "array", "items": s("integer") }, "types": strings(), "protocols": strings(),
+                "min_rating": s("integer"),
+                "diversity": { "enum": ["none", "distinct_subnet", "distinct_provider"] },
+                "duration_s": { "type": "integer", "minimum": 5, "maximum": 2_592_000 },
+                "max_price_per_ip_second": amount(), "wg_public_key": s("string"),
+                "expiry": s("integer"), "nonce": s("integer")
+            }),
+        ),
+        "Cancel": object(&["wallet", "order_id", "expiry", "nonce"], json!({
+            "wallet": address(), "order_id": s("integer"), "expiry": s("integer"), "nonce": s("integer")
+        })),
+        "StatusReport": object(&["wallet", "deal_id", "status", "expiry", "nonce"], json!({
+            "wallet": address(), "deal_id": s("integer"),
+            "status": { "enum": ["accepted", "active", "completed", "failed", "rejected"] },
+            "reason": s("string"), "expiry": s("integer"), "nonce": s("integer")
+        })),
+        "Rating": object(&["wallet", "deal_id", "score", "expiry", "nonce"], json!({
+            "wallet": address(), "deal_id": s("integer"), "score": { "type": "integer", "minimum": 1, "maximum": 5 },
+            "expiry": s("integer"), "nonce": s("integer")
+        })),
+        "Preferences": object(&["wallet", "expiry", "nonce"], json!({
+            "wallet": address(), "min_counterparty_rating": s("integer"), "expiry": s("integer"), "nonce": s("integer")
+        })),
+        "BalanceProof": object(&["deal_id", "channel_id", "cumulative_amount", "signature"], json!({
+            "deal_id": s("integer"), "channel_id": s("string"), "cumulative_amount": amount(),
+            "signature": { "type": "string", "description": "requester's EIP-712 signature of BalanceProof(bytes32 channelId,uint256 cumulativeAmount), domain (\"IPSX Centralizer\", \"1\", chainId, centralizer)" }
+        })),
+        "SignedOffer": signed("Offer"),
+        "SignedRequest": signed("Request"),
+        "SignedCancel": signed("Cancel"),
+        "SignedStatusReport": signed("StatusReport"),
+        "SignedRating": signed("Rating"),
+        "SignedPreferences": signed("Preferences"),
+        "OfferBatch": object(&["orders"], json!({ "orders": { "type": "array", "items": { "$ref": "#/components/schemas/SignedOffer" } } })),
+        "Error": object(&["error"], json!({ "error": object(&["code", "message"], json!({
+            "code": s("string"), "field": s("string"), "message": s("string")
+        })) })),
+    })
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, body, status) in ROUTES {
+        let mut op = json!({
+            "summary": summary,
+            "responses": {
+                status.to_string(): { "description": "success" },
+                "4XX": { "description": "refused; the body names the field", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
+                "503": { "description": "chain or journal unavailable" }
+            }
+        });
+        if let Some(b) = body {
+            op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{b}") } } } });
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "ipsx exchange", "version": "1", "description": "Order book, matching, deal book and agreement protocol of the IP Sharing Exchange. Writes are EIP-712 signed by the wallet; the signer is the identity." },
+        "paths": paths,
+        "components": { "schemas": schemas() }
+    })
+}

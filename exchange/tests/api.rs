@@ -1,0 +1,588 @@
+//! API tests over real HTTP with signed requests (QUALITY.md cases 19 and 20), proofs,
+//! ratings, the OpenAPI document, TLS.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use alloy_primitives::{Address, B256};
+use alloy_signer_local::PrivateKeySigner;
+use common::{Node, nonce, offer, request};
+use ipsx_exchange::server::{BatchItem, SignedMessage, unix_now};
+use ipsx_exchange::{DealStatus, ExchangeError, Outcome, PartyStatus, Rating, StatusReport, sign};
+use serde_json::{Value, json};
+
+fn remote(e: ExchangeError) -> (u16, String, Option<String>) {
+    match e {
+        ExchangeError::Remote {
+            status,
+            code,
+            field,
+            ..
+        } => (status, code, field),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
+    let node = Node::start().await;
+    let key = PrivateKeySigner::random();
+    let c = node.client(&key);
+    node.fund(key.address(), 1_000_000);
+    let good = offer(key.address(), 1, "de", 5, 1);
+    let signed = serde_json::to_value(c.sign(&good).unwrap()).unwrap();
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = signed.clone();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    // A payload change invalidates the signature, so field checks are exercised with
+    // re-signed payloads.
+    let resigned = |f: &dyn Fn(&mut Value)| {
+        let mut p = serde_json::to_value(&good).unwrap();
+        f(&mut p);
+        match serde_json::from_value::<ipsx_exchange::Offer>(p.clone()) {
+            Ok(o) => serde_json::to_vec(&c.sign(&o).unwrap()).unwrap(),
+            // Not representable: send with the old signature; parsing fails first anyway.
+            Err(_) => {
+                serde_json::to_vec(&json!({ "payload": p, "signature": signed["signature"] }))
+                    .unwrap()
+            }
+        }
+    };
+    let other = PrivateKeySigner::random();
+    let forged = serde_json::to_vec(&SignedMessage {
+        payload: good.clone(),
+        signature: sign::sign(&good, &other, &sign::exchange_domain(31337)).unwrap(),
+    })
+    .unwrap();
+    let wrong_chain = serde_json::to_vec(&SignedMessage {
+        payload: good.clone(),
+        signature: sign::sign(&good, &key, &sign::exchange_domain(1)).unwrap(),
+    })
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("malformed json", b"{\"payload\": {".to_vec(), 400, ""),
+        ("not an object", b"[1,2]".to_vec(), 400, ""),
+        (
+            "trailing garbage",
+            [serde_json::to_vec(&signed).unwrap(), b"xx".to_vec()].concat(),
+            400,
+            "",
+        ),
+        (
+            "unknown top-level field",
+            with(&|v| v["extra"] = json!(1)),
+            400,
+            "extra",
+        ),
+        (
+            "unknown payload field",
+            with(&|v| v["payload"]["colour"] = json!("red")),
+            400,
+            "colour",
+        ),
+        (
+            "missing field",
+            with(&|v| {
+                v["payload"].as_object_mut().unwrap().remove("capacity");
+            }),
+            400,
+            "capacity",
+        ),
+        (
+            "wrong type",
+            with(&|v| v["payload"]["capacity"] = json!("ten")),
+            400,
+            "capacity",
+        ),
+        (
+            "bad country",
+            with(&|v| v["payload"]["country"] = json!("zz")),
+            400,
+            "country",
+        ),
+        (
+            "bad signature hex",
+            with(&|v| v["signature"] = json!("0xzz")),
+            401,
+            "signature",
+        ),
+        (
+            "short signature",
+            with(&|v| v["signature"] = json!("0x1234")),
+            401,
+            "signature",
+        ),
+        ("forged signature", forged, 401, "signature"),
+        ("other chain id", wrong_chain, 401, "signature"),
+        (
+            "price overflow",
+            with(&|v| {
+                v["payload"]["price_per_ip_second"] =
+                    json!("340282366920938463463374607431768211456")
+            }),
+            400,
+            "price_per_ip_second",
+        ),
+        (
+            "negative price",
+            with(&|v| v["payload"]["price_per_ip_second"] = json!("-5")),
+            400,
+            "price_per_ip_second",
+        ),
+        (
+            "price as number",
+            with(&|v| v["payload"]["price_per_ip_second"] = json!(5)),
+            400,
+            "price_per_ip_second",
+        ),
+        (
+            "zero price",
+            resigned(&|p| p["price_per_ip_second"] = json!("0")),
+            400,
+            "price_per_ip_second",
+        ),
+        (
+            "price x duration overflow",
+            resigned(&|p| p["price_per_ip_second"] = json!(u128::MAX.to_string())),
+            400,
+            "price_per_ip_second",
+        ),
+        (
+            "negative capacity",
+            with(&|v| v["payload"]["capacity"] = json!(-1)),
+            400,
+            "capacity",
+        ),
+        (
+            "zero capacity",
+            resigned(&|p| p["capacity"] = json!(0)),
+            400,
+            "capacity",
+        ),
+        (
+            "duration too short",
+            resigned(&|p| p["min_duration_s"] = json!(4)),
+            400,
+            "min_duration_s",
+        ),
+        (
+            "duration too long",
+            resigned(&|p| p["max_duration_s"] = json!(30 * 86_400 + 1)),
+            400,
+            "max_duration_s",
+        ),
+        (
+            "expired",
+            resigned(&|p| p["expiry"] = json!(unix_now() - 1)),
+            400,
+            "expiry",
+        ),
+        (
+            "bad wg key",
+            with(&|v| v["payload"]["wg_public_key"] = json!("short")),
+            400,
+            "wg_public_key",
+        ),
+        ("huge body", vec![b' '; 2 << 20], 413, ""),
+    ];
+    let rows_before = node.journal_rows().await;
+    for (name, body, status, field) in cases {
+        let (got, text) = c.post_raw("/v1/offers", body).await.unwrap();
+        assert_eq!(got, status, "{name}: {text}");
+        assert!(
+            text.contains(field),
+            "{name}: error must name `{field}`: {text}"
+        );
+    }
+    // Requests: duration and count and price checks, signed properly.
+    let rc = |f: &dyn Fn(&mut ipsx_exchange::Request)| {
+        let mut r = request(key.address(), 1, "de", 10, 60);
+        f(&mut r);
+        r
+    };
+    for (r, field) in [
+        (rc(&|r| r.duration_s = 4), "duration_s"),
+        (rc(&|r| r.duration_s = 30 * 86_400 + 1), "duration_s"),
+        (rc(&|r| r.count = 0), "count"),
+        (
+            rc(&|r| r.max_price_per_ip_second = 0),
+            "max_price_per_ip_second",
+        ),
+        (
+            rc(&|r| r.max_price_per_ip_second = u128::MAX / 2),
+            "max_price_per_ip_second",
+        ),
+        (rc(&|r| r.expiry = unix_now() - 10), "expiry"),
+    ] {
+        let (status, _, f) = remote(c.post_request(&r).await.unwrap_err());
+        assert_eq!(status, 400);
+        assert_eq!(f.as_deref(), Some(field));
+    }
+    assert_eq!(node.journal_rows().await, rows_before, "nothing written");
+    let book = c.book(&Default::default()).await.unwrap();
+    assert!(book.offers.is_empty() && book.requests.is_empty());
+    // Replay: the same signed offer twice.
+    let body = serde_json::to_vec(&signed).unwrap();
+    let (s1, _) = c.post_raw("/v1/offers", body.clone()).await.unwrap();
+    let (s2, t2) = c.post_raw("/v1/offers", body).await.unwrap();
+    assert_eq!((s1, s2), (201, 409), "{t2}");
+    assert!(t2.contains("nonce"), "{t2}");
+    assert_eq!(c.book(&Default::default()).await.unwrap().offers.len(), 1);
+    // Unknown routes and bad path parameters.
+    let (s, t) = c.post_raw("/v1/nope", b"{}".to_vec()).await.unwrap();
+    assert_eq!(s, 404, "{t}");
+    let e = reqwest::get(format!("{}/v1/deals/abc", node.url))
+        .await
+        .unwrap();
+    assert_eq!(e.status(), 400);
+    assert!(e.text().await.unwrap().contains("deal_id"));
+    let e = reqwest::get(format!("{}/v1/profiles/0x12", node.url))
+        .await
+        .unwrap();
+    assert_eq!(e.status(), 400);
+    let e = reqwest::get(format!("{}/v1/book?colour=red", node.url))
+        .await
+        .unwrap();
+    assert_eq!(e.status(), 400);
+    assert!(e.text().await.unwrap().contains("colour"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_cannot_reserve_the_same_balance() {
+    let node = Node::start().await;
+    for round in 0..5 {
+        let key = PrivateKeySigner::random();
+        let c = node.client(&key);
+        // Each request costs 10 x 60 = 600 at most; the wallet has 1000.
+        node.fund(key.address(), 1_000);
+        let reqs: Vec<_> = (0..8)
+            .map(|_| request(key.address(), 1, "fr", 10, 60))
+            .collect();
+        let results = futures_util::future::join_all(reqs.iter().map(|r| c.post_request(r))).await;
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(accepted, 1, "round {round}: {results:?}");
+        for r in results.into_iter().filter_map(Result::err) {
+            let (status, code, _) = remote(r);
+            assert_eq!((status, code.as_str()), (402, "insufficient_funds"));
+        }
+        assert_eq!(c.profile(key.address()).await.unwrap().held, 600);
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_trade_is_prevented_and_cancel_releases_exactly_the_unfilled_part() {
+    let node = Node::start().await;
+    let (p1, p2, r) = (
+        PrivateKeySigner::random(),
+        PrivateKeySigner::random(),
+        PrivateKeySigner::random(),
+    );
+    let (c1, c2, cr) = (node.client(&p1), node.client(&p2), node.client(&r));
+    node.fund(r.address(), 1_000_000);
+    node.fund(p1.address(), 1_000_000);
+    // p1 offers and asks for the same country: no deal with itself.
+    c1.post_offer(&offer(p1.address(), 1, "de", 3, 1))
+        .await
+        .unwrap();
+    let out = c1
+        .post_request(&request(p1.address(), 1, "de", 10, 60))
+        .await
+        .unwrap();
+    let Outcome::RequestPosted {
+        filled: 0,
+        resting: 1,
+        order_id: own,
+        ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    c1.cancel(own).await.unwrap();
+    assert_eq!(c1.profile(p1.address()).await.unwrap().held, 0);
+    // Partial fill: two offers, a request for five IPs at max price 10 for 60 s.
+    c2.post_offer(&offer(p2.address(), 2, "de", 4, 1))
+        .await
+        .unwrap();
+    let out = cr
+        .post_request(&request(r.address(), 5, "de", 10, 60))
+        .await
+        .unwrap();
+    let Outcome::RequestPosted {
+        order_id,
+        filled,
+        resting,
+        deals,
+        held,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!((filled, resting, deals.len()), (2, 3, 2));
+    assert_eq!(held, 3 * 60 + 4 * 60 + 3 * 600);
+    assert_eq!(cr.profile(r.address()).await.unwrap().held, held);
+    // Someone else cannot cancel it.
+    let (status, _, field) = remote(c2.cancel(order_id).await.unwrap_err());
+    assert_eq!((status, field.as_deref()), (403, Some("wallet")));
+    let out = cr.cancel(order_id).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Cancelled {
+            order_id,
+            released: 3 * 600,
+            open: 3
+        }
+    );
+    assert_eq!(cr.profile(r.address()).await.unwrap().held, 3 * 60 + 4 * 60);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deal_reports_proofs_ratings_and_profiles() {
+    let node = Node::start().await;
+    let (p, r) = (PrivateKeySigner::random(), PrivateKeySigner::random());
+    let (cp, cr) = (node.client(&p), node.client(&r));
+    node.fund(r.address(), 1_000_000);
+    let items = cp
+        .post_offers(&[
+            offer(p.address(), 3, "jp", 2, 1),
+            offer(p.address(), 4, "jp", 3, 1),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        items.iter().all(|i| matches!(i, BatchItem::Ok(_))),
+        "{items:?}"
+    );
+    let Outcome::RequestPosted { deals, .. } = cr
+        .post_request(&request(r.address(), 1, "jp", 5, 60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let id = deals[0];
+    let rep = |w: Address, status| StatusReport {
+        wallet: w,
+        deal_id: id,
+        status,
+        reason: String::new(),
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    };
+    cp.report(&rep(p.address(), PartyStatus::Accepted))
+        .await
+        .unwrap();
+    let out = cr
+        .report(&rep(r.address(), PartyStatus::Accepted))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Reported {
+            deal_id: id,
+            status: DealStatus::Accepted
+        }
+    );
+    // The provider signing as the requester: refused.
+    let (status, _, _) = remote(
+        cp.report(&rep(r.address(), PartyStatus::Active))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401);
+    cp.report(&rep(p.address(), PartyStatus::Active))
+        .await
+        .unwrap();
+    cr.report(&rep(r.address(), PartyStatus::Active))
+        .await
+        .unwrap();
+    // Balance proofs: the requester signs (Centralizer domain), amounts only grow.
+    let ch = B256::repeat_byte(0xab);
+    assert_eq!(
+        cr.post_proof(id, ch, 50).await.unwrap(),
+        Outcome::ProofStored {
+            deal_id: id,
+            amount: 50
+        }
+    );
+    assert_eq!(remote(cr.post_proof(id, ch, 50).await.unwrap_err()).0, 409);
+    assert_eq!(
+        remote(
+            cr.post_proof(id, B256::repeat_byte(1), 60)
+                .await
+                .unwrap_err()
+        )
+        .2
+        .as_deref(),
+        Some("channel_id")
+    );
+    assert_eq!(
+        remote(cp.post_proof(id, ch, 70).await.unwrap_err()).0,
+        401,
+        "only the requester's proofs count"
+    );
+    cr.post_proof(id, ch, 120).await.unwrap();
+    let stored = cp.proof(id).await.unwrap();
+    assert_eq!(stored.cumulative_amount, 120);
+    // The stored proof verifies under the Centralizer rules.
+    let hash = sign::balance_proof_hash(&sign::centralizer_domain(31337, Address::ZERO), ch, 120);
+    assert_eq!(
+        sign::recover(&hash, &stored.signature, false).unwrap(),
+        r.address()
+    );
+    // A proof with v = 0 (not what the contract takes) is refused.
+    let mut raw = alloy_primitives::hex::decode(&stored.signature).unwrap();
+    raw[64] -= 27;
+    let (s, t) = cr
+        .post_raw("/v1/proofs", serde_json::to_vec(&json!({"deal_id": id, "channel_id": ch, "cumulative_amount": "130", "signature": alloy_primitives::hex::encode_prefixed(&raw)})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s, 401, "{t}");
+    // Both complete; ratings weighted by value.
+    cp.report(&rep(p.address(), PartyStatus::Completed))
+        .await
+        .unwrap();
+    let out = cr
+        .report(&rep(r.address(), PartyStatus::Completed))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Reported {
+            deal_id: id,
+            status: DealStatus::Completed
+        }
+    );
+    let rating = Rating {
+        wallet: r.address(),
+        deal_id: id,
+        score: 4,
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    };
+    assert_eq!(
+        cr.rate(&rating).await.unwrap(),
+        Outcome::Rated {
+            deal_id: id,
+            rating: 400
+        }
+    );
+    let prof = cr.profile(p.address()).await.unwrap();
+    assert_eq!((prof.profile.rating, prof.profile.completed), (400, 1));
+    assert_eq!(cr.profile(r.address()).await.unwrap().held, 0);
+    let deals = cr.deals_of(r.address()).await.unwrap();
+    assert_eq!(deals.len(), 1);
+    assert!(deals[0].history.len() >= 6);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_served_route_and_every_message_field() {
+    let node = Node::start().await;
+    let c = node.anonymous();
+    let doc = c.openapi().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(
+        paths
+            .values()
+            .map(|p| p.as_object().unwrap().len())
+            .sum::<usize>(),
+        ipsx_exchange::openapi::ROUTES.len()
+    );
+    let http = reqwest::Client::new();
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let url = format!(
+                "{}{}",
+                node.url,
+                path.replace("{id}", "1")
+                    .replace("{address}", &Address::ZERO.to_string())
+            );
+            let resp = match method.as_str() {
+                "get" if path.ends_with("/events") => {
+                    http.get(format!("{url}?after=0")).send().await.unwrap()
+                }
+                "get" => http.get(&url).send().await.unwrap(),
+                _ => http.post(&url).body("{}").send().await.unwrap(),
+            };
+            let status = resp.status().as_u16();
+            if status == 404 {
+                let body: Value = resp.json().await.unwrap();
+                assert_ne!(
+                    body["error"]["code"], "not_found",
+                    "{method} {path} is documented but not served"
+                );
+            }
+            assert_ne!(status, 405, "{method} {path}");
+        }
+    }
+    // Every field the server emits for a message is in its schema, and the reverse.
+    let key = PrivateKeySigner::random();
+    let mut o = offer(key.address(), 1, "de", 1, 1);
+    o.region = Some("bavaria".into());
+    let schemas = &doc["components"]["schemas"];
+    let fields = |v: Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        fields(serde_json::to_value(&o).unwrap()),
+        fields(schemas["Offer"]["properties"].clone())
+    );
+    let r = request(key.address(), 1, "de", 1, 60);
+    assert_eq!(
+        fields(serde_json::to_value(&r).unwrap()),
+        fields(schemas["Request"]["properties"].clone())
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_chain_is_a_503_not_a_crash() {
+    // A real alloy balance source pointed at a closed port on loopback.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ipsx_exchange::ExchangeConfig::for_tests(
+        format!("sqlite://{}/j.db", dir.path().display()),
+        Default::default(),
+    );
+    cfg.static_balances = None;
+    cfg.rpc_url = Some(format!("http://127.0.0.1:{port}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(ipsx_exchange::serve(listener, cfg, async {
+        let _ = stopped.await;
+    }));
+    let key = PrivateKeySigner::random();
+    let c = ipsx_exchange::Client::new(&format!("http://{addr}"), 31337, Address::ZERO)
+        .unwrap()
+        .with_key(key.clone());
+    let mut result = None;
+    for _ in 0..100 {
+        match c
+            .post_request(&request(key.address(), 1, "de", 1, 60))
+            .await
+        {
+            Err(ExchangeError::Transport(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            other => {
+                result = Some(other);
+                break;
+            }
+        }
+    }
+    let (status, code, _) = remote(result.unwrap().unwrap_err());
+    assert_eq!((status, code.as_str()), (503, "chain"));
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
