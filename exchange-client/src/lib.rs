@@ -5,3 +5,4 @@
 
 pub mod chain;
 pub mod cli;
+pub mod market;
