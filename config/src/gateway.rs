@@ -47,6 +47,10 @@ pub struct GatewayConfig {
     pub rules: Vec<RuleConfig>,
     /// Configured exits.
     pub exits: Vec<ExitConfig>,
+    /// Renting exits on the exchange; off when absent.
+    pub market: Option<crate::market::MarketConfig>,
+    /// The folder relative paths in this config are read from.
+    pub base_dir: std::path::PathBuf,
 }
 
 /// `[gateway]`: where to listen and the limits of every connection.
@@ -351,6 +355,8 @@ struct RawGateway {
     rule: Vec<Spanned<RawRule>>,
     #[serde(default)]
     exit: Vec<Spanned<RawExit>>,
+    #[serde(default)]
+    market: Option<Spanned<crate::market::MarketConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -651,7 +657,34 @@ impl GatewayConfig {
             });
         }
 
+        if let Some(m) = &raw.market {
+            let market = m.get_ref();
+            if market.payment_window.is_zero()
+                || market.proof_interval.is_zero()
+                || market.deal_duration < std::time::Duration::from_secs(5)
+            {
+                return Err(check.invalid(
+                    m.span(),
+                    "market".into(),
+                    "payment_window and proof_interval must be > 0s, deal_duration at least 5s",
+                ));
+            }
+            if market.proof_interval > market.payment_window {
+                return Err(check.invalid(m.span(), "market.proof_interval".into(), "must not be longer than market.payment_window (the provider would stop serving)"));
+            }
+            for (i, d) in market.demand.iter().enumerate() {
+                if d.count == 0 || d.count > 1000 {
+                    return Err(check.invalid(
+                        m.span(),
+                        format!("market.demand[{i}].count"),
+                        "must be 1..=1000",
+                    ));
+                }
+            }
+        }
         Ok(Self {
+            market: raw.market.map(|m| m.into_inner()),
+            base_dir: base_dir(file),
             listener,
             tokens,
             rotation,

@@ -6,6 +6,7 @@
 
 mod error;
 mod gateway;
+mod market;
 mod secret;
 
 pub use error::{ConfigError, Location};
@@ -13,6 +14,7 @@ pub use gateway::{
     ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig, OnLimit,
     Protocol, RotationConfig, RuleConfig, TokenConfig,
 };
+pub use market::{Amount, DemandConfig, DemandTarget, MarketConfig};
 pub use secret::Secret;
 
 /// Reads and validates a gateway config file.

@@ -205,11 +205,24 @@ impl std::fmt::Debug for ExitRuntime {
 impl ExitRuntime {
     /// Builds the runtime of a configured exit.
     pub fn new(config: ExitConfig, policy: DialPolicy, idle_timeout: Duration) -> Self {
+        Self::with_tunnel(config, policy, idle_timeout, None)
+    }
+
+    /// As [`ExitRuntime::new`], with a WireGuard tunnel that is already up.
+    pub fn with_tunnel(
+        config: ExitConfig,
+        policy: DialPolicy,
+        idle_timeout: Duration,
+        tunnel: Option<ipsx_tunnel_pool::Tunnel>,
+    ) -> Self {
         let dialer = Dialer {
             inner: Arc::new(DialerInner {
                 transport: config.transport.clone(),
                 policy,
-                tunnel: tokio::sync::OnceCell::new(),
+                tunnel: match tunnel {
+                    Some(t) => tokio::sync::OnceCell::new_with(Some(t)),
+                    None => tokio::sync::OnceCell::new(),
+                },
             }),
         };
         let client = Client::builder(TokioExecutor::new())

@@ -58,9 +58,25 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Something that can rent exits when no live exit matches a request (the market's
+/// pool manager). The gateway calls it and waits, at most `wait`, for a new exit.
+pub trait ExitDemand: Send + Sync + 'static {
+    /// No live exit matches `filter`. `Ok(note)`: renting has started or is under way
+    /// (`note` says what, for the error if the wait runs out); `Err(reason)`: nothing
+    /// will be rented (budget, renting off), and `reason` says why.
+    fn want(&self, filter: &ipsx_rotation::Filter) -> Result<String, String>;
+
+    /// How long a request may wait for a rented exit.
+    fn wait(&self) -> std::time::Duration;
+}
+
 /// The running gateway, shared by every connection.
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
+    /// Exits added at runtime (rented on the market), beside the config's own.
+    dynamic: std::sync::RwLock<HashMap<ExitId, Arc<ExitRuntime>>>,
+    exits_changed: tokio::sync::Notify,
+    demand: std::sync::OnceLock<Arc<dyn ExitDemand>>,
     rotator: Rotator,
     limiter: RateLimiter,
     config_path: Option<PathBuf>,
@@ -103,6 +119,9 @@ impl Gateway {
         rotator.set_exits(exit_infos(&runtime));
         Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
+            dynamic: std::sync::RwLock::new(HashMap::new()),
+            exits_changed: tokio::sync::Notify::new(),
+            demand: std::sync::OnceLock::new(),
             rotator,
             limiter,
             config_path,
@@ -131,10 +150,105 @@ impl Gateway {
     pub fn apply(&self, config: GatewayConfig) {
         let old = self.runtime.load_full();
         let new = build_runtime(config, Some(&old), old.generation + 1);
-        self.rotator.set_exits(exit_infos(&new));
+        let mut infos = exit_infos(&new);
+        infos.extend(self.dynamic_infos());
+        self.rotator.set_exits(infos);
         self.runtime.store(Arc::new(new));
+        self.exits_changed.notify_waiters();
         metrics::counter!("ipsx_config_reloads_total").increment(1);
         tracing::info!(generation = old.generation + 1, "config applied");
+    }
+
+    /// Adds (or replaces) an exit at runtime, beside the config's exits; it survives
+    /// reloads until [`Gateway::remove_exit`]. `tunnel` is an already started tunnel for
+    /// a WireGuard exit (so the caller could verify it first).
+    pub fn add_exit(
+        &self,
+        config: ipsx_config::ExitConfig,
+        tunnel: Option<ipsx_tunnel_pool::Tunnel>,
+    ) -> Arc<ExitRuntime> {
+        let rt = self.runtime();
+        let policy = DialPolicy {
+            allow: Arc::new(rt.config.listener.allow_destinations.clone()),
+            connect_timeout: rt.config.listener.connect_timeout,
+        };
+        let attrs = config.attrs.clone();
+        let exit = Arc::new(ExitRuntime::with_tunnel(
+            config,
+            policy,
+            rt.config.listener.idle_timeout,
+            tunnel,
+        ));
+        self.dynamic
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(exit.id.clone(), exit.clone());
+        self.rotator.upsert_exit(ExitInfo {
+            id: exit.id.clone(),
+            attrs,
+        });
+        self.exits_changed.notify_waiters();
+        exit
+    }
+
+    /// Removes a runtime exit; requests in flight on it finish.
+    pub fn remove_exit(&self, name: &str) -> Option<Arc<ExitRuntime>> {
+        let id = ExitId::from(name);
+        let removed = self
+            .dynamic
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if removed.is_some() {
+            self.rotator.remove_exit(&id);
+        }
+        removed
+    }
+
+    /// An exit by id: the config's, else a runtime one.
+    pub fn exit(&self, rt: &Runtime, id: &ExitId) -> Option<Arc<ExitRuntime>> {
+        rt.exits.get(id).cloned().or_else(|| {
+            self.dynamic
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+        })
+    }
+
+    /// Every exit: the config's and the runtime ones.
+    pub fn all_exits(&self) -> Vec<Arc<ExitRuntime>> {
+        let mut all: Vec<Arc<ExitRuntime>> = self.runtime().exits.values().cloned().collect();
+        all.extend(
+            self.dynamic
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned(),
+        );
+        all
+    }
+
+    fn dynamic_infos(&self) -> Vec<ExitInfo> {
+        self.dynamic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| ExitInfo {
+                id: e.id.clone(),
+                attrs: e.config.attrs.clone(),
+            })
+            .collect()
+    }
+
+    /// Installs the market's renting hook (once).
+    pub fn set_demand(&self, demand: Arc<dyn ExitDemand>) {
+        let _ = self.demand.set(demand);
+    }
+
+    /// Waits until the set of exits changes, at most `timeout`.
+    pub async fn exits_changed(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.exits_changed.notified()).await;
     }
 
     /// Re-reads the config file (if the gateway was started from one) and applies it.

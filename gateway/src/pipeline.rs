@@ -93,16 +93,32 @@ pub(crate) async fn choose_exit(
 ) -> Result<Arc<ExitRuntime>, ProxyError> {
     let started = Instant::now();
     loop {
-        let selection = gw
-            .rotator
-            .select(&SelectRequest {
-                token: &plan.token,
-                filter: &plan.filter,
-                policy: plan.policy,
-                session: plan.session.as_ref(),
-                domain: &plan.domain,
-            })
-            .map_err(|e| select_error(e, plan))?;
+        let selection = gw.rotator.select(&SelectRequest {
+            token: &plan.token,
+            filter: &plan.filter,
+            policy: plan.policy,
+            session: plan.session.as_ref(),
+            domain: &plan.domain,
+        });
+        let selection = match selection {
+            Ok(s) => s,
+            Err(SelectError::NoExitMatches { filter }) => {
+                let Some(demand) = gw.demand.get() else {
+                    return Err(ProxyError::NoExit(format!("no live exit matches {filter}")));
+                };
+                // Nothing live matches: ask the market to rent, and wait (bounded) for it.
+                let note = demand.want(&filter).map_err(ProxyError::NoExit)?;
+                if started.elapsed() >= demand.wait() {
+                    return Err(ProxyError::NoExit(format!(
+                        "no live exit matches {filter}; {note}; retry shortly"
+                    )));
+                }
+                gw.exits_changed(demand.wait().saturating_sub(started.elapsed()))
+                    .await;
+                continue;
+            }
+            Err(e) => return Err(select_error(e, plan)),
+        };
         let mut candidates: Vec<ExitId> = std::iter::once(selection.primary)
             .chain(selection.fallbacks)
             .collect();
@@ -113,7 +129,7 @@ pub(crate) async fn choose_exit(
         let candidates: Vec<Arc<ExitRuntime>> = candidates
             .iter()
             .filter(|id| !tried.contains(id))
-            .filter_map(|id| rt.exits.get(id).cloned())
+            .filter_map(|id| gw.exit(rt, id))
             .collect();
         let with_port: Vec<&Arc<ExitRuntime>> = candidates
             .iter()

@@ -1,0 +1,157 @@
+//! `[market]` in the gateway config: renting exits on the exchange.
+//!
+//! ```toml
+//! [market]
+//! exchange_url = "http://127.0.0.1:8700"
+//! rpc_url = "http://127.0.0.1:8545"
+//! deployment = "deployment.json"
+//! private_key = "0x..."          # demo only; use a keystore for real money
+//!
+//! [[market.demand]]
+//! name = "de-residential"
+//! target = { country = "de", type = "residential" }
+//! count = 5
+//! ```
+
+use std::time::Duration;
+
+use ipsx_rotation::{CountryCode, ExitKind};
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+/// An amount of token base units (18 decimals): a TOML integer, or a string of digits
+/// for amounts beyond 2^63.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Amount(pub u128);
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 0 => Ok(Amount(n as u128)),
+            Raw::Int(_) => Err(serde::de::Error::custom("an amount cannot be negative")),
+            Raw::Text(t) => {
+                let t = t.trim();
+                if t.is_empty() || t.len() > 39 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(serde::de::Error::custom(format!(
+                        "bad amount `{t}` (token base units, digits only)"
+                    )));
+                }
+                t.parse()
+                    .map(Amount)
+                    .map_err(|_| serde::de::Error::custom(format!("amount `{t}` is too large")))
+            }
+        }
+    }
+}
+
+/// What a demand group rents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemandTarget {
+    /// Country.
+    pub country: Option<CountryCode>,
+    /// Exit type.
+    #[serde(rename = "type")]
+    pub kind: Option<ExitKind>,
+    /// City.
+    pub city: Option<String>,
+    /// ASN.
+    pub asn: Option<u32>,
+}
+
+/// `[[market.demand]]`: keep `count` exits matching `target` rented.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemandConfig {
+    /// A name for logs and the admin API.
+    pub name: String,
+    /// What to rent.
+    #[serde(default)]
+    pub target: DemandTarget,
+    /// How many exits to keep.
+    pub count: u32,
+}
+
+/// `[market]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketConfig {
+    /// The exchange node's base URL.
+    pub exchange_url: String,
+    /// The Ethereum JSON-RPC URL.
+    pub rpc_url: String,
+    /// The deployment file written by `ipsx chain deploy` (relative to the config file).
+    pub deployment: String,
+    /// The wallet key, hex. For demos and tests: real wallets belong in a keystore.
+    pub private_key: Secret,
+    /// The gateway's WireGuard private key (base64); generated at start when absent.
+    #[serde(default)]
+    pub wg_private_key: Option<Secret>,
+    /// Exit groups to keep rented.
+    #[serde(default)]
+    pub demand: Vec<DemandConfig>,
+    /// Length of each rental.
+    #[serde(default = "default_deal", with = "humantime_serde")]
+    pub deal_duration: Duration,
+    /// Highest price accepted, per IP and second (base units).
+    pub max_price_per_ip_second: Amount,
+    /// Most spent (deal values committed) in any hour; none: no cap.
+    #[serde(default)]
+    pub max_spend_per_hour: Option<Amount>,
+    /// Most spent in total; none: no cap.
+    #[serde(default)]
+    pub max_spend_total: Option<Amount>,
+    /// Paid ahead of use.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub payment_window: Duration,
+    /// How often a new balance proof is signed.
+    #[serde(default = "default_proof_interval", with = "humantime_serde")]
+    pub proof_interval: Duration,
+    /// A new deal is made this long before one ends while demand remains.
+    #[serde(default = "default_renew", with = "humantime_serde")]
+    pub renew_ahead: Duration,
+    /// Rent when a request's targeting matches no live exit.
+    #[serde(default = "default_true")]
+    pub rent_on_demand: bool,
+    /// How long such a request waits for the new exit (then 503).
+    #[serde(default = "default_rent_wait", with = "humantime_serde")]
+    pub rent_wait: Duration,
+    /// An exit rented on demand and unused this long is let go.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_release: Duration,
+    /// An exit whose tunnel stays unhealthy this long is replaced.
+    #[serde(default = "default_dead", with = "humantime_serde")]
+    pub dead_after: Duration,
+}
+
+fn default_deal() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_proof_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_renew() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rent_wait() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_dead() -> Duration {
+    Duration::from_secs(10)
+}
