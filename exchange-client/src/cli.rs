@@ -507,7 +507,8 @@ pub async fn run_wallet_to<W: Write>(args: WalletArgs, out: &mut W) -> Result<()
                 with_progress(q, "approving", c.approve(amount)).await?;
                 with_progress(q, "depositing", c.deposit(amount)).await?
             } else {
-                let deadline = U256::from(unix_now().saturating_add(3_600));
+                // The permit's deadline is checked against the chain's clock, not ours.
+                let deadline = U256::from(c.latest_timestamp().await?.saturating_add(3_600));
                 with_progress(
                     q,
                     "depositing with permit",
@@ -617,13 +618,6 @@ pub async fn run_wallet_to<W: Write>(args: WalletArgs, out: &mut W) -> Result<()
         }
     }
     Ok(())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 // === chain ===

@@ -434,6 +434,20 @@ async fn deploy_then_deposit_withdraw_list_and_close() {
         .unwrap();
     assert_eq!(amount_of(&out, "balance"), "79");
 
+    // A permit deposit follows the chain's clock, even two days ahead of ours.
+    env.anvil.advance_time(2 * 86_400).await.unwrap();
+    let out = env
+        .wallet(
+            "user.json",
+            WalletCommand::Deposit {
+                amount: tokens("1"),
+                approve: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(out.contains("balance 80 IPSX"), "{out}");
+
     // chain info reads the same deployment.
     let mut out = Vec::new();
     run_chain_to(

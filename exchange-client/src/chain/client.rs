@@ -450,6 +450,16 @@ impl ChainClient {
         }))
     }
 
+    /// Timestamp of the latest block (the chain's clock, which may differ from ours).
+    pub async fn latest_timestamp(&self) -> Result<u64, ChainError> {
+        let block = self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .map_err(|source| ChainError::rpc("reading the latest block", source))?;
+        Ok(block.map(|b| b.header.timestamp).unwrap_or_default())
+    }
+
     /// The current platform fee in basis points.
     pub async fn fee_bps(&self) -> Result<u16, ChainError> {
         let c = self.centralizer();
