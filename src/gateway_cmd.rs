@@ -32,12 +32,29 @@ async fn serve(config: GatewayConfig, path: Option<std::path::PathBuf>) -> Resul
     let listen = config.listener.listen;
     let admin = config.listener.admin_listen;
     let poll = config.listener.reload_poll;
+    let market = config.market.clone();
+    let base_dir = config.base_dir.clone();
+    let verify_url = config.listener.verify_url.clone();
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("gateway.listen: cannot listen on {listen}: {e}"))?;
     let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let gateway = Gateway::new(config, path.clone());
     let _ = ipsx_gateway::admin::prometheus();
+    let pool = match market {
+        Some(m) => {
+            let pm = ipsx_market::PoolManager::start(gateway.clone(), m, &base_dir, verify_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = pm.clone();
+            gateway.set_market_status(std::sync::Arc::new(move || {
+                serde_json::to_value(status.status()).unwrap_or_default()
+            }));
+            println!("renting exits as wallet {:#x}", pm.wallet());
+            Some(pm)
+        }
+        None => None,
+    };
     if let Some(admin) = admin {
         let admin_listener = TcpListener::bind(admin)
             .await
@@ -65,6 +82,10 @@ async fn serve(config: GatewayConfig, path: Option<std::path::PathBuf>) -> Resul
         gw.begin_shutdown();
     };
     ipsx_gateway::serve(listener, gateway, shutdown).await;
+    if let Some(pm) = pool {
+        // Report every deal completed so providers settle their channels.
+        pm.shutdown().await;
+    }
     Ok(())
 }
 

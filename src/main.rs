@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod echo;
+mod exchange_cmd;
 mod gateway_cmd;
 mod provider_cmd;
 
@@ -52,6 +53,19 @@ enum Command {
     },
     /// Print a new WireGuard private key and its public key.
     Keygen,
+    /// Run the exchange node: order book, matching, deal book, agreement protocol.
+    Exchange {
+        /// The exchange config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8700")]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage a wallet: keys, balances, deposits, withdrawals, channels.
+    Wallet(ipsx_exchange_client::cli::WalletArgs),
+    /// Deploy and inspect the IPSX contracts.
+    Chain(ipsx_exchange_client::cli::ChainArgs),
     /// Bring up the local demo: exits on 127.0.0.x, an echo target, the gateway.
     Up {
         /// Proxy port.
@@ -92,6 +106,13 @@ fn main() -> ExitCode {
                 fixed_body,
             } => echo::run(listen, country_map, fixed_body).await,
             Command::Provider { config, check } => provider_cmd::run(&config, check).await,
+            Command::Exchange { config, listen } => exchange_cmd::run(&config, listen).await,
+            Command::Wallet(args) => ipsx_exchange_client::cli::run_wallet(args)
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Chain(args) => ipsx_exchange_client::cli::run_chain(args)
+                .await
+                .map_err(|e| e.to_string()),
             Command::Keygen => {
                 provider_cmd::keygen();
                 Ok(())

@@ -8,6 +8,7 @@
 //! | `GET /api/exits` | every exit: attributes, transport, health, load, latency, bans |
 //! | `GET /api/sessions` | sticky sessions and their remaining lifetime |
 //! | `GET /api/limits` | the rate limits in force, defaults and per rule and token |
+//! | `GET /api/market` | rented exits: deals, spend, demand groups, refusals |
 //! | `POST /api/reload` | re-read the config file now |
 //!
 //! Bind it to loopback (the default when set): it has no authentication of its own.
@@ -146,6 +147,13 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({ "defaults": rt.config.limits, "rules": rules, "tokens": tokens }),
             )
         }
+        (&Method::GET, "/api/market") => match gw.market_status() {
+            Some(v) => json_response(StatusCode::OK, v),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                json!({ "error": "no [market] in the config" }),
+            ),
+        },
         (&Method::POST, "/api/reload") => match gw.reload().await {
             Ok(generation) => json_response(StatusCode::OK, json!({ "generation": generation })),
             Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),

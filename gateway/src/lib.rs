@@ -70,6 +70,9 @@ pub trait ExitDemand: Send + Sync + 'static {
     fn wait(&self) -> std::time::Duration;
 }
 
+/// Produces the market's status as JSON for the admin API.
+pub type MarketStatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// The running gateway, shared by every connection.
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
@@ -77,6 +80,7 @@ pub struct Gateway {
     dynamic: std::sync::RwLock<HashMap<ExitId, Arc<ExitRuntime>>>,
     exits_changed: tokio::sync::Notify,
     demand: std::sync::OnceLock<Arc<dyn ExitDemand>>,
+    market_status: std::sync::OnceLock<MarketStatusFn>,
     rotator: Rotator,
     limiter: RateLimiter,
     config_path: Option<PathBuf>,
@@ -122,6 +126,7 @@ impl Gateway {
             dynamic: std::sync::RwLock::new(HashMap::new()),
             exits_changed: tokio::sync::Notify::new(),
             demand: std::sync::OnceLock::new(),
+            market_status: std::sync::OnceLock::new(),
             rotator,
             limiter,
             config_path,
@@ -239,6 +244,16 @@ impl Gateway {
                 attrs: e.config.attrs.clone(),
             })
             .collect()
+    }
+
+    /// Installs what `GET /api/market` shows (once).
+    pub fn set_market_status(&self, status: MarketStatusFn) {
+        let _ = self.market_status.set(status);
+    }
+
+    /// The market's status for the admin API, if a market runs.
+    pub fn market_status(&self) -> Option<serde_json::Value> {
+        self.market_status.get().map(|f| f())
     }
 
     /// Installs the market's renting hook (once).
