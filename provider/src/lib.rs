@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod config;
 pub mod exit;
 pub mod meter;
@@ -23,6 +24,7 @@ pub mod policy;
 use std::future::Future;
 use std::net::SocketAddr;
 
+pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus, run_agent};
 pub use config::{PeerConfig, PrivateKey, ProviderConfig, PublicKey};
 pub use exit::{ExitCounters, ProviderExit, ProviderHandle};
 pub use meter::{LogEntry, MeterSnapshot};
