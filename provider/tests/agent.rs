@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use alloy_primitives::{Address, B256, U256};
 use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::{Deal, Outcome};
-use ipsx_exchange::{Client, DealStatus, ExchangeConfig, PartyStatus, Request, StatusReport, WgKey};
+use ipsx_exchange::{
+    Client, DealStatus, ExchangeConfig, PartyStatus, Request, StatusReport, WgKey,
+};
 use ipsx_exchange_client::chain::testing::Anvil;
 use ipsx_exchange_client::chain::{ChainClient, DeployParams, Deployment, deploy};
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, amount_due, inner_ip_for_deal};
@@ -346,7 +348,10 @@ async fn wait_chain<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(wha
 fn no_duplicate_reports(reports: &[(u64, PartyStatus)]) {
     let mut seen = std::collections::HashSet::new();
     for r in reports {
-        assert!(seen.insert(*r), "status reported twice: {r:?} in {reports:?}");
+        assert!(
+            seen.insert(*r),
+            "status reported twice: {r:?} in {reports:?}"
+        );
     }
 }
 
@@ -386,12 +391,15 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     let before_provider = provider_chain.balance(w.provider.address()).await.unwrap();
     let before_treasury = provider_chain.balance(w.treasury).await.unwrap();
 
-    let channel = r.open_channel(w.provider.address(), r.deal.terms.value).await;
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
     let first = r.due(Duration::ZERO);
     r.client.post_proof(id, channel, first).await.unwrap();
     let s = agent
         .wait_until(WAIT, |s| {
-            s.deal(id).is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
         })
         .await
         .expect("served after the first proof");
@@ -399,7 +407,11 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     let served_from = Instant::now();
 
     let tunnel = r.tunnel().await;
-    assert_eq!(whoami(&tunnel, target).await, EXIT_IP, "the target sees the exit address");
+    assert_eq!(
+        whoami(&tunnel, target).await,
+        EXIT_IP,
+        "the target sees the exit address"
+    );
     r.report(PartyStatus::Active).await;
 
     let paid = pay_until_end(&r, channel, served_from, first).await;
@@ -422,7 +434,9 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     let claims: Vec<_> = s.claims.iter().filter(|c| c.deal_id == id).collect();
     assert_eq!(claims.iter().filter(|c| c.close).count(), 1);
     assert!(
-        claims.windows(2).all(|p| p[0].amount < p[1].amount || p[1].close),
+        claims
+            .windows(2)
+            .all(|p| p[0].amount < p[1].amount || p[1].close),
         "claims never repeat an amount: {claims:?}"
     );
     assert_eq!(s.ratings, vec![(id, 5)], "paid in full");
@@ -435,11 +449,22 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     let after_treasury = provider_chain.balance(w.treasury).await.unwrap();
     assert_eq!(after_provider - before_provider, total - fee);
     assert_eq!(after_treasury - before_treasury, fee);
-    assert!(provider_chain.channel(channel).await.unwrap().is_none(), "closed");
+    assert!(
+        provider_chain.channel(channel).await.unwrap().is_none(),
+        "closed"
+    );
 
     // The claim events carry the peer's connection-log hash.
     let expected = B256::from(agent.exit(0).unwrap().log_hash(&r.wg.public_key()).unwrap());
-    assert_eq!(agent.exit(0).unwrap().meter(&r.wg.public_key()).unwrap().flows, 1);
+    assert_eq!(
+        agent
+            .exit(0)
+            .unwrap()
+            .meter(&r.wg.public_key())
+            .unwrap()
+            .flows,
+        1
+    );
     let events = w
         .deployer
         .centralizer()
@@ -448,7 +473,10 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         .query()
         .await
         .unwrap();
-    let ours: Vec<_> = events.iter().filter(|(e, _)| e.channelId == channel).collect();
+    let ours: Vec<_> = events
+        .iter()
+        .filter(|(e, _)| e.channelId == channel)
+        .collect();
     assert!(!ours.is_empty());
     let last = &ours.last().unwrap().0;
     assert_eq!(last.logHash, expected);
@@ -470,7 +498,9 @@ async fn payment_stall_removes_the_peer_and_reports_failed() {
     let target = common::whoami_server("127.0.0.1:0").await;
     let r = Renter::rent(&w, 20).await;
     let id = r.id();
-    let channel = r.open_channel(w.provider.address(), r.deal.terms.value).await;
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
     let first = r.due(Duration::ZERO);
     r.client.post_proof(id, channel, first).await.unwrap();
     agent
@@ -485,7 +515,8 @@ async fn payment_stall_removes_the_peer_and_reports_failed() {
     // No more proofs: after window + grace the peer goes.
     let s = agent
         .wait_until(WAIT, |s| {
-            s.deal(id).is_some_and(|d| !d.peer_present && d.stage == Stage::Ended)
+            s.deal(id)
+                .is_some_and(|d| !d.peer_present && d.stage == Stage::Ended)
         })
         .await
         .expect("peer removed");
@@ -504,13 +535,19 @@ async fn payment_stall_removes_the_peer_and_reports_failed() {
     let deal = r.client.deal(id).await.unwrap();
     assert_eq!(deal.provider_status, PartyStatus::Failed);
     assert!(
-        deal.history.iter().any(|h| h.what.contains("payment stopped")),
+        deal.history
+            .iter()
+            .any(|h| h.what.contains("payment stopped")),
         "{:?}",
         deal.history
     );
     // The paid window is still claimed (closing the channel), and the tunnel is dead.
     agent
-        .wait_until(WAIT, |s| s.claims.iter().any(|c| c.deal_id == id && c.close && c.amount == first))
+        .wait_until(WAIT, |s| {
+            s.claims
+                .iter()
+                .any(|c| c.deal_id == id && c.close && c.amount == first)
+        })
         .await
         .expect("the first window is claimed");
     let probe = tokio::time::timeout(Duration::from_secs(5), tunnel.connect_tcp(target)).await;
@@ -518,7 +555,11 @@ async fn payment_stall_removes_the_peer_and_reports_failed() {
         !matches!(probe, Ok(Ok(_))),
         "a removed peer must not reach the target"
     );
-    r.report(PartyStatus::Failed).await;
+    // The provider's failure terminated the deal; the rating follows.
+    assert_eq!(
+        r.client.deal(id).await.unwrap().status,
+        DealStatus::Terminated
+    );
     agent
         .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.rated))
         .await
@@ -537,13 +578,21 @@ async fn a_proof_for_a_channel_to_someone_else_is_never_served() {
     let id = r.id();
     let elsewhere = w.anvil.key(3).address();
     let channel = r.open_channel(elsewhere, r.deal.terms.value).await;
-    r.client.post_proof(id, channel, r.due(Duration::ZERO)).await.unwrap();
+    r.client
+        .post_proof(id, channel, r.due(Duration::ZERO))
+        .await
+        .unwrap();
     let s = agent
-        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.proof_rejection.is_some()))
+        .wait_until(WAIT, |s| {
+            s.deal(id).is_some_and(|d| d.proof_rejection.is_some())
+        })
         .await
         .expect("proof refused");
     let d = s.deal(id).unwrap();
-    assert!(d.proof_rejection.as_ref().unwrap().contains("not us"), "{d:?}");
+    assert!(
+        d.proof_rejection.as_ref().unwrap().contains("not us"),
+        "{d:?}"
+    );
     // Deal 2: a channel to us whose deposit does not cover the proof.
     let r2 = Renter::rent(&w, 20).await;
     let id2 = r2.id();
@@ -551,10 +600,19 @@ async fn a_proof_for_a_channel_to_someone_else_is_never_served() {
     let small = r2.open_channel(w.provider.address(), due - 1).await;
     r2.client.post_proof(id2, small, due).await.unwrap();
     let s = agent
-        .wait_until(WAIT, |s| s.deal(id2).is_some_and(|d| d.proof_rejection.is_some()))
+        .wait_until(WAIT, |s| {
+            s.deal(id2).is_some_and(|d| d.proof_rejection.is_some())
+        })
         .await
         .expect("second proof refused");
-    assert!(s.deal(id2).unwrap().proof_rejection.as_ref().unwrap().contains("less than"));
+    assert!(
+        s.deal(id2)
+            .unwrap()
+            .proof_rejection
+            .as_ref()
+            .unwrap()
+            .contains("less than")
+    );
     // A few poll periods later: still never served, no peer ever added.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = agent.status();
@@ -576,11 +634,16 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
     let target = common::whoami_server("127.0.0.1:0").await;
     let r = Renter::rent(&w, 16).await;
     let id = r.id();
-    let channel = r.open_channel(w.provider.address(), r.deal.terms.value).await;
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
     let first = r.due(Duration::ZERO);
     r.client.post_proof(id, channel, first).await.unwrap();
     agent
-        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active))
+        .wait_until(WAIT, |s| {
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+        })
         .await
         .expect("served");
     let served_from = Instant::now();
@@ -592,7 +655,10 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
     // The exchange goes away for a while: the peer keeps being served.
     w.exchange.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(agent.status().deal(id).unwrap().peer_present, "served during the outage");
+    assert!(
+        agent.status().deal(id).unwrap().peer_present,
+        "served during the outage"
+    );
     assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
     w.exchange.restart().await;
     agent
@@ -604,12 +670,17 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
     r.report(PartyStatus::Completed).await;
     let s = agent
         .wait_until(WAIT, |s| {
-            s.claims.iter().any(|c| c.deal_id == id && c.close) && s.deal(id).is_some_and(|d| d.rated)
+            s.claims.iter().any(|c| c.deal_id == id && c.close)
+                && s.deal(id).is_some_and(|d| d.rated)
         })
         .await
         .expect("claimed and rated after the restart");
     no_duplicate_reports(&s.reports);
-    let closes = s.claims.iter().filter(|c| c.deal_id == id && c.close).count();
+    let closes = s
+        .claims
+        .iter()
+        .filter(|c| c.deal_id == id && c.close)
+        .count();
     assert_eq!(closes, 1, "one closing claim: {:?}", s.claims);
     assert_eq!(s.deal(id).unwrap().claimed, paid);
     assert_eq!(s.ratings.iter().filter(|(d, _)| *d == id).count(), 1);
@@ -647,35 +718,62 @@ async fn bad_agent_configs_name_the_key() {
     ))
     .await
     .unwrap_err();
-    assert!(matches!(&e, AgentError::Config { key, .. } if key == "chain.deployment"), "{e}");
+    assert!(
+        matches!(&e, AgentError::Config { key, .. } if key == "chain.deployment"),
+        "{e}"
+    );
     // A key that is not a key.
     let key = alloy_primitives::hex::encode(w.provider.to_bytes());
-    let e = start(good.replace(&key, &"zz".repeat(32))).await.unwrap_err();
-    assert!(matches!(&e, AgentError::Config { key, .. } if key == "wallet.private_key"), "{e}");
+    let e = start(good.replace(&key, &"zz".repeat(32)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Config { key, .. } if key == "wallet.private_key"),
+        "{e}"
+    );
     // A chain that is not there.
     let e = start(good.replace(w.anvil.endpoint(), "http://127.0.0.1:9"))
         .await
         .unwrap_err();
-    assert!(matches!(&e, AgentError::Chain { rpc_url, .. } if rpc_url == "http://127.0.0.1:9"), "{e}");
+    assert!(
+        matches!(&e, AgentError::Chain { rpc_url, .. } if rpc_url == "http://127.0.0.1:9"),
+        "{e}"
+    );
     // A keystore that is not there.
-    let e = start(good.replace(&format!("private_key = \"0x{key}\""), "keystore = \"/nonexistent/k.json\""))
-        .await
-        .unwrap_err();
-    assert!(matches!(&e, AgentError::Wallet(m) if m.contains("/nonexistent/k.json")), "{e}");
+    let e = start(good.replace(
+        &format!("private_key = \"0x{key}\""),
+        "keystore = \"/nonexistent/k.json\"",
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Wallet(m) if m.contains("/nonexistent/k.json")),
+        "{e}"
+    );
     // A listen address the exit cannot bind (an address of no local interface).
-    let e = start(good.replace(&format!("listen = \"{EXIT_IP}:0\""), "listen = \"192.0.2.1:0\""))
-        .await
-        .unwrap_err();
+    let e = start(good.replace(
+        &format!("listen = \"{EXIT_IP}:0\""),
+        "listen = \"192.0.2.1:0\"",
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(&e, AgentError::Exit { index: 0, .. }), "{e}");
     // Parse errors name the key.
     for (from, to, key) in [
         ("capacity = 1", "capacity = \"one\"", "exit[0].capacity"),
         ("grace = \"3s\"", "grace = 3", "timings.grace"),
-        ("country = \"de\"", "country = \"germany\"", "exit[0].country"),
+        (
+            "country = \"de\"",
+            "country = \"germany\"",
+            "exit[0].country",
+        ),
         ("[chain]", "[chain]\nrpc = \"x\"", "chain"),
     ] {
         let e = start(good.replace(from, to)).await.unwrap_err();
-        assert!(matches!(&e, AgentError::Config { key: k, .. } if k.contains(key)), "{to}: {e}");
+        assert!(
+            matches!(&e, AgentError::Config { key: k, .. } if k.contains(key)),
+            "{to}: {e}"
+        );
     }
 }
 
