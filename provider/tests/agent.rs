@@ -784,3 +784,109 @@ fn the_example_config_parses() {
     assert!(!cfg.exits.is_empty());
     assert!(cfg.wallet.keystore.is_some() || cfg.wallet.private_key.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_view() {
+    let w = World::new().await;
+    let wg_key = SecretKey::generate();
+    let key_line = format!(
+        "private_key = \"{}\"\ncountry = \"de\"",
+        ipsx_tunnel_pool::key_to_base64(&wg_key.0)
+    );
+    let text = w.agent_toml(1).replace("country = \"de\"", &key_line);
+    let agent = Agent::start(AgentConfig::from_toml(&text).unwrap())
+        .await
+        .unwrap();
+    let s = agent
+        .wait_until(WAIT, |s| s.exits[0].order_id.is_some())
+        .await
+        .unwrap();
+    let port = s.exits[0].endpoint.port();
+    let target = common::whoami_server("127.0.0.1:0").await;
+    let r = Renter::rent(&w, 20).await;
+    let id = r.id();
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
+    let first = r.due(Duration::ZERO);
+    r.client.post_proof(id, channel, first).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| {
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+        })
+        .await
+        .expect("served");
+    let served_from = Instant::now();
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    r.report(PartyStatus::Active).await;
+    let second = r.due(Duration::from_secs(2));
+    r.client.post_proof(id, channel, second).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.paid == second))
+        .await
+        .expect("second proof verified");
+    tunnel.shutdown().await;
+
+    // Shutdown flushes payment: the latest proof is claimed (channel left open).
+    agent.shutdown().await.unwrap();
+    let chain = w.chain_of(&w.provider).await;
+    let ch = chain.channel(channel).await.unwrap().expect("still open");
+    assert_eq!(ch.claimed, U256::from(second));
+
+    // A new agent (same wallet, same WireGuard key and port) learns the deal from the
+    // exchange, checks the proof again and serves; it reports nothing already reported.
+    let text2 = text.replace(
+        &format!("listen = \"{EXIT_IP}:0\""),
+        &format!("listen = \"{EXIT_IP}:{port}\""),
+    );
+    let mut agent2 = None;
+    for _ in 0..50 {
+        match Agent::start(AgentConfig::from_toml(&text2).unwrap()).await {
+            Ok(a) => {
+                agent2 = Some(a);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let agent2 = agent2.expect("the agent restarts on its port");
+    agent2
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.peer_present))
+        .await
+        .expect("served again after the restart");
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    let paid = pay_until_end(&r, channel, served_from, second).await;
+    r.report(PartyStatus::Completed).await;
+    let s = agent2
+        .wait_until(WAIT, |s| {
+            s.claims.iter().any(|c| c.deal_id == id && c.close)
+                && s.deal(id).is_some_and(|d| d.rated)
+        })
+        .await
+        .expect("closing claim after the restart");
+    let mine: Vec<_> = s.reports.iter().filter(|(d, _)| *d == id).collect();
+    assert_eq!(
+        mine,
+        vec![&(id, PartyStatus::Completed)],
+        "no report repeated"
+    );
+    let events = w
+        .deployer
+        .centralizer()
+        .ChannelClaimed_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    let total: U256 = events
+        .iter()
+        .filter(|(e, _)| e.channelId == channel)
+        .map(|(e, _)| e.paid)
+        .fold(U256::ZERO, |a, b| a + b);
+    assert_eq!(total, U256::from(paid), "paid exactly once in total");
+    tunnel.shutdown().await;
+    agent2.shutdown().await.unwrap();
+}
