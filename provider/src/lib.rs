@@ -1,9 +1,12 @@
 //! The ipsx provider exit: a userspace WireGuard server (no root, no TUN) that
 //! terminates each requester's TCP flows and DNS queries and relays them from the
 //! offered exit address, under an egress policy, with per-peer metering and a hashed
-//! connection log. It does not place offers or settle deals (the exchange does).
+//! connection log. The [`agent`] puts exits on the market: it offers them on the
+//! exchange, serves requesters whose balance proofs check out on chain, and claims its
+//! pay; the order book and the contracts themselves live elsewhere.
 //!
-//! The binary calls [`run`] for `ipsx provider --config FILE`:
+//! The binary calls [`run`] for `ipsx provider --config FILE` (a bare exit), or
+//! [`run_agent`] when the file has an `[exchange]` section:
 //! ```no_run
 //! # async fn demo() -> Result<(), ipsx_provider::ProviderError> {
 //! let text = std::fs::read_to_string("provider.toml").map_err(|e| {
@@ -12,8 +15,13 @@
 //! let cfg = ipsx_provider::ProviderConfig::from_toml(&text)?;
 //! ipsx_provider::run(cfg, async { let _ = tokio::signal::ctrl_c().await; }).await
 //! # }
+//! # async fn agent() -> Result<(), ipsx_provider::AgentError> {
+//! let cfg = ipsx_provider::AgentConfig::load(std::path::Path::new("provider-agent.toml"))?;
+//! ipsx_provider::run_agent(cfg, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
 //! ```
 
+pub mod agent;
 pub mod config;
 pub mod exit;
 pub mod meter;
@@ -23,6 +31,7 @@ pub mod policy;
 use std::future::Future;
 use std::net::SocketAddr;
 
+pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus, run_agent};
 pub use config::{PeerConfig, PrivateKey, ProviderConfig, PublicKey};
 pub use exit::{ExitCounters, ProviderExit, ProviderHandle};
 pub use meter::{LogEntry, MeterSnapshot};

@@ -1,0 +1,1353 @@
+//! The agent's sans-IO core: one state machine per deal, fed with what the exchange and
+//! the chain said (observations, results of earlier actions) and the clock (unix
+//! milliseconds, injected), answering with the [`Action`]s to take now.
+//!
+//! It is a reconciler: every deal holds what we want (our status, whether the peer is
+//! served, what is claimed, the rating) and what is known to be done; [`Core::actions`]
+//! emits the difference, one action per kind and deal in flight at a time, failed ones
+//! again after a backoff. Feeding the same observation twice (an event replayed after a
+//! reconnect, a poll seeing what an event already said) changes nothing, which is how
+//! the agent never reports, serves or claims twice.
+//!
+//! Rules (docs/market.md): accept while under capacity; serve once a verified proof
+//! covers the first window (`amount_due(price, 0, window, value)`); stop serving when
+//! `payment_covers(price, paid, served, grace)` fails, at the deal's end, or when the
+//! requester leaves; claim periodically and once more (closing the channel) at the end;
+//! rate the requester once the deal is final.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use alloy_primitives::{Address, B256};
+use ipsx_exchange::{DealStatus, PartyStatus};
+use ipsx_exchange_client::market::{amount_due, cost, inner_ip_for_deal, payment_covers};
+
+/// Unix time in milliseconds.
+pub type Millis = u64;
+
+/// What the core needs of a deal's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DealInfo {
+    /// Deal id.
+    pub id: u64,
+    /// The requester's wallet (must sign the proofs and own the channel).
+    pub requester: Address,
+    /// The exit address sold.
+    pub exit_address: IpAddr,
+    /// Our exit's WireGuard key named in the deal (selects the exit).
+    pub provider_wg_key: [u8; 32],
+    /// The requester's WireGuard key (the peer to add).
+    pub requester_wg_key: [u8; 32],
+    /// Agreed price per IP-second.
+    pub price: u128,
+    /// Price x duration.
+    pub value: u128,
+    /// Start, unix seconds.
+    pub start: u64,
+    /// End, unix seconds.
+    pub end: u64,
+}
+
+/// A deal as the exchange showed it (a `Matched` event, a poll, a fetch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// Terms.
+    pub info: DealInfo,
+    /// Our status as the exchange has it.
+    pub provider_status: PartyStatus,
+    /// The requester's status.
+    pub requester_status: PartyStatus,
+    /// The deal status.
+    pub status: DealStatus,
+    /// Cumulative amount of the latest stored proof, if any.
+    pub proof_amount: Option<u128>,
+    /// Whether we rated the requester already.
+    pub rated_by_provider: bool,
+}
+
+/// A payment channel as read from the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelFacts {
+    /// Channel id.
+    pub id: B256,
+    /// Who opened it (pays).
+    pub requester: Address,
+    /// Who is paid.
+    pub provider: Address,
+    /// Deposit, base units.
+    pub deposit: u128,
+    /// Already claimed, base units.
+    pub claimed: u128,
+    /// An uncooperative close is running.
+    pub closing: bool,
+}
+
+/// A balance proof that passed [`super::verify::check_proof`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedProof {
+    /// The channel, as read when the proof was checked.
+    pub channel: ChannelFacts,
+    /// Cumulative amount.
+    pub amount: u128,
+    /// The requester's 65-byte signature.
+    pub signature: Vec<u8>,
+}
+
+/// Why an action failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Network, node down, timeouts: retried after a backoff.
+    Transient(String),
+    /// Refused for good (bad proof, conflict): not retried.
+    Permanent(String),
+}
+
+/// What the glue must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Post our status for the deal.
+    Report {
+        /// Deal.
+        deal_id: u64,
+        /// Status.
+        status: PartyStatus,
+        /// Why (may be empty).
+        reason: String,
+    },
+    /// Serve the requester on exit `exit`.
+    AddPeer {
+        /// Deal.
+        deal_id: u64,
+        /// Index of the exit in the config.
+        exit: usize,
+        /// Requester's WireGuard key.
+        key: [u8; 32],
+        /// Requester's inner address (`inner_ip_for_deal`).
+        inner_ip: Ipv4Addr,
+    },
+    /// Stop serving the requester.
+    RemovePeer {
+        /// Deal.
+        deal_id: u64,
+        /// Index of the exit.
+        exit: usize,
+        /// Requester's WireGuard key.
+        key: [u8; 32],
+    },
+    /// Fetch the deal's latest proof and check it against the chain.
+    CheckProof {
+        /// Deal.
+        deal_id: u64,
+        /// Who must have signed it and opened the channel.
+        requester: Address,
+        /// The channel already bound to this deal, as last read (saves a chain read;
+        /// `None` for the first proof).
+        known_channel: Option<ChannelFacts>,
+    },
+    /// Redeem the latest proof on chain (`close` at the deal's end).
+    Claim {
+        /// Deal.
+        deal_id: u64,
+        /// The exit whose peer's log hash goes on chain (none for deals of a lost exit).
+        exit: Option<usize>,
+        /// The requester's WireGuard key (whose connection-log hash is recorded).
+        key: [u8; 32],
+        /// Channel.
+        channel_id: B256,
+        /// Cumulative amount.
+        amount: u128,
+        /// The requester's signature of it.
+        signature: Vec<u8>,
+        /// Close the channel (refund the rest to the requester).
+        close: bool,
+    },
+    /// Rate the requester.
+    Rate {
+        /// Deal.
+        deal_id: u64,
+        /// 1 to 5.
+        score: u8,
+    },
+}
+
+/// The kinds of work tracked per deal (one in flight each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Status reports.
+    Report = 0,
+    /// Peer add/remove.
+    Peer = 1,
+    /// Proof checks.
+    CheckProof = 2,
+    /// Claims.
+    Claim = 3,
+    /// Ratings.
+    Rate = 4,
+}
+
+/// Where a deal is in its life, from our side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// We accepted; waiting for a proof covering the first window.
+    Accepted,
+    /// The peer is (to be) served.
+    Serving,
+    /// Service is over (or never happened); settling: remove peer, claim, rate.
+    Ended,
+    /// We declined it.
+    Rejected,
+}
+
+/// Timings the core applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// The prepaid window.
+    pub window: Duration,
+    /// Payment lag tolerated.
+    pub grace: Duration,
+    /// Periodic claims at least this far apart.
+    pub claim_interval: Duration,
+    /// How long an exchange contact (a successful poll) counts as fresh: payment is
+    /// only enforced while the exchange is known reachable.
+    pub fresh_for: Duration,
+    /// First retry delay.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+/// One exit as the core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitSlot {
+    /// Its WireGuard public key (deals name it).
+    pub wg_key: [u8; 32],
+    /// Deals served at once.
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slot {
+    inflight: bool,
+    attempts: u32,
+    retry_at: Millis,
+}
+
+/// A read-only view of one deal (status snapshots, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DealView {
+    /// Deal id.
+    pub id: u64,
+    /// Exit index, if the deal names one of ours.
+    pub exit: Option<usize>,
+    /// Stage.
+    pub stage: Stage,
+    /// Our status as last confirmed by the exchange.
+    pub reported: PartyStatus,
+    /// The requester's status.
+    pub requester_status: PartyStatus,
+    /// Deal status.
+    pub status: DealStatus,
+    /// Whether the peer is in the exit now.
+    pub peer_present: bool,
+    /// Requester's inner address.
+    pub inner_ip: Ipv4Addr,
+    /// Requester's WireGuard key.
+    pub requester_wg_key: [u8; 32],
+    /// Latest verified cumulative amount.
+    pub paid: u128,
+    /// Claimed on chain so far.
+    pub claimed: u128,
+    /// The final claim closed the channel (or it was gone).
+    pub closed: bool,
+    /// The channel paying this deal.
+    pub channel: Option<B256>,
+    /// Why the last refused proof was refused.
+    pub proof_rejection: Option<String>,
+    /// Why service ended.
+    pub end_reason: Option<String>,
+    /// Whether we rated the requester.
+    pub rated: bool,
+    /// The score given or to give.
+    pub score: Option<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct DealState {
+    info: DealInfo,
+    exit: Option<usize>,
+    known: PartyStatus,
+    requester: PartyStatus,
+    status: DealStatus,
+    rated: bool,
+    proof_seen: u128,
+    rejected_upto: u128,
+    rejection: Option<String>,
+    want: Option<(PartyStatus, String)>,
+    stage: Stage,
+    proof: Option<VerifiedProof>,
+    serve_since: Option<Millis>,
+    peer_present: bool,
+    claimed: u128,
+    closed: bool,
+    last_claim: Millis,
+    score: Option<u8>,
+    end_reason: Option<String>,
+    slots: [Slot; 5],
+}
+
+/// The score a provider gives: 5 when the proofs covered the service, lower the less
+/// of it was paid.
+pub fn score_for(paid: u128, owed: u128) -> u8 {
+    if paid >= owed {
+        5
+    } else if paid >= owed - owed / 4 {
+        4
+    } else if paid >= owed / 2 {
+        3
+    } else if paid > 0 {
+        2
+    } else {
+        1
+    }
+}
+
+fn later(a: PartyStatus, b: PartyStatus) -> PartyStatus {
+    if a.can_move_to(b) { b } else { a }
+}
+
+impl DealState {
+    fn end_ms(&self) -> Millis {
+        self.info.end.saturating_mul(1000)
+    }
+
+    fn ready(&self, k: Kind, now: Millis) -> bool {
+        let s = &self.slots[k as usize];
+        !s.inflight && now >= s.retry_at
+    }
+
+    fn start(&mut self, k: Kind) {
+        self.slots[k as usize].inflight = true;
+    }
+
+    fn succeeded(&mut self, k: Kind) {
+        self.slots[k as usize] = Slot::default();
+    }
+
+    fn failed(&mut self, k: Kind, now: Millis, s: &Settings) {
+        let slot = &mut self.slots[k as usize];
+        slot.inflight = false;
+        let factor = 1u32.checked_shl(slot.attempts.min(16)).unwrap_or(u32::MAX);
+        let delay = s.retry_base.saturating_mul(factor).min(s.retry_max);
+        slot.attempts = slot.attempts.saturating_add(1);
+        slot.retry_at = now.saturating_add(delay.as_millis() as u64);
+    }
+
+    fn want(&mut self, status: PartyStatus, reason: &str) {
+        if !self.status.is_final() && self.known.can_move_to(status) {
+            self.want = Some((status, reason.to_owned()));
+        }
+    }
+
+    /// Ends service: the peer goes, our final status is reported, the final claim and
+    /// the rating follow.
+    fn end(&mut self, status: PartyStatus, reason: &str, now: Millis) {
+        if self.stage == Stage::Serving {
+            let since = self.serve_since.unwrap_or(now);
+            let served = now
+                .saturating_sub(since)
+                .min(self.end_ms().saturating_sub(since))
+                / 1000;
+            let owed = cost(self.info.price, served).min(self.info.value);
+            let paid = self.proof.as_ref().map_or(0, |p| p.amount);
+            self.score = Some(score_for(paid, owed));
+            self.want(status, reason);
+        }
+        self.stage = Stage::Ended;
+        self.end_reason = Some(reason.to_owned());
+    }
+
+    fn paid(&self) -> u128 {
+        self.proof.as_ref().map_or(0, |p| p.amount)
+    }
+
+    fn view(&self) -> DealView {
+        DealView {
+            id: self.info.id,
+            exit: self.exit,
+            stage: self.stage,
+            reported: self.known,
+            requester_status: self.requester,
+            status: self.status,
+            peer_present: self.peer_present,
+            inner_ip: inner_ip_for_deal(self.info.id),
+            requester_wg_key: self.info.requester_wg_key,
+            paid: self.paid(),
+            claimed: self.claimed,
+            closed: self.closed,
+            channel: self.proof.as_ref().map(|p| p.channel.id),
+            proof_rejection: self.rejection.clone(),
+            end_reason: self.end_reason.clone(),
+            rated: self.rated,
+            score: self.score,
+        }
+    }
+}
+
+/// Every deal of this provider, and the rules.
+#[derive(Debug, Clone)]
+pub struct Core {
+    settings: Settings,
+    exits: Vec<ExitSlot>,
+    deals: BTreeMap<u64, DealState>,
+    channels: HashMap<B256, u64>,
+    fresh_until: Millis,
+}
+
+impl Core {
+    /// A core for these exits.
+    pub fn new(settings: Settings, exits: Vec<ExitSlot>) -> Self {
+        Self {
+            settings,
+            exits,
+            deals: BTreeMap::new(),
+            channels: HashMap::new(),
+            fresh_until: 0,
+        }
+    }
+
+    /// Whether the deal is known.
+    pub fn knows(&self, deal_id: u64) -> bool {
+        self.deals.contains_key(&deal_id)
+    }
+
+    /// A view of one deal.
+    pub fn deal(&self, deal_id: u64) -> Option<DealView> {
+        self.deals.get(&deal_id).map(DealState::view)
+    }
+
+    /// Views of every deal, by id.
+    pub fn deals(&self) -> Vec<DealView> {
+        self.deals.values().map(DealState::view).collect()
+    }
+
+    /// The exchange answered (a poll succeeded) at `now`: payment may be enforced for
+    /// a while, since the latest proofs are known.
+    pub fn exchange_contact(&mut self, now: Millis) {
+        self.fresh_until = now.saturating_add(self.settings.fresh_for.as_millis() as u64);
+    }
+
+    fn live_on(&self, exit: usize) -> usize {
+        self.deals
+            .values()
+            .filter(|d| d.exit == Some(exit) && matches!(d.stage, Stage::Accepted | Stage::Serving))
+            .count()
+    }
+
+    /// Merges what the exchange shows of a deal (idempotent; statuses only move
+    /// forward).
+    pub fn observe(&mut self, obs: Observation, now: Millis) {
+        let id = obs.info.id;
+        if let Some(d) = self.deals.get_mut(&id) {
+            d.known = later(d.known, obs.provider_status);
+            d.requester = later(d.requester, obs.requester_status);
+            if !d.status.is_final() {
+                d.status = obs.status;
+            }
+            d.proof_seen = d.proof_seen.max(obs.proof_amount.unwrap_or(0));
+            d.rated |= obs.rated_by_provider;
+            if d.want
+                .as_ref()
+                .is_some_and(|(w, _)| !d.known.can_move_to(*w))
+            {
+                d.want = None;
+            }
+            self.react(id, now);
+            return;
+        }
+        let exit = self
+            .exits
+            .iter()
+            .position(|x| x.wg_key == obs.info.provider_wg_key);
+        let mut d = DealState {
+            exit,
+            known: obs.provider_status,
+            requester: obs.requester_status,
+            status: obs.status,
+            rated: obs.rated_by_provider,
+            proof_seen: obs.proof_amount.unwrap_or(0),
+            rejected_upto: 0,
+            rejection: None,
+            want: None,
+            stage: Stage::Ended,
+            proof: None,
+            serve_since: None,
+            peer_present: false,
+            claimed: 0,
+            closed: false,
+            last_claim: now,
+            score: None,
+            end_reason: None,
+            slots: Default::default(),
+            info: obs.info,
+        };
+        let ended = now >= d.end_ms();
+        if d.status.is_final() {
+            d.end_reason = Some(format!("deal already {}", d.status.as_str()));
+        } else {
+            match d.known {
+                PartyStatus::Pending => match exit {
+                    None => {
+                        d.stage = Stage::Rejected;
+                        d.want(PartyStatus::Rejected, "no exit with this WireGuard key");
+                    }
+                    Some(_) if ended => d.end_reason = Some("matched after its end".into()),
+                    Some(x) => {
+                        let cap = self.exits.get(x).map_or(0, |e| e.capacity) as usize;
+                        if self.live_on(x) >= cap {
+                            d.stage = Stage::Rejected;
+                            d.want(PartyStatus::Rejected, "exit at capacity");
+                        } else {
+                            d.stage = Stage::Accepted;
+                            d.want(PartyStatus::Accepted, "");
+                        }
+                    }
+                },
+                PartyStatus::Accepted | PartyStatus::Active => {
+                    if exit.is_none() {
+                        d.want(
+                            PartyStatus::Failed,
+                            "exit restarted with another WireGuard key",
+                        );
+                        d.end_reason = Some("exit key changed".into());
+                    } else if ended {
+                        d.want(PartyStatus::Completed, "");
+                        d.end_reason = Some("ended while the agent was away".into());
+                    } else {
+                        d.stage = Stage::Accepted;
+                    }
+                }
+                _ => d.end_reason = Some("already reported final".into()),
+            }
+        }
+        self.deals.insert(id, d);
+        self.react(id, now);
+    }
+
+    /// A known deal's status changed on the exchange (events carry the new status).
+    pub fn status_changed(&mut self, deal_id: u64, status: DealStatus, now: Millis) {
+        if let Some(d) = self.deals.get_mut(&deal_id)
+            && !d.status.is_final()
+        {
+            d.status = status;
+            self.react(deal_id, now);
+        }
+    }
+
+    /// A side reported a status (from the event stream).
+    pub fn party_reported(
+        &mut self,
+        deal_id: u64,
+        provider: bool,
+        status: PartyStatus,
+        now: Millis,
+    ) {
+        if let Some(d) = self.deals.get_mut(&deal_id) {
+            if provider {
+                d.known = later(d.known, status);
+                if d.want
+                    .as_ref()
+                    .is_some_and(|(w, _)| !d.known.can_move_to(*w))
+                {
+                    d.want = None;
+                }
+            } else {
+                d.requester = later(d.requester, status);
+            }
+            self.react(deal_id, now);
+        }
+    }
+
+    /// The exchange stored a proof of `amount` (from the event stream).
+    pub fn proof_posted(&mut self, deal_id: u64, amount: u128) {
+        if let Some(d) = self.deals.get_mut(&deal_id) {
+            d.proof_seen = d.proof_seen.max(amount);
+        }
+    }
+
+    fn react(&mut self, id: u64, now: Millis) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        let left = matches!(d.requester, PartyStatus::Completed | PartyStatus::Failed);
+        match d.stage {
+            Stage::Serving if left || d.status.is_final() => {
+                let why = if left {
+                    "requester left"
+                } else {
+                    "deal closed by the exchange"
+                };
+                d.end(PartyStatus::Completed, why, now);
+            }
+            Stage::Accepted if left || d.status.is_final() => {
+                d.stage = Stage::Ended;
+                d.end_reason = Some("ended before any valid payment".into());
+            }
+            _ => {}
+        }
+    }
+
+    /// The actions due at `now`; each is marked in flight until its result is fed back.
+    pub fn actions(&mut self, now: Millis) -> Vec<Action> {
+        let s = self.settings;
+        let enforce = now <= self.fresh_until;
+        let mut out = Vec::new();
+        for (&id, d) in self.deals.iter_mut() {
+            // Clocks.
+            if d.stage == Stage::Accepted && now >= d.end_ms() {
+                d.stage = Stage::Ended;
+                d.end_reason = Some("no valid payment before the end".into());
+            }
+            if d.stage == Stage::Serving {
+                if now >= d.end_ms() {
+                    d.end(PartyStatus::Completed, "", now);
+                } else if d.peer_present
+                    && enforce
+                    && !d.slots[Kind::CheckProof as usize].inflight
+                    && !(d.proof_seen > d.paid() && d.proof_seen > d.rejected_upto)
+                {
+                    // A newer proof waiting to be checked may well cover it.
+                    let since = d.serve_since.unwrap_or(now);
+                    let served = Duration::from_millis(now.saturating_sub(since));
+                    if !payment_covers(d.info.price, d.paid(), served, s.grace) {
+                        d.end(PartyStatus::Failed, "payment stopped", now);
+                    }
+                }
+            }
+            // Report.
+            if let Some((status, reason)) = d.want.clone() {
+                if d.status.is_final() || !d.known.can_move_to(status) {
+                    d.want = None;
+                } else if d.ready(Kind::Report, now) {
+                    d.start(Kind::Report);
+                    out.push(Action::Report {
+                        deal_id: id,
+                        status,
+                        reason,
+                    });
+                }
+            }
+            // Proofs.
+            let unverified = d.proof_seen > d.paid() && d.proof_seen > d.rejected_upto;
+            let wants_proof = match d.stage {
+                Stage::Accepted | Stage::Serving => true,
+                Stage::Ended => !d.closed,
+                Stage::Rejected => false,
+            };
+            if unverified && wants_proof && d.ready(Kind::CheckProof, now) {
+                d.start(Kind::CheckProof);
+                out.push(Action::CheckProof {
+                    deal_id: id,
+                    requester: d.info.requester,
+                    known_channel: d.proof.as_ref().map(|p| p.channel.clone()),
+                });
+            }
+            // Peer.
+            if let Some(exit) = d.exit {
+                let want_peer = d.stage == Stage::Serving;
+                if want_peer != d.peer_present && d.ready(Kind::Peer, now) {
+                    d.start(Kind::Peer);
+                    out.push(if want_peer {
+                        Action::AddPeer {
+                            deal_id: id,
+                            exit,
+                            key: d.info.requester_wg_key,
+                            inner_ip: inner_ip_for_deal(id),
+                        }
+                    } else {
+                        Action::RemovePeer {
+                            deal_id: id,
+                            exit,
+                            key: d.info.requester_wg_key,
+                        }
+                    });
+                }
+            }
+            // Claims.
+            if let Some(p) = &d.proof
+                && !d.closed
+                && d.ready(Kind::Claim, now)
+            {
+                let close = d.stage == Stage::Ended
+                    && !d.peer_present
+                    && !unverified
+                    && !d.slots[Kind::CheckProof as usize].inflight;
+                let periodic = d.stage == Stage::Serving
+                    && p.amount > d.claimed
+                    && now.saturating_sub(d.last_claim) >= s.claim_interval.as_millis() as u64;
+                if close || periodic {
+                    let action = Action::Claim {
+                        deal_id: id,
+                        exit: d.exit,
+                        key: d.info.requester_wg_key,
+                        channel_id: p.channel.id,
+                        amount: p.amount,
+                        signature: p.signature.clone(),
+                        close,
+                    };
+                    d.start(Kind::Claim);
+                    out.push(action);
+                }
+            }
+            // Rating.
+            if d.stage == Stage::Ended
+                && d.status.is_final()
+                && !d.rated
+                && let Some(score) = d.score
+                && d.ready(Kind::Rate, now)
+            {
+                d.start(Kind::Rate);
+                out.push(Action::Rate { deal_id: id, score });
+            }
+        }
+        out
+    }
+
+    /// Result of a [`Action::Report`].
+    pub fn report_done(
+        &mut self,
+        deal_id: u64,
+        status: PartyStatus,
+        r: Result<(), Failure>,
+        now: Millis,
+    ) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                d.succeeded(Kind::Report);
+                d.known = later(d.known, status);
+                if d.want
+                    .as_ref()
+                    .is_some_and(|(w, _)| !d.known.can_move_to(*w))
+                {
+                    d.want = None;
+                }
+            }
+            Err(Failure::Transient(_)) => d.failed(Kind::Report, now, &s),
+            Err(Failure::Permanent(e)) => {
+                tracing::warn!(deal = deal_id, status = status.as_str(), error = %e, "report refused");
+                d.succeeded(Kind::Report);
+                if d.want.as_ref().is_some_and(|(w, _)| *w == status) {
+                    d.want = None;
+                }
+            }
+        }
+    }
+
+    /// Result of [`Action::AddPeer`] (`added = true`) or [`Action::RemovePeer`].
+    pub fn peer_done(&mut self, deal_id: u64, added: bool, r: Result<(), Failure>, now: Millis) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                d.succeeded(Kind::Peer);
+                d.peer_present = added;
+                if added && d.stage == Stage::Serving {
+                    d.want(PartyStatus::Active, "");
+                }
+            }
+            Err(Failure::Transient(_)) => d.failed(Kind::Peer, now, &s),
+            Err(Failure::Permanent(e)) => {
+                d.succeeded(Kind::Peer);
+                if added {
+                    d.stage = Stage::Ended;
+                    d.want(PartyStatus::Failed, "exit cannot serve this peer");
+                    d.end_reason = Some(e);
+                } else {
+                    d.peer_present = false;
+                }
+            }
+        }
+    }
+
+    /// Result of [`Action::CheckProof`].
+    pub fn proof_checked(&mut self, deal_id: u64, r: Result<VerifiedProof, Failure>, now: Millis) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        let v = match r {
+            Ok(v) => v,
+            Err(Failure::Transient(_)) => {
+                d.failed(Kind::CheckProof, now, &s);
+                return;
+            }
+            Err(Failure::Permanent(why)) => {
+                d.succeeded(Kind::CheckProof);
+                tracing::warn!(deal = deal_id, reason = %why, "balance proof refused");
+                d.rejected_upto = d.proof_seen;
+                d.rejection = Some(why);
+                return;
+            }
+        };
+        d.succeeded(Kind::CheckProof);
+        d.proof_seen = d.proof_seen.max(v.amount);
+        let refuse = |d: &mut DealState, why: String| {
+            d.rejected_upto = d.proof_seen;
+            d.rejection = Some(why);
+        };
+        if let Some(&other) = self.channels.get(&v.channel.id)
+            && other != deal_id
+        {
+            refuse(
+                d,
+                format!("channel {} already pays deal {other}", v.channel.id),
+            );
+            return;
+        }
+        if let Some(p) = &d.proof
+            && p.channel.id != v.channel.id
+        {
+            refuse(d, format!("deal is paid over channel {}", p.channel.id));
+            return;
+        }
+        if v.amount <= d.paid() {
+            return;
+        }
+        self.channels.insert(v.channel.id, deal_id);
+        d.proof = Some(v);
+        d.rejection = None;
+        let first = amount_due(d.info.price, Duration::ZERO, s.window, d.info.value);
+        if d.stage == Stage::Accepted && d.paid() >= first && now < d.end_ms() {
+            d.stage = Stage::Serving;
+            d.serve_since = Some(now);
+            d.last_claim = now;
+        }
+    }
+
+    /// Result of an [`Action::Claim`]: `channel_gone` when the chain no longer has the
+    /// channel (closed by the claim or otherwise).
+    pub fn claim_done(
+        &mut self,
+        deal_id: u64,
+        amount: u128,
+        close: bool,
+        r: Result<bool, Failure>,
+        now: Millis,
+    ) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        match r {
+            Ok(channel_gone) => {
+                d.succeeded(Kind::Claim);
+                d.claimed = d.claimed.max(amount);
+                d.last_claim = now;
+                if close || channel_gone {
+                    d.closed = true;
+                }
+            }
+            Err(Failure::Transient(_)) => d.failed(Kind::Claim, now, &s),
+            Err(Failure::Permanent(e)) => {
+                tracing::warn!(deal = deal_id, error = %e, "claim refused for good");
+                d.succeeded(Kind::Claim);
+                d.closed = true;
+            }
+        }
+    }
+
+    /// Result of an [`Action::Rate`].
+    pub fn rate_done(&mut self, deal_id: u64, r: Result<(), Failure>, now: Millis) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                d.succeeded(Kind::Rate);
+                d.rated = true;
+            }
+            Err(Failure::Transient(_)) => d.failed(Kind::Rate, now, &s),
+            Err(Failure::Permanent(e)) => {
+                tracing::warn!(deal = deal_id, error = %e, "rating refused");
+                d.succeeded(Kind::Rate);
+                d.rated = true;
+            }
+        }
+    }
+
+    /// Deals still serving a peer (for shutdown: their latest proofs get claimed).
+    pub fn claimable(&self) -> Vec<Action> {
+        self.deals
+            .iter()
+            .filter_map(|(&id, d)| {
+                let p = d.proof.as_ref()?;
+                (!d.closed && p.amount > d.claimed).then(|| Action::Claim {
+                    deal_id: id,
+                    exit: d.exit,
+                    key: d.info.requester_wg_key,
+                    channel_id: p.channel.id,
+                    amount: p.amount,
+                    signature: p.signature.clone(),
+                    close: false,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const PRICE: u128 = 10;
+    const T0: Millis = 1_000_000_000; // unix ms
+    const KEY: [u8; 32] = [1; 32];
+
+    fn settings() -> Settings {
+        Settings {
+            window: Duration::from_secs(5),
+            grace: Duration::from_secs(3),
+            claim_interval: Duration::from_secs(60),
+            fresh_for: Duration::from_secs(3600),
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(8),
+        }
+    }
+
+    fn core(capacity: u32) -> Core {
+        let mut c = Core::new(
+            settings(),
+            vec![ExitSlot {
+                wg_key: KEY,
+                capacity,
+            }],
+        );
+        c.exchange_contact(T0);
+        c
+    }
+
+    fn obs(id: u64, duration: u64) -> Observation {
+        Observation {
+            info: DealInfo {
+                id,
+                requester: Address::repeat_byte(0xaa),
+                exit_address: "127.0.0.2".parse().unwrap(),
+                provider_wg_key: KEY,
+                requester_wg_key: [id as u8; 32],
+                price: PRICE,
+                value: PRICE * u128::from(duration),
+                start: T0 / 1000,
+                end: T0 / 1000 + duration,
+            },
+            provider_status: PartyStatus::Pending,
+            requester_status: PartyStatus::Pending,
+            status: DealStatus::Matched,
+            proof_amount: None,
+            rated_by_provider: false,
+        }
+    }
+
+    fn channel(n: u8) -> ChannelFacts {
+        ChannelFacts {
+            id: B256::repeat_byte(n),
+            requester: Address::repeat_byte(0xaa),
+            provider: Address::repeat_byte(0xbb),
+            deposit: 1_000_000,
+            claimed: 0,
+            closing: false,
+        }
+    }
+
+    fn proof(n: u8, amount: u128) -> VerifiedProof {
+        VerifiedProof {
+            channel: channel(n),
+            amount,
+            signature: vec![1; 65],
+        }
+    }
+
+    /// Runs actions, answering each with success; returns them.
+    fn settle(c: &mut Core, now: Millis) -> Vec<Action> {
+        let acts = c.actions(now);
+        for a in &acts {
+            match a {
+                Action::Report {
+                    deal_id, status, ..
+                } => c.report_done(*deal_id, *status, Ok(()), now),
+                Action::AddPeer { deal_id, .. } => c.peer_done(*deal_id, true, Ok(()), now),
+                Action::RemovePeer { deal_id, .. } => c.peer_done(*deal_id, false, Ok(()), now),
+                Action::Claim {
+                    deal_id,
+                    amount,
+                    close,
+                    ..
+                } => c.claim_done(*deal_id, *amount, *close, Ok(*close), now),
+                Action::Rate { deal_id, .. } => c.rate_done(*deal_id, Ok(()), now),
+                Action::CheckProof { .. } => {}
+            }
+        }
+        acts
+    }
+
+    fn reports(acts: &[Action]) -> Vec<PartyStatus> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Report { status, .. } => Some(*status),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn happy_path_accept_serve_end_claim_rate() {
+        let mut c = core(1);
+        c.observe(obs(7, 20), T0);
+        assert_eq!(reports(&settle(&mut c, T0)), vec![PartyStatus::Accepted]);
+        // Nothing to do until a proof arrives; replays change nothing.
+        c.observe(obs(7, 20), T0 + 10);
+        assert!(settle(&mut c, T0 + 10).is_empty());
+        // A proof short of the first window does not open the tunnel.
+        c.proof_posted(7, 49);
+        let a = settle(&mut c, T0 + 100);
+        assert!(matches!(
+            a[..],
+            [Action::CheckProof {
+                known_channel: None,
+                ..
+            }]
+        ));
+        c.proof_checked(7, Ok(proof(1, 49)), T0 + 100);
+        assert!(settle(&mut c, T0 + 100).is_empty());
+        c.proof_posted(7, 50);
+        settle(&mut c, T0 + 200);
+        c.proof_checked(7, Ok(proof(1, 50)), T0 + 200);
+        let a = settle(&mut c, T0 + 200);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::AddPeer { exit: 0, .. }))
+        );
+        let a = settle(&mut c, T0 + 200);
+        assert_eq!(reports(&a), vec![PartyStatus::Active]);
+        // Proofs keep up: served 10 s, paid 150 (covers 15 s).
+        c.proof_posted(7, 150);
+        let a = settle(&mut c, T0 + 10_200);
+        assert!(matches!(
+            a[..],
+            [Action::CheckProof {
+                known_channel: Some(_),
+                ..
+            }]
+        ));
+        c.proof_checked(7, Ok(proof(1, 150)), T0 + 10_200);
+        c.proof_posted(7, 200);
+        settle(&mut c, T0 + 15_000);
+        c.proof_checked(7, Ok(proof(1, 200)), T0 + 15_000);
+        assert!(settle(&mut c, T0 + 19_000).is_empty());
+        // The end: remove, report completed, then the closing claim.
+        let a = settle(&mut c, T0 + 20_000);
+        assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
+        assert_eq!(reports(&a), vec![PartyStatus::Completed]);
+        let a = settle(&mut c, T0 + 20_000);
+        assert!(matches!(
+            a[..],
+            [Action::Claim {
+                amount: 200,
+                close: true,
+                ..
+            }]
+        ));
+        // Rating waits for the deal to be final.
+        assert!(settle(&mut c, T0 + 21_000).is_empty());
+        c.status_changed(7, DealStatus::Completed, T0 + 22_000);
+        let a = settle(&mut c, T0 + 22_000);
+        assert_eq!(
+            a,
+            vec![Action::Rate {
+                deal_id: 7,
+                score: 5
+            }]
+        );
+        assert!(settle(&mut c, T0 + 30_000).is_empty());
+        let v = c.deal(7).unwrap();
+        assert!(v.closed && v.rated && !v.peer_present);
+        assert_eq!(v.claimed, 200);
+    }
+
+    #[test]
+    fn capacity_rejects_the_extra_deal() {
+        let mut c = core(1);
+        c.observe(obs(1, 20), T0);
+        c.observe(obs(2, 20), T0);
+        let a = settle(&mut c, T0);
+        assert_eq!(
+            reports(&a),
+            vec![PartyStatus::Accepted, PartyStatus::Rejected]
+        );
+        let mut unknown = obs(3, 20);
+        unknown.info.provider_wg_key = [9; 32];
+        c.observe(unknown, T0);
+        assert_eq!(reports(&settle(&mut c, T0)), vec![PartyStatus::Rejected]);
+    }
+
+    #[test]
+    fn payment_stall_removes_the_peer_after_grace() {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        settle(&mut c, T0);
+        // 50 covers 5 s; grace 3 s: fine at 8.9 s, failed at 9 s.
+        assert!(settle(&mut c, T0 + 8_900).is_empty());
+        let a = settle(&mut c, T0 + 9_000);
+        assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
+        assert_eq!(reports(&a), vec![PartyStatus::Failed]);
+        let Action::Report { reason, .. } = a
+            .iter()
+            .find(|a| matches!(a, Action::Report { .. }))
+            .unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!(reason, "payment stopped");
+        let a = settle(&mut c, T0 + 9_000);
+        assert!(matches!(
+            a[..],
+            [Action::Claim {
+                amount: 50,
+                close: true,
+                ..
+            }]
+        ));
+        c.status_changed(1, DealStatus::Terminated, T0 + 9_500);
+        let a = settle(&mut c, T0 + 9_500);
+        assert!(matches!(a[..], [Action::Rate { score, .. }] if score < 5));
+    }
+
+    #[test]
+    fn payment_is_not_enforced_while_the_exchange_is_unreachable() {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        settle(&mut c, T0);
+        let mut c2 = c.clone();
+        c2.fresh_until = T0 + 1000;
+        assert!(
+            settle(&mut c2, T0 + 20_000).is_empty(),
+            "exchange stale: keep serving"
+        );
+        c2.exchange_contact(T0 + 20_000);
+        assert!(!settle(&mut c2, T0 + 20_000).is_empty());
+    }
+
+    #[test]
+    fn a_refused_proof_never_serves_and_is_not_rechecked() {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, 500);
+        settle(&mut c, T0);
+        c.proof_checked(1, Err(Failure::Permanent("wrong signer".into())), T0);
+        assert!(settle(&mut c, T0 + 1000).is_empty());
+        assert_eq!(
+            c.deal(1).unwrap().proof_rejection.as_deref(),
+            Some("wrong signer")
+        );
+        // A newer proof is checked again.
+        c.proof_posted(1, 600);
+        assert!(matches!(
+            settle(&mut c, T0 + 2000)[..],
+            [Action::CheckProof { .. }]
+        ));
+    }
+
+    #[test]
+    fn one_channel_pays_one_deal() {
+        let mut c = core(2);
+        c.observe(obs(1, 60), T0);
+        c.observe(obs(2, 60), T0);
+        c.proof_posted(1, 50);
+        c.proof_posted(2, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        c.proof_checked(2, Ok(proof(1, 50)), T0);
+        let v = c.deal(2).unwrap();
+        assert_eq!(v.stage, Stage::Accepted);
+        assert!(v.proof_rejection.unwrap().contains("already pays deal 1"));
+        // And a deal's channel cannot change.
+        c.proof_posted(1, 80);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(3, 80)), T0);
+        assert!(
+            c.deal(1)
+                .unwrap()
+                .proof_rejection
+                .unwrap()
+                .contains("paid over channel")
+        );
+        assert_eq!(c.deal(1).unwrap().paid, 50);
+    }
+
+    #[test]
+    fn failures_back_off_and_retry_without_duplicates() {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        let a = c.actions(T0);
+        assert_eq!(reports(&a), vec![PartyStatus::Accepted]);
+        assert!(c.actions(T0).is_empty(), "in flight: not emitted twice");
+        c.report_done(
+            1,
+            PartyStatus::Accepted,
+            Err(Failure::Transient("down".into())),
+            T0,
+        );
+        assert!(c.actions(T0 + 499).is_empty());
+        assert_eq!(reports(&c.actions(T0 + 500)), vec![PartyStatus::Accepted]);
+        c.report_done(
+            1,
+            PartyStatus::Accepted,
+            Err(Failure::Transient("down".into())),
+            T0 + 500,
+        );
+        assert!(c.actions(T0 + 1499).is_empty(), "doubled delay");
+        assert_eq!(reports(&c.actions(T0 + 1500)).len(), 1);
+        c.report_done(1, PartyStatus::Accepted, Ok(()), T0 + 1500);
+        assert!(c.actions(T0 + 1500).is_empty());
+        // The event of our own report arriving later changes nothing.
+        c.party_reported(1, true, PartyStatus::Accepted, T0 + 1600);
+        assert!(c.actions(T0 + 1600).is_empty());
+    }
+
+    #[test]
+    fn claims_are_periodic_and_never_repeat_an_amount() {
+        let mut s = settings();
+        s.claim_interval = Duration::from_secs(10);
+        let mut c = Core::new(
+            s,
+            vec![ExitSlot {
+                wg_key: KEY,
+                capacity: 1,
+            }],
+        );
+        c.exchange_contact(T0);
+        c.observe(obs(1, 600), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        settle(&mut c, T0);
+        c.proof_posted(1, 150);
+        settle(&mut c, T0 + 5_000);
+        c.proof_checked(1, Ok(proof(1, 150)), T0 + 5_000);
+        assert!(settle(&mut c, T0 + 9_999).is_empty(), "interval not over");
+        let a = settle(&mut c, T0 + 10_000);
+        assert!(matches!(
+            a[..],
+            [Action::Claim {
+                amount: 150,
+                close: false,
+                ..
+            }]
+        ));
+        assert!(
+            settle(&mut c, T0 + 12_000).is_empty(),
+            "nothing new to claim"
+        );
+        c.proof_posted(1, 250);
+        settle(&mut c, T0 + 15_000);
+        c.proof_checked(1, Ok(proof(1, 250)), T0 + 15_000);
+        assert!(settle(&mut c, T0 + 19_999).is_empty());
+        let a = settle(&mut c, T0 + 20_000);
+        assert!(matches!(
+            a[..],
+            [Action::Claim {
+                amount: 250,
+                close: false,
+                ..
+            }]
+        ));
+        assert!(settle(&mut c, T0 + 21_000).is_empty());
+    }
+
+    #[test]
+    fn restart_recovers_from_the_exchange_view() {
+        // The agent restarted: the deal was accepted and is active with a proof.
+        let mut c = core(1);
+        let mut o = obs(1, 60);
+        o.provider_status = PartyStatus::Active;
+        o.requester_status = PartyStatus::Active;
+        o.status = DealStatus::Active;
+        o.proof_amount = Some(200);
+        c.observe(o, T0 + 10_000);
+        let a = settle(&mut c, T0 + 10_000);
+        assert!(matches!(a[..], [Action::CheckProof { .. }]), "{a:?}");
+        c.proof_checked(1, Ok(proof(1, 200)), T0 + 10_000);
+        let a = settle(&mut c, T0 + 10_000);
+        assert!(matches!(a[..], [Action::AddPeer { .. }]), "serves again");
+        assert!(
+            reports(&settle(&mut c, T0 + 10_000)).is_empty(),
+            "already active"
+        );
+        // A final deal with an unclaimed proof gets its closing claim.
+        let mut f = obs(2, 5);
+        f.provider_status = PartyStatus::Completed;
+        f.requester_status = PartyStatus::Completed;
+        f.status = DealStatus::Completed;
+        f.proof_amount = Some(50);
+        f.rated_by_provider = true;
+        c.observe(f, T0 + 60_000);
+        let a = settle(&mut c, T0 + 60_000);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::CheckProof { deal_id: 2, .. }))
+        );
+        c.proof_checked(2, Ok(proof(2, 50)), T0 + 60_000);
+        let a = settle(&mut c, T0 + 60_000);
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::Claim {
+                deal_id: 2,
+                close: true,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn requester_leaving_ends_service_early() {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        settle(&mut c, T0);
+        c.party_reported(1, false, PartyStatus::Completed, T0 + 2000);
+        let a = settle(&mut c, T0 + 2000);
+        assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
+        assert_eq!(reports(&a), vec![PartyStatus::Completed]);
+    }
+
+    #[test]
+    fn scores() {
+        assert_eq!(score_for(100, 100), 5);
+        assert_eq!(score_for(200, 100), 5);
+        assert_eq!(score_for(75, 100), 4);
+        assert_eq!(score_for(50, 100), 3);
+        assert_eq!(score_for(1, 100), 2);
+        assert_eq!(score_for(0, 100), 1);
+        assert_eq!(score_for(0, 0), 5);
+        assert_eq!(score_for(u128::MAX - 1, u128::MAX), 4);
+    }
+}

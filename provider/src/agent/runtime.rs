@@ -1,0 +1,973 @@
+//! Tokio glue around [`Core`]: the exits, the offer refresher, the event stream (resumed
+//! from the last event id), the deal-list poll, and the network actions (reports, proof
+//! checks, claims, ratings) run as tasks whose results come back to one loop.
+//!
+//! One task owns the core; everything else talks to it through a channel, so the core
+//! never waits on the network and a slow chain never stalls the tunnels.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use alloy_primitives::{Address, B256, Bytes, U256};
+use alloy_signer_local::PrivateKeySigner;
+use ipsx_exchange::engine::EventKind;
+use ipsx_exchange::engine::Outcome;
+use ipsx_exchange::{
+    Client, Deal, DealEvent, ExchangeError, Offer, PartyStatus, Rating, StatusReport, WgKey,
+};
+use ipsx_exchange_client::chain::{
+    BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment,
+};
+use ipsx_exchange_client::market::EXIT_INNER_ADDR;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::AgentError;
+use super::config::{AgentConfig, ExitSection, WalletSection};
+use super::core::{
+    Action, ChannelFacts, Core, DealInfo, DealView, ExitSlot, Failure, Observation, Settings,
+};
+use super::verify::check_proof;
+use crate::policy::Protocol;
+use crate::{ProviderConfig, ProviderError, ProviderExit, ProviderHandle};
+
+/// How often the core's clocks are looked at (payment, deal ends, retries).
+const TICK: Duration = Duration::from_millis(200);
+/// Longest wait between retries of a failed action.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long shutdown may spend on final claims and offer cancels.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(15);
+/// Transactions are awaited this long.
+const TX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One exit as shown in the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The exit address offered.
+    pub exit_address: IpAddr,
+    /// The WireGuard endpoint advertised.
+    pub endpoint: SocketAddr,
+    /// The exit's WireGuard public key (base64).
+    pub public_key: String,
+    /// The offer currently in the book, if any.
+    pub order_id: Option<u64>,
+    /// Offers posted so far (refreshes included).
+    pub offers_posted: u64,
+}
+
+/// A claim that went on chain (or found the channel already settled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRecord {
+    /// Deal.
+    pub deal_id: u64,
+    /// Channel.
+    pub channel_id: B256,
+    /// Cumulative amount claimed.
+    pub amount: u128,
+    /// The claim closed the channel.
+    pub close: bool,
+    /// The connection-log hash sent with it.
+    pub log_hash: B256,
+    /// Transaction, if one was sent.
+    pub tx_hash: Option<B256>,
+}
+
+/// A snapshot of what the agent did and where its deals are.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStatus {
+    /// The provider's wallet.
+    pub wallet: Address,
+    /// The exits.
+    pub exits: Vec<ExitStatus>,
+    /// Every deal seen.
+    pub deals: Vec<DealView>,
+    /// Every status report the exchange accepted, in order.
+    pub reports: Vec<(u64, PartyStatus)>,
+    /// Every claim, in order.
+    pub claims: Vec<ClaimRecord>,
+    /// Every rating given.
+    pub ratings: Vec<(u64, u8)>,
+    /// Event-stream connections opened.
+    pub stream_connects: u64,
+    /// Id of the last event received.
+    pub last_event_id: u64,
+    /// Successful deal-list polls.
+    pub polls: u64,
+}
+
+impl AgentStatus {
+    /// One deal's view.
+    pub fn deal(&self, id: u64) -> Option<&DealView> {
+        self.deals.iter().find(|d| d.id == id)
+    }
+}
+
+/// Starts agents.
+#[derive(Debug)]
+pub struct Agent;
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    wallet: Address,
+    status: watch::Receiver<AgentStatus>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    exits: Vec<ProviderHandle>,
+}
+
+impl AgentHandle {
+    /// The provider's wallet address.
+    pub fn wallet(&self) -> Address {
+        self.wallet
+    }
+
+    /// The latest status snapshot.
+    pub fn status(&self) -> AgentStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Exit `i`'s WireGuard server (meters, log hashes).
+    pub fn exit(&self, i: usize) -> Option<&ProviderHandle> {
+        self.exits.get(i)
+    }
+
+    /// Waits (at most `timeout`) until `pred` holds for a status snapshot; returns it.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&AgentStatus) -> bool,
+    ) -> Option<AgentStatus> {
+        let mut rx = self.status.clone();
+        let wait = async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if pred(&s) {
+                        return Some(s.clone());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+
+    /// Stops: cancels the offers, claims the latest proofs, stops the exits.
+    pub async fn shutdown(self) -> Result<(), AgentError> {
+        let _ = self.stop.send(true);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let r = match task {
+            Some(t) => t.await.map_err(|e| AgentError::Task(e.to_string())),
+            None => Ok(()),
+        };
+        for x in &self.exits {
+            x.shutdown().await;
+        }
+        r
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix_s() -> u64 {
+    now_ms() / 1000
+}
+
+/// Nonces unique within this process and increasing across restarts (clock-seeded).
+fn next_nonce() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut cur = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = clock.max(cur.saturating_add(1));
+        match LAST.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(v) => cur = v,
+        }
+    }
+}
+
+fn load_wallet(w: &WalletSection) -> Result<PrivateKeySigner, AgentError> {
+    if let Some(hex) = &w.private_key {
+        return PrivateKeySigner::from_str(hex.0.trim()).map_err(|_| AgentError::Config {
+            key: "wallet.private_key".into(),
+            reason: "not a valid secp256k1 private key (64 hex digits)".into(),
+        });
+    }
+    let keystore = w.keystore.clone().ok_or_else(|| AgentError::Config {
+        key: "wallet.keystore".into(),
+        reason: "missing".into(),
+    })?;
+    let args = ipsx_exchange_client::cli::KeyArgs {
+        keystore,
+        password_file: w.password_file.clone(),
+        password_env: w.password_env.clone(),
+        private_key_env: None,
+    };
+    ipsx_exchange_client::cli::load_signer(&args).map_err(|e| AgentError::Wallet(e.to_string()))
+}
+
+fn exchange_protocol(p: Protocol) -> ipsx_exchange::Protocol {
+    match p {
+        Protocol::Http => ipsx_exchange::Protocol::Http,
+        Protocol::Https => ipsx_exchange::Protocol::Https,
+        Protocol::Smtp => ipsx_exchange::Protocol::Smtp,
+        Protocol::Any => ipsx_exchange::Protocol::Any,
+    }
+}
+
+fn classify(e: &ExchangeError) -> Failure {
+    match e {
+        ExchangeError::Remote { status, .. }
+            if (400..500).contains(status) && *status != 408 && *status != 429 =>
+        {
+            Failure::Permanent(e.to_string())
+        }
+        _ => Failure::Transient(e.to_string()),
+    }
+}
+
+fn observation(d: &Deal) -> Observation {
+    Observation {
+        info: DealInfo {
+            id: d.id,
+            requester: d.requester,
+            exit_address: d.terms.exit_address,
+            provider_wg_key: d.terms.provider_wg_key.0,
+            requester_wg_key: d.terms.requester_wg_key.0,
+            price: d.terms.price_per_ip_second,
+            value: d.terms.value,
+            start: d.terms.start,
+            end: d.terms.end,
+        },
+        provider_status: d.provider_status,
+        requester_status: d.requester_status,
+        status: d.status,
+        proof_amount: d.proof.as_ref().map(|p| p.cumulative_amount),
+        rated_by_provider: d.rated_by_provider,
+    }
+}
+
+fn facts(c: ChannelState) -> ChannelFacts {
+    let small = |v: U256| u128::try_from(v).unwrap_or(u128::MAX);
+    ChannelFacts {
+        id: c.id,
+        requester: c.requester,
+        provider: c.provider,
+        deposit: small(c.deposit),
+        claimed: small(c.claimed),
+        closing: c.settle_after.is_some(),
+    }
+}
+
+/// What the offer refresher needs of one exit.
+#[derive(Debug, Clone)]
+struct OfferTemplate {
+    section: ExitSection,
+    endpoint: SocketAddr,
+    wg_key: [u8; 32],
+}
+
+impl OfferTemplate {
+    fn offer(&self, provider: Address, ttl: Duration) -> Offer {
+        let x = &self.section;
+        Offer {
+            provider,
+            exit_address: x.exit_address,
+            country: x.country,
+            region: x.region.clone(),
+            city: x.city.clone(),
+            asn: x.asn,
+            kind: x.kind,
+            protocols: x.protocols.iter().map(|p| exchange_protocol(*p)).collect(),
+            price_per_ip_second: x.price_per_ip_second.0,
+            min_duration_s: x.min_duration.as_secs(),
+            max_duration_s: x.max_duration.as_secs(),
+            capacity: x.capacity,
+            wg_endpoint: self.endpoint,
+            wg_public_key: WgKey(self.wg_key),
+            expiry: unix_s().saturating_add(ttl.as_secs()),
+            nonce: next_nonce(),
+        }
+    }
+}
+
+enum Msg {
+    Event(Box<DealEvent>),
+    StreamUp,
+    Polled(Result<Vec<Deal>, String>),
+    Fetched(u64, Option<Box<Deal>>),
+    Reported(u64, PartyStatus, Result<(), Failure>),
+    Checked(u64, Result<super::core::VerifiedProof, Failure>),
+    Claimed(
+        u64,
+        u128,
+        bool,
+        Result<(bool, Option<ClaimRecord>), Failure>,
+    ),
+    Rated(u64, u8, Result<(), Failure>),
+    Offer(usize, u64),
+}
+
+#[derive(Clone)]
+struct Net {
+    client: Client,
+    chain: ChainClient,
+    wallet: Address,
+    domain: ChannelDomain,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Agent {
+    /// Loads the wallet and the deployment, connects to the chain, starts every exit,
+    /// then (in the background) polls the deal list, follows the event stream and
+    /// keeps the offers posted.
+    pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+        cfg.validate()?;
+        let signer = load_wallet(&cfg.wallet)?;
+        let wallet = signer.address();
+        let deployment =
+            Deployment::load(&cfg.chain.deployment).map_err(|e| AgentError::Config {
+                key: "chain.deployment".into(),
+                reason: e.to_string(),
+            })?;
+        let chain = ChainClient::connect(&cfg.chain.rpc_url, deployment, signer.clone())
+            .await
+            .map_err(|e| AgentError::Chain {
+                rpc_url: cfg.chain.rpc_url.clone(),
+                reason: e.to_string(),
+            })?
+            .with_tx_timeout(TX_TIMEOUT);
+        let client = Client::new(
+            &cfg.exchange.url,
+            deployment.chain_id,
+            deployment.centralizer,
+        )
+        .map_err(|e| AgentError::Exchange {
+            url: cfg.exchange.url.clone(),
+            reason: e.to_string(),
+        })?
+        .with_key(signer);
+
+        let mut exits = Vec::new();
+        let mut templates = Vec::new();
+        let mut slots = Vec::new();
+        let mut exit_status = Vec::new();
+        for (i, x) in cfg.exits.iter().enumerate() {
+            let key = match &x.private_key {
+                Some(k) => k.0,
+                None => ipsx_tunnel_pool::SecretKey::generate().0,
+            };
+            let mut pc = ProviderConfig::new(x.listen, key, x.exit_address);
+            pc.inner_address = EXIT_INNER_ADDR;
+            pc.dns_upstream = x.dns_upstream;
+            pc.protocols = x.protocols.clone();
+            pc.allow_destinations = x.allow_destinations.clone();
+            pc.own_addresses = x.own_addresses.clone();
+            let handle = match ProviderExit::start(pc).await {
+                Ok(h) => h,
+                Err(source) => {
+                    for h in &exits {
+                        ProviderHandle::shutdown(h).await;
+                    }
+                    return Err(AgentError::Exit { index: i, source });
+                }
+            };
+            let bound = handle.local_addr();
+            let endpoint = x.endpoint.unwrap_or_else(|| {
+                let ip = if bound.ip().is_unspecified() {
+                    x.exit_address
+                } else {
+                    bound.ip()
+                };
+                SocketAddr::new(ip, bound.port())
+            });
+            templates.push(OfferTemplate {
+                section: x.clone(),
+                endpoint,
+                wg_key: handle.public_key(),
+            });
+            slots.push(ExitSlot {
+                wg_key: handle.public_key(),
+                capacity: x.capacity,
+            });
+            exit_status.push(ExitStatus {
+                exit_address: x.exit_address,
+                endpoint,
+                public_key: ipsx_tunnel_pool::key_to_base64(&handle.public_key()),
+                order_id: None,
+                offers_posted: 0,
+            });
+            exits.push(handle);
+        }
+
+        let t = cfg.timings;
+        let settings = Settings {
+            window: t.window,
+            grace: t.grace,
+            claim_interval: t.claim_interval,
+            fresh_for: t
+                .poll
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(1)),
+            retry_base: Duration::from_millis(250),
+            retry_max: RETRY_MAX,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let status = AgentStatus {
+            wallet,
+            exits: exit_status,
+            ..AgentStatus::default()
+        };
+        let (status_tx, status_rx) = watch::channel(status.clone());
+        let net = Net {
+            client,
+            chain,
+            wallet,
+            domain: deployment.domain(),
+            tx,
+        };
+        let rt = Runtime {
+            core: Core::new(settings, slots),
+            net,
+            exits: exits.clone(),
+            status,
+            status_tx,
+            fetching: HashSet::new(),
+            polling: false,
+            poll_every: t.poll,
+        };
+        let offers = tokio::spawn(offer_loop(
+            rt.net.clone(),
+            templates,
+            t.offer_ttl,
+            stop_rx.clone(),
+        ));
+        let task = tokio::spawn(rt.run(rx, stop_rx, offers));
+        Ok(AgentHandle {
+            wallet,
+            status: status_rx,
+            stop,
+            task: Mutex::new(Some(task)),
+            exits,
+        })
+    }
+}
+
+struct Runtime {
+    core: Core,
+    net: Net,
+    exits: Vec<ProviderHandle>,
+    status: AgentStatus,
+    status_tx: watch::Sender<AgentStatus>,
+    fetching: HashSet<u64>,
+    polling: bool,
+    poll_every: Duration,
+}
+
+impl Runtime {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut stop: watch::Receiver<bool>,
+        offers: JoinHandle<()>,
+    ) {
+        let mut stream: Option<JoinHandle<()>> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(self.poll_every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                Some(msg) = rx.recv() => {
+                    let first_poll = matches!(msg, Msg::Polled(Ok(_))) && stream.is_none();
+                    self.handle(msg);
+                    // The stream starts after the first poll, so replayed history
+                    // meets deals already known and needs no fetches.
+                    if first_poll {
+                        stream = Some(tokio::spawn(stream_loop(self.net.clone(), stop.clone())));
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = poll.tick() => self.spawn_poll(),
+            }
+            self.run_actions().await;
+            self.publish();
+        }
+        if let Some(s) = stream {
+            s.abort();
+        }
+        self.finish(offers).await;
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        self.status.deals = self.core.deals();
+        self.status_tx.send_replace(self.status.clone());
+    }
+
+    fn spawn_poll(&mut self) {
+        if self.polling {
+            return;
+        }
+        self.polling = true;
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let r = net
+                .client
+                .deals_of(net.wallet)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = net.tx.send(Msg::Polled(r));
+        });
+    }
+
+    fn fetch(&mut self, id: u64) {
+        if !self.fetching.insert(id) {
+            return;
+        }
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let d = net.client.deal(id).await.ok().map(Box::new);
+            let _ = net.tx.send(Msg::Fetched(id, d));
+        });
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let now = now_ms();
+        match msg {
+            Msg::Polled(r) => {
+                self.polling = false;
+                match r {
+                    Ok(deals) => {
+                        self.status.polls += 1;
+                        self.core.exchange_contact(now);
+                        for d in deals.iter().filter(|d| d.provider == self.net.wallet) {
+                            self.core.observe(observation(d), now);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "deal poll failed"),
+                }
+            }
+            Msg::StreamUp => {
+                self.status.stream_connects += 1;
+                // Whatever happened while disconnected is in the deal list.
+                self.spawn_poll();
+            }
+            Msg::Event(ev) => {
+                self.status.last_event_id = self.status.last_event_id.max(ev.id);
+                if ev.provider != self.net.wallet {
+                    return;
+                }
+                let id = ev.deal_id;
+                if !self.core.knows(id) {
+                    self.fetch(id);
+                    return;
+                }
+                match ev.kind {
+                    EventKind::Matched { .. } => {}
+                    EventKind::Reported {
+                        actor,
+                        party_status,
+                        ..
+                    } => {
+                        let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
+                        self.core.party_reported(id, provider, party_status, now);
+                    }
+                    EventKind::StatusChanged => self.core.status_changed(id, ev.status, now),
+                    EventKind::Proof { amount } => self.core.proof_posted(id, amount),
+                }
+            }
+            Msg::Fetched(id, d) => {
+                self.fetching.remove(&id);
+                if let Some(d) = d
+                    && d.provider == self.net.wallet
+                {
+                    self.core.observe(observation(&d), now);
+                }
+            }
+            Msg::Reported(id, status, r) => {
+                if r.is_ok() {
+                    self.status.reports.push((id, status));
+                }
+                self.core.report_done(id, status, r, now);
+            }
+            Msg::Checked(id, r) => self.core.proof_checked(id, r, now),
+            Msg::Claimed(id, amount, close, r) => {
+                let r = r.map(|(gone, record)| {
+                    if let Some(rec) = record {
+                        self.status.claims.push(rec);
+                    }
+                    gone
+                });
+                self.core.claim_done(id, amount, close, r, now);
+            }
+            Msg::Rated(id, score, r) => {
+                if r.is_ok() {
+                    self.status.ratings.push((id, score));
+                }
+                self.core.rate_done(id, r, now);
+            }
+            Msg::Offer(i, order_id) => {
+                if let Some(x) = self.status.exits.get_mut(i) {
+                    x.order_id = Some(order_id);
+                    x.offers_posted += 1;
+                }
+            }
+        }
+    }
+
+    async fn run_actions(&mut self) {
+        // Peer changes are local and quick; their results may unlock more work.
+        for _ in 0..4 {
+            let actions = self.core.actions(now_ms());
+            if actions.is_empty() {
+                return;
+            }
+            let mut local = false;
+            for a in actions {
+                local |= matches!(a, Action::AddPeer { .. } | Action::RemovePeer { .. });
+                self.execute(a).await;
+            }
+            if !local {
+                return;
+            }
+        }
+    }
+
+    async fn execute(&mut self, a: Action) {
+        let net = self.net.clone();
+        match a {
+            Action::AddPeer {
+                deal_id,
+                exit,
+                key,
+                inner_ip,
+            } => {
+                let r = match self.exits.get(exit) {
+                    Some(h) => h.add_peer(key, IpAddr::V4(inner_ip)).await,
+                    None => Err(ProviderError::Stopped),
+                };
+                let r = r.map_err(|e| match e {
+                    ProviderError::Stopped => Failure::Transient(e.to_string()),
+                    e => Failure::Permanent(e.to_string()),
+                });
+                if r.is_ok() {
+                    tracing::info!(deal = deal_id, %inner_ip, "serving requester");
+                }
+                self.core.peer_done(deal_id, true, r, now_ms());
+            }
+            Action::RemovePeer { deal_id, exit, key } => {
+                if let Some(h) = self.exits.get(exit) {
+                    h.remove_peer(&key).await;
+                }
+                tracing::info!(deal = deal_id, "requester removed");
+                self.core.peer_done(deal_id, false, Ok(()), now_ms());
+            }
+            Action::Report {
+                deal_id,
+                status,
+                reason,
+            } => {
+                tokio::spawn(async move {
+                    let mut reason = reason;
+                    reason.truncate(256);
+                    let rep = StatusReport {
+                        wallet: net.wallet,
+                        deal_id,
+                        status,
+                        reason,
+                        expiry: unix_s() + 600,
+                        nonce: next_nonce(),
+                    };
+                    let r = net
+                        .client
+                        .report(&rep)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(&e));
+                    let _ = net.tx.send(Msg::Reported(deal_id, status, r));
+                });
+            }
+            Action::Rate { deal_id, score } => {
+                tokio::spawn(async move {
+                    let rating = Rating {
+                        wallet: net.wallet,
+                        deal_id,
+                        score,
+                        expiry: unix_s() + 600,
+                        nonce: next_nonce(),
+                    };
+                    let r = net
+                        .client
+                        .rate(&rating)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(&e));
+                    let _ = net.tx.send(Msg::Rated(deal_id, score, r));
+                });
+            }
+            Action::CheckProof {
+                deal_id,
+                requester,
+                known_channel,
+            } => {
+                tokio::spawn(async move {
+                    let r = check(&net, deal_id, requester, known_channel).await;
+                    let _ = net.tx.send(Msg::Checked(deal_id, r));
+                });
+            }
+            Action::Claim {
+                deal_id,
+                exit,
+                key,
+                channel_id,
+                amount,
+                signature,
+                close,
+            } => {
+                let log_hash = exit
+                    .and_then(|i| self.exits.get(i))
+                    .and_then(|h| h.log_hash(&key))
+                    .map(B256::from)
+                    .unwrap_or_default();
+                tokio::spawn(async move {
+                    let r = claim(
+                        &net, deal_id, channel_id, amount, signature, close, log_hash,
+                    )
+                    .await;
+                    let _ = net.tx.send(Msg::Claimed(deal_id, amount, close, r));
+                });
+            }
+        }
+    }
+
+    async fn finish(&mut self, offers: JoinHandle<()>) {
+        let claims = self.core.claimable();
+        let net = self.net.clone();
+        let exits = self.exits.clone();
+        let work = async move {
+            let _ = offers.await;
+            for a in claims {
+                if let Action::Claim {
+                    deal_id,
+                    exit,
+                    key,
+                    channel_id,
+                    amount,
+                    signature,
+                    close,
+                } = a
+                {
+                    let log_hash = exit
+                        .and_then(|i| exits.get(i))
+                        .and_then(|h| h.log_hash(&key))
+                        .map(B256::from)
+                        .unwrap_or_default();
+                    match claim(
+                        &net, deal_id, channel_id, amount, signature, close, log_hash,
+                    )
+                    .await
+                    {
+                        Ok(_) => tracing::info!(deal = deal_id, amount, "claimed at shutdown"),
+                        Err(e) => {
+                            tracing::warn!(deal = deal_id, error = ?e, "claim at shutdown failed")
+                        }
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_BUDGET, work).await.is_err() {
+            tracing::warn!("shutdown budget spent before every claim was made");
+        }
+    }
+}
+
+async fn check(
+    net: &Net,
+    deal_id: u64,
+    requester: Address,
+    known: Option<ChannelFacts>,
+) -> Result<super::core::VerifiedProof, Failure> {
+    let proof = net
+        .client
+        .proof(deal_id)
+        .await
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    // The bound channel's facts only change by top-ups (deposit grows) or closes; a
+    // later proof within the known deposit needs no chain read, so a chain outage does
+    // not stop a running deal from being paid.
+    let channel = match known {
+        Some(k) if k.id == proof.channel_id && k.deposit >= proof.cumulative_amount => Some(k),
+        _ => net
+            .chain
+            .channel(proof.channel_id)
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?
+            .map(facts),
+    };
+    check_proof(&net.domain, net.wallet, requester, deal_id, &proof, channel)
+        .map_err(Failure::Permanent)
+}
+
+async fn claim(
+    net: &Net,
+    deal_id: u64,
+    channel_id: B256,
+    amount: u128,
+    signature: Vec<u8>,
+    close: bool,
+    log_hash: B256,
+) -> Result<(bool, Option<ClaimRecord>), Failure> {
+    // Read first: what is already claimed is never claimed again (a retry after a lost
+    // receipt, a restart).
+    let ch = net
+        .chain
+        .channel(channel_id)
+        .await
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let Some(ch) = ch else {
+        return Ok((true, None));
+    };
+    if ch.claimed >= U256::from(amount) && !close {
+        return Ok((false, None));
+    }
+    let proof = BalanceProof {
+        channel_id,
+        cumulative_amount: U256::from(amount),
+    };
+    match net
+        .chain
+        .claim(&proof, Bytes::from(signature), log_hash, close)
+        .await
+    {
+        Ok(out) => {
+            tracing::info!(deal = deal_id, amount, close, tx = %out.tx_hash, "claimed");
+            Ok((
+                close,
+                Some(ClaimRecord {
+                    deal_id,
+                    channel_id,
+                    amount,
+                    close,
+                    log_hash,
+                    tx_hash: Some(out.tx_hash),
+                }),
+            ))
+        }
+        Err(e) if e.revert().is_some() => Err(Failure::Permanent(e.to_string())),
+        Err(e) => Err(Failure::Transient(e.to_string())),
+    }
+}
+
+/// Follows the wallet's event stream, resuming after the last event id on every
+/// reconnect (backoff 250 ms doubling to 5 s).
+async fn stream_loop(net: Net, mut stop: watch::Receiver<bool>) {
+    let mut last = 0u64;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match net.client.events(net.wallet, last).await {
+            Ok(mut s) => {
+                backoff = Duration::from_millis(250);
+                let _ = net.tx.send(Msg::StreamUp);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        ev = s.next() => match ev {
+                            Some(Ok(ev)) => {
+                                last = ev.id;
+                                if net.tx.send(Msg::Event(Box::new(ev))).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "event stream broke");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "event stream refused"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Keeps one offer per exit in the book: posts it, re-posts at two thirds of its
+/// lifetime (then cancels the previous one), retries failures; cancels at shutdown.
+async fn offer_loop(
+    net: Net,
+    templates: Vec<OfferTemplate>,
+    ttl: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let n = templates.len();
+    let mut current: Vec<Option<u64>> = vec![None; n];
+    let mut due = vec![tokio::time::Instant::now(); n];
+    let mut backoff = vec![Duration::from_millis(500); n];
+    let refresh = ttl.saturating_mul(2) / 3;
+    loop {
+        for (i, t) in templates.iter().enumerate() {
+            if tokio::time::Instant::now() < due[i] {
+                continue;
+            }
+            let offer = t.offer(net.wallet, ttl);
+            match net.client.post_offer(&offer).await {
+                Ok(Outcome::OfferPosted { order_id, .. }) => {
+                    if let Some(old) = current[i].replace(order_id) {
+                        let _ = net.client.cancel(old).await;
+                    }
+                    let _ = net.tx.send(Msg::Offer(i, order_id));
+                    backoff[i] = Duration::from_millis(500);
+                    due[i] = tokio::time::Instant::now() + refresh;
+                }
+                Ok(other) => {
+                    tracing::warn!(exit = %t.section.exit_address, outcome = ?other, "unexpected answer to an offer");
+                    due[i] = tokio::time::Instant::now() + backoff[i];
+                }
+                Err(e) => {
+                    tracing::warn!(exit = %t.section.exit_address, error = %e, "posting the offer failed");
+                    due[i] = tokio::time::Instant::now() + backoff[i];
+                    backoff[i] = (backoff[i] * 2).min(Duration::from_secs(30)).min(refresh);
+                }
+            }
+        }
+        let next = due
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+    }
+    for id in current.into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(3), net.client.cancel(id)).await;
+    }
+}
