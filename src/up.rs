@@ -1,0 +1,259 @@
+//! `ipsx up`: the whole system on one machine. A local chain (anvil) with the contracts
+//! deployed, funded wallets, the exchange (SQLite), provider agents whose exits are
+//! distinct 127.0.0.x addresses in four countries, an echo target, and the gateway,
+//! which rents its exits on the exchange by itself. Ctrl-C settles and stops it all.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::U256;
+use alloy::signers::local::PrivateKeySigner;
+use ipsx_exchange_client::chain::testing::Anvil;
+use ipsx_exchange_client::chain::{ChainClient, DeployParams, deploy, parse_tokens};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The demo exits: (last octet, country, city, type). Two per provider.
+const EXITS: [(u8, &str, &str, &str); 8] = [
+    (2, "de", "berlin", "residential"),
+    (3, "de", "munich", "datacenter"),
+    (4, "us", "new_york", "residential"),
+    (5, "us", "chicago", "mobile"),
+    (6, "fr", "paris", "residential"),
+    (7, "fr", "lyon", "datacenter"),
+    (8, "jp", "tokyo", "residential"),
+    (9, "jp", "osaka", "mobile"),
+];
+
+/// Price per IP-second offered by the demo providers: 0.0001 IPSX.
+const PRICE: u128 = 100_000_000_000_000;
+
+fn hex_key(signer: &PrivateKeySigner) -> String {
+    format!("0x{}", alloy::hex::encode(signer.to_bytes()))
+}
+
+fn step(n: usize, what: &str) {
+    println!("[{n}/7] {what}");
+}
+
+/// Everything a test or a script needs to inspect the running system.
+#[derive(serde::Serialize)]
+struct State {
+    proxy: String,
+    admin: String,
+    echo: String,
+    rpc_url: String,
+    exchange: String,
+    deployment: PathBuf,
+    requester: String,
+    providers: Vec<String>,
+    treasury: String,
+    token: String,
+    centralizer: String,
+}
+
+/// Runs the whole system until SIGINT/SIGTERM; `state` receives a JSON description.
+pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), String> {
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("ipsx-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+
+    // 1. Chain.
+    let anvil = Anvil::spawn().map_err(|e| format!("chain: {e} (run `make up`, which installs anvil)"))?;
+    step(1, &format!("chain: anvil on {} (chain id {})", anvil.endpoint(), anvil.chain_id()));
+    let deployer = anvil.key(0);
+    let requester = anvil.key(1);
+    let treasury = anvil.key(9);
+    let provider_keys: Vec<PrivateKeySigner> = (2..6).map(|i| anvil.key(i)).collect();
+    let params = DeployParams {
+        treasury: treasury.address(),
+        ..DeployParams::all_to(deployer.address())
+    };
+    let report = deploy(anvil.endpoint(), deployer.clone(), &params).await.map_err(|e| format!("deploy: {e}"))?;
+    let deployment = report.deployment;
+    let deployment_path = dir.join("deployment.json");
+    deployment.save(&deployment_path).map_err(|e| e.to_string())?;
+    step(
+        2,
+        &format!("contracts: IPSX token {:#x}, Centralizer {:#x}", deployment.token, deployment.centralizer),
+    );
+
+    // 2. Wallets: the requester gets tokens and deposits them; providers need only gas.
+    let chain0 = ChainClient::connect(anvil.endpoint(), deployment.clone(), deployer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let amount = |t: &str| parse_tokens(t).map_err(|e| e.to_string());
+    chain0
+        .transfer_tokens(requester.address(), amount("1000000")?)
+        .await
+        .map_err(|e| format!("funding the requester: {e}"))?;
+    let chain1 = ChainClient::connect(anvil.endpoint(), deployment.clone(), requester.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deposit: U256 = amount("100000")?;
+    chain1.approve(deposit).await.map_err(|e| format!("approve: {e}"))?;
+    chain1.deposit(deposit).await.map_err(|e| format!("deposit: {e}"))?;
+    step(3, &format!("wallets: requester {:#x} deposited 100000 IPSX", requester.address()));
+
+    // 3. Exchange.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let exchange_toml = format!(
+        "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\n",
+        deployment.chain_id,
+        dir.join("exchange.db").display(),
+        anvil.endpoint(),
+        deployment.centralizer
+    );
+    let exchange_config = ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml).map_err(|e| format!("exchange config: {e}"))?;
+    let exchange_listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let exchange_url = format!("http://{}", exchange_listener.local_addr().map_err(|e| e.to_string())?);
+    let exchange = tokio::spawn(ipsx_exchange::serve(exchange_listener, exchange_config, stopped(stop_rx.clone())));
+    step(4, &format!("exchange: {exchange_url}"));
+
+    // 4. Echo target, reporting the caller's address and its demo country.
+    let echo = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let echo_addr = echo.local_addr().map_err(|e| e.to_string())?;
+    let countries: HashMap<IpAddr, String> = EXITS
+        .iter()
+        .map(|(last, cc, _, _)| (IpAddr::V4(Ipv4Addr::new(127, 0, 0, *last)), (*cc).to_owned()))
+        .collect();
+    tokio::spawn(ipsx_gateway::echo::serve_echo(echo, countries));
+
+    // 5. Providers: two exits each.
+    let mut providers = Vec::new();
+    for (i, key) in provider_keys.iter().enumerate() {
+        let mut toml = format!(
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\nclaim_interval = \"10s\"\n\n",
+            anvil.endpoint(),
+            deployment_path.display(),
+            hex_key(key)
+        );
+        for (last, cc, city, kind) in &EXITS[i * 2..i * 2 + 2] {
+            toml.push_str(&format!(
+                "[[exit]]\nexit_address = \"127.0.0.{last}\"\nlisten = \"127.0.0.{last}:0\"\ncountry = \"{cc}\"\ncity = \"{city}\"\ntype = \"{kind}\"\nprice_per_ip_second = \"{PRICE}\"\nallow_destinations = [\"127.0.0.0/8\"]\n\n"
+            ));
+        }
+        let path = dir.join(format!("provider-{i}.toml"));
+        std::fs::write(&path, &toml).map_err(|e| e.to_string())?;
+        let cfg = ipsx_provider::agent::AgentConfig::from_toml(&toml).map_err(|e| format!("{}: {e}", path.display()))?;
+        providers.push(tokio::spawn(ipsx_provider::agent::run_agent(cfg, stopped(stop_rx.clone()))));
+    }
+    step(5, &format!("providers: {} agents, exits 127.0.0.2-9 in de, us, fr, jp", provider_keys.len()));
+
+    // 6. Gateway, renting one exit per country to start with, more on demand.
+    let mut gateway_toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"30s\"\nproof_interval = \"5s\"\nrent_wait = \"10s\"\n\n",
+        if port == 0 { 0 } else { port.saturating_add(1) },
+        anvil.endpoint(),
+        deployment_path.display(),
+        hex_key(&requester),
+        PRICE * 2,
+    );
+    for cc in ["de", "us", "fr", "jp"] {
+        gateway_toml.push_str(&format!(
+            "[[market.demand]]\nname = \"{cc}\"\ntarget = {{ country = \"{cc}\" }}\ncount = 1\n\n"
+        ));
+    }
+    let gateway_path = dir.join("gateway.toml");
+    std::fs::write(&gateway_path, &gateway_toml).map_err(|e| e.to_string())?;
+    let gateway_config =
+        ipsx_config::GatewayConfig::from_toml(&gateway_toml, &gateway_path.display().to_string()).map_err(|e| e.to_string())?;
+    let (gw_stop_tx, gw_stop_rx) = watch::channel(false);
+    let (addr_tx, mut addr_rx) = watch::channel(None);
+    let gateway = tokio::spawn(crate::gateway_cmd::serve_reporting(
+        gateway_config,
+        Some(gateway_path.clone()),
+        stopped(gw_stop_rx),
+        addr_tx,
+    ));
+    let (proxy, admin) = loop {
+        if let Some(v) = addr_rx.borrow().clone() {
+            break v;
+        }
+        if addr_rx.changed().await.is_err() {
+            return Err("gateway stopped while starting".into());
+        }
+    };
+    step(6, &format!("gateway: proxy {proxy}, admin http://{admin}"));
+
+    // 7. Wait for the first rented exits.
+    let want = 4;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut live = 0;
+    while Instant::now() < deadline {
+        live = admin_live_exits(admin).await;
+        if live >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    step(
+        7,
+        &format!("renting: {live} of {want} exits live after {:.1}s", started.elapsed().as_secs_f64()),
+    );
+
+    let echo_url = format!("http://{echo_addr}/ip");
+    let state = State {
+        proxy: format!("http://demo:demo-token@{proxy}"),
+        admin: format!("http://{admin}"),
+        echo: echo_url.clone(),
+        rpc_url: anvil.endpoint().to_owned(),
+        exchange: exchange_url.clone(),
+        deployment: deployment_path.clone(),
+        requester: format!("{:#x}", requester.address()),
+        providers: provider_keys.iter().map(|k| format!("{:#x}", k.address())).collect(),
+        treasury: format!("{:#x}", treasury.address()),
+        token: format!("{:#x}", deployment.token),
+        centralizer: format!("{:#x}", deployment.centralizer),
+    };
+    if let Some(path) = &state_file {
+        let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!();
+    println!("ipsx is up.");
+    println!("  proxy URL:   {}   (HTTP and SOCKS5 on one port)", state.proxy);
+    println!("  echo target: {echo_url}");
+    println!("  admin API:   {}/api/market", state.admin);
+    println!("try:");
+    println!("  curl -x http://demo-country-de-session-s1:demo-token@{proxy} {echo_url}");
+    println!("  curl --socks5-hostname demo-country-us:demo-token@{proxy} {echo_url}");
+    println!("Ctrl-C settles every channel and stops everything.");
+
+    crate::gateway_cmd::terminated().await;
+    println!("stopping: ending deals so providers settle on chain...");
+    let _ = gw_stop_tx.send(true);
+    let _ = gateway.await;
+    // Give providers a moment to see the completed deals and claim.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = stop_tx.send(true);
+    for p in providers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), p).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
+    drop(anvil);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("stopped.");
+    Ok(())
+}
+
+async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return 0 };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(b"GET /api/exits HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["exits"].as_array().map(|a| a.iter().filter(|e| e["healthy"] == true).count()))
+        .unwrap_or(0)
+}

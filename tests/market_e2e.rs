@@ -1,0 +1,135 @@
+//! The product end to end, from cold: `ipsx up` starts a chain, the contracts, the
+//! exchange, provider agents and the gateway; the gateway rents its exits itself; curl
+//! goes through them; the chain shows the money moving.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Up {
+    child: Child,
+    state: serde_json::Value,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SIGKILL: the test is over either way; anvil and the rest are its children or
+        // its tasks, and anvil is killed by its own guard when the process dies... so
+        // ask nicely first, then make sure.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_up() -> Up {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("ipsx-e2e-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state_path = dir.join("state.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ipsx"))
+        .args(["up", "--port", "0", "--state"])
+        .arg(&state_path)
+        .env("IPSX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                let done = line.starts_with("ipsx is up.");
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            _ => {
+                let _ = child.kill();
+                panic!("ipsx up stopped before it was up:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    Up { child, state, dir }
+}
+
+fn proxy_with(up: &Up, user: &str) -> String {
+    up.state["proxy"].as_str().unwrap().replace("http://demo:", &format!("http://{user}:"))
+}
+
+async fn chain_view(up: &Up) -> ipsx_exchange_client::chain::ChainClient {
+    let deployment = ipsx_exchange_client::chain::Deployment::load(std::path::Path::new(up.state["deployment"].as_str().unwrap())).unwrap();
+    ipsx_exchange_client::chain::ChainClient::connect_read_only(up.state["rpc_url"].as_str().unwrap(), deployment).await.unwrap()
+}
+
+fn addr(s: &serde_json::Value) -> alloy::primitives::Address {
+    s.as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_rents_its_exits_and_pays_for_them() {
+    let up = start_up();
+    let echo = up.state["echo"].as_str().unwrap().to_owned();
+    let chain = chain_view(&up).await;
+    let requester = addr(&up.state["requester"]);
+    let treasury = addr(&up.state["treasury"]);
+    let reserved_before = chain.reserved(requester).await.unwrap();
+    assert!(reserved_before > alloy::primitives::U256::ZERO, "channels opened: requester tokens reserved");
+
+    // country-de leaves through a DE provider's exit, the same one for the session.
+    let proxy = proxy_with(&up, "demo-country-de-session-s1");
+    let mut args = vec!["-x".to_owned(), proxy];
+    args.extend((0..10).map(|_| echo.clone()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&refs).await;
+    let ips = echo_ips(&out.stdout);
+    assert_eq!(ips.len(), 10, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ips.iter().collect::<HashSet<_>>().len(), 1, "one exit for the session: {ips:?}");
+    assert!(["127.0.0.2", "127.0.0.3"].contains(&ips[0].as_str()), "a DE exit: {ips:?}");
+
+    // Without a session, requests rotate across the rented exits (4 countries live).
+    let socks = proxy_with(&up, "demo").replace("http://", "socks5h://");
+    let mut args = vec!["--proxy".to_owned(), socks, "-H".into(), "Connection: close".into()];
+    args.extend((0..24).map(|_| echo.clone()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ips = echo_ips(&curl(&refs).await.stdout);
+    assert_eq!(ips.len(), 24);
+    assert!(ips.iter().collect::<HashSet<_>>().len() >= 3, "{ips:?}");
+
+    // Providers claim periodically with the latest proof: their Centralizer balance
+    // grows by the claimed amount minus the fee, and the treasury gets the fee.
+    let providers: Vec<_> = up.state["providers"].as_array().unwrap().iter().map(addr).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut paid, mut fee) = (false, false);
+    while Instant::now() < deadline && !(paid && fee) {
+        let mut any = false;
+        for p in &providers {
+            any |= chain.balance(*p).await.unwrap() > alloy::primitives::U256::ZERO;
+        }
+        paid = any;
+        fee = chain.balance(treasury).await.unwrap() > alloy::primitives::U256::ZERO;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(paid, "a provider was paid on chain");
+    assert!(fee, "the treasury got the platform fee");
+}
