@@ -25,10 +25,36 @@ pub(crate) async fn run(path: &Path, check: bool) -> Result<(), String> {
         );
         return Ok(());
     }
-    serve(config, Some(path.to_path_buf())).await
+    serve(config, Some(path.to_path_buf()), terminated()).await
 }
 
-async fn serve(config: GatewayConfig, path: Option<std::path::PathBuf>) -> Result<(), String> {
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn terminated() {
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+    }
+}
+
+/// Runs a gateway (and its pool manager, with `[market]`) until `stop` resolves; then
+/// drains, and ends every rented deal so providers settle.
+pub(crate) async fn serve(
+    config: GatewayConfig,
+    path: Option<std::path::PathBuf>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let (tx, _rx) = tokio::sync::watch::channel(None);
+    serve_reporting(config, path, stop, tx).await
+}
+
+/// As [`serve`]; sends the bound proxy and admin addresses once listening.
+pub(crate) async fn serve_reporting(
+    config: GatewayConfig,
+    path: Option<std::path::PathBuf>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    bound: tokio::sync::watch::Sender<Option<(SocketAddr, SocketAddr)>>,
+) -> Result<(), String> {
     let listen = config.listener.listen;
     let admin = config.listener.admin_listen;
     let poll = config.listener.reload_poll;
@@ -61,6 +87,7 @@ async fn serve(config: GatewayConfig, path: Option<std::path::PathBuf>) -> Resul
             .map_err(|e| format!("gateway.admin_listen: cannot listen on {admin}: {e}"))?;
         let addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
         println!("admin listening on http://{addr}");
+        let _ = bound.send(Some((proxy_addr, addr)));
         tokio::spawn(ipsx_gateway::admin::serve_admin(
             admin_listener,
             gateway.clone(),
@@ -73,11 +100,7 @@ async fn serve(config: GatewayConfig, path: Option<std::path::PathBuf>) -> Resul
     println!("proxy listening on {proxy_addr} (HTTP and SOCKS5)");
     let gw = gateway.clone();
     let shutdown = async move {
-        let mut term = signal(SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
-        }
+        stop.await;
         tracing::info!("shutdown requested");
         gw.begin_shutdown();
     };
@@ -169,5 +192,5 @@ pub(crate) async fn up(port: u16) -> Result<(), String> {
     println!("try:");
     println!("  curl -x http://demo-country-de-session-s1:demo-token@{proxy} {echo_url}");
     println!("  curl --socks5-hostname demo-country-us:demo-token@{proxy} {echo_url}");
-    serve(config, Some(path)).await
+    serve(config, Some(path), terminated()).await
 }

@@ -9,6 +9,7 @@ mod echo;
 mod exchange_cmd;
 mod gateway_cmd;
 mod provider_cmd;
+mod up;
 
 /// ipsx: a data-mining proxy gateway on a peer-to-peer IP Sharing Exchange.
 #[derive(Parser)]
@@ -66,11 +67,18 @@ enum Command {
     Wallet(ipsx_exchange_client::cli::WalletArgs),
     /// Deploy and inspect the IPSX contracts.
     Chain(ipsx_exchange_client::cli::ChainArgs),
-    /// Bring up the local demo: exits on 127.0.0.x, an echo target, the gateway.
+    /// Bring up the whole system locally: chain, contracts, exchange, providers in four
+    /// countries, an echo target, and the gateway renting its exits; prints the proxy URL.
     Up {
-        /// Proxy port.
+        /// Proxy port (the admin API is on the next one; 0: any free ports).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Only the gateway over local exits on 127.0.0.2-9 (no chain, no exchange).
+        #[arg(long)]
+        local: bool,
+        /// Write a JSON description of the running system here.
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
 }
 
@@ -117,7 +125,10 @@ fn main() -> ExitCode {
                 provider_cmd::keygen();
                 Ok(())
             }
-            Command::Up { port } => gateway_cmd::up(port).await,
+            Command::Up {
+                port, local: true, ..
+            } => gateway_cmd::up(port).await,
+            Command::Up { port, state, .. } => up::run(port, state).await,
         }
     });
     match result {

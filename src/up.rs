@@ -61,8 +61,16 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
 
     // 1. Chain.
-    let anvil = Anvil::spawn().map_err(|e| format!("chain: {e} (run `make up`, which installs anvil)"))?;
-    step(1, &format!("chain: anvil on {} (chain id {})", anvil.endpoint(), anvil.chain_id()));
+    let anvil =
+        Anvil::spawn().map_err(|e| format!("chain: {e} (run `make up`, which installs anvil)"))?;
+    step(
+        1,
+        &format!(
+            "chain: anvil on {} (chain id {})",
+            anvil.endpoint(),
+            anvil.chain_id()
+        ),
+    );
     let deployer = anvil.key(0);
     let requester = anvil.key(1);
     let treasury = anvil.key(9);
@@ -71,13 +79,20 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         treasury: treasury.address(),
         ..DeployParams::all_to(deployer.address())
     };
-    let report = deploy(anvil.endpoint(), deployer.clone(), &params).await.map_err(|e| format!("deploy: {e}"))?;
+    let report = deploy(anvil.endpoint(), deployer.clone(), &params)
+        .await
+        .map_err(|e| format!("deploy: {e}"))?;
     let deployment = report.deployment;
     let deployment_path = dir.join("deployment.json");
-    deployment.save(&deployment_path).map_err(|e| e.to_string())?;
+    deployment
+        .save(&deployment_path)
+        .map_err(|e| e.to_string())?;
     step(
         2,
-        &format!("contracts: IPSX token {:#x}, Centralizer {:#x}", deployment.token, deployment.centralizer),
+        &format!(
+            "contracts: IPSX token {:#x}, Centralizer {:#x}",
+            deployment.token, deployment.centralizer
+        ),
     );
 
     // 2. Wallets: the requester gets tokens and deposits them; providers need only gas.
@@ -93,9 +108,21 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         .await
         .map_err(|e| e.to_string())?;
     let deposit: U256 = amount("100000")?;
-    chain1.approve(deposit).await.map_err(|e| format!("approve: {e}"))?;
-    chain1.deposit(deposit).await.map_err(|e| format!("deposit: {e}"))?;
-    step(3, &format!("wallets: requester {:#x} deposited 100000 IPSX", requester.address()));
+    chain1
+        .approve(deposit)
+        .await
+        .map_err(|e| format!("approve: {e}"))?;
+    chain1
+        .deposit(deposit)
+        .await
+        .map_err(|e| format!("deposit: {e}"))?;
+    step(
+        3,
+        &format!(
+            "wallets: requester {:#x} deposited 100000 IPSX",
+            requester.address()
+        ),
+    );
 
     // 3. Exchange.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -109,18 +136,35 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         anvil.endpoint(),
         deployment.centralizer
     );
-    let exchange_config = ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml).map_err(|e| format!("exchange config: {e}"))?;
-    let exchange_listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let exchange_url = format!("http://{}", exchange_listener.local_addr().map_err(|e| e.to_string())?);
-    let exchange = tokio::spawn(ipsx_exchange::serve(exchange_listener, exchange_config, stopped(stop_rx.clone())));
+    let exchange_config = ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml)
+        .map_err(|e| format!("exchange config: {e}"))?;
+    let exchange_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let exchange_url = format!(
+        "http://{}",
+        exchange_listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let exchange = tokio::spawn(ipsx_exchange::serve(
+        exchange_listener,
+        exchange_config,
+        stopped(stop_rx.clone()),
+    ));
     step(4, &format!("exchange: {exchange_url}"));
 
     // 4. Echo target, reporting the caller's address and its demo country.
-    let echo = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let echo = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let echo_addr = echo.local_addr().map_err(|e| e.to_string())?;
     let countries: HashMap<IpAddr, String> = EXITS
         .iter()
-        .map(|(last, cc, _, _)| (IpAddr::V4(Ipv4Addr::new(127, 0, 0, *last)), (*cc).to_owned()))
+        .map(|(last, cc, _, _)| {
+            (
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, *last)),
+                (*cc).to_owned(),
+            )
+        })
         .collect();
     tokio::spawn(ipsx_gateway::echo::serve_echo(echo, countries));
 
@@ -135,15 +179,25 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         );
         for (last, cc, city, kind) in &EXITS[i * 2..i * 2 + 2] {
             toml.push_str(&format!(
-                "[[exit]]\nexit_address = \"127.0.0.{last}\"\nlisten = \"127.0.0.{last}:0\"\ncountry = \"{cc}\"\ncity = \"{city}\"\ntype = \"{kind}\"\nprice_per_ip_second = \"{PRICE}\"\nallow_destinations = [\"127.0.0.0/8\"]\n\n"
+                "[[exit]]\nexit_address = \"127.0.0.{last}\"\nlisten = \"127.0.0.{last}:0\"\ncountry = \"{cc}\"\ncity = \"{city}\"\ntype = \"{kind}\"\nprice_per_ip_second = \"{PRICE}\"\nprotocols = [\"any\"]\nallow_destinations = [\"127.0.0.0/8\"]\n\n"
             ));
         }
         let path = dir.join(format!("provider-{i}.toml"));
         std::fs::write(&path, &toml).map_err(|e| e.to_string())?;
-        let cfg = ipsx_provider::agent::AgentConfig::from_toml(&toml).map_err(|e| format!("{}: {e}", path.display()))?;
-        providers.push(tokio::spawn(ipsx_provider::agent::run_agent(cfg, stopped(stop_rx.clone()))));
+        let cfg = ipsx_provider::agent::AgentConfig::from_toml(&toml)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        providers.push(tokio::spawn(ipsx_provider::agent::run_agent(
+            cfg,
+            stopped(stop_rx.clone()),
+        )));
     }
-    step(5, &format!("providers: {} agents, exits 127.0.0.2-9 in de, us, fr, jp", provider_keys.len()));
+    step(
+        5,
+        &format!(
+            "providers: {} agents, exits 127.0.0.2-9 in de, us, fr, jp",
+            provider_keys.len()
+        ),
+    );
 
     // 6. Gateway, renting one exit per country to start with, more on demand.
     let mut gateway_toml = format!(
@@ -162,7 +216,8 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     let gateway_path = dir.join("gateway.toml");
     std::fs::write(&gateway_path, &gateway_toml).map_err(|e| e.to_string())?;
     let gateway_config =
-        ipsx_config::GatewayConfig::from_toml(&gateway_toml, &gateway_path.display().to_string()).map_err(|e| e.to_string())?;
+        ipsx_config::GatewayConfig::from_toml(&gateway_toml, &gateway_path.display().to_string())
+            .map_err(|e| e.to_string())?;
     let (gw_stop_tx, gw_stop_rx) = watch::channel(false);
     let (addr_tx, mut addr_rx) = watch::channel(None);
     let gateway = tokio::spawn(crate::gateway_cmd::serve_reporting(
@@ -194,7 +249,10 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     }
     step(
         7,
-        &format!("renting: {live} of {want} exits live after {:.1}s", started.elapsed().as_secs_f64()),
+        &format!(
+            "renting: {live} of {want} exits live after {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
     );
 
     let echo_url = format!("http://{echo_addr}/ip");
@@ -206,7 +264,10 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         exchange: exchange_url.clone(),
         deployment: deployment_path.clone(),
         requester: format!("{:#x}", requester.address()),
-        providers: provider_keys.iter().map(|k| format!("{:#x}", k.address())).collect(),
+        providers: provider_keys
+            .iter()
+            .map(|k| format!("{:#x}", k.address()))
+            .collect(),
         treasury: format!("{:#x}", treasury.address()),
         token: format!("{:#x}", deployment.token),
         centralizer: format!("{:#x}", deployment.centralizer),
@@ -217,7 +278,10 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     }
     println!();
     println!("ipsx is up.");
-    println!("  proxy URL:   {}   (HTTP and SOCKS5 on one port)", state.proxy);
+    println!(
+        "  proxy URL:   {}   (HTTP and SOCKS5 on one port)",
+        state.proxy
+    );
     println!("  echo target: {echo_url}");
     println!("  admin API:   {}/api/market", state.admin);
     println!("try:");
@@ -243,9 +307,14 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
 }
 
 async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return 0 };
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
+        return 0;
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if s.write_all(b"GET /api/exits HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.is_err() {
+    if s.write_all(b"GET /api/exits HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
         return 0;
     }
     let mut buf = Vec::new();
@@ -254,6 +323,10 @@ async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v["exits"].as_array().map(|a| a.iter().filter(|e| e["healthy"] == true).count()))
+        .and_then(|v| {
+            v["exits"]
+                .as_array()
+                .map(|a| a.iter().filter(|e| e["healthy"] == true).count())
+        })
         .unwrap_or(0)
 }

@@ -23,7 +23,10 @@ impl Drop for Up {
         // SIGKILL: the test is over either way; anvil and the rest are its children or
         // its tasks, and anvil is killed by its own guard when the process dies... so
         // ask nicely first, then make sure.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -38,7 +41,10 @@ impl Drop for Up {
 }
 
 fn start_up() -> Up {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let dir = std::env::temp_dir().join(format!("ipsx-e2e-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let state_path = dir.join("state.json");
@@ -69,17 +75,29 @@ fn start_up() -> Up {
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
     Up { child, state, dir }
 }
 
 fn proxy_with(up: &Up, user: &str) -> String {
-    up.state["proxy"].as_str().unwrap().replace("http://demo:", &format!("http://{user}:"))
+    up.state["proxy"]
+        .as_str()
+        .unwrap()
+        .replace("http://demo:", &format!("http://{user}:"))
 }
 
 async fn chain_view(up: &Up) -> ipsx_exchange_client::chain::ChainClient {
-    let deployment = ipsx_exchange_client::chain::Deployment::load(std::path::Path::new(up.state["deployment"].as_str().unwrap())).unwrap();
-    ipsx_exchange_client::chain::ChainClient::connect_read_only(up.state["rpc_url"].as_str().unwrap(), deployment).await.unwrap()
+    let deployment = ipsx_exchange_client::chain::Deployment::load(std::path::Path::new(
+        up.state["deployment"].as_str().unwrap(),
+    ))
+    .unwrap();
+    ipsx_exchange_client::chain::ChainClient::connect_read_only(
+        up.state["rpc_url"].as_str().unwrap(),
+        deployment,
+    )
+    .await
+    .unwrap()
 }
 
 fn addr(s: &serde_json::Value) -> alloy::primitives::Address {
@@ -94,7 +112,10 @@ async fn the_gateway_rents_its_exits_and_pays_for_them() {
     let requester = addr(&up.state["requester"]);
     let treasury = addr(&up.state["treasury"]);
     let reserved_before = chain.reserved(requester).await.unwrap();
-    assert!(reserved_before > alloy::primitives::U256::ZERO, "channels opened: requester tokens reserved");
+    assert!(
+        reserved_before > alloy::primitives::U256::ZERO,
+        "channels opened: requester tokens reserved"
+    );
 
     // country-de leaves through a DE provider's exit, the same one for the session.
     let proxy = proxy_with(&up, "demo-country-de-session-s1");
@@ -104,12 +125,24 @@ async fn the_gateway_rents_its_exits_and_pays_for_them() {
     let out = curl(&refs).await;
     let ips = echo_ips(&out.stdout);
     assert_eq!(ips.len(), 10, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ips.iter().collect::<HashSet<_>>().len(), 1, "one exit for the session: {ips:?}");
-    assert!(["127.0.0.2", "127.0.0.3"].contains(&ips[0].as_str()), "a DE exit: {ips:?}");
+    assert_eq!(
+        ips.iter().collect::<HashSet<_>>().len(),
+        1,
+        "one exit for the session: {ips:?}"
+    );
+    assert!(
+        ["127.0.0.2", "127.0.0.3"].contains(&ips[0].as_str()),
+        "a DE exit: {ips:?}"
+    );
 
     // Without a session, requests rotate across the rented exits (4 countries live).
     let socks = proxy_with(&up, "demo").replace("http://", "socks5h://");
-    let mut args = vec!["--proxy".to_owned(), socks, "-H".into(), "Connection: close".into()];
+    let mut args = vec![
+        "--proxy".to_owned(),
+        socks,
+        "-H".into(),
+        "Connection: close".into(),
+    ];
     args.extend((0..24).map(|_| echo.clone()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let ips = echo_ips(&curl(&refs).await.stdout);
@@ -118,7 +151,12 @@ async fn the_gateway_rents_its_exits_and_pays_for_them() {
 
     // Providers claim periodically with the latest proof: their Centralizer balance
     // grows by the claimed amount minus the fee, and the treasury gets the fee.
-    let providers: Vec<_> = up.state["providers"].as_array().unwrap().iter().map(addr).collect();
+    let providers: Vec<_> = up.state["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(addr)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(90);
     let (mut paid, mut fee) = (false, false);
     while Instant::now() < deadline && !(paid && fee) {
