@@ -62,7 +62,6 @@ struct DealState {
     channel: Option<B256>,
     paid: u128,
     serving_since: Option<Instant>,
-    unhealthy_since: Option<Instant>,
     tunnel: Option<Tunnel>,
     note: String,
 }
@@ -403,7 +402,6 @@ impl PoolManager {
                             channel: None,
                             paid: 0,
                             serving_since: None,
-                            unhealthy_since: None,
                             tunnel: None,
                             note: String::new(),
                         },
@@ -557,6 +555,10 @@ impl PoolManager {
         );
         cfg.dns = vec![EXIT_INNER_ADDR.into()];
         cfg.persistent_keepalive = Some(Duration::from_secs(15));
+        // A rented exit that goes quiet is probed after 5 s and declared dead after
+        // `dead_after` without an answer, so it is replaced within seconds.
+        cfg.health.probe_after = Duration::from_secs(5);
+        cfg.health.dead_after = self.inner.cfg.dead_after;
         let tunnel = match Tunnel::start(cfg.clone()).await {
             Ok(t) => t,
             Err(e) => {
@@ -763,21 +765,9 @@ impl PoolManager {
                     to_end.push((*id, PartyStatus::Completed, "rental period over".into()));
                     continue;
                 }
-                if d.phase == Phase::Serving
-                    && let Some(t) = &d.tunnel
-                {
-                    if t.health().healthy {
-                        d.unhealthy_since = None;
-                    } else {
-                        let since = *d.unhealthy_since.get_or_insert(now);
-                        if now.duration_since(since) >= cfg.dead_after {
-                            to_end.push((
-                                *id,
-                                PartyStatus::Failed,
-                                "exit failed: tunnel unhealthy".into(),
-                            ));
-                        }
-                    }
+                // The tunnel's own health already waited `dead_after` for an answer.
+                if d.phase == Phase::Serving && d.tunnel.as_ref().is_some_and(|t| !t.health().healthy) {
+                    to_end.push((*id, PartyStatus::Failed, "exit failed: tunnel unhealthy".into()));
                 }
                 // Paid but never served: the provider is not coming.
                 if d.phase == Phase::Paid && d.serving_since.is_none() && unix > d.terms.start + 60
