@@ -401,8 +401,12 @@ pub struct Core {
     exits: Vec<ExitSlot>,
     deals: BTreeMap<u64, DealState>,
     channels: HashMap<B256, u64>,
+    settled: std::collections::HashSet<u64>,
     fresh_until: Millis,
 }
+
+/// How long a fully settled deal stays in view before only its id is kept.
+const KEEP_SETTLED_MS: Millis = 10 * 60 * 1000;
 
 impl Core {
     /// A core for these exits.
@@ -412,13 +416,14 @@ impl Core {
             exits,
             deals: BTreeMap::new(),
             channels: HashMap::new(),
+            settled: std::collections::HashSet::new(),
             fresh_until: 0,
         }
     }
 
-    /// Whether the deal is known.
+    /// Whether the deal is known (in view, or settled and forgotten).
     pub fn knows(&self, deal_id: u64) -> bool {
-        self.deals.contains_key(&deal_id)
+        self.deals.contains_key(&deal_id) || self.settled.contains(&deal_id)
     }
 
     /// A view of one deal.
@@ -448,6 +453,9 @@ impl Core {
     /// forward).
     pub fn observe(&mut self, obs: Observation, now: Millis) {
         let id = obs.info.id;
+        if self.settled.contains(&id) {
+            return;
+        }
         if let Some(d) = self.deals.get_mut(&id) {
             d.known = later(d.known, obs.provider_status);
             d.requester = later(d.requester, obs.requester_status);
@@ -709,6 +717,31 @@ impl Core {
                 d.start(Kind::Rate);
                 out.push(Action::Rate { deal_id: id, score });
             }
+        }
+        // Deals with nothing left to do are forgotten after a while (their id is kept,
+        // so polls and replayed events do not bring them back).
+        let done: Vec<u64> = self
+            .deals
+            .iter()
+            .filter(|(_, d)| {
+                matches!(d.stage, Stage::Ended | Stage::Rejected)
+                    && d.status.is_final()
+                    && !d.peer_present
+                    && d.want.is_none()
+                    && (d.proof.is_none() || d.closed)
+                    && (d.rated || d.score.is_none())
+                    && d.slots.iter().all(|s| !s.inflight)
+                    && now >= d.end_ms().saturating_add(KEEP_SETTLED_MS)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if let Some(d) = self.deals.remove(&id)
+                && let Some(p) = d.proof
+            {
+                self.channels.remove(&p.channel.id);
+            }
+            self.settled.insert(id);
         }
         out
     }
@@ -1079,6 +1112,15 @@ mod tests {
         let v = c.deal(7).unwrap();
         assert!(v.closed && v.rated && !v.peer_present);
         assert_eq!(v.claimed, 200);
+        // Ten minutes after the end only the id is kept; a poll does not revive it.
+        settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS);
+        assert!(c.deal(7).is_none() && c.knows(7));
+        let mut o = obs(7, 20);
+        o.status = DealStatus::Completed;
+        o.proof_amount = Some(200);
+        c.observe(o, T0 + 20_000 + KEEP_SETTLED_MS);
+        assert!(settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS).is_empty());
+        assert!(c.deal(7).is_none());
     }
 
     #[test]
