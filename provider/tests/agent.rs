@@ -890,3 +890,136 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
     tunnel.shutdown().await;
     agent2.shutdown().await.unwrap();
 }
+
+/// A TCP forwarder to `upstream` that can be cut: while down, live connections are
+/// dropped and new ones closed at once (the chain RPC "goes away").
+struct Cuttable {
+    addr: SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+async fn cuttable(upstream: SocketAddr) -> Cuttable {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (up, up_rx) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
+            if !*up_rx.borrow() {
+                continue;
+            }
+            let mut rx = up_rx.clone();
+            tokio::spawn(async move {
+                let Ok(mut u) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+                    _ = rx.wait_for(|v| !*v) => {}
+                }
+            });
+        }
+    });
+    Cuttable { addr, up }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_outage_keeps_serving_and_claims_after_recovery() {
+    let w = World::new().await;
+    let upstream: SocketAddr = w
+        .anvil
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let rpc = cuttable(upstream).await;
+    let text = w
+        .agent_toml(1)
+        .replace(w.anvil.endpoint(), &format!("http://{}", rpc.addr));
+    let agent = Agent::start(AgentConfig::from_toml(&text).unwrap())
+        .await
+        .unwrap();
+    agent
+        .wait_until(WAIT, |s| s.exits[0].order_id.is_some())
+        .await
+        .unwrap();
+    let target = common::whoami_server("127.0.0.1:0").await;
+    let r = Renter::rent(&w, 20).await;
+    let id = r.id();
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
+    let first = r.due(Duration::ZERO);
+    r.client.post_proof(id, channel, first).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.peer_present))
+        .await
+        .expect("served");
+    let served_from = Instant::now();
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    r.report(PartyStatus::Active).await;
+
+    // The chain RPC goes away for longer than window + grace and a claim interval.
+    rpc.up.send_replace(false);
+    let claims_before = agent.status().claims.len();
+    let mut paid = first;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let due = r.due(served_from.elapsed());
+        r.client.post_proof(id, channel, due).await.unwrap();
+        paid = due;
+    }
+    let s = agent
+        .wait_until(Duration::from_secs(10), |s| {
+            s.deal(id).is_some_and(|d| d.paid == paid)
+        })
+        .await
+        .expect("proofs verified from the known channel while the chain is down");
+    let d = s.deal(id).unwrap();
+    assert!(d.peer_present && d.stage == Stage::Serving, "{d:?}");
+    assert_eq!(
+        s.claims.len(),
+        claims_before,
+        "no claim can land while the chain is down"
+    );
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP, "still served");
+
+    // Back: the queued claim goes through, the deal settles, nothing is paid twice.
+    rpc.up.send_replace(true);
+    let paid = pay_until_end(&r, channel, served_from, paid).await;
+    r.report(PartyStatus::Completed).await;
+    let s = agent
+        .wait_until(WAIT, |s| {
+            s.claims.iter().any(|c| c.deal_id == id && c.close)
+        })
+        .await
+        .expect("closing claim after the outage");
+    no_duplicate_reports(&s.reports);
+    let amounts: Vec<u128> = s
+        .claims
+        .iter()
+        .filter(|c| c.deal_id == id)
+        .map(|c| c.amount)
+        .collect();
+    assert_eq!(amounts.last(), Some(&paid), "{amounts:?}");
+    assert!(amounts.windows(2).all(|p| p[0] <= p[1]), "{amounts:?}");
+    let events = w
+        .deployer
+        .centralizer()
+        .ChannelClaimed_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    let total: U256 = events
+        .iter()
+        .filter(|(e, _)| e.channelId == channel)
+        .map(|(e, _)| e.paid)
+        .fold(U256::ZERO, |a, b| a + b);
+    assert_eq!(total, U256::from(paid));
+    tunnel.shutdown().await;
+    agent.shutdown().await.unwrap();
+}

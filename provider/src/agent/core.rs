@@ -401,8 +401,12 @@ pub struct Core {
     exits: Vec<ExitSlot>,
     deals: BTreeMap<u64, DealState>,
     channels: HashMap<B256, u64>,
+    settled: std::collections::HashSet<u64>,
     fresh_until: Millis,
 }
+
+/// How long a fully settled deal stays in view before only its id is kept.
+const KEEP_SETTLED_MS: Millis = 10 * 60 * 1000;
 
 impl Core {
     /// A core for these exits.
@@ -412,13 +416,14 @@ impl Core {
             exits,
             deals: BTreeMap::new(),
             channels: HashMap::new(),
+            settled: std::collections::HashSet::new(),
             fresh_until: 0,
         }
     }
 
-    /// Whether the deal is known.
+    /// Whether the deal is known (in view, or settled and forgotten).
     pub fn knows(&self, deal_id: u64) -> bool {
-        self.deals.contains_key(&deal_id)
+        self.deals.contains_key(&deal_id) || self.settled.contains(&deal_id)
     }
 
     /// A view of one deal.
@@ -448,6 +453,9 @@ impl Core {
     /// forward).
     pub fn observe(&mut self, obs: Observation, now: Millis) {
         let id = obs.info.id;
+        if self.settled.contains(&id) {
+            return;
+        }
         if let Some(d) = self.deals.get_mut(&id) {
             d.known = later(d.known, obs.provider_status);
             d.requester = later(d.requester, obs.requester_status);
@@ -709,6 +717,31 @@ impl Core {
                 d.start(Kind::Rate);
                 out.push(Action::Rate { deal_id: id, score });
             }
+        }
+        // Deals with nothing left to do are forgotten after a while (their id is kept,
+        // so polls and replayed events do not bring them back).
+        let done: Vec<u64> = self
+            .deals
+            .iter()
+            .filter(|(_, d)| {
+                matches!(d.stage, Stage::Ended | Stage::Rejected)
+                    && d.status.is_final()
+                    && !d.peer_present
+                    && d.want.is_none()
+                    && (d.proof.is_none() || d.closed)
+                    && (d.rated || d.score.is_none())
+                    && d.slots.iter().all(|s| !s.inflight)
+                    && now >= d.end_ms().saturating_add(KEEP_SETTLED_MS)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if let Some(d) = self.deals.remove(&id)
+                && let Some(p) = d.proof
+            {
+                self.channels.remove(&p.channel.id);
+            }
+            self.settled.insert(id);
         }
         out
     }
@@ -1079,6 +1112,15 @@ mod tests {
         let v = c.deal(7).unwrap();
         assert!(v.closed && v.rated && !v.peer_present);
         assert_eq!(v.claimed, 200);
+        // Ten minutes after the end only the id is kept; a poll does not revive it.
+        settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS);
+        assert!(c.deal(7).is_none() && c.knows(7));
+        let mut o = obs(7, 20);
+        o.status = DealStatus::Completed;
+        o.proof_amount = Some(200);
+        c.observe(o, T0 + 20_000 + KEEP_SETTLED_MS);
+        assert!(settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS).is_empty());
+        assert!(c.deal(7).is_none());
     }
 
     #[test]
@@ -1349,5 +1391,160 @@ mod tests {
         assert_eq!(score_for(0, 100), 1);
         assert_eq!(score_for(0, 0), 5);
         assert_eq!(score_for(u128::MAX - 1, u128::MAX), 4);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Observe {
+                deal: u64,
+                provider: u8,
+                requester: u8,
+                proof: Option<u128>,
+            },
+            Posted {
+                deal: u64,
+                amount: u128,
+            },
+            Advance(u64),
+            Contact,
+            Resolve {
+                pick: usize,
+                outcome: u8,
+                amount: u128,
+            },
+        }
+
+        fn party(n: u8) -> PartyStatus {
+            PartyStatus::ALL[usize::from(n) % PartyStatus::ALL.len()]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (1u64..4, 0u8..6, 0u8..6, proptest::option::of(1u128..400)).prop_map(
+                    |(deal, provider, requester, proof)| Op::Observe {
+                        deal,
+                        provider,
+                        requester,
+                        proof
+                    }
+                ),
+                (1u64..4, 1u128..400).prop_map(|(deal, amount)| Op::Posted { deal, amount }),
+                (0u64..4_000).prop_map(Op::Advance),
+                Just(Op::Contact),
+                (0usize..8, 0u8..4, 1u128..400).prop_map(|(pick, outcome, amount)| Op::Resolve {
+                    pick,
+                    outcome,
+                    amount
+                }),
+            ]
+        }
+
+        fn kind(a: &Action) -> (u64, Kind) {
+            match a {
+                Action::Report { deal_id, .. } => (*deal_id, Kind::Report),
+                Action::AddPeer { deal_id, .. } | Action::RemovePeer { deal_id, .. } => {
+                    (*deal_id, Kind::Peer)
+                }
+                Action::CheckProof { deal_id, .. } => (*deal_id, Kind::CheckProof),
+                Action::Claim { deal_id, .. } => (*deal_id, Kind::Claim),
+                Action::Rate { deal_id, .. } => (*deal_id, Kind::Rate),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            /// Whatever the exchange and chain say and in whatever order results come
+            /// back: one action per kind and deal in flight, no status reported twice,
+            /// no peer without a verified first window, no claim above what was verified
+            /// or repeating an amount already claimed (except the closing one).
+            #[test]
+            fn the_core_keeps_its_promises(ops in proptest::collection::vec(op(), 1..120)) {
+                let mut c = core(2);
+                let mut now = T0;
+                let mut outstanding: Vec<Action> = Vec::new();
+                let mut reported: std::collections::HashSet<(u64, PartyStatus)> = Default::default();
+                let mut verified: HashMap<u64, u128> = HashMap::new();
+                let mut claimed: HashMap<u64, u128> = HashMap::new();
+                let first = amount_due(PRICE, Duration::ZERO, settings().window, PRICE * 20);
+                for op in ops {
+                    match op {
+                        Op::Observe { deal, provider, requester, proof } => {
+                            let mut o = obs(deal, 20);
+                            o.provider_status = party(provider);
+                            o.requester_status = party(requester);
+                            o.proof_amount = proof;
+                            c.observe(o, now);
+                        }
+                        Op::Posted { deal, amount } => c.proof_posted(deal, amount),
+                        Op::Advance(ms) => now += ms,
+                        Op::Contact => c.exchange_contact(now),
+                        Op::Resolve { pick, outcome, amount } => {
+                            if outstanding.is_empty() {
+                                continue;
+                            }
+                            let a = outstanding.remove(pick % outstanding.len());
+                            let fail = match outcome {
+                                0 => Some(Failure::Transient("t".into())),
+                                1 => Some(Failure::Permanent("p".into())),
+                                _ => None,
+                            };
+                            match a {
+                                Action::Report { deal_id, status, .. } => {
+                                    if fail.is_none() {
+                                        prop_assert!(reported.insert((deal_id, status)), "reported twice");
+                                    }
+                                    c.report_done(deal_id, status, fail.map_or(Ok(()), Err), now);
+                                }
+                                Action::AddPeer { deal_id, .. } => c.peer_done(deal_id, true, fail.map_or(Ok(()), Err), now),
+                                Action::RemovePeer { deal_id, .. } => c.peer_done(deal_id, false, fail.map_or(Ok(()), Err), now),
+                                Action::CheckProof { deal_id, .. } => {
+                                    let r = match fail {
+                                        Some(f) => Err(f),
+                                        None => {
+                                            let v = verified.entry(deal_id).or_default();
+                                            *v = (*v).max(amount);
+                                            Ok(proof(deal_id as u8, amount))
+                                        }
+                                    };
+                                    c.proof_checked(deal_id, r, now);
+                                }
+                                Action::Claim { deal_id, amount, close, .. } => {
+                                    if fail.is_none() {
+                                        let cl = claimed.entry(deal_id).or_default();
+                                        *cl = (*cl).max(amount);
+                                    }
+                                    c.claim_done(deal_id, amount, close, fail.map_or(Ok(close), Err), now);
+                                }
+                                Action::Rate { deal_id, .. } => c.rate_done(deal_id, fail.map_or(Ok(()), Err), now),
+                            }
+                        }
+                    }
+                    for a in c.actions(now) {
+                        let k = kind(&a);
+                        prop_assert!(!outstanding.iter().any(|o| kind(o) == k), "two {k:?} in flight");
+                        match &a {
+                            Action::Report { deal_id, status, .. } => {
+                                prop_assert!(!reported.contains(&(*deal_id, *status)), "re-report {status:?}");
+                            }
+                            Action::AddPeer { deal_id, .. } => {
+                                let v = c.deal(*deal_id).unwrap();
+                                prop_assert!(v.paid >= first, "peer without the first window");
+                            }
+                            Action::Claim { deal_id, amount, close, .. } => {
+                                prop_assert!(*amount <= verified.get(deal_id).copied().unwrap_or(0));
+                                let done = claimed.get(deal_id).copied().unwrap_or(0);
+                                prop_assert!(*close || *amount > done, "claim repeats {amount}");
+                            }
+                            _ => {}
+                        }
+                        outstanding.push(a);
+                    }
+                }
+            }
+        }
     }
 }

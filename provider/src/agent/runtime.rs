@@ -83,13 +83,13 @@ pub struct AgentStatus {
     pub wallet: Address,
     /// The exits.
     pub exits: Vec<ExitStatus>,
-    /// Every deal seen.
+    /// Deals in view (settled ones leave it ten minutes after their end).
     pub deals: Vec<DealView>,
-    /// Every status report the exchange accepted, in order.
+    /// Status reports the exchange accepted, in order (the latest 10,000).
     pub reports: Vec<(u64, PartyStatus)>,
-    /// Every claim, in order.
+    /// Claims, in order (the latest 10,000).
     pub claims: Vec<ClaimRecord>,
-    /// Every rating given.
+    /// Ratings given (the latest 10,000).
     pub ratings: Vec<(u64, u8)>,
     /// Event-stream connections opened.
     pub stream_connects: u64,
@@ -176,6 +176,16 @@ impl AgentHandle {
         }
         r
     }
+}
+
+/// Most entries kept in each history list of the status (reports, claims, ratings).
+const HISTORY: usize = 10_000;
+
+fn push_capped<T>(v: &mut Vec<T>, item: T) {
+    if v.len() >= HISTORY {
+        v.drain(..HISTORY / 10);
+    }
+    v.push(item);
 }
 
 fn now_ms() -> u64 {
@@ -607,7 +617,7 @@ impl Runtime {
             }
             Msg::Reported(id, status, r) => {
                 if r.is_ok() {
-                    self.status.reports.push((id, status));
+                    push_capped(&mut self.status.reports, (id, status));
                 }
                 self.core.report_done(id, status, r, now);
             }
@@ -615,7 +625,7 @@ impl Runtime {
             Msg::Claimed(id, amount, close, r) => {
                 let r = r.map(|(gone, record)| {
                     if let Some(rec) = record {
-                        self.status.claims.push(rec);
+                        push_capped(&mut self.status.claims, rec);
                     }
                     gone
                 });
@@ -623,7 +633,7 @@ impl Runtime {
             }
             Msg::Rated(id, score, r) => {
                 if r.is_ok() {
-                    self.status.ratings.push((id, score));
+                    push_capped(&mut self.status.ratings, (id, score));
                 }
                 self.core.rate_done(id, r, now);
             }
