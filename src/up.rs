@@ -96,7 +96,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     );
 
     // 2. Wallets: the requester gets tokens and deposits them; providers need only gas.
-    let chain0 = ChainClient::connect(anvil.endpoint(), deployment.clone(), deployer)
+    let chain0 = ChainClient::connect(anvil.endpoint(), deployment, deployer)
         .await
         .map_err(|e| e.to_string())?;
     let amount = |t: &str| parse_tokens(t).map_err(|e| e.to_string());
@@ -104,7 +104,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         .transfer_tokens(requester.address(), amount("1000000")?)
         .await
         .map_err(|e| format!("funding the requester: {e}"))?;
-    let chain1 = ChainClient::connect(anvil.endpoint(), deployment.clone(), requester.clone())
+    let chain1 = ChainClient::connect(anvil.endpoint(), deployment, requester.clone())
         .await
         .map_err(|e| e.to_string())?;
     let deposit: U256 = amount("100000")?;
@@ -227,7 +227,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         addr_tx,
     ));
     let (proxy, admin) = loop {
-        if let Some(v) = addr_rx.borrow().clone() {
+        if let Some(v) = *addr_rx.borrow() {
             break v;
         }
         if addr_rx.changed().await.is_err() {

@@ -188,7 +188,7 @@ impl PoolManager {
             }
         })?;
         let wallet = signer.address();
-        let chain = ChainClient::connect(&cfg.rpc_url, deployment.clone(), signer.clone())
+        let chain = ChainClient::connect(&cfg.rpc_url, deployment, signer.clone())
             .await
             .map_err(|e| MarketError::Chain(e.to_string()))?;
         let exchange = Client::new(
@@ -766,8 +766,14 @@ impl PoolManager {
                     continue;
                 }
                 // The tunnel's own health already waited `dead_after` for an answer.
-                if d.phase == Phase::Serving && d.tunnel.as_ref().is_some_and(|t| !t.health().healthy) {
-                    to_end.push((*id, PartyStatus::Failed, "exit failed: tunnel unhealthy".into()));
+                if d.phase == Phase::Serving
+                    && d.tunnel.as_ref().is_some_and(|t| !t.health().healthy)
+                {
+                    to_end.push((
+                        *id,
+                        PartyStatus::Failed,
+                        "exit failed: tunnel unhealthy".into(),
+                    ));
                 }
                 // Paid but never served: the provider is not coming.
                 if d.phase == Phase::Paid && d.serving_since.is_none() && unix > d.terms.start + 60
