@@ -26,6 +26,7 @@ use crate::types::{
 
 /// Rules of the engine that come from configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Seconds both sides have to accept a new deal.
     pub accept_window_s: u64,
