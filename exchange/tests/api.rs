@@ -586,3 +586,130 @@ async fn a_missing_chain_is_a_503_not_a_crash() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_route_refuses_hostile_input() {
+    let node = Node::start().await;
+    let key = PrivateKeySigner::random();
+    let c = node.client(&key);
+    let w = key.address();
+    let rows = node.journal_rows().await;
+    // Status reports.
+    let rep = |status: &str, deal: u64| -> Vec<u8> {
+        let v = json!({"wallet": w, "deal_id": deal, "status": status, "reason": "", "expiry": unix_now() + 60, "nonce": nonce()});
+        let r: StatusReport = serde_json::from_value(v).unwrap();
+        serde_json::to_vec(&c.sign(&r).unwrap()).unwrap()
+    };
+    let (s, t) = c.post_raw("/v1/reports", rep("pending", 1)).await.unwrap();
+    assert_eq!(s, 400, "{t}");
+    assert!(t.contains("status"), "{t}");
+    let (s, t) = c.post_raw("/v1/reports", rep("active", 99)).await.unwrap();
+    assert_eq!(s, 404, "{t}");
+    assert!(t.contains("deal_id"), "{t}");
+    let (s, t) = c
+        .post_raw("/v1/reports", serde_json::to_vec(&json!({"payload": {"wallet": w, "deal_id": 1, "status": "bogus", "expiry": 1, "nonce": 1}, "signature": "0x"})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{t}");
+    assert!(t.contains("payload.status"), "{t}");
+    let long = StatusReport {
+        wallet: w,
+        deal_id: 1,
+        status: PartyStatus::Failed,
+        reason: "x".repeat(300),
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    };
+    let (s, _, f) = remote(c.report(&long).await.unwrap_err());
+    assert_eq!((s, f.as_deref()), (400, Some("reason")));
+    // Ratings and preferences.
+    for score in [0u8, 6, 255] {
+        let r = Rating {
+            wallet: w,
+            deal_id: 1,
+            score,
+            expiry: unix_now() + 60,
+            nonce: nonce(),
+        };
+        let (s, _, f) = remote(c.rate(&r).await.unwrap_err());
+        assert_eq!((s, f.as_deref()), (400, Some("score")));
+    }
+    let p = ipsx_exchange::Preferences {
+        wallet: w,
+        min_counterparty_rating: 501,
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    };
+    let (s, _, f) = remote(c.set_preferences(&p).await.unwrap_err());
+    assert_eq!((s, f.as_deref()), (400, Some("min_counterparty_rating")));
+    // Proofs.
+    for (body, status, field) in [
+        (
+            json!({"deal_id": 1, "channel_id": B256::ZERO, "cumulative_amount": "0", "signature": "0x00"}),
+            400,
+            "cumulative_amount",
+        ),
+        (
+            json!({"deal_id": 1, "channel_id": "0x12", "cumulative_amount": "1", "signature": "0x00"}),
+            400,
+            "channel_id",
+        ),
+        (
+            json!({"deal_id": 1, "channel_id": B256::ZERO, "cumulative_amount": "1", "signature": "0x00"}),
+            401,
+            "signature",
+        ),
+        (
+            json!({"deal_id": -1, "channel_id": B256::ZERO, "cumulative_amount": "1", "signature": "0x00"}),
+            400,
+            "deal_id",
+        ),
+    ] {
+        let (s, t) = c
+            .post_raw("/v1/proofs", serde_json::to_vec(&body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(s, status, "{t}");
+        assert!(t.contains(field), "{t}");
+    }
+    assert_eq!(
+        remote(c.post_proof(77, B256::ZERO, 5).await.unwrap_err()).0,
+        404
+    );
+    // Cancel of an unknown order.
+    assert_eq!(
+        remote(c.cancel(12345).await.unwrap_err()).2.as_deref(),
+        Some("order_id")
+    );
+    assert_eq!(node.journal_rows().await, rows, "nothing written");
+    // Batches: too many, and mixed good and bad items answered in order.
+    let many: Vec<_> = (0..1001)
+        .map(|i| offer(w, (i % 200) as u8 + 1, "de", 1, 1))
+        .collect();
+    let (s, _, f) = remote(c.post_offers(&many).await.unwrap_err());
+    assert_eq!((s, f.as_deref()), (400, Some("orders")));
+    let mut bad = offer(w, 2, "de", 1, 1);
+    bad.capacity = 0;
+    let items = c
+        .post_offers(&[offer(w, 1, "de", 1, 1), bad, offer(w, 3, "fr", 9, 1)])
+        .await
+        .unwrap();
+    assert!(matches!(items[0], BatchItem::Ok(_)));
+    assert!(matches!(&items[1], BatchItem::Error(e) if e.field.as_deref() == Some("capacity")));
+    assert!(matches!(items[2], BatchItem::Ok(_)));
+    // Book queries filter.
+    let q = |country: Option<&str>, max: Option<&str>| ipsx_exchange::engine::BookQuery {
+        country: country.map(|c| c.parse().unwrap()),
+        max_price: max.map(str::to_owned),
+        ..Default::default()
+    };
+    assert_eq!(c.book(&q(Some("fr"), None)).await.unwrap().offers.len(), 1);
+    assert_eq!(c.book(&q(None, Some("5"))).await.unwrap().offers.len(), 1);
+    assert_eq!(c.book(&q(None, None)).await.unwrap().offers.len(), 2);
+    let e = reqwest::get(format!("{}/v1/book?max_price=-1", node.url))
+        .await
+        .unwrap();
+    assert_eq!(e.status(), 400);
+    assert!(e.text().await.unwrap().contains("max_price"));
+    node.stop().await;
+}

@@ -863,3 +863,45 @@ proptest! {
         prop_assert_eq!(run(&cmds), run(&cmds));
     }
 }
+
+proptest! {
+    /// Commission is floor(value x bps / 10000) computed without overflow, checked
+    /// against 256-bit arithmetic over the whole u128 range.
+    #[test]
+    fn commission_matches_wide_arithmetic(value in any::<u128>(), bps in 0u16..=10_000) {
+        use alloy_primitives::U256;
+        let wide = U256::from(value) * U256::from(bps) / U256::from(10_000u32);
+        prop_assert_eq!(U256::from(ipsx_exchange::types::commission(value, bps)), wide);
+    }
+
+    /// Maximum cost either fits in 128 bits exactly or the request is refused naming the
+    /// price; never a wrapped value.
+    #[test]
+    fn request_cost_is_checked(price in any::<u128>(), duration in 5u64..=2_592_000, count in 1u32..=1000) {
+        use alloy_primitives::U256;
+        let mut r = request(9, count, &[], price.max(1), 1);
+        r.duration_s = duration;
+        let wide = U256::from(price.max(1)) * U256::from(duration) * U256::from(count);
+        match r.max_cost() {
+            Ok(c) => prop_assert_eq!(U256::from(c), wide),
+            Err(e) => {
+                prop_assert!(wide > U256::from(u128::MAX));
+                let field = e.field();
+                prop_assert_eq!(field.as_deref(), Some("max_price_per_ip_second"));
+            }
+        }
+    }
+}
+
+#[test]
+fn ratings_are_weighted_by_deal_value() {
+    use alloy_primitives::U256;
+    use ipsx_exchange::engine::weighted_rating;
+    // 5 stars on a deal worth 100, 1 star on one worth 300: (500 + 300) / 400 = 2.00.
+    assert_eq!(weighted_rating(U256::from(5 * 100 + 300), 400), 200);
+    assert_eq!(weighted_rating(U256::ZERO, 0), 0, "unrated");
+    // Extremes: huge values do not overflow and stay within 0..=5 stars.
+    let v = u128::MAX;
+    assert_eq!(weighted_rating(U256::from(v) * U256::from(5u8), v), 500);
+    assert_eq!(weighted_rating(U256::from(v), v), 100);
+}
