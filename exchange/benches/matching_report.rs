@@ -47,7 +47,10 @@ fn main() {
         t.elapsed()
     );
     let reqs = common::requests(n, 11);
-    let (fast, _, _) = run("select (indexed)", n, |i| {
+    // MATCHING_ONLY=engine skips the selection-only runs (for profiling the engine path).
+    let engine_only = std::env::var("MATCHING_ONLY").is_ok_and(|v| v == "engine");
+    let (n_sel, n_naive) = if engine_only { (1, 1) } else { (n, n_naive) };
+    let (fast, _, _) = run("select (indexed)", n_sel, |i| {
         let r = &reqs[i];
         std::hint::black_box(
             ex.offers()
