@@ -905,3 +905,46 @@ fn ratings_are_weighted_by_deal_value() {
     assert_eq!(weighted_rating(U256::from(v) * U256::from(5u8), v), 500);
     assert_eq!(weighted_rating(U256::from(v), v), 100);
 }
+
+#[test]
+fn profiles_are_used_in_matching() {
+    use ipsx_exchange::Preferences;
+    let mut ex = Exchange::new(EngineConfig::default());
+    // Provider 1 refuses requesters rated below 3 stars; provider 2 takes anyone.
+    ex.apply(&Command::Prefs {
+        prefs: Preferences {
+            wallet: wallet(1),
+            min_counterparty_rating: 300,
+            expiry: NOW + 60,
+            nonce: 99,
+        },
+        now: NOW,
+    })
+    .unwrap();
+    post_offer(
+        &mut ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1),
+    );
+    post_offer(
+        &mut ex,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 1),
+    );
+    let Outcome::RequestPosted { deals, .. } =
+        post_request(&mut ex, request(9, 1, &["de"], 10, 1), u128::MAX).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        ex.deal(deals[0]).unwrap().provider,
+        wallet(2),
+        "the cheaper provider refuses an unrated requester"
+    );
+    // A request asking for rated providers only finds none (both unrated).
+    let mut r = request(9, 1, &["de"], 10, 2);
+    r.min_rating = 100;
+    let Outcome::RequestPosted { filled: 0, .. } = post_request(&mut ex, r, u128::MAX).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ex.profile(&wallet(1)).min_counterparty_rating, 300);
+}
