@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use alloy_primitives::map::{HashMap, HashSet};
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use alloy_primitives::{Address, U256};
 use ipsx_rotation::{CountryCode, ExitKind};
@@ -257,7 +259,7 @@ pub struct HistoryEntry {
     /// Who.
     pub actor: Actor,
     /// What (`matched`, `reported active`, `status completed`, ...).
-    pub what: String,
+    pub what: Cow<'static, str>,
 }
 
 /// A deal in the deal book.
@@ -274,7 +276,7 @@ pub struct Deal {
     /// Requester wallet.
     pub requester: Address,
     /// The combined terms.
-    pub terms: DealTerms,
+    pub terms: Arc<DealTerms>,
     /// What the provider last reported.
     pub provider_status: PartyStatus,
     /// What the requester last reported.
@@ -313,7 +315,7 @@ pub enum EventKind {
     /// A new deal; carries its terms.
     Matched {
         /// The terms.
-        terms: Box<DealTerms>,
+        terms: Arc<DealTerms>,
     },
     /// A side reported a status.
     Reported {
@@ -894,7 +896,7 @@ impl Exchange {
         let value = offer
             .price_per_ip_second
             .saturating_mul(u128::from(duration));
-        let terms = DealTerms {
+        let terms = Arc::new(DealTerms {
             exit_address: offer.exit_address,
             country: offer.country,
             region: offer.region.clone(),
@@ -911,7 +913,7 @@ impl Exchange {
             end: deadlines.end,
             value,
             commission: commission(value, self.cfg.commission_bps),
-        };
+        });
         let provider = offer.provider;
         self.offers.take(oid);
         r.remaining = r.remaining.saturating_sub(1);
@@ -927,7 +929,7 @@ impl Exchange {
             request_id: r.id,
             provider,
             requester,
-            terms: terms.clone(),
+            terms: Arc::clone(&terms),
             provider_status: PartyStatus::Pending,
             requester_status: PartyStatus::Pending,
             status: DealStatus::Matched,
@@ -935,7 +937,7 @@ impl Exchange {
             history: vec![HistoryEntry {
                 at: now,
                 actor: Actor::Exchange,
-                what: format!("matched offer {oid} with request {}", r.id),
+                what: Cow::Borrowed("matched"),
             }],
             proof: None,
             rated_by_provider: false,
@@ -947,12 +949,7 @@ impl Exchange {
         self.deals_by_wallet.entry(provider).or_default().push(id);
         self.deals_by_wallet.entry(requester).or_default().push(id);
         self.deals.insert(id, deal);
-        self.emit(
-            id,
-            EventKind::Matched {
-                terms: Box::new(terms),
-            },
-        );
+        self.emit(id, EventKind::Matched { terms });
         id
     }
 
@@ -1067,9 +1064,9 @@ impl Exchange {
                 at: now,
                 actor,
                 what: if rep.reason.is_empty() {
-                    format!("reported {}", rep.status.as_str())
+                    format!("reported {}", rep.status.as_str()).into()
                 } else {
-                    format!("reported {}: {}", rep.status.as_str(), rep.reason)
+                    format!("reported {}: {}", rep.status.as_str(), rep.reason).into()
                 },
             });
         }
@@ -1107,7 +1104,7 @@ impl Exchange {
             d.history.push(HistoryEntry {
                 at: now,
                 actor: Actor::Exchange,
-                what: format!("status {}", new.as_str()),
+                what: format!("status {}", new.as_str()).into(),
             });
         }
         let (deadlines, final_) = (d.deadlines, new.is_final());
@@ -1177,7 +1174,7 @@ impl Exchange {
             d.history.push(HistoryEntry {
                 at: now,
                 actor: Actor::Requester,
-                what: format!("balance proof {}", p.cumulative_amount),
+                what: format!("balance proof {}", p.cumulative_amount).into(),
             });
         }
         self.emit(
