@@ -722,3 +722,45 @@ async fn every_write_route_refuses_hostile_input() {
     assert!(e.text().await.unwrap().contains("max_price"));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_journal_write_is_a_503_and_the_node_stops_accepting_writes() {
+    let node = Node::start().await;
+    let key = PrivateKeySigner::random();
+    let c = node.client(&key);
+    c.post_offer(&offer(key.address(), 1, "de", 1, 1))
+        .await
+        .unwrap();
+    // Break the journal underneath the node.
+    let pool = sqlx::SqlitePool::connect(&node.database).await.unwrap();
+    sqlx::query("DROP TABLE journal")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let (status, code, _) = remote(
+        c.post_offer(&offer(key.address(), 2, "de", 1, 1))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, code.as_str()), (503, "storage"));
+    // Even once the table is back, the node refuses writes rather than diverge from disk.
+    let pool = sqlx::SqlitePool::connect(&node.database).await.unwrap();
+    sqlx::query("CREATE TABLE journal (seq INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let (status, _, _) = remote(
+        c.post_offer(&offer(key.address(), 3, "de", 1, 1))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 503);
+    // Reads are refused too: memory holds an offer the journal lost.
+    assert_eq!(
+        remote(c.book(&Default::default()).await.unwrap_err()).0,
+        503
+    );
+    node.stop().await;
+}
