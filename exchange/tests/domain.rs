@@ -735,6 +735,12 @@ fn build_offer(g: &GenOffer, nonce: u64) -> Offer {
     } else {
         vec![Protocol::Http]
     };
+    // Places and ASNs vary too, so the interned-id path of the index is exercised.
+    o.city = Some(["berlin", "paris", "tokyo"][usize::from(g.ip % 3)].into());
+    o.region = match g.subnet {
+        0 => None,
+        n => Some(["north", "south"][usize::from(n % 2)].into()),
+    };
     o
 }
 
@@ -747,6 +753,19 @@ fn build_request(g: &GenRequest, nonce: u64) -> Request {
     } else {
         vec![]
     };
+    // Derived filters: cities (one unknown to every offer), regions, ASNs.
+    match g.count {
+        3 => r.cities = vec!["berlin".into()],
+        4 => r.cities = vec!["paris".into(), "tokyo".into()],
+        5 => r.cities = vec!["atlantis".into()],
+        _ => {}
+    }
+    if g.requester % 4 == 0 {
+        r.regions = vec!["north".into()];
+    }
+    if g.requester % 5 == 0 {
+        r.asns = vec![1, 3];
+    }
     r.diversity = match g.diversity {
         0 => Diversity::None,
         1 => Diversity::DistinctSubnet,
