@@ -760,10 +760,10 @@ fn build_request(g: &GenRequest, nonce: u64) -> Request {
         5 => r.cities = vec!["atlantis".into()],
         _ => {}
     }
-    if g.requester % 4 == 0 {
+    if g.requester.is_multiple_of(4) {
         r.regions = vec!["north".into()];
     }
-    if g.requester % 5 == 0 {
+    if g.requester.is_multiple_of(5) {
         r.asns = vec![1, 3];
     }
     r.diversity = match g.diversity {
