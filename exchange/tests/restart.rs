@@ -140,7 +140,7 @@ async fn kill_9_loses_no_acknowledged_order_deal_or_status() {
         })
     };
     // Kill once the writer is busy: at least 50 in-flight offers acknowledged.
-    for _ in 0..2000 {
+    for _ in 0..6000 {
         if progress.load(std::sync::atomic::Ordering::SeqCst) >= 50 {
             break;
         }
