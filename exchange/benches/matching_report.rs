@@ -46,8 +46,15 @@ fn main() {
         ex.offers().len(),
         t.elapsed()
     );
-    let reqs = common::requests(n, 11);
-    let (fast, _, _) = run("select (indexed)", n, |i| {
+    let reqs = common::requests(n * 5, 11);
+    // MATCHING_ONLY=engine|select runs one part only (for profiling).
+    let only = std::env::var("MATCHING_ONLY").unwrap_or_default();
+    let (n_sel, n_naive, n_engine) = match only.as_str() {
+        "engine" => (1, 1, n),
+        "select" => (n * 5, 1, 1),
+        _ => (n, n_naive, n),
+    };
+    let (fast, _, _) = run("select (indexed)", n_sel, |i| {
         let r = &reqs[i];
         std::hint::black_box(
             ex.offers()
@@ -62,7 +69,7 @@ fn main() {
         );
     });
     let mut filled = 0u64;
-    let (full, _, _) = run("post request (engine, deals made)", n, |i| {
+    let (full, _, _) = run("post request (engine, deals made)", n_engine, |i| {
         let out = ex
             .apply(&Command::PostRequest {
                 request: reqs[i].clone(),

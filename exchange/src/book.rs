@@ -22,8 +22,38 @@ use serde::Serialize;
 
 use crate::types::{Diversity, Offer, Request, subnet_of};
 
-/// Sort key of an offer: cheapest, then higher provider rating, then older (lower id).
-pub type OfferKey = (u128, Reverse<u16>, u64);
+/// Sort key of an offer: cheapest, then higher provider rating, then older (lower id);
+/// the last field is the offer's slot in the compact attribute array (not an order).
+pub type OfferKey = (u128, Reverse<u16>, u64, u32);
+
+/// What matching reads of an offer, packed (about 80 bytes) in one dense array so a walk
+/// over candidates touches little memory and no hash table.
+#[derive(Debug, Clone, Copy)]
+struct Hot {
+    expiry: u64,
+    asn: u32,
+    region_id: u32,
+    city_id: u32,
+    min_duration_s: u64,
+    max_duration_s: u64,
+    country: CountryCode,
+    kind: ExitKind,
+    protocols: u8,
+    provider: Address,
+    exit: IpAddr,
+}
+
+fn protocol_mask(ps: &[crate::types::Protocol]) -> u8 {
+    use crate::types::Protocol;
+    ps.iter().fold(0, |m, p| {
+        m | match p {
+            Protocol::Http => 1,
+            Protocol::Https => 2,
+            Protocol::Smtp => 4,
+            Protocol::Any => 8,
+        }
+    })
+}
 
 /// An offer in the book with what is left of its capacity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,6 +68,15 @@ pub struct BookOffer {
     pub rating: u16,
     /// When the offer entered the book (unix seconds).
     pub created: u64,
+    /// Interned region (0: none), so matching compares integers, not strings.
+    #[serde(skip)]
+    region_id: u32,
+    /// Interned city (0: none).
+    #[serde(skip)]
+    city_id: u32,
+    /// Index in the compact attribute array.
+    #[serde(skip)]
+    slot: u32,
 }
 
 impl BookOffer {
@@ -46,6 +85,7 @@ impl BookOffer {
             self.offer.price_per_ip_second,
             Reverse(self.rating),
             self.id,
+            self.slot,
         )
     }
 }
@@ -82,6 +122,17 @@ pub struct OfferBook {
     by_asn: HashMap<u32, BTreeSet<OfferKey>>,
     by_kind: HashMap<ExitKind, BTreeSet<OfferKey>>,
     by_provider: HashMap<Address, HashSet<u64>>,
+    /// Region and city names -> small integers (1, 2, ...).
+    places: HashMap<String, u32>,
+    /// Compact attributes by slot; `free` lists slots of removed offers.
+    hot: Vec<Hot>,
+    free: Vec<u32>,
+}
+
+/// A request's region and city filters as interned ids.
+struct PlaceIds {
+    regions: Vec<u32>,
+    cities: Vec<u32>,
 }
 
 fn index_insert<K: Hash + Eq>(map: &mut HashMap<K, BTreeSet<OfferKey>>, k: K, key: OfferKey) {
@@ -190,12 +241,42 @@ impl OfferBook {
 
     /// Adds an offer (capacity fully available).
     pub fn insert(&mut self, id: u64, offer: Offer, rating: u16, created: u64) {
+        let region_id = offer.region.as_deref().map_or(0, |r| self.intern(r));
+        let city_id = offer.city.as_deref().map_or(0, |c| self.intern(c));
+        let hot = Hot {
+            expiry: offer.expiry,
+            asn: offer.asn.unwrap_or(0),
+            region_id,
+            city_id,
+            min_duration_s: offer.min_duration_s,
+            max_duration_s: offer.max_duration_s,
+            country: offer.country,
+            kind: offer.kind,
+            protocols: protocol_mask(&offer.protocols),
+            provider: offer.provider,
+            exit: offer.exit_address,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                if let Some(h) = self.hot.get_mut(s as usize) {
+                    *h = hot;
+                }
+                s
+            }
+            None => {
+                self.hot.push(hot);
+                u32::try_from(self.hot.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
         let o = BookOffer {
+            slot,
             id,
             remaining: offer.capacity,
             offer,
             rating,
             created,
+            region_id,
+            city_id,
         };
         self.by_provider
             .entry(o.offer.provider)
@@ -207,9 +288,69 @@ impl OfferBook {
         self.offers.insert(id, o);
     }
 
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.places.get(name) {
+            return *id;
+        }
+        let id = u32::try_from(self.places.len() + 1).unwrap_or(u32::MAX);
+        self.places.insert(name.to_owned(), id);
+        id
+    }
+
+    /// The request's place filters as ids; `None` when a non-empty list names no place
+    /// any offer ever had (nothing can match).
+    fn place_ids(&self, req: &Request) -> Option<PlaceIds> {
+        let ids = |names: &[String]| -> Option<Vec<u32>> {
+            let v: Vec<u32> = names
+                .iter()
+                .filter_map(|n| self.places.get(n.as_str()).copied())
+                .collect();
+            if v.is_empty() && !names.is_empty() {
+                None
+            } else {
+                Some(v)
+            }
+        };
+        Some(PlaceIds {
+            regions: ids(&req.regions)?,
+            cities: ids(&req.cities)?,
+        })
+    }
+
+    /// [`OfferBook::acceptable`] for the indexed path, on the compact attributes:
+    /// integers instead of strings, the cheapest checks first. The property test holds
+    /// it to the same answers as the scan.
+    #[allow(clippy::too_many_arguments)]
+    fn acceptable_fast(
+        h: &Hot,
+        rating: u16,
+        req: &Request,
+        wanted: u8,
+        places: &PlaceIds,
+        chosen: &[(Address, IpAddr)],
+        now: u64,
+        requester_rating: u16,
+        profiles: &impl Counterparties,
+    ) -> bool {
+        h.expiry > now
+            && rating >= req.min_rating
+            && (req.countries.is_empty() || req.countries.contains(&h.country))
+            && (req.types.is_empty() || req.types.contains(&h.kind))
+            && (req.asns.is_empty() || (h.asn != 0 && req.asns.contains(&h.asn)))
+            && (req.cities.is_empty() || (h.city_id != 0 && places.cities.contains(&h.city_id)))
+            && (req.regions.is_empty()
+                || (h.region_id != 0 && places.regions.contains(&h.region_id)))
+            && (h.min_duration_s..=h.max_duration_s).contains(&req.duration_s)
+            && (h.protocols & 8 != 0 || h.protocols & wanted == wanted)
+            && h.provider != req.requester
+            && requester_rating >= profiles.min_counterparty_rating(&h.provider)
+            && diverse_exit(req.diversity, h.provider, h.exit, chosen)
+    }
+
     /// Removes an offer from the book; returns it.
     pub fn remove(&mut self, id: u64) -> Option<BookOffer> {
         let o = self.offers.remove(&id)?;
+        self.free.push(o.slot);
         if o.remaining > 0 {
             self.unindex(&o);
         }
@@ -319,9 +460,14 @@ impl OfferBook {
             },
             None => &self.all,
         };
-        let hi: OfferKey = (max_price.unwrap_or(u128::MAX), Reverse(0), u64::MAX);
+        let hi: OfferKey = (
+            max_price.unwrap_or(u128::MAX),
+            Reverse(0),
+            u64::MAX,
+            u32::MAX,
+        );
         set.range(..=hi)
-            .filter_map(|(_, _, id)| self.offers.get(id))
+            .filter_map(|(_, _, id, _)| self.offers.get(id))
             .filter(|o| kind.is_none_or(|k| o.offer.kind == k))
             .take(limit)
             .collect()
@@ -406,7 +552,7 @@ impl OfferBook {
         if want == 0 {
             return out;
         }
-        let hi: OfferKey = (req.max_price_per_ip_second, Reverse(0), u64::MAX);
+        let hi: OfferKey = (req.max_price_per_ip_second, Reverse(0), u64::MAX, u32::MAX);
         let sets = self.candidate_sets(req);
         match sets.as_slice() {
             [] => {}
@@ -441,16 +587,32 @@ impl OfferBook {
         profiles: &impl Counterparties,
         out: &mut Vec<u64>,
     ) {
+        let Some(places) = self.place_ids(req) else {
+            return;
+        };
         let requester_rating = profiles.rating(&req.requester);
+        let wanted = protocol_mask(&req.protocols);
         let mut chosen = already.to_vec();
         for key in keys {
-            let (_, _, id) = key.borrow();
-            let Some(o) = self.offers.get(id) else {
+            let &(price, Reverse(rating), id, slot) = key.borrow();
+            let Some(h) = self.hot.get(slot as usize) else {
                 continue;
             };
-            if Self::acceptable(o, req, &chosen, now, requester_rating, profiles) {
-                out.push(*id);
-                chosen.push((o.offer.provider, o.offer.exit_address));
+            if price <= req.max_price_per_ip_second
+                && Self::acceptable_fast(
+                    h,
+                    rating,
+                    req,
+                    wanted,
+                    &places,
+                    &chosen,
+                    now,
+                    requester_rating,
+                    profiles,
+                )
+            {
+                out.push(id);
+                chosen.push((h.provider, h.exit));
                 if out.len() as u64 >= u64::from(want) {
                     break;
                 }
@@ -493,12 +655,21 @@ impl OfferBook {
 /// Whether `offer` keeps the request's exits as spread out as it asks. Exit addresses
 /// are always distinct: two deals on one address would be one IP counted twice.
 fn diverse(d: Diversity, offer: &Offer, chosen: &[(Address, IpAddr)]) -> bool {
+    diverse_exit(d, offer.provider, offer.exit_address, chosen)
+}
+
+fn diverse_exit(
+    d: Diversity,
+    provider: Address,
+    exit: IpAddr,
+    chosen: &[(Address, IpAddr)],
+) -> bool {
     chosen.iter().all(|(p, ip)| {
-        *ip != offer.exit_address
+        *ip != exit
             && match d {
                 Diversity::None => true,
-                Diversity::DistinctProvider => *p != offer.provider,
-                Diversity::DistinctSubnet => subnet_of(*ip) != subnet_of(offer.exit_address),
+                Diversity::DistinctProvider => *p != provider,
+                Diversity::DistinctSubnet => subnet_of(*ip) != subnet_of(exit),
             }
     })
 }

@@ -7,10 +7,12 @@
 //! same deal ids and the same event ids: that is the whole persistence story (see
 //! `store`). A refused command changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use alloy_primitives::map::{HashMap, HashSet};
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use alloy_primitives::{Address, U256};
 use ipsx_rotation::{CountryCode, ExitKind};
@@ -26,6 +28,7 @@ use crate::types::{
 
 /// Rules of the engine that come from configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Seconds both sides have to accept a new deal.
     pub accept_window_s: u64,
@@ -256,7 +259,7 @@ pub struct HistoryEntry {
     /// Who.
     pub actor: Actor,
     /// What (`matched`, `reported active`, `status completed`, ...).
-    pub what: String,
+    pub what: Cow<'static, str>,
 }
 
 /// A deal in the deal book.
@@ -273,7 +276,7 @@ pub struct Deal {
     /// Requester wallet.
     pub requester: Address,
     /// The combined terms.
-    pub terms: DealTerms,
+    pub terms: Arc<DealTerms>,
     /// What the provider last reported.
     pub provider_status: PartyStatus,
     /// What the requester last reported.
@@ -312,7 +315,7 @@ pub enum EventKind {
     /// A new deal; carries its terms.
     Matched {
         /// The terms.
-        terms: Box<DealTerms>,
+        terms: Arc<DealTerms>,
     },
     /// A side reported a status.
     Reported {
@@ -467,7 +470,8 @@ pub struct Exchange {
     deal_timers: BTreeSet<(u64, u64)>,
     profiles: HashMap<Address, Profile>,
     nonces: HashSet<(Address, u64)>,
-    nonce_expiries: BTreeSet<(u64, Address, u64)>,
+    /// expiry -> (wallet, nonce) pairs to forget then (keyed by time only: cheap).
+    nonce_expiries: BTreeMap<u64, Vec<(Address, u64)>>,
     events: Vec<DealEvent>,
     wallet_events: HashMap<Address, Vec<u64>>,
     /// Wallets with a non-zero `min_counterparty_rating`.
@@ -642,12 +646,18 @@ impl Exchange {
             self.deal_timers.pop_first();
             changed |= self.evaluate(id);
         }
-        while let Some(&(t, w, n)) = self.nonce_expiries.first() {
+        while let Some((&t, _)) = self.nonce_expiries.first_key_value() {
             if t > now {
                 break;
             }
-            self.nonce_expiries.pop_first();
-            self.nonces.remove(&(w, n));
+            for key in self
+                .nonce_expiries
+                .pop_first()
+                .map(|(_, v)| v)
+                .unwrap_or_default()
+            {
+                self.nonces.remove(&key);
+            }
         }
         changed
     }
@@ -756,7 +766,10 @@ impl Exchange {
 
     fn use_nonce(&mut self, wallet: Address, nonce: u64, expiry: u64) {
         self.nonces.insert((wallet, nonce));
-        self.nonce_expiries.insert((expiry, wallet, nonce));
+        self.nonce_expiries
+            .entry(expiry)
+            .or_default()
+            .push((wallet, nonce));
     }
 
     fn take_id(&mut self) -> u64 {
@@ -867,31 +880,23 @@ impl Exchange {
 
     /// Makes one deal: one IP of request `r` on offer `oid`.
     fn fill(&mut self, oid: u64, r: &mut BookRequest) -> u64 {
-        let offer = match self.offers.get(oid) {
-            Some(o) => o.offer.clone(),
-            None => return 0,
-        };
-        self.offers.take(oid);
-        r.remaining = r.remaining.saturating_sub(1);
-        r.filled.push((offer.provider, offer.exit_address));
-        let duration = r.request.duration_s;
-        // Offer::check proved price x max_duration fits and duration <= max_duration.
-        let value = offer
-            .price_per_ip_second
-            .saturating_mul(u128::from(duration));
-        let per_ip = r.request.max_cost_per_ip().unwrap_or(u128::MAX);
-        let requester = r.request.requester;
-        // The request's hold for this IP becomes the deal's hold at the agreed price.
-        self.release_hold(&requester, per_ip.saturating_sub(value));
-        let id = self.take_id();
         let now = self.now;
+        let duration = r.request.duration_s;
         let deadlines = Deadlines::new(
             now,
             duration,
             self.cfg.accept_window_s,
             self.cfg.settle_window_s,
         );
-        let terms = DealTerms {
+        let Some(o) = self.offers.get(oid) else {
+            return 0;
+        };
+        let offer = &o.offer;
+        // Offer::check proved price x max_duration fits and duration <= max_duration.
+        let value = offer
+            .price_per_ip_second
+            .saturating_mul(u128::from(duration));
+        let terms = Arc::new(DealTerms {
             exit_address: offer.exit_address,
             country: offer.country,
             region: offer.region.clone(),
@@ -908,14 +913,23 @@ impl Exchange {
             end: deadlines.end,
             value,
             commission: commission(value, self.cfg.commission_bps),
-        };
+        });
+        let provider = offer.provider;
+        self.offers.take(oid);
+        r.remaining = r.remaining.saturating_sub(1);
+        r.filled.push((provider, terms.exit_address));
+        let per_ip = r.request.max_cost_per_ip().unwrap_or(u128::MAX);
+        let requester = r.request.requester;
+        // The request's hold for this IP becomes the deal's hold at the agreed price.
+        self.release_hold(&requester, per_ip.saturating_sub(value));
+        let id = self.take_id();
         let deal = Deal {
             id,
             offer_id: oid,
             request_id: r.id,
-            provider: offer.provider,
+            provider,
             requester,
-            terms: terms.clone(),
+            terms: Arc::clone(&terms),
             provider_status: PartyStatus::Pending,
             requester_status: PartyStatus::Pending,
             status: DealStatus::Matched,
@@ -923,7 +937,7 @@ impl Exchange {
             history: vec![HistoryEntry {
                 at: now,
                 actor: Actor::Exchange,
-                what: format!("matched offer {oid} with request {}", r.id),
+                what: Cow::Borrowed("matched"),
             }],
             proof: None,
             rated_by_provider: false,
@@ -932,18 +946,10 @@ impl Exchange {
         if let Some(t) = deadlines.next_after(now) {
             self.deal_timers.insert((t, id));
         }
-        self.deals_by_wallet
-            .entry(offer.provider)
-            .or_default()
-            .push(id);
+        self.deals_by_wallet.entry(provider).or_default().push(id);
         self.deals_by_wallet.entry(requester).or_default().push(id);
         self.deals.insert(id, deal);
-        self.emit(
-            id,
-            EventKind::Matched {
-                terms: Box::new(terms),
-            },
-        );
+        self.emit(id, EventKind::Matched { terms });
         id
     }
 
@@ -1058,9 +1064,9 @@ impl Exchange {
                 at: now,
                 actor,
                 what: if rep.reason.is_empty() {
-                    format!("reported {}", rep.status.as_str())
+                    format!("reported {}", rep.status.as_str()).into()
                 } else {
-                    format!("reported {}: {}", rep.status.as_str(), rep.reason)
+                    format!("reported {}: {}", rep.status.as_str(), rep.reason).into()
                 },
             });
         }
@@ -1098,7 +1104,7 @@ impl Exchange {
             d.history.push(HistoryEntry {
                 at: now,
                 actor: Actor::Exchange,
-                what: format!("status {}", new.as_str()),
+                what: format!("status {}", new.as_str()).into(),
             });
         }
         let (deadlines, final_) = (d.deadlines, new.is_final());
@@ -1168,7 +1174,7 @@ impl Exchange {
             d.history.push(HistoryEntry {
                 at: now,
                 actor: Actor::Requester,
-                what: format!("balance proof {}", p.cumulative_amount),
+                what: format!("balance proof {}", p.cumulative_amount).into(),
             });
         }
         self.emit(

@@ -145,7 +145,8 @@ pub fn schemas() -> Value {
             &["provider", "exit_address", "country", "type", "protocols", "price_per_ip_second", "min_duration_s", "max_duration_s", "capacity", "wg_endpoint", "wg_public_key", "expiry", "nonce"],
             json!({
                 "provider": address(), "exit_address": s("string"), "country": s("string"),
-                "region": s("string"), "city": s("string"), "asn": s("integer"),
+                "region": s("string"), "city": s("string"),
+                "asn": { "oneOf": [s("integer"), { "type": "string", "pattern": "^(AS|as)?[0-9]+$" }] },
                 "type": { "enum": ["residential", "mobile", "datacenter"] },
                 "protocols": { "type": "array", "items": { "enum": ["http", "https", "smtp", "any"] } },
                 "price_per_ip_second": amount(), "min_duration_s": s("integer"), "max_duration_s": s("integer"),
@@ -158,7 +159,7 @@ pub fn schemas() -> Value {
             json!({
                 "requester": address(), "count": s("integer"),
                 "countries": strings(), "regions": strings(), "cities": strings(),
-                "asns": { "type": "array", "items": s("integer") }, "types": strings(), "protocols": strings(),
+                "asns": { "type": "array", "items": { "oneOf": [s("integer"), { "type": "string", "pattern": "^(AS|as)?[0-9]+$" }] } }, "types": strings(), "protocols": strings(),
                 "min_rating": s("integer"),
                 "diversity": { "enum": ["none", "distinct_subnet", "distinct_provider"] },
                 "duration_s": { "type": "integer", "minimum": 5, "maximum": 2_592_000 },

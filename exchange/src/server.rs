@@ -231,6 +231,12 @@ impl Node {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Exchange) -> T) -> Result<T, ExchangeError> {
+        if self.failed.load(Ordering::SeqCst) {
+            // Memory may hold a change the journal lost: serve nothing rather than it.
+            return Err(ExchangeError::Storage(
+                "the journal failed; restart the node to serve from disk".into(),
+            ));
+        }
         let core = lock(&self.core)?;
         Ok(f(&core.ex))
     }

@@ -67,6 +67,45 @@ pub mod amount {
     }
 }
 
+/// ASNs in JSON: a number (`3320`) or a string (`"AS3320"`, `"3320"`), read with
+/// [`ipsx_rotation::parse_asn`]; written as numbers.
+pub mod asn {
+    use serde::{Deserialize, Deserializer, de::Error as _};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+
+    fn one<E: serde::de::Error>(raw: Raw) -> Result<u32, E> {
+        let text = match raw {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        ipsx_rotation::parse_asn("asn", &text).map_err(E::custom)
+    }
+
+    /// Reads an optional ASN.
+    pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Option::<Raw>::deserialize(d)?.map(one).transpose()
+    }
+
+    /// Reads a list of ASNs.
+    pub fn deserialize_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let raw = Vec::<Raw>::deserialize(d)?;
+        if raw.len() > super::MAX_FILTER_VALUES {
+            return Err(D::Error::custom(format!(
+                "{} values, at most {}",
+                raw.len(),
+                super::MAX_FILTER_VALUES
+            )));
+        }
+        raw.into_iter().map(one).collect()
+    }
+}
+
 /// Application protocols an exit lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,8 +239,12 @@ pub struct Offer {
     /// City, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub city: Option<String>,
-    /// Autonomous system number, if known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Autonomous system number, if known (`3320` or `"AS3320"`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "asn::deserialize_opt"
+    )]
     pub asn: Option<u32>,
     /// Residential, mobile or datacenter.
     #[serde(rename = "type")]
@@ -244,8 +287,8 @@ pub struct Request {
     /// Any of these cities.
     #[serde(default)]
     pub cities: Vec<String>,
-    /// Any of these ASNs.
-    #[serde(default)]
+    /// Any of these ASNs (`3320` or `"AS3320"`).
+    #[serde(default, deserialize_with = "asn::deserialize_vec")]
     pub asns: Vec<u32>,
     /// Any of these exit types.
     #[serde(default)]
@@ -744,6 +787,30 @@ mod tests {
         let q = u128::MAX / 10_000;
         let r = u128::MAX % 10_000;
         assert_eq!(commission(u128::MAX, 250), q * 250 + r * 250 / 10_000);
+    }
+
+    #[test]
+    fn asns_read_numbers_and_as_strings() {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(default, deserialize_with = "asn::deserialize_opt")]
+            a: Option<u32>,
+            #[serde(default, deserialize_with = "asn::deserialize_vec")]
+            v: Vec<u32>,
+        }
+        let t: T = serde_json::from_str(r#"{"a": "AS3320", "v": [1, "as2", "3"]}"#).unwrap();
+        assert_eq!((t.a, t.v), (Some(3320), vec![1, 2, 3]));
+        for bad in [
+            r#"{"a": 0}"#,
+            r#"{"a": "ASx"}"#,
+            r#"{"a": 4294967295}"#,
+            r#"{"a": -1}"#,
+            r#"{"v": [true]}"#,
+        ] {
+            assert!(serde_json::from_str::<T>(bad).is_err(), "{bad}");
+        }
+        let many = format!(r#"{{"v": [{}]}}"#, vec!["1"; 65].join(","));
+        assert!(serde_json::from_str::<T>(&many).is_err());
     }
 
     #[test]

@@ -735,6 +735,12 @@ fn build_offer(g: &GenOffer, nonce: u64) -> Offer {
     } else {
         vec![Protocol::Http]
     };
+    // Places and ASNs vary too, so the interned-id path of the index is exercised.
+    o.city = Some(["berlin", "paris", "tokyo"][usize::from(g.ip % 3)].into());
+    o.region = match g.subnet {
+        0 => None,
+        n => Some(["north", "south"][usize::from(n % 2)].into()),
+    };
     o
 }
 
@@ -747,6 +753,19 @@ fn build_request(g: &GenRequest, nonce: u64) -> Request {
     } else {
         vec![]
     };
+    // Derived filters: cities (one unknown to every offer), regions, ASNs.
+    match g.count {
+        3 => r.cities = vec!["berlin".into()],
+        4 => r.cities = vec!["paris".into(), "tokyo".into()],
+        5 => r.cities = vec!["atlantis".into()],
+        _ => {}
+    }
+    if g.requester.is_multiple_of(4) {
+        r.regions = vec!["north".into()];
+    }
+    if g.requester.is_multiple_of(5) {
+        r.asns = vec![1, 3];
+    }
     r.diversity = match g.diversity {
         0 => Diversity::None,
         1 => Diversity::DistinctSubnet,
@@ -862,4 +881,89 @@ proptest! {
         };
         prop_assert_eq!(run(&cmds), run(&cmds));
     }
+}
+
+proptest! {
+    /// Commission is floor(value x bps / 10000) computed without overflow, checked
+    /// against 256-bit arithmetic over the whole u128 range.
+    #[test]
+    fn commission_matches_wide_arithmetic(value in any::<u128>(), bps in 0u16..=10_000) {
+        use alloy_primitives::U256;
+        let wide = U256::from(value) * U256::from(bps) / U256::from(10_000u32);
+        prop_assert_eq!(U256::from(ipsx_exchange::types::commission(value, bps)), wide);
+    }
+
+    /// Maximum cost either fits in 128 bits exactly or the request is refused naming the
+    /// price; never a wrapped value.
+    #[test]
+    fn request_cost_is_checked(price in any::<u128>(), duration in 5u64..=2_592_000, count in 1u32..=1000) {
+        use alloy_primitives::U256;
+        let mut r = request(9, count, &[], price.max(1), 1);
+        r.duration_s = duration;
+        let wide = U256::from(price.max(1)) * U256::from(duration) * U256::from(count);
+        match r.max_cost() {
+            Ok(c) => prop_assert_eq!(U256::from(c), wide),
+            Err(e) => {
+                prop_assert!(wide > U256::from(u128::MAX));
+                let field = e.field();
+                prop_assert_eq!(field.as_deref(), Some("max_price_per_ip_second"));
+            }
+        }
+    }
+}
+
+#[test]
+fn ratings_are_weighted_by_deal_value() {
+    use alloy_primitives::U256;
+    use ipsx_exchange::engine::weighted_rating;
+    // 5 stars on a deal worth 100, 1 star on one worth 300: (500 + 300) / 400 = 2.00.
+    assert_eq!(weighted_rating(U256::from(5 * 100 + 300), 400), 200);
+    assert_eq!(weighted_rating(U256::ZERO, 0), 0, "unrated");
+    // Extremes: huge values do not overflow and stay within 0..=5 stars.
+    let v = u128::MAX;
+    assert_eq!(weighted_rating(U256::from(v) * U256::from(5u8), v), 500);
+    assert_eq!(weighted_rating(U256::from(v), v), 100);
+}
+
+#[test]
+fn profiles_are_used_in_matching() {
+    use ipsx_exchange::Preferences;
+    let mut ex = Exchange::new(EngineConfig::default());
+    // Provider 1 refuses requesters rated below 3 stars; provider 2 takes anyone.
+    ex.apply(&Command::Prefs {
+        prefs: Preferences {
+            wallet: wallet(1),
+            min_counterparty_rating: 300,
+            expiry: NOW + 60,
+            nonce: 99,
+        },
+        now: NOW,
+    })
+    .unwrap();
+    post_offer(
+        &mut ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1),
+    );
+    post_offer(
+        &mut ex,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 1),
+    );
+    let Outcome::RequestPosted { deals, .. } =
+        post_request(&mut ex, request(9, 1, &["de"], 10, 1), u128::MAX).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        ex.deal(deals[0]).unwrap().provider,
+        wallet(2),
+        "the cheaper provider refuses an unrated requester"
+    );
+    // A request asking for rated providers only finds none (both unrated).
+    let mut r = request(9, 1, &["de"], 10, 2);
+    r.min_rating = 100;
+    let Outcome::RequestPosted { filled: 0, .. } = post_request(&mut ex, r, u128::MAX).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ex.profile(&wallet(1)).min_counterparty_rating, 300);
 }

@@ -160,3 +160,51 @@ async fn deadlines_push_status_events_without_any_request() {
     drop(stream);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_reconnects_across_a_node_restart_without_gaps_or_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/j.db", dir.path().display());
+    let balances = MemoryBalances::new();
+    let node = Node::start_on(&db, balances.clone()).await;
+    let port = node.addr.port();
+    let (p, r) = (PrivateKeySigner::random(), PrivateKeySigner::random());
+    let (cp, cr) = (node.client(&p), node.client(&r));
+    node.fund(r.address(), 10_000_000);
+    let mut follow = cr.follow(r.address(), 0, 100);
+    cp.post_offer(&offer(p.address(), 40, "it", 2, 1))
+        .await
+        .unwrap();
+    let Outcome::RequestPosted { deals, .. } = cr
+        .post_request(&request(r.address(), 1, "it", 5, 60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let first = tokio::time::timeout(Duration::from_secs(20), follow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    // The node goes away (its streams end) and comes back on the same address.
+    node.stop().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let node = Node::start_on_listener(listener, &db, balances).await;
+    let cp = node.client(&p);
+    cp.report(&report(p.address(), deals[0], PartyStatus::Accepted))
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(30), follow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.id,
+        first.id + 1,
+        "resumed right after the last event seen"
+    );
+    assert!(matches!(second.kind, EventKind::Reported { .. }));
+    node.stop().await;
+}

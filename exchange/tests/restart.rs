@@ -122,26 +122,38 @@ async fn kill_9_loses_no_acknowledged_order_deal_or_status() {
     let before_profile = cr.profile(r.address()).await.unwrap();
     // Orders in flight while the process is killed: each either was acknowledged (and
     // must survive) or was not (and may be lost).
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let in_flight = {
-        let cp = cp.clone();
+        let (cp, progress) = (cp.clone(), progress.clone());
         let pa = p.address();
         tokio::spawn(async move {
             let mut acked = Vec::new();
-            for i in 0..2000u32 {
+            for i in 0..100_000u32 {
                 let o = offer(pa, (i % 200) as u8 + 30, "fr", 3, 1);
                 match cp.post_offer(&o).await {
                     Ok(Outcome::OfferPosted { order_id, .. }) => acked.push(order_id),
                     _ => break,
                 }
+                progress.store(acked.len(), std::sync::atomic::Ordering::SeqCst);
             }
             acked
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill once the writer is busy: at least 50 in-flight offers acknowledged.
+    for _ in 0..6000 {
+        if progress.load(std::sync::atomic::Ordering::SeqCst) >= 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut node = node;
     node.child.kill().unwrap(); // SIGKILL
     node.child.wait().unwrap();
     let acked = in_flight.await.unwrap();
+    assert!(
+        acked.len() >= 50,
+        "the kill happened while orders were being acknowledged"
+    );
     drop(node);
 
     let node = start(&config);

@@ -51,6 +51,24 @@ impl Node {
         engine: EngineConfig,
     ) -> Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Node::start_full(listener, database, balances, engine).await
+    }
+
+    /// A node on an already bound listener.
+    pub async fn start_on_listener(
+        listener: tokio::net::TcpListener,
+        database: &str,
+        balances: MemoryBalances,
+    ) -> Node {
+        Node::start_full(listener, database, balances, EngineConfig::default()).await
+    }
+
+    async fn start_full(
+        listener: tokio::net::TcpListener,
+        database: &str,
+        balances: MemoryBalances,
+        engine: EngineConfig,
+    ) -> Node {
         let addr = listener.local_addr().unwrap();
         let mut cfg = ExchangeConfig::for_tests(database, Default::default());
         cfg.engine = engine;
