@@ -9,6 +9,22 @@ use tokio::signal::unix::{SignalKind, signal};
 /// `ipsx provider --config FILE [--check]`.
 pub(crate) async fn run(path: &Path, check: bool) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // With an [exchange] section this is the agent: offers, deals, payments, claims.
+    if text.lines().any(|l| l.trim() == "[exchange]") {
+        let config = ipsx_provider::agent::AgentConfig::from_toml(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if check {
+            println!(
+                "{}: ok (provider agent, {} exits)",
+                path.display(),
+                config.exits.len()
+            );
+            return Ok(());
+        }
+        return ipsx_provider::agent::run_agent(config, crate::gateway_cmd::terminated())
+            .await
+            .map_err(|e| e.to_string());
+    }
     let config =
         ProviderConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if check {

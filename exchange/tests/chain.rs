@@ -87,7 +87,6 @@ async fn rpc(url: &str, method: &str, params: serde_json::Value) -> serde_json::
 const RETURNS_1000: &str = "0x6103e860005260206000f3";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs anvil from scripts/install-chain.sh (chain branch)"]
 async fn balances_come_from_the_chain_through_alloy() {
     let anvil = start_anvil();
     let contract = Address::repeat_byte(0xce);
