@@ -34,11 +34,16 @@ fn every_example_config_parses() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let name = path.display().to_string();
-        // Each example is a gateway config (has a [gateway] table) or a provider config
-        // (has an exit_address); none may be left unchecked.
+        // Each example is a gateway config ([gateway]), a provider agent config
+        // ([exchange]) or a bare provider exit config (exit_address); none may be left
+        // unchecked.
         if text.lines().any(|l| l.trim() == "[gateway]") {
             GatewayConfig::from_toml(&text, &name).unwrap_or_else(|e| panic!("{e}"));
             gateways += 1;
+        } else if text.lines().any(|l| l.trim() == "[exchange]") {
+            ipsx_provider::agent::AgentConfig::from_toml(&text)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            providers += 1;
         } else if text
             .lines()
             .any(|l| l.trim_start().starts_with("exit_address"))
