@@ -114,7 +114,7 @@ async fn a_dead_rented_exit_is_replaced_with_one_matching_the_same_filter() {
 
     // The gateway, keeping one DE exit rented.
     let gateway_toml = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\"]\nconnect_timeout = \"2s\"\nverify_url = \"http://{}/ip.txt\"\n\n[[token]]\nname = \"t\"\nsecret = \"{TOKEN}\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"2000000000000\"\ndeal_duration = \"5m\"\npayment_window = \"10s\"\nproof_interval = \"1s\"\ndead_after = \"2s\"\nrent_on_demand = false\n\n[[market.demand]]\nname = \"de\"\ntarget = {{ country = \"de\" }}\ncount = 1\n",
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\"]\nconnect_timeout = \"2s\"\nverify_url = \"http://{}/ip.txt\"\n\n[[token]]\nname = \"t\"\nsecret = \"{TOKEN}\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"2000000000000\"\ndeal_duration = \"5m\"\npayment_window = \"30s\"\nproof_interval = \"1s\"\ndead_after = \"2s\"\nrent_on_demand = false\n\n[[market.demand]]\nname = \"de\"\ntarget = {{ country = \"de\" }}\ncount = 1\n",
         echo.addr,
         anvil.endpoint(),
         deployment_path.display(),
