@@ -30,8 +30,9 @@ LIVE=$(curl -s "$ADMIN/api/exits" | python3 -c 'import json,sys; print(" ".join(
 samples=()
 for city in $ALL; do
   case " $LIVE " in *" ${city//_/ } "*) continue;; esac
-  t=$(curl -s -o /dev/null -w '%{time_starttransfer}' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
-  echo "rent-to-first-byte city=$city ${t}s" >&2
+  read -r code t < <(curl -s -o "$WORK/body" -w '%{http_code} %{time_starttransfer}\n' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
+  echo "rent-to-first-byte city=$city status=$code ${t}s exit=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ip"])' "$WORK/body" 2>/dev/null)" >&2
+  [ "$code" = 200 ] || { echo "rental for $city did not serve: $(cat "$WORK/body")" >&2; exit 1; }
   samples+=("$t")
 done
 warm=$(curl -s -o /dev/null -w '%{time_starttransfer}' -x "http://demo-country-de:demo-token@$PROXY" "$ECHO")
