@@ -333,3 +333,92 @@ async fn tls_origin(dir: &std::path::Path) -> std::net::SocketAddr {
     });
     addr
 }
+
+/// A target that answers every request with a chunked body in three chunks.
+async fn chunked_target() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Origin: chunky\r\n\r\n5\r\nhello\r\n1\r\n,\r\n6\r\n world\r\n0\r\n\r\n";
+                        if s.write_all(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_responses_and_http10_clients_are_framed_right() {
+    let target = chunked_target().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let url = format!("http://{target}/");
+    // HTTP/1.1 clients get the body chunked, whole, on a connection that stays usable.
+    let out = curl(&["-s", "-x", &gw.proxy("acct"), &url, &url]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello, worldhello, world"
+    );
+    // An HTTP/1.0 client cannot read chunked: it gets the body delimited by the close.
+    let out = curl(&["-s", "-i", "--http1.0", "-x", &gw.proxy("acct"), &url]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("transfer-encoding"),
+        "{text}"
+    );
+    assert!(text.ends_with("hello, world"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("x-origin: chunky"));
+    // A chunked request body reaches the target whole (Python requests streams a
+    // generator as chunked).
+    let echo = Echo::start().await;
+    let code = r#"
+import sys, requests
+def body():
+    yield b"a" * 1000
+    yield b"b" * 2000
+s = requests.Session(); s.trust_env = False
+r = s.post(sys.argv[1], data=body(), proxies={"http": sys.argv[2]}, timeout=20)
+print(r.json()["body_bytes"], r.json()["method"])
+"#;
+    let out = python(code, &[&echo.url(), &gw.proxy("acct")]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3000 POST");
+    // A large Content-Length upload streams through intact.
+    let file = std::env::temp_dir().join(format!("ipsx-upload-{}", std::process::id()));
+    std::fs::write(&file, vec![b'z'; 256 * 1024]).unwrap();
+    let data = format!("@{}", file.display());
+    let out = curl(&[
+        "-s",
+        "-x",
+        &gw.proxy("acct"),
+        "--data-binary",
+        &data,
+        &echo.url(),
+    ])
+    .await;
+    let _ = std::fs::remove_file(&file);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["body_bytes"], 256 * 1024);
+}
