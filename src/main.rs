@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the proxy's hot path allocates per request; glibc malloc showed as ~9 %
+/// of the gateway's CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod echo;
 mod exchange_cmd;
 mod gateway_cmd;
