@@ -15,8 +15,13 @@ use tokio::signal::unix::{SignalKind, signal};
 pub(crate) async fn run(path: &Path, check: bool) -> Result<(), String> {
     let config = ipsx_config::load_gateway(path).map_err(|e| e.to_string())?;
     if check {
+        let market = config
+            .market
+            .as_ref()
+            .map(|m| format!(", market: {} demand groups", m.demand.len()))
+            .unwrap_or_default();
         println!(
-            "{}: ok ({} exits, {} tokens, {} rules, {} ban rules)",
+            "{}: ok ({} exits, {} tokens, {} rules, {} ban rules{market})",
             path.display(),
             config.exits.len(),
             config.tokens.len(),
