@@ -52,6 +52,8 @@ struct State {
     treasury: String,
     token: String,
     centralizer: String,
+    /// The chain's process: a supervisor that has to kill `ipsx up` hard can end it too.
+    anvil_pid: u32,
 }
 
 /// Runs the whole system until SIGINT/SIGTERM; `state` receives a JSON description.
@@ -271,6 +273,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         treasury: format!("{:#x}", treasury.address()),
         token: format!("{:#x}", deployment.token),
         centralizer: format!("{:#x}", deployment.centralizer),
+        anvil_pid: anvil.pid(),
     };
     if let Some(path) = &state_file {
         let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;

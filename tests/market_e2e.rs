@@ -36,6 +36,13 @@ impl Drop for Up {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // If `ipsx up` had to be killed, its anvil outlived it: end it by its PID.
+        if let Some(pid) = self.state["anvil_pid"].as_u64() {
+            let _ = Command::new("kill")
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

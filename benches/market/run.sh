@@ -10,8 +10,14 @@ DURATION=${DURATION:-5}
 WORK=$(mktemp -d /tmp/ipsx-bench-market.XXXXXX)
 UP_PID=""
 cleanup() {
-  [ -n "$UP_PID" ] && kill -INT "$UP_PID" 2>/dev/null && sleep 3
-  [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null || true
+  if [ -n "$UP_PID" ]; then
+    kill -INT "$UP_PID" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$UP_PID" 2>/dev/null || true
+    # A hard-killed `ipsx up` leaves its anvil behind: end it by its PID.
+    pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["anvil_pid"])' "$WORK/state.json" 2>/dev/null || true)
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
