@@ -270,31 +270,7 @@ pub struct RuleConfig {
     pub limits: Option<LimitsConfig>,
 }
 
-/// Which protocols (destination ports) an exit carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Port 80.
-    Http,
-    /// Port 443.
-    Https,
-    /// Ports 25, 465, 587.
-    Smtp,
-    /// Every port.
-    Any,
-}
-
-impl Protocol {
-    /// True when this protocol allows `port`.
-    pub fn allows(self, port: u16) -> bool {
-        match self {
-            Self::Http => port == 80,
-            Self::Https => port == 443,
-            Self::Smtp => matches!(port, 25 | 465 | 587),
-            Self::Any => true,
-        }
-    }
-}
+pub use ipsx_egress::Protocol;
 
 /// How an exit reaches the target.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -106,45 +106,9 @@ pub mod asn {
     }
 }
 
-/// Application protocols an exit lets through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Plain HTTP (port 80).
-    Http,
-    /// HTTPS / TLS on 443.
-    Https,
-    /// Mail submission and relay.
-    Smtp,
-    /// Anything (a plain VPN exit).
-    Any,
-}
-
-impl Protocol {
-    /// The lower-case name used in JSON and in signed payloads.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Http => "http",
-            Self::Https => "https",
-            Self::Smtp => "smtp",
-            Self::Any => "any",
-        }
-    }
-
-    /// Parses a name (as carried in signed payloads).
-    pub fn parse(field: &str, s: &str) -> Result<Self, ExchangeError> {
-        match s {
-            "http" => Ok(Self::Http),
-            "https" => Ok(Self::Https),
-            "smtp" => Ok(Self::Smtp),
-            "any" => Ok(Self::Any),
-            _ => Err(ExchangeError::invalid(
-                field,
-                format!("unknown protocol `{s}`"),
-            )),
-        }
-    }
-}
+/// Application protocols an exit lets through (shared with the gateway and the
+/// provider, so an offer means the same ports everywhere).
+pub use ipsx_egress::Protocol;
 
 /// How spread out the exits of one request must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

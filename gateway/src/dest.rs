@@ -3,78 +3,24 @@
 //! Checked on the address actually dialled, after resolution, so a name that resolves
 //! to a private address (DNS rebinding) is refused too.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// Names the refused range an address falls in, or `None` when it may be dialled.
+/// Names the refused range an address falls in, or `None` when it may be dialled: the
+/// special ranges of `ipsx-egress`, minus what the config's allow-list names (checked
+/// for the address and for the IPv4 address an IPv4-mapped or NAT64 one carries).
 pub fn refused_range(ip: IpAddr, allow: &[IpNet]) -> Option<&'static str> {
-    if allow.iter().any(|net| net.contains(&ip)) {
+    let allowed = |ip: IpAddr| allow.iter().any(|net| net.contains(&ip));
+    if allowed(ip) {
         return None;
     }
-    match ip {
-        IpAddr::V4(v4) => refused_v4(v4),
-        IpAddr::V6(v6) => {
-            // Addresses that carry an IPv4 address inside are judged by that address.
-            if let Some(v4) = embedded_v4(v6) {
-                if allow.iter().any(|net| net.contains(&IpAddr::V4(v4))) {
-                    return None;
-                }
-                return refused_v4(v4);
-            }
-            refused_v6(v6)
-        }
-    }
-}
-
-fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let o = ip.octets();
-    let name = match o {
-        [0, ..] => "unspecified (0.0.0.0/8)",
-        [127, ..] => "loopback (127.0.0.0/8)",
-        [10, ..] => "private (10.0.0.0/8)",
-        [172, b, ..] if (16..32).contains(&b) => "private (172.16.0.0/12)",
-        [192, 168, ..] => "private (192.168.0.0/16)",
-        [169, 254, ..] => "link-local (169.254.0.0/16)",
-        [100, b, ..] if (64..128).contains(&b) => "CGNAT (100.64.0.0/10)",
-        [192, 0, 0, _] => "IETF protocol assignments (192.0.0.0/24)",
-        [198, b, ..] if b == 18 || b == 19 => "benchmarking (198.18.0.0/15)",
-        [a, ..] if (224..240).contains(&a) => "multicast (224.0.0.0/4)",
-        [a, ..] if a >= 240 => "reserved (240.0.0.0/4)",
-        _ => return None,
-    };
-    Some(name)
-}
-
-fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let s = ip.segments();
-    let name = if ip.is_unspecified() {
-        "unspecified (::)"
-    } else if ip.is_loopback() {
-        "loopback (::1)"
-    } else if s[0] & 0xfe00 == 0xfc00 {
-        "unique local (fc00::/7)"
-    } else if s[0] & 0xffc0 == 0xfe80 {
-        "link-local (fe80::/10)"
-    } else if s[0] & 0xff00 == 0xff00 {
-        "multicast (ff00::/8)"
-    } else if s[0] == 0x2001 && s[1] == 0x0db8 {
-        "documentation (2001:db8::/32)"
-    } else {
+    if let IpAddr::V6(v6) = ip
+        && ipsx_egress::embedded_v4(v6).is_some_and(|v4| allowed(IpAddr::V4(v4)))
+    {
         return None;
-    };
-    Some(name)
-}
-
-/// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
-/// (`::a.b.c.d`), or NAT64 (`64:ff9b::a.b.c.d`) address.
-fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
-    let s = ip.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    let mapped = s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff;
-    let compatible = s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified();
-    let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0];
-    (mapped || compatible || nat64).then_some(tail)
+    }
+    ipsx_egress::special_range(ip)
 }
 
 #[cfg(test)]

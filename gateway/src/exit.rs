@@ -327,7 +327,7 @@ impl Dialer {
                 let mut refused = None;
                 let mut last_err = None;
                 for ip in candidates {
-                    let ip = canonical(ip);
+                    let ip = ipsx_egress::canonical(ip);
                     if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
                         refused.get_or_insert(DialError::Refused { ip, range });
                         continue;
@@ -358,7 +358,7 @@ impl Dialer {
                 let mut last_err = None;
                 let mut usable = false;
                 for ip in candidates {
-                    let ip = canonical(ip);
+                    let ip = ipsx_egress::canonical(ip);
                     if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
                         refused.get_or_insert(DialError::Refused { ip, range });
                         continue;
@@ -391,14 +391,6 @@ impl Dialer {
                 })
             }
         }
-    }
-}
-
-/// `::ffff:a.b.c.d` dials as `a.b.c.d`.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

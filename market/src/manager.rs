@@ -583,15 +583,7 @@ impl PoolManager {
             .await;
             return;
         }
-        let protocols: Vec<Protocol> = terms
-            .protocols
-            .iter()
-            .filter_map(|p| {
-                serde_json::to_value(p)
-                    .ok()
-                    .and_then(|v| serde_json::from_value(v).ok())
-            })
-            .collect();
+        let protocols = terms.protocols.clone();
         let exit = ExitConfig {
             name: format!("deal-{id}"),
             transport: ExitTransport::WireGuard {

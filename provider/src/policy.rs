@@ -10,32 +10,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use serde::{Deserialize, Serialize};
-
-/// A protocol an offer allows, i.e. a set of destination ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP 80.
-    Http,
-    /// TCP 443.
-    Https,
-    /// TCP 25, 465, 587.
-    Smtp,
-    /// Every port.
-    Any,
-}
-
-impl Protocol {
-    fn allows(self, port: u16) -> bool {
-        match self {
-            Self::Http => port == 80,
-            Self::Https => port == 443,
-            Self::Smtp => matches!(port, 25 | 465 | 587),
-            Self::Any => port != 0,
-        }
-    }
-}
+pub use ipsx_egress::{Protocol, special_range};
 
 /// An address range (`10.0.0.0/8`, `::1/128`, or a bare address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,67 +87,6 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The special range `ip` falls in, if any.
-pub fn special_range(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => special_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return special_v4(v4).or(Some("IPv4-mapped"));
-            }
-            let seg0 = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if seg0 & 0xfe00 == 0xfc00 {
-                Some("private (fc00::/7)")
-            } else if seg0 & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if seg0 == 0x2001 && v6.segments()[1] == 0x0db8 {
-                Some("documentation")
-            } else if v6.segments()[..6] == [0, 0, 0, 0, 0, 0] {
-                Some("IPv4-compatible")
-            } else if seg0 == 0x0064 && v6.segments()[1] == 0xff9b {
-                // NAT64 maps to IPv4: check the embedded address.
-                let s = v6.segments();
-                let v4 =
-                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-                special_v4(v4)
-            } else {
-                None
-            }
-        }
-    }
-}
-
-fn special_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let o = ip.octets();
-    if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_unspecified() || o[0] == 0 {
-        Some("unspecified")
-    } else if ip.is_private() {
-        Some("private")
-    } else if ip.is_link_local() {
-        Some("link-local")
-    } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
-        Some("CGNAT")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if ip.is_broadcast() || o[0] >= 240 {
-        Some("reserved")
-    } else if ip.is_documentation() || (o[0] == 198 && (o[1] & 0xfe) == 18) {
-        Some("documentation")
-    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
-        Some("IETF protocol assignments")
-    } else {
-        None
-    }
-}
-
 /// The checked egress policy of one exit.
 #[derive(Debug, Clone)]
 pub struct EgressPolicy {
@@ -220,16 +134,7 @@ impl EgressPolicy {
     }
 }
 
-/// IPv4-mapped IPv6 addresses as the IPv4 address they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
+use ipsx_egress::canonical;
 
 /// Addresses of this host that a flow must not reach: the source addresses the kernel
 /// would pick for the default routes (a connected UDP socket sends nothing).

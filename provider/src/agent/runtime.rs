@@ -32,7 +32,6 @@ use super::core::{
     Action, ChannelFacts, Core, DealInfo, DealView, ExitSlot, Failure, Observation, Settings,
 };
 use super::verify::check_proof;
-use crate::policy::Protocol;
 use crate::{ProviderConfig, ProviderError, ProviderExit, ProviderHandle};
 
 /// How often the core's clocks are looked at (payment, deal ends, retries).
@@ -234,15 +233,6 @@ fn load_wallet(w: &WalletSection) -> Result<PrivateKeySigner, AgentError> {
     ipsx_exchange_client::cli::load_signer(&args).map_err(|e| AgentError::Wallet(e.to_string()))
 }
 
-fn exchange_protocol(p: Protocol) -> ipsx_exchange::Protocol {
-    match p {
-        Protocol::Http => ipsx_exchange::Protocol::Http,
-        Protocol::Https => ipsx_exchange::Protocol::Https,
-        Protocol::Smtp => ipsx_exchange::Protocol::Smtp,
-        Protocol::Any => ipsx_exchange::Protocol::Any,
-    }
-}
-
 fn classify(e: &ExchangeError) -> Failure {
     match e {
         ExchangeError::Remote { status, .. }
@@ -306,7 +296,7 @@ impl OfferTemplate {
             city: x.city.clone(),
             asn: x.asn,
             kind: x.kind,
-            protocols: x.protocols.iter().map(|p| exchange_protocol(*p)).collect(),
+            protocols: x.protocols.clone(),
             price_per_ip_second: x.price_per_ip_second.0,
             min_duration_s: x.min_duration.as_secs(),
             max_duration_s: x.max_duration.as_secs(),
