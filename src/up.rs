@@ -8,10 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
+use ipsx_exchange_client::chain::parse_tokens;
 use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, DeployParams, deploy, parse_tokens};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -73,15 +72,11 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             anvil.chain_id()
         ),
     );
-    let deployer = anvil.key(0);
     let requester = anvil.key(1);
     let treasury = anvil.key(9);
     let provider_keys: Vec<PrivateKeySigner> = (2..6).map(|i| anvil.key(i)).collect();
-    let params = DeployParams {
-        treasury: treasury.address(),
-        ..DeployParams::all_to(deployer.address())
-    };
-    let report = deploy(anvil.endpoint(), deployer.clone(), &params)
+    let report = anvil
+        .deploy_with_treasury(9)
         .await
         .map_err(|e| format!("deploy: {e}"))?;
     let deployment = report.deployment;
@@ -98,26 +93,11 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     );
 
     // 2. Wallets: the requester gets tokens and deposits them; providers need only gas.
-    let chain0 = ChainClient::connect(anvil.endpoint(), deployment, deployer)
-        .await
-        .map_err(|e| e.to_string())?;
     let amount = |t: &str| parse_tokens(t).map_err(|e| e.to_string());
-    chain0
-        .transfer_tokens(requester.address(), amount("1000000")?)
+    anvil
+        .fund_and_deposit(deployment, 1, amount("1000000")?, amount("100000")?)
         .await
         .map_err(|e| format!("funding the requester: {e}"))?;
-    let chain1 = ChainClient::connect(anvil.endpoint(), deployment, requester.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let deposit: U256 = amount("100000")?;
-    chain1
-        .approve(deposit)
-        .await
-        .map_err(|e| format!("approve: {e}"))?;
-    chain1
-        .deposit(deposit)
-        .await
-        .map_err(|e| format!("deposit: {e}"))?;
     step(
         3,
         &format!(

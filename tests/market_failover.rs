@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use alloy::signers::local::PrivateKeySigner;
 use common::*;
+use ipsx_exchange_client::chain::parse_tokens;
 use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, DeployParams, deploy, parse_tokens};
 
 fn hex_key(signer: &PrivateKeySigner) -> String {
     format!("0x{}", alloy::hex::encode(signer.to_bytes()))
@@ -91,30 +91,19 @@ impl System {
         let dir = std::env::temp_dir().join(format!("ipsx-market-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let anvil = Anvil::spawn().expect("anvil (scripts/install-chain.sh installs it)");
-        let deployer = anvil.key(0);
         let requester = anvil.key(1);
-        let params = DeployParams {
-            treasury: anvil.key(9).address(),
-            ..DeployParams::all_to(deployer.address())
-        };
-        let deployment = deploy(anvil.endpoint(), deployer.clone(), &params)
-            .await
-            .unwrap()
-            .deployment;
+        let deployment = anvil.deploy_with_treasury(9).await.unwrap().deployment;
         let deployment_path = dir.join("deployment.json");
         deployment.save(&deployment_path).unwrap();
-        let chain0 = ChainClient::connect(anvil.endpoint(), deployment, deployer)
+        anvil
+            .fund_and_deposit(
+                deployment,
+                1,
+                parse_tokens("10000").unwrap(),
+                parse_tokens("5000").unwrap(),
+            )
             .await
             .unwrap();
-        chain0
-            .transfer_tokens(requester.address(), parse_tokens("10000").unwrap())
-            .await
-            .unwrap();
-        let chain1 = ChainClient::connect(anvil.endpoint(), deployment, requester.clone())
-            .await
-            .unwrap();
-        chain1.approve(parse_tokens("5000").unwrap()).await.unwrap();
-        chain1.deposit(parse_tokens("5000").unwrap()).await.unwrap();
 
         let exchange_toml = format!(
             "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\n",

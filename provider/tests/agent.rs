@@ -20,7 +20,7 @@ use ipsx_exchange::{
     Client, DealStatus, ExchangeConfig, PartyStatus, Request, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, DeployParams, Deployment, deploy};
+use ipsx_exchange_client::chain::{ChainClient, Deployment};
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, amount_due, inner_ip_for_deal};
 use ipsx_provider::agent::{AgentConfig, AgentError, Stage};
 use ipsx_provider::{Agent, AgentHandle};
@@ -120,11 +120,7 @@ impl World {
         let anvil = Anvil::spawn().expect("anvil (scripts/install-chain.sh installs it)");
         let deployer_key = anvil.key(0);
         let treasury = anvil.key(9).address();
-        let mut params = DeployParams::all_to(deployer_key.address());
-        params.treasury = treasury;
-        let report = deploy(anvil.endpoint(), deployer_key.clone(), &params)
-            .await
-            .unwrap();
+        let report = anvil.deploy_with_treasury(9).await.unwrap();
         let deployment = report.deployment;
         let dir = tempfile::tempdir().unwrap();
         let deployment_path = dir.path().join("deployment.json");
@@ -145,15 +141,10 @@ impl World {
         let requester = anvil.key(2);
         // The requester gets tokens and deposits them in the Centralizer.
         let amount = U256::from(10u128.pow(20));
-        deployer
-            .transfer_tokens(requester.address(), amount)
+        anvil
+            .fund_and_deposit(deployment, 2, amount, amount)
             .await
             .unwrap();
-        let rc = ChainClient::connect(anvil.endpoint(), deployment, requester.clone())
-            .await
-            .unwrap();
-        rc.approve(amount).await.unwrap();
-        rc.deposit(amount).await.unwrap();
         World {
             anvil,
             deployment,

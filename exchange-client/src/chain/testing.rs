@@ -17,7 +17,8 @@ use alloy::primitives::U256;
 use alloy::providers::{DynProvider, Provider};
 use alloy::signers::local::PrivateKeySigner;
 
-use super::client::{DeployParams, DeployReport, deploy, http_provider};
+use super::client::{ChainClient, DeployParams, DeployReport, deploy, http_provider};
+use super::deployment::Deployment;
 use super::error::ChainError;
 
 /// How long anvil may take to print its listening address.
@@ -292,6 +293,36 @@ impl Anvil {
         let deployer = self.key(0);
         let params = DeployParams::all_to(deployer.address());
         deploy(&self.endpoint, deployer, &params).await
+    }
+
+    /// As [`Anvil::deploy_default`], but dev key `treasury` receives the platform fees,
+    /// so a test (or `ipsx up`) can watch the fees arrive on their own.
+    pub async fn deploy_with_treasury(&self, treasury: usize) -> Result<DeployReport, ChainError> {
+        let deployer = self.key(0);
+        let params = DeployParams {
+            treasury: self.key(treasury).address(),
+            ..DeployParams::all_to(deployer.address())
+        };
+        deploy(&self.endpoint, deployer, &params).await
+    }
+
+    /// Sends `tokens` from dev key 0 (the supply holder after a default deploy) to dev
+    /// key `who`, which approves and deposits `deposit` of them into the Centralizer.
+    pub async fn fund_and_deposit(
+        &self,
+        deployment: Deployment,
+        who: usize,
+        tokens: U256,
+        deposit: U256,
+    ) -> Result<(), ChainError> {
+        let supplier = ChainClient::connect(&self.endpoint, deployment, self.key(0)).await?;
+        supplier
+            .transfer_tokens(self.key(who).address(), tokens)
+            .await?;
+        let wallet = ChainClient::connect(&self.endpoint, deployment, self.key(who)).await?;
+        wallet.approve(deposit).await?;
+        wallet.deposit(deposit).await?;
+        Ok(())
     }
 }
 
