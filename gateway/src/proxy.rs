@@ -119,8 +119,14 @@ pub(crate) async fn handle_connection(gw: Arc<Gateway>, stream: TcpStream, peer:
 // === HTTP ===
 
 enum HeadRead {
+    /// A complete head and the bytes it took.
     Head(Box<RequestHead>, usize),
+    /// The client closed between requests.
     Closed,
+    /// No byte of a new request before the deadline (an idle keep-alive connection).
+    Idle,
+    /// Part of a head, but not all of it, before the deadline (slowloris): 408.
+    TooSlow,
 }
 
 async fn read_head(
@@ -136,7 +142,7 @@ async fn read_head(
         }
         // Wait for bytes before giving the buffer memory, so idle connections hold none.
         match tokio::time::timeout_at(deadline, conn.stream.readable()).await {
-            Err(_) => return Err(timeout_error(&conn.buf)),
+            Err(_) => return Ok(deadline_passed(&conn.buf)),
             Ok(Err(_)) => return Ok(HeadRead::Closed),
             Ok(Ok(())) => {}
         }
@@ -144,7 +150,7 @@ async fn read_head(
             conn.buf.reserve(4096);
         }
         match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
-            Err(_) => return Err(timeout_error(&conn.buf)),
+            Err(_) => return Ok(deadline_passed(&conn.buf)),
             Ok(Ok(0)) | Ok(Err(_)) => {
                 return if conn.buf.is_empty() {
                     Ok(HeadRead::Closed)
@@ -159,13 +165,11 @@ async fn read_head(
     }
 }
 
-fn timeout_error(buf: &BytesMut) -> ProxyError {
+fn deadline_passed(buf: &BytesMut) -> HeadRead {
     if buf.is_empty() {
-        ProxyError::Overloaded(String::new())
+        HeadRead::Idle
     } else {
-        ProxyError::Head(http1::HeadError::Bad(
-            "request head not complete before the header deadline".into(),
-        ))
+        HeadRead::TooSlow
     }
 }
 
@@ -184,18 +188,19 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
         };
         let (head, used) = match read {
             Ok(HeadRead::Head(head, used)) => (head, used),
-            Ok(HeadRead::Closed) => return,
-            Err(ProxyError::Overloaded(_)) => return, // idle keep-alive connection timed out
+            Ok(HeadRead::Closed | HeadRead::Idle) => return,
+            Ok(HeadRead::TooSlow) => {
+                count_request("http", "header_timeout");
+                let e = ProxyError::Head(http1::HeadError::Bad(
+                    "request head not complete before the header deadline".into(),
+                ));
+                let _ = write_error(&mut conn.stream, &e, true, Some(408)).await;
+                return;
+            }
             Err(e) => {
-                let status = if matches!(&e, ProxyError::Head(http1::HeadError::Bad(m)) if m.contains("deadline"))
-                {
-                    Some(408)
-                } else {
-                    None
-                };
                 count_request("http", e.kind());
                 tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
-                let _ = write_error(&mut conn.stream, &e, true, status).await;
+                let _ = write_error(&mut conn.stream, &e, true, None).await;
                 return;
             }
         };
@@ -530,7 +535,7 @@ async fn forward(
         let mut held: Vec<Bytes> = Vec::new();
         let mut upstream_done = false;
         let mut upstream_failed = false;
-        if bans_need_body && !rt.config.bans.is_empty() {
+        if bans_need_body {
             let mut size = 0;
             while size < BAN_PEEK_LIMIT {
                 match incoming.frame().await {
