@@ -37,6 +37,29 @@ impl fmt::Display for Location {
     }
 }
 
+/// Adds the key of the `key = value` line at byte `offset` to a value error that does
+/// not name it yet (serde's value errors do not know their key). Only the key is
+/// quoted, never the value: it may be a secret.
+pub(crate) fn with_key(message: &str, text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return message.to_owned();
+    };
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if bare && !message.contains(&format!("`{key}`")) {
+        format!("key `{key}`: {message}")
+    } else {
+        message.to_owned()
+    }
+}
+
 /// Why a config was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -76,5 +99,26 @@ impl ConfigError {
             Self::Invalid { key, .. } => Some(key),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_key;
+
+    #[test]
+    fn value_errors_gain_their_key_but_never_the_value() {
+        let text = "[[token]]\nname = \"t\"\nsecret = 12345678\n";
+        let at = text.find("12345678").unwrap_or(0);
+        let m = with_key("invalid type: integer, expected a string", text, at);
+        assert_eq!(m, "key `secret`: invalid type: integer, expected a string");
+        assert!(!m.contains("12345678"));
+        // Already named, or not a key line: unchanged.
+        assert_eq!(with_key("key `secret` bad", text, at), "key `secret` bad");
+        assert_eq!(
+            with_key("unclosed table", "[gateway\n", 3),
+            "unclosed table"
+        );
+        assert_eq!(with_key("x", "", 99), "x");
     }
 }

@@ -424,9 +424,12 @@ impl Checker<'_> {
 impl GatewayConfig {
     /// Parses and validates a gateway config; `file` is used in error messages.
     pub fn from_toml(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let raw: RawGateway = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            location: Location::at(file, text, e.span().map_or(0, |s| s.start)),
-            message: e.message().trim().to_owned(),
+        let raw: RawGateway = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            ConfigError::Parse {
+                location: Location::at(file, text, at),
+                message: crate::error::with_key(e.message().trim(), text, at),
+            }
         })?;
         let check = Checker { file, text };
         let span_of = |t: &Option<Spanned<_>>| t.as_ref().map_or(0..0, |t: &Spanned<_>| t.span());
