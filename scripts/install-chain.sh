@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../contracts"
 if ! command -v npm >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
 fi
 # Installed = every non-optional package of the lock file is present at its locked version.
 installed() {

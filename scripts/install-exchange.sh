@@ -5,7 +5,7 @@
 set -euo pipefail
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
 fi
 # The package may start a system cluster; the tests do not use it.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null

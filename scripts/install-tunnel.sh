@@ -7,5 +7,5 @@ command -v wireguard-go >/dev/null || need_apt+=(wireguard-go)
 command -v wg >/dev/null || need_apt+=(wireguard-tools)
 command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
