@@ -874,6 +874,7 @@ impl PoolManager {
             protocols: Vec::new(),
             min_rating: 0,
             diversity: Default::default(),
+            exclude_providers: Vec::new(),
             duration_s: self.inner.cfg.deal_duration.as_secs(),
             max_price_per_ip_second: self.inner.cfg.max_price_per_ip_second.0,
             wg_public_key: WgKey(self.inner.wg_key.public_key()),

@@ -250,6 +250,7 @@ impl Renter {
             protocols: vec![],
             min_rating: 0,
             diversity: Default::default(),
+            exclude_providers: Vec::new(),
             duration_s,
             max_price_per_ip_second: PRICE,
             wg_public_key: WgKey(wg.public_key()),
