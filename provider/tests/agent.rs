@@ -17,7 +17,7 @@ use alloy_primitives::{Address, B256, U256};
 use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::{Deal, Outcome};
 use ipsx_exchange::{
-    Client, DealStatus, ExchangeConfig, PartyStatus, Request, StatusReport, WgKey,
+    Client, DealStatus, ExchangeConfig, Extend, PartyStatus, Request, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::testing::Anvil;
 use ipsx_exchange_client::chain::{ChainClient, Deployment};
@@ -173,7 +173,7 @@ private_key = "0x{key}"
 
 [timings]
 offer_ttl = "1h"
-window = "5s"
+first_window = "5s"
 grace = "3s"
 claim_interval = "4s"
 poll = "500ms"
@@ -480,6 +480,102 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         d.status == DealStatus::Completed && d.rated_by_provider
     })
     .await;
+    agent.shutdown().await.unwrap();
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a_top_up() {
+    let w = World::new().await;
+    let agent = w.agent(1).await;
+    let target = common::whoami_server("127.0.0.1:0").await;
+    let mut r = Renter::rent(&w, 15).await;
+    let id = r.id();
+    let (old_end, old_value) = (r.deal.terms.end, r.deal.terms.value);
+    let channel = r.open_channel(w.provider.address(), old_value).await;
+    let first = r.due(Duration::ZERO);
+    r.client.post_proof(id, channel, first).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| {
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+        })
+        .await
+        .expect("served after the first proof");
+    let served_from = Instant::now();
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    r.report(PartyStatus::Active).await;
+
+    // The requester proposes 10 s more; the agent, served and paid up, agrees.
+    let new_end = old_end + 10;
+    let (expiry, nonce) = ipsx_exchange::client::fresh();
+    let out = r
+        .client
+        .extend(&Extend {
+            wallet: w.requester.address(),
+            deal_id: id,
+            new_end,
+            expiry,
+            nonce,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Extend { extended: false, .. }), "{out:?}");
+    agent
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.end == new_end))
+        .await
+        .expect("the agent agrees and serves to the new end");
+    r.deal = r.client.deal(id).await.unwrap();
+    assert_eq!(r.deal.terms.end, new_end);
+    assert_eq!(r.deal.terms.value, old_value + PRICE * 10);
+    assert!(
+        unix_now() < old_end,
+        "the extension must be agreed before the old end for this test to mean anything"
+    );
+    // The same channel is topped up before paying past the old deposit.
+    r.chain
+        .top_up(channel, U256::from(PRICE * 10))
+        .await
+        .unwrap();
+    let mut paid = first;
+    while unix_now() < old_end + 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let due = r.due(served_from.elapsed());
+        if due > paid {
+            r.client.post_proof(id, channel, due).await.unwrap();
+            paid = due;
+        }
+    }
+    // Past the old end the same exit still serves the requester.
+    assert_eq!(
+        whoami(&tunnel, target).await,
+        EXIT_IP,
+        "still served after the old end"
+    );
+    let paid = pay_until_end(&r, channel, served_from, paid).await;
+    assert!(paid > old_value, "paid {paid}, the old value was {old_value}");
+    r.report(PartyStatus::Completed).await;
+    let s = agent
+        .wait_until(WAIT, |s| s.claims.iter().any(|c| c.deal_id == id && c.close))
+        .await
+        .expect("closing claim");
+    let d = s.deal(id).unwrap();
+    assert_eq!(d.claimed, paid, "the final claim is the last proof");
+    assert!(d.proof_rejection.is_none(), "{:?}", d.proof_rejection);
+    let claims: Vec<_> = s.claims.iter().filter(|c| c.deal_id == id).collect();
+    assert_eq!(claims.last().unwrap().amount, paid);
+    assert!(
+        w.deployer.channel(channel).await.unwrap().is_none(),
+        "closed"
+    );
+    tunnel.shutdown().await;
     agent.shutdown().await.unwrap();
 }
 
