@@ -1343,7 +1343,7 @@ impl Exchange {
         });
         let agreed = d.provider_new_end == Some(e.new_end) && d.requester_new_end == Some(e.new_end);
         let mut extended = None;
-        let mut old_deadlines = d.deadlines;
+        let old_deadlines = d.deadlines;
         if agreed {
             let mut terms = DealTerms::clone(&d.terms);
             terms.end = e.new_end;
@@ -1352,7 +1352,6 @@ impl Exchange {
             terms.commission = commission(terms.value, bps);
             let terms = Arc::new(terms);
             d.terms = Arc::clone(&terms);
-            old_deadlines = d.deadlines;
             d.deadlines.end = e.new_end;
             d.deadlines.settle_by = e.new_end.saturating_add(settle_window);
             d.provider_new_end = None;

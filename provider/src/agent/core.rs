@@ -530,6 +530,7 @@ impl Core {
             }
             return;
         }
+        let requester_new_end = obs.requester_new_end;
         let exit = self
             .exits
             .iter()
@@ -599,6 +600,9 @@ impl Core {
         }
         self.deals.insert(id, d);
         self.react(id, now);
+        if let Some(n) = requester_new_end {
+            self.extend_proposed(id, false, n, now);
+        }
     }
 
     /// A known deal's status changed on the exchange (events carry the new status).
