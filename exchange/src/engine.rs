@@ -22,8 +22,8 @@ use crate::agreement::{Deadlines, DealStatus, deal_status};
 use crate::book::{BookOffer, BookRequest, Counterparties, OfferBook, RequestBook};
 use crate::error::ExchangeError;
 use crate::types::{
-    BalanceProof, Cancel, Extend, MAX_DURATION_S, Offer, PartyStatus, Preferences, Protocol, Rating,
-    Request, StatusReport, WgKey, amount, commission,
+    BalanceProof, Cancel, Extend, MAX_DURATION_S, Offer, PartyStatus, Preferences, Protocol,
+    Rating, Request, StatusReport, WgKey, amount, commission,
 };
 
 /// Rules of the engine that come from configuration.
@@ -1273,7 +1273,10 @@ impl Exchange {
         if self.now >= t.end {
             return Err(ExchangeError::conflict(
                 "deal_id",
-                format!("deal {} ended at {}; only a running deal is extended", d.id, t.end),
+                format!(
+                    "deal {} ended at {}; only a running deal is extended",
+                    d.id, t.end
+                ),
             ));
         }
         if e.new_end <= t.end {
@@ -1341,7 +1344,8 @@ impl Exchange {
             actor,
             what: format!("proposed end {}", e.new_end).into(),
         });
-        let agreed = d.provider_new_end == Some(e.new_end) && d.requester_new_end == Some(e.new_end);
+        let agreed =
+            d.provider_new_end == Some(e.new_end) && d.requester_new_end == Some(e.new_end);
         let mut extended = None;
         let old_deadlines = d.deadlines;
         if agreed {
@@ -1376,7 +1380,11 @@ impl Exchange {
         );
         let done = extended.is_some();
         if let Some(terms) = extended {
-            for t in [old_deadlines.accept_by, old_deadlines.end, old_deadlines.settle_by] {
+            for t in [
+                old_deadlines.accept_by,
+                old_deadlines.end,
+                old_deadlines.settle_by,
+            ] {
                 self.deal_timers.remove(&(t, e.deal_id));
             }
             self.emit(e.deal_id, EventKind::Extended { terms });

@@ -845,7 +845,10 @@ async fn both_parties_extend_a_deal_and_both_streams_see_it() {
     assert_eq!(after.terms.exit_address, d.terms.exit_address);
     for s in [&mut ps, &mut rs] {
         let mut seen = Vec::new();
-        while !matches!(seen.last(), Some(ipsx_exchange::engine::EventKind::Extended { .. })) {
+        while !matches!(
+            seen.last(),
+            Some(ipsx_exchange::engine::EventKind::Extended { .. })
+        ) {
             let ev = tokio::time::timeout(std::time::Duration::from_secs(20), s.next())
                 .await
                 .expect("event within 20 s")
@@ -854,14 +857,17 @@ async fn both_parties_extend_a_deal_and_both_streams_see_it() {
             seen.push(ev.kind);
         }
         let n = seen.len();
-        assert!(matches!(
-            &seen[n - 3..],
-            [
-                ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Requester, new_end: a },
-                ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Provider, new_end: b },
-                ipsx_exchange::engine::EventKind::Extended { terms },
-            ] if *a == new_end && *b == new_end && terms.end == new_end
-        ), "{seen:?}");
+        assert!(
+            matches!(
+                &seen[n - 3..],
+                [
+                    ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Requester, new_end: a },
+                    ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Provider, new_end: b },
+                    ipsx_exchange::engine::EventKind::Extended { terms },
+                ] if *a == new_end && *b == new_end && terms.end == new_end
+            ),
+            "{seen:?}"
+        );
     }
     node.stop().await;
 }
@@ -884,9 +890,11 @@ async fn the_extension_route_refuses_hostile_bodies_and_writes_nothing() {
     assert_eq!(s, 200, "{t}");
     let rows = node.journal_rows().await;
     let held = cr.profile(r.address()).await.unwrap().held;
-    let signed = |c: &ipsx_exchange::Client, e: Extend| serde_json::to_vec(&c.sign(&e).unwrap()).unwrap();
+    let signed =
+        |c: &ipsx_exchange::Client, e: Extend| serde_json::to_vec(&c.sign(&e).unwrap()).unwrap();
     let with = |f: &dyn Fn(&mut Value)| {
-        let mut v = serde_json::to_value(cr.sign(&ext(r.address(), id, end + 20)).unwrap()).unwrap();
+        let mut v =
+            serde_json::to_value(cr.sign(&ext(r.address(), id, end + 20)).unwrap()).unwrap();
         f(&mut v);
         serde_json::to_vec(&v).unwrap()
     };
@@ -898,24 +906,117 @@ async fn the_extension_route_refuses_hostile_bodies_and_writes_nothing() {
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("malformed json", b"{\"payload\": {".to_vec(), 400, ""),
         ("empty object", b"{}".to_vec(), 400, "payload"),
-        ("unknown top-level field", with(&|v| v["extra"] = json!(1)), 400, "extra"),
-        ("unknown payload field", with(&|v| v["payload"]["colour"] = json!("red")), 400, "colour"),
-        ("missing new_end", with(&|v| { v["payload"].as_object_mut().unwrap().remove("new_end"); }), 400, "new_end"),
-        ("new_end not a number", with(&|v| v["payload"]["new_end"] = json!("soon")), 400, "new_end"),
-        ("new_end negative", with(&|v| v["payload"]["new_end"] = json!(-1)), 400, "new_end"),
-        ("new_end past 64 bits", with(&|v| v["payload"]["new_end"] = json!(1.0e20)), 400, "new_end"),
-        ("tampered new_end", with(&|v| v["payload"]["new_end"] = json!(end + 21)), 401, "signature"),
+        (
+            "unknown top-level field",
+            with(&|v| v["extra"] = json!(1)),
+            400,
+            "extra",
+        ),
+        (
+            "unknown payload field",
+            with(&|v| v["payload"]["colour"] = json!("red")),
+            400,
+            "colour",
+        ),
+        (
+            "missing new_end",
+            with(&|v| {
+                v["payload"].as_object_mut().unwrap().remove("new_end");
+            }),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end not a number",
+            with(&|v| v["payload"]["new_end"] = json!("soon")),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end negative",
+            with(&|v| v["payload"]["new_end"] = json!(-1)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end past 64 bits",
+            with(&|v| v["payload"]["new_end"] = json!(1.0e20)),
+            400,
+            "new_end",
+        ),
+        (
+            "tampered new_end",
+            with(&|v| v["payload"]["new_end"] = json!(end + 21)),
+            401,
+            "signature",
+        ),
         ("forged signature", forged, 401, "signature"),
-        ("replayed nonce", serde_json::to_vec(&first).unwrap(), 409, "nonce"),
-        ("new_end in the past", signed(&cr, ext(r.address(), id, unix_now() - 5)), 400, "new_end"),
-        ("new_end before the end", signed(&cr, ext(r.address(), id, end - 1)), 400, "new_end"),
-        ("new_end at the end", signed(&cr, ext(r.address(), id, end)), 400, "new_end"),
-        ("beyond 30 days", signed(&cr, ext(r.address(), id, start + 30 * 24 * 3600 + 1)), 400, "new_end"),
-        ("overflow", signed(&cr, ext(r.address(), id, u64::MAX)), 400, "new_end"),
-        ("more than the balance", signed(&cr, ext(r.address(), id, end + 500)), 402, "new_end"),
-        ("a stranger's deal", signed(&cs, ext(stranger.address(), id, end + 20)), 403, "wallet"),
-        ("no such deal", signed(&cr, ext(r.address(), id + 1000, end + 20)), 404, "deal_id"),
-        ("expired", signed(&cr, Extend { expiry: unix_now() - 1, ..ext(r.address(), id, end + 20) }), 400, "expiry"),
+        (
+            "replayed nonce",
+            serde_json::to_vec(&first).unwrap(),
+            409,
+            "nonce",
+        ),
+        (
+            "new_end in the past",
+            signed(&cr, ext(r.address(), id, unix_now() - 5)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end before the end",
+            signed(&cr, ext(r.address(), id, end - 1)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end at the end",
+            signed(&cr, ext(r.address(), id, end)),
+            400,
+            "new_end",
+        ),
+        (
+            "beyond 30 days",
+            signed(&cr, ext(r.address(), id, start + 30 * 24 * 3600 + 1)),
+            400,
+            "new_end",
+        ),
+        (
+            "overflow",
+            signed(&cr, ext(r.address(), id, u64::MAX)),
+            400,
+            "new_end",
+        ),
+        (
+            "more than the balance",
+            signed(&cr, ext(r.address(), id, end + 500)),
+            402,
+            "new_end",
+        ),
+        (
+            "a stranger's deal",
+            signed(&cs, ext(stranger.address(), id, end + 20)),
+            403,
+            "wallet",
+        ),
+        (
+            "no such deal",
+            signed(&cr, ext(r.address(), id + 1000, end + 20)),
+            404,
+            "deal_id",
+        ),
+        (
+            "expired",
+            signed(
+                &cr,
+                Extend {
+                    expiry: unix_now() - 1,
+                    ..ext(r.address(), id, end + 20)
+                },
+            ),
+            400,
+            "expiry",
+        ),
     ];
     for (name, body, status, field) in cases {
         let (s, t) = cr.post_raw("/v1/extensions", body).await.unwrap();
@@ -925,6 +1026,9 @@ async fn the_extension_route_refuses_hostile_bodies_and_writes_nothing() {
     assert_eq!(node.journal_rows().await, rows, "nothing written");
     assert_eq!(cr.profile(r.address()).await.unwrap().held, held);
     let d = cp.deal(id).await.unwrap();
-    assert_eq!((d.terms.end, d.requester_new_end, d.provider_new_end), (end, Some(end + 10), None));
+    assert_eq!(
+        (d.terms.end, d.requester_new_end, d.provider_new_end),
+        (end, Some(end + 10), None)
+    );
     node.stop().await;
 }

@@ -987,8 +987,14 @@ fn profiles_are_used_in_matching() {
 #[test]
 fn excluded_providers_are_never_matched_by_either_path() {
     let mut ex = Exchange::new(EngineConfig::default());
-    post_offer(&mut ex, offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1));
-    post_offer(&mut ex, offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 2));
+    post_offer(
+        &mut ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1),
+    );
+    post_offer(
+        &mut ex,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 2),
+    );
     // The cheapest provider is excluded: the other one is chosen.
     let mut r = request(9, 1, &["de"], 10, 3);
     r.exclude_providers = vec![wallet(1)];
@@ -1000,15 +1006,25 @@ fn excluded_providers_are_never_matched_by_either_path() {
     // provider does not fill it either, one of another provider does.
     let mut r = request(9, 1, &["de"], 10, 4);
     r.exclude_providers = vec![wallet(2), wallet(1), wallet(3), wallet(1)];
-    let Outcome::RequestPosted { filled, resting, .. } =
-        post_request(&mut ex, r, u128::MAX).unwrap()
+    let Outcome::RequestPosted {
+        filled, resting, ..
+    } = post_request(&mut ex, r, u128::MAX).unwrap()
     else {
         panic!()
     };
     assert_eq!((filled, resting), (0, 1));
-    let (_, deals) = post_offer(&mut ex, offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 1, 5, 5));
-    assert!(deals.is_empty(), "excluded provider 3 filled a resting request");
-    let (_, deals) = post_offer(&mut ex, offer(4, [10, 0, 3, 1], "de", ExitKind::Residential, 1, 5, 6));
+    let (_, deals) = post_offer(
+        &mut ex,
+        offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 1, 5, 5),
+    );
+    assert!(
+        deals.is_empty(),
+        "excluded provider 3 filled a resting request"
+    );
+    let (_, deals) = post_offer(
+        &mut ex,
+        offer(4, [10, 0, 3, 1], "de", ExitKind::Residential, 1, 5, 6),
+    );
     assert_eq!(deals.len(), 1);
     assert_eq!(ex.deal(deals[0]).unwrap().provider, wallet(4));
     // At most 16.
@@ -1025,9 +1041,24 @@ fn min_rating_is_honoured_by_the_index_and_the_scan() {
     use ipsx_exchange::book::OfferBook;
     let mut book = OfferBook::new();
     // Cheapest is rated 2.00 stars, the next 4.50, the dearest is unrated.
-    book.insert(1, offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 1, 1), 200, NOW);
-    book.insert(2, offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 1, 2), 450, NOW);
-    book.insert(3, offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 3, 1, 3), 0, NOW);
+    book.insert(
+        1,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 1, 1),
+        200,
+        NOW,
+    );
+    book.insert(
+        2,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 1, 2),
+        450,
+        NOW,
+    );
+    book.insert(
+        3,
+        offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 3, 1, 3),
+        0,
+        NOW,
+    );
     for (min, want) in [
         (0u16, vec![1u64, 2, 3]),
         (200, vec![1, 2]),
@@ -1038,7 +1069,11 @@ fn min_rating_is_honoured_by_the_index_and_the_scan() {
         let mut r = request(9, 3, &["de"], 10, 1);
         r.min_rating = min;
         assert_eq!(book.select(&r, &[], 3, NOW, &NoProfiles), want, "min {min}");
-        assert_eq!(book.select_naive(&r, &[], 3, NOW, &NoProfiles), want, "min {min}");
+        assert_eq!(
+            book.select_naive(&r, &[], 3, NOW, &NoProfiles),
+            want,
+            "min {min}"
+        );
     }
 }
 
@@ -1054,8 +1089,13 @@ fn regions_are_honoured_and_compared_normalised() {
     post_offer(&mut ex, b);
     post_offer(&mut ex, c);
     let provider_of = |ex: &Exchange, out: Outcome| -> Vec<Address> {
-        let Outcome::RequestPosted { deals, .. } = out else { panic!() };
-        deals.iter().map(|d| ex.deal(*d).unwrap().provider).collect()
+        let Outcome::RequestPosted { deals, .. } = out else {
+            panic!()
+        };
+        deals
+            .iter()
+            .map(|d| ex.deal(*d).unwrap().provider)
+            .collect()
     };
     // Only Berlin, though Bavaria and the region-less offer are as cheap or cheaper.
     let mut r = request(9, 3, &["de"], 10, 4);
@@ -1103,7 +1143,10 @@ fn extend(
 /// A running deal (provider 1 at price 5, requester 9, 60 s from NOW, both sides
 /// active) and its id.
 fn running_deal(ex: &mut Exchange) -> u64 {
-    post_offer(ex, offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 5, 1, 1));
+    post_offer(
+        ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 5, 1, 1),
+    );
     let Outcome::RequestPosted { deals, .. } =
         post_request(ex, request(9, 1, &["de"], 10, 2), 1_000).unwrap()
     else {
@@ -1124,7 +1167,11 @@ fn both_sides_proposing_the_same_end_extends_the_deal() {
     let out = extend(&mut ex, 9, id, end + 40, 1_000, 10, NOW + 10).unwrap();
     assert_eq!(
         out,
-        Outcome::Extend { deal_id: id, new_end: end + 40, extended: false }
+        Outcome::Extend {
+            deal_id: id,
+            new_end: end + 40,
+            extended: false
+        }
     );
     assert_eq!(ex.held(&wallet(9)), 500);
     // A different proposal replaces it (and its hold).
@@ -1133,15 +1180,30 @@ fn both_sides_proposing_the_same_end_extends_the_deal() {
     assert_eq!(ex.deal(id).unwrap().requester_new_end, Some(end + 20));
     // The provider proposes something else: nothing happens yet.
     let out = extend(&mut ex, 1, id, end + 40, 0, 12, NOW + 11).unwrap();
-    assert!(matches!(out, Outcome::Extend { extended: false, .. }));
+    assert!(matches!(
+        out,
+        Outcome::Extend {
+            extended: false,
+            ..
+        }
+    ));
     assert_eq!(ex.deal(id).unwrap().terms.end, end);
     // The provider agrees to the requester's: extended.
     let out = extend(&mut ex, 1, id, end + 20, 0, 13, NOW + 12).unwrap();
     assert!(matches!(out, Outcome::Extend { extended: true, .. }));
     let d = ex.deal(id).unwrap();
-    assert_eq!((d.terms.end, d.terms.duration_s, d.terms.value), (end + 20, 80, 400));
-    assert_eq!(d.terms.commission, ipsx_exchange::types::commission(400, 250));
-    assert_eq!((d.deadlines.end, d.deadlines.settle_by), (end + 20, end + 20 + 300));
+    assert_eq!(
+        (d.terms.end, d.terms.duration_s, d.terms.value),
+        (end + 20, 80, 400)
+    );
+    assert_eq!(
+        d.terms.commission,
+        ipsx_exchange::types::commission(400, 250)
+    );
+    assert_eq!(
+        (d.deadlines.end, d.deadlines.settle_by),
+        (end + 20, end + 20 + 300)
+    );
     assert_eq!((d.provider_new_end, d.requester_new_end), (None, None));
     assert_eq!(d.status, DealStatus::Active, "status unchanged");
     assert_eq!(ex.held(&wallet(9)), 400);
@@ -1149,16 +1211,26 @@ fn both_sides_proposing_the_same_end_extends_the_deal() {
     for w in [1, 9] {
         let evs = ex.events_for(&wallet(w), 0, 100);
         let kinds: Vec<_> = evs.iter().rev().take(5).map(|e| e.kind.clone()).collect();
-        assert!(matches!(&kinds[0], EventKind::Extended { terms } if terms.end == end + 20 && terms.value == 400));
-        assert!(matches!(kinds[1], EventKind::ExtendProposed { actor: Actor::Provider, new_end } if new_end == end + 20));
-        assert!(matches!(kinds[3], EventKind::ExtendProposed { actor: Actor::Requester, new_end } if new_end == end + 20));
+        assert!(
+            matches!(&kinds[0], EventKind::Extended { terms } if terms.end == end + 20 && terms.value == 400)
+        );
+        assert!(
+            matches!(kinds[1], EventKind::ExtendProposed { actor: Actor::Provider, new_end } if new_end == end + 20)
+        );
+        assert!(
+            matches!(kinds[3], EventKind::ExtendProposed { actor: Actor::Requester, new_end } if new_end == end + 20)
+        );
     }
     // The old end passes: still running; the new one: settling, then completed by silence.
     ex.advance(end + 1);
     assert_eq!(ex.deal(id).unwrap().status, DealStatus::Active);
     ex.advance(end + 20 + 300);
     assert_eq!(ex.deal(id).unwrap().status, DealStatus::Completed);
-    assert_eq!(ex.held(&wallet(9)), 0, "the extended value is released at the end");
+    assert_eq!(
+        ex.held(&wallet(9)),
+        0,
+        "the extended value is released at the end"
+    );
 }
 
 #[test]
@@ -1167,24 +1239,32 @@ fn extensions_are_refused_naming_the_field_and_change_nothing() {
     let id = running_deal(&mut ex);
     let end = NOW + 60;
     let t = NOW + 10;
-    let before = (format!("{:?}", ex.deal(id)), ex.held(&wallet(9)), ex.last_event_id());
+    let before = (
+        format!("{:?}", ex.deal(id)),
+        ex.held(&wallet(9)),
+        ex.last_event_id(),
+    );
     let cases: Vec<(u8, u64, u64, u128, &str)> = vec![
-        (9, 999, end + 10, 1_000, "deal_id"),              // no such deal
-        (5, id, end + 10, 1_000, "wallet"),                // a stranger
-        (9, id, end, 1_000, "new_end"),                    // not after the end
-        (9, id, end - 5, 1_000, "new_end"),                // before the end
-        (9, id, t, 1_000, "new_end"),                      // now
-        (9, id, NOW - 5, 1_000, "new_end"),                // in the past
+        (9, 999, end + 10, 1_000, "deal_id"), // no such deal
+        (5, id, end + 10, 1_000, "wallet"),   // a stranger
+        (9, id, end, 1_000, "new_end"),       // not after the end
+        (9, id, end - 5, 1_000, "new_end"),   // before the end
+        (9, id, t, 1_000, "new_end"),         // now
+        (9, id, NOW - 5, 1_000, "new_end"),   // in the past
         (9, id, NOW + 30 * 24 * 3600 + 1, u128::MAX, "new_end"), // beyond 30 days
-        (9, id, end + 141, 1_000, "new_end"),              // 705 > 1000 - 300 free
-        (9, id, u64::MAX, u128::MAX, "new_end"),           // overflow / too long
+        (9, id, end + 141, 1_000, "new_end"), // 705 > 1000 - 300 free
+        (9, id, u64::MAX, u128::MAX, "new_end"), // overflow / too long
     ];
     for (i, (w, deal, new_end, balance, field)) in cases.into_iter().enumerate() {
         let e = extend(&mut ex, w, deal, new_end, balance, 100 + i as u64, t).unwrap_err();
         assert_eq!(e.field().as_deref(), Some(field), "case {i}: {e}");
     }
     assert_eq!(
-        (format!("{:?}", ex.deal(id)), ex.held(&wallet(9)), ex.last_event_id()),
+        (
+            format!("{:?}", ex.deal(id)),
+            ex.held(&wallet(9)),
+            ex.last_event_id()
+        ),
         before,
         "refusals change nothing"
     );

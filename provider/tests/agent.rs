@@ -527,7 +527,16 @@ async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a
         })
         .await
         .unwrap();
-    assert!(matches!(out, Outcome::Extend { extended: false, .. }), "{out:?}");
+    assert!(
+        matches!(
+            out,
+            Outcome::Extend {
+                extended: false,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
     agent
         .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.end == new_end))
         .await
@@ -560,10 +569,15 @@ async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a
         "still served after the old end"
     );
     let paid = pay_until_end(&r, channel, served_from, paid).await;
-    assert!(paid > old_value, "paid {paid}, the old value was {old_value}");
+    assert!(
+        paid > old_value,
+        "paid {paid}, the old value was {old_value}"
+    );
     r.report(PartyStatus::Completed).await;
     let s = agent
-        .wait_until(WAIT, |s| s.claims.iter().any(|c| c.deal_id == id && c.close))
+        .wait_until(WAIT, |s| {
+            s.claims.iter().any(|c| c.deal_id == id && c.close)
+        })
         .await
         .expect("closing claim");
     let d = s.deal(id).unwrap();

@@ -672,7 +672,12 @@ impl Core {
         };
         match refusal {
             Some(why) => {
-                tracing::info!(deal = deal_id, new_end, reason = why, "extension not agreed");
+                tracing::info!(
+                    deal = deal_id,
+                    new_end,
+                    reason = why,
+                    "extension not agreed"
+                );
                 d.extend_to = None;
             }
             None => d.extend_to = Some(new_end),
@@ -1075,13 +1080,13 @@ impl Core {
                 let p = d.proof.as_ref()?;
                 (d.claim_worthy(first_window) && !d.closed && p.amount > d.claimed).then(|| {
                     Action::Claim {
-                    deal_id: id,
-                    exit: d.exit,
-                    key: d.info.requester_wg_key,
-                    channel_id: p.channel.id,
-                    amount: p.amount,
-                    signature: p.signature.clone(),
-                    close: false,
+                        deal_id: id,
+                        exit: d.exit,
+                        key: d.info.requester_wg_key,
+                        channel_id: p.channel.id,
+                        amount: p.amount,
+                        signature: p.signature.clone(),
+                        close: false,
                     }
                 })
             })
@@ -1579,7 +1584,10 @@ mod tests {
         assert_eq!(c.deal(1).unwrap().extend_proposed, Some(end + 120));
         c.extended(1, end + 120, PRICE * 180);
         let v = c.deal(1).unwrap();
-        assert_eq!((v.end, v.value, v.extend_proposed), (end + 120, PRICE * 180, None));
+        assert_eq!(
+            (v.end, v.value, v.extend_proposed),
+            (end + 120, PRICE * 180, None)
+        );
         // Paid up, the peer stays past the old end and goes at the new one.
         for t in (5..=175).step_by(5) {
             let now = T0 + t * 1_000;
@@ -1689,7 +1697,14 @@ mod tests {
         let a = settle(&mut c, T0 + 10);
         let a2 = settle(&mut c, T0 + 10);
         assert!(
-            a.iter().chain(&a2).any(|a| matches!(a, Action::Claim { amount: 50, close: true, .. })),
+            a.iter().chain(&a2).any(|a| matches!(
+                a,
+                Action::Claim {
+                    amount: 50,
+                    close: true,
+                    ..
+                }
+            )),
             "{a:?} {a2:?}"
         );
     }
