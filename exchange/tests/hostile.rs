@@ -119,7 +119,8 @@ proptest! {
                 let n = msg.payload.exclude_providers.len();
                 let res = msg.payload.check(3_999_999_000, 10_000);
                 if n > 16 {
-                    prop_assert_eq!(res.unwrap_err().field().as_deref(), Some("exclude_providers"));
+                    let field = res.unwrap_err().field();
+                    prop_assert_eq!(field.as_deref(), Some("exclude_providers"));
                 } else {
                     prop_assert!(res.is_ok(), "{:?}", res);
                     let v = &msg.payload.exclude_providers;
