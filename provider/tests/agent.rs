@@ -483,6 +483,52 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     agent.shutdown().await.unwrap();
 }
 
+/// A deal being served: the renter, its channel, the first payment, when service
+/// started, and the tunnel (the exit address already checked through it).
+struct Served {
+    r: Renter,
+    channel: B256,
+    first: u128,
+    from: Instant,
+    tunnel: Tunnel,
+}
+
+/// Rents for `duration_s`, opens a channel for the deal's value, pays the first window,
+/// waits until the agent serves and reports active, checks the exit address through
+/// the tunnel and reports active.
+async fn start_served(
+    w: &World,
+    agent: &AgentHandle,
+    target: SocketAddr,
+    duration_s: u64,
+) -> Served {
+    let r = Renter::rent(w, duration_s).await;
+    let id = r.id();
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
+    let first = r.due(Duration::ZERO);
+    r.client.post_proof(id, channel, first).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| {
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+        })
+        .await
+        .expect("served after the first proof");
+    let from = Instant::now();
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    r.report(PartyStatus::Active).await;
+    Served {
+        r,
+        channel,
+        first,
+        from,
+        tunnel,
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -495,23 +541,15 @@ async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a
     let w = World::new().await;
     let agent = w.agent(1).await;
     let target = common::whoami_server("127.0.0.1:0").await;
-    let mut r = Renter::rent(&w, 15).await;
+    let Served {
+        mut r,
+        channel,
+        first,
+        from: served_from,
+        tunnel,
+    } = start_served(&w, &agent, target, 15).await;
     let id = r.id();
     let (old_end, old_value) = (r.deal.terms.end, r.deal.terms.value);
-    let channel = r.open_channel(w.provider.address(), old_value).await;
-    let first = r.due(Duration::ZERO);
-    r.client.post_proof(id, channel, first).await.unwrap();
-    agent
-        .wait_until(WAIT, |s| {
-            s.deal(id)
-                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
-        })
-        .await
-        .expect("served after the first proof");
-    let served_from = Instant::now();
-    let tunnel = r.tunnel().await;
-    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
-    r.report(PartyStatus::Active).await;
 
     // The requester proposes 10 s more; the agent, served and paid up, agrees.
     let new_end = old_end + 10;
@@ -734,24 +772,14 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
     let mut w = World::new().await;
     let agent = w.agent(1).await;
     let target = common::whoami_server("127.0.0.1:0").await;
-    let r = Renter::rent(&w, 16).await;
+    let Served {
+        r,
+        channel,
+        first,
+        from: served_from,
+        tunnel,
+    } = start_served(&w, &agent, target, 16).await;
     let id = r.id();
-    let channel = r
-        .open_channel(w.provider.address(), r.deal.terms.value)
-        .await;
-    let first = r.due(Duration::ZERO);
-    r.client.post_proof(id, channel, first).await.unwrap();
-    agent
-        .wait_until(WAIT, |s| {
-            s.deal(id)
-                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
-        })
-        .await
-        .expect("served");
-    let served_from = Instant::now();
-    let tunnel = r.tunnel().await;
-    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
-    r.report(PartyStatus::Active).await;
     let connects = agent.status().stream_connects;
 
     // The exchange goes away for a while: the peer keeps being served.

@@ -1307,13 +1307,7 @@ mod tests {
 
     #[test]
     fn payment_stall_removes_the_peer_after_grace() {
-        let mut c = core(1);
-        c.observe(obs(1, 60), T0);
-        c.proof_posted(1, 50);
-        settle(&mut c, T0);
-        c.proof_checked(1, Ok(proof(1, 50)), T0);
-        settle(&mut c, T0);
-        settle(&mut c, T0);
+        let mut c = serving(50);
         // 50 covers 5 s; grace 3 s: fine at 8.9 s, failed at 9 s.
         assert!(settle(&mut c, T0 + 8_900).is_empty());
         let a = settle(&mut c, T0 + 9_000);
@@ -1711,13 +1705,7 @@ mod tests {
 
     #[test]
     fn requester_leaving_ends_service_early() {
-        let mut c = core(1);
-        c.observe(obs(1, 60), T0);
-        c.proof_posted(1, 50);
-        settle(&mut c, T0);
-        c.proof_checked(1, Ok(proof(1, 50)), T0);
-        settle(&mut c, T0);
-        settle(&mut c, T0);
+        let mut c = serving(50);
         c.party_reported(1, false, PartyStatus::Completed, T0 + 2000);
         let a = settle(&mut c, T0 + 2000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
