@@ -3,6 +3,7 @@
 //! [`Revert`](super::error::Revert)
 //! naming what was wrong.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::contract::{CallBuilder, CallDecoder};
@@ -20,6 +21,7 @@ use super::error::ChainError;
 use super::proof::{
     BalanceProof, ChannelDomain, CloseConsent, sign_balance_proof, sign_close_consent,
 };
+use super::sender::TxSender;
 
 /// How long to wait for a transaction receipt before giving up.
 pub const DEFAULT_TX_TIMEOUT: Duration = Duration::from_secs(120);
@@ -133,8 +135,10 @@ pub struct DeployReport {
     pub centralizer_tx: TxOutcome,
 }
 
-/// An HTTP provider for `rpc_url`, with `signer` as its wallet if given. Nonces are
-/// fetched from the node for every transaction (see below), gas is estimated.
+/// An HTTP provider for `rpc_url`, with `signer` as its wallet if given. Gas is
+/// estimated. Transactions sent directly through it fetch their nonce from the node;
+/// [`ChainClient`] and [`deploy`] set the nonce themselves through the wallet's one
+/// sender, so concurrent sends do not collide.
 pub fn http_provider(
     rpc_url: &str,
     signer: Option<PrivateKeySigner>,
@@ -150,9 +154,8 @@ pub fn http_provider(
             reason: format!("scheme {:?} is not http or https", url.scheme()),
         });
     }
-    // The simple nonce manager asks the node for every transaction: a reverted gas
-    // estimate then cannot leave a gap in a locally cached nonce, and several processes
-    // may share a key.
+    // The simple nonce manager only fills transactions sent around `ChainClient` (tests'
+    // raw transactions); it asks the node every time, so it can leave no gap.
     let builder = ProviderBuilder::new()
         .disable_recommended_fillers()
         .with_gas_estimation()
@@ -167,15 +170,14 @@ pub fn http_provider(
     })
 }
 
-async fn send_tx<D: CallDecoder>(
+async fn send_tx<D: CallDecoder + Clone>(
     call: &'static str,
+    sender: &TxSender,
+    provider: &DynProvider,
     builder: CallBuilder<&DynProvider, D>,
     timeout: Duration,
 ) -> Result<TransactionReceipt, ChainError> {
-    let pending = builder
-        .send()
-        .await
-        .map_err(|e| ChainError::from_contract(call, e))?;
+    let pending = sender.send(call, provider, builder, timeout).await?;
     let tx_hash = *pending.tx_hash();
     let receipt = pending
         .with_timeout(Some(timeout))
@@ -224,11 +226,13 @@ pub async fn deploy(
             return Err(bad(field, "must not be the zero address"));
         }
     }
+    let deployer = signer.address();
     let provider = http_provider(rpc_url, Some(signer))?;
     let chain_id = provider
         .get_chain_id()
         .await
         .map_err(|source| ChainError::rpc("reading the chain id", source))?;
+    let sender = TxSender::for_wallet(rpc_url, chain_id, deployer);
 
     let token_deploy = IPSXToken::deploy_builder(
         &provider,
@@ -237,7 +241,14 @@ pub async fn deploy(
         params.bounty,
         params.team,
     );
-    let token_receipt = send_tx("IPSXToken constructor", token_deploy, DEFAULT_TX_TIMEOUT).await?;
+    let token_receipt = send_tx(
+        "IPSXToken constructor",
+        &sender,
+        &provider,
+        token_deploy,
+        DEFAULT_TX_TIMEOUT,
+    )
+    .await?;
     let token = token_receipt
         .contract_address
         .ok_or(ChainError::MissingEvent {
@@ -252,7 +263,14 @@ pub async fn deploy(
         params.fee_bps,
         params.challenge_period_secs,
     );
-    let c_receipt = send_tx("Centralizer constructor", c_deploy, DEFAULT_TX_TIMEOUT).await?;
+    let c_receipt = send_tx(
+        "Centralizer constructor",
+        &sender,
+        &provider,
+        c_deploy,
+        DEFAULT_TX_TIMEOUT,
+    )
+    .await?;
     let centralizer = c_receipt.contract_address.ok_or(ChainError::MissingEvent {
         call: "Centralizer constructor",
         event: "contract address",
@@ -272,10 +290,20 @@ pub async fn deploy(
 }
 
 /// A connection to one deployment, optionally with a wallet key to send transactions.
+///
+/// Cheap to clone (the RPC connection and the wallet's sender are shared) and safe to
+/// share across tasks: any number of transactions may be sent concurrently from clones,
+/// from one client, or from clients connected separately with the same key in one
+/// process. Every transaction of a wallet goes through that wallet's one sender
+/// (`chain::sender`), which hands out nonces in order, consumes one only when the node
+/// accepted the transaction, and on a stale nonce (`nonce too low`, `replacement
+/// transaction underpriced`, `already known`: another process used the key) reads the
+/// nonce from the node again and re-sends once. Receipts are awaited concurrently.
 #[derive(Debug, Clone)]
 pub struct ChainClient {
     provider: DynProvider,
     signer: Option<PrivateKeySigner>,
+    sender: Option<Arc<TxSender>>,
     deployment: Deployment,
     tx_timeout: Duration,
 }
@@ -329,9 +357,13 @@ impl ChainClient {
                 });
             }
         }
+        let sender = signer
+            .as_ref()
+            .map(|s| TxSender::for_wallet(rpc_url, actual, s.address()));
         Ok(Self {
             provider,
             signer,
+            sender,
             deployment,
             tx_timeout: DEFAULT_TX_TIMEOUT,
         })
@@ -380,13 +412,13 @@ impl ChainClient {
         self.signer.as_ref().ok_or(ChainError::NoSigner { call })
     }
 
-    async fn send<D: CallDecoder>(
+    async fn send<D: CallDecoder + Clone>(
         &self,
         call: &'static str,
         builder: CallBuilder<&DynProvider, D>,
     ) -> Result<TransactionReceipt, ChainError> {
-        self.signer(call)?;
-        send_tx(call, builder, self.tx_timeout).await
+        let sender = self.sender.as_ref().ok_or(ChainError::NoSigner { call })?;
+        send_tx(call, sender, &self.provider, builder, self.tx_timeout).await
     }
 
     // === views ===

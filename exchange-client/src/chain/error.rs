@@ -231,6 +231,14 @@ pub enum ChainError {
         #[source]
         source: Box<alloy::contract::Error>,
     },
+    /// The node did not accept a transaction in time (gas estimate and send).
+    #[error("sending the {call} transaction timed out after {after:?}")]
+    SendTimeout {
+        /// The contract function.
+        call: &'static str,
+        /// The time allowed.
+        after: std::time::Duration,
+    },
     /// Waiting for a transaction failed.
     #[error("waiting for the {call} transaction failed: {source}")]
     Pending {

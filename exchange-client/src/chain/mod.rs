@@ -3,6 +3,8 @@
 //! - [`proof`]: sans-IO balance-proof maths (EIP-712 digests, signing, verification with
 //!   the contract's exact rules, channel ids, fee split).
 //! - [`client`]: typed async calls ([`ChainClient`]) and [`deploy`].
+//! - `sender`: one transaction sender per wallet (nonces in order, resync on a stale
+//!   nonce), shared by every `ChainClient` of that wallet in the process.
 //! - [`deployment`]: the deployment file every role reads.
 //! - [`testing`]: a real anvil for tests (and for `ipsx up`), killed on drop.
 //!
@@ -14,6 +16,7 @@ pub mod client;
 pub mod deployment;
 pub mod error;
 pub mod proof;
+mod sender;
 pub mod testing;
 pub mod units;
 
