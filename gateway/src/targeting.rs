@@ -56,6 +56,19 @@ pub struct Targeting {
     pub rotate: Option<Rotate>,
 }
 
+/// Longest key quoted back in an error, in bytes.
+const SHOWN_KEY_BYTES: usize = 32;
+
+/// A key as quoted in an error: at most [`SHOWN_KEY_BYTES`] bytes, cut on a character
+/// boundary (the key comes from the network and may be any UTF-8).
+pub(crate) fn shown_key(key: &str) -> String {
+    let mut end = key.len().min(SHOWN_KEY_BYTES);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    key[..end].to_owned()
+}
+
 /// Header prefix for targeting on plain HTTP requests.
 pub const HEADER_PREFIX: &str = "x-ipsx-";
 
@@ -73,9 +86,9 @@ impl Targeting {
         while let Some(key) = parts.next() {
             let value = parts
                 .next()
-                .ok_or_else(|| TargetingError::MissingValue(key.to_owned()))?;
+                .ok_or_else(|| TargetingError::MissingValue(shown_key(key)))?;
             if value.is_empty() {
-                return Err(TargetingError::MissingValue(key.to_owned()));
+                return Err(TargetingError::MissingValue(shown_key(key)));
             }
             let canonical = t.set(key, value, max_ttl)?;
             if seen.contains(&canonical) {
@@ -189,16 +202,12 @@ impl Targeting {
                 });
                 "rotate"
             }
-            _ => {
-                let mut shown = key.to_owned();
-                shown.truncate(32);
-                return Err(TargetingError::UnknownKey(shown));
-            }
+            _ => return Err(TargetingError::UnknownKey(shown_key(key))),
         };
         Ok(canonical)
     }
 
-    fn check(&self) -> Result<(), TargetingError> {
+    pub(crate) fn check(&self) -> Result<(), TargetingError> {
         if self.rotate == Some(Rotate::Session) && self.session.is_none() {
             return Err(TargetingError::Invalid {
                 key: "rotate".into(),
@@ -282,5 +291,35 @@ mod tests {
                 .to_string()
                 .contains("`planet`")
         );
+    }
+
+    #[test]
+    fn a_multibyte_character_at_the_cut_is_an_error_not_a_panic() {
+        // Byte 32 of the key falls inside `é`: cutting the key there used to panic.
+        let key = format!("{}é", "a".repeat(31));
+        let err = Targeting::from_username(&format!("acct-{key}-x"), DAY).unwrap_err();
+        assert_eq!(err, TargetingError::UnknownKey("a".repeat(31)));
+        assert_eq!(shown_key("ab"), "ab");
+        assert_eq!(shown_key(&"é".repeat(20)), "é".repeat(16));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_utf8_username_parses_or_names_a_key(user in ".{0,300}") {
+            match Targeting::from_username(&user, DAY) {
+                Ok((account, _)) => proptest::prop_assert!(user.starts_with(&account)),
+                Err(e) => {
+                    let text = e.to_string();
+                    proptest::prop_assert!(text.contains('`'), "{}", text);
+                }
+            }
+        }
+
+        #[test]
+        fn any_utf8_header_value_is_handled(name in "[A-Za-z-]{0,40}", value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            let mut t = Targeting::default();
+            let header = format!("X-Ipsx-{name}");
+            let _ = t.add_headers(std::iter::once((header.as_str(), value.as_slice())), DAY);
+        }
     }
 }
