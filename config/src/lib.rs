@@ -11,7 +11,7 @@ mod secret;
 
 pub use error::{ConfigError, Location};
 pub use gateway::{
-    ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig, OnLimit,
+    AccountConfig, ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig, OnLimit,
     Protocol, RotationConfig, RuleConfig, TokenConfig,
 };
 pub use market::{Amount, DemandConfig, DemandTarget, MarketConfig};

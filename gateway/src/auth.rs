@@ -1,20 +1,38 @@
 //! Proxy authentication: `Proxy-Authorization: Basic` (HTTP) and RFC 1929 (SOCKS5).
-//! The password is an access token from the config; the username carries targeting.
+//!
+//! The password carries the access token: the whole password, or (IPRoyal's form)
+//! the token, `_`, then targeting (`TOKEN_country-de_session-s1`). The username
+//! carries the account and targeting in any dialect of [`crate::dialect`]. Which
+//! part is compared with the token is the same for every dialect: the password up to
+//! the `_` that follows a configured token, or all of it. Each configured token is
+//! compared in constant time, and every token is compared, so timing does not reveal
+//! which matched.
+//!
+//! Also here: the per-connection slots of tokens and accounts (`max_connections`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine;
-use ipsx_config::TokenConfig;
+use ipsx_config::{AccountConfig, TokenConfig};
 use subtle::ConstantTimeEq;
 
 use crate::Runtime;
+use crate::dialect::ProxyUser;
 use crate::error::ProxyError;
+
+/// Metrics label of an account not in the config (the label set stays bounded).
+pub(crate) const UNLISTED_ACCOUNT: &str = "-";
 
 /// A client that passed authentication.
 #[derive(Debug, Clone)]
 pub(crate) struct Authed<'a> {
     /// The matching token; `None` when the config has no tokens (open proxy).
     pub token: Option<&'a TokenConfig>,
-    /// The username as sent (carries targeting).
-    pub username: String,
+    /// The configured account the username names, if it is configured.
+    pub account: Option<&'a AccountConfig>,
+    /// Account and targeting from the username (and password).
+    pub user: ProxyUser,
 }
 
 impl Authed<'_> {
@@ -22,40 +40,76 @@ impl Authed<'_> {
     pub(crate) fn token_name(&self) -> &str {
         self.token.map_or("anonymous", |t| t.name.as_str())
     }
+
+    /// The account for metrics labels: its name when configured, else `-`.
+    pub(crate) fn account_label(&self) -> &str {
+        self.account.map_or(UNLISTED_ACCOUNT, |a| a.name.as_str())
+    }
 }
 
-/// Checks a username/password pair. Compares against every token in constant time per
-/// token, without stopping at the first match, so timing does not reveal which matched.
+/// Where the secret ends in `password` if it is `secret` or `secret_...`: the length
+/// of the secret. Constant time in the secret's bytes.
+fn secret_match(secret: &[u8], password: &[u8]) -> Option<usize> {
+    let n = secret.len();
+    let fits = password.len() == n || (password.len() > n && password[n] == b'_');
+    let head = password.get(..n).unwrap_or_default();
+    let equal: bool = secret.ct_eq(head).into();
+    (fits && equal).then_some(n)
+}
+
+/// Checks a username/password pair, then parses the username (and the targeting in
+/// the password) in its dialect: wrong credentials are a 407, bad targeting a 400
+/// naming the key, an account bound to another token a 407.
 pub(crate) fn check_credentials<'a>(
     rt: &'a Runtime,
     username: &str,
     password: &str,
 ) -> Result<Authed<'a>, ProxyError> {
+    let max_ttl = rt.config.rotation.max_session_ttl;
     if rt.config.tokens.is_empty() {
-        return Ok(Authed {
-            token: None,
-            username: username.to_owned(),
-        });
+        let user = ProxyUser::parse(username, None, max_ttl)?;
+        return Ok(authed(rt, None, user));
     }
-    let mut found = None;
+    // The longest matching secret wins (a whole-password match is the longest).
+    let mut found: Option<(&TokenConfig, usize)> = None;
     for token in &rt.config.tokens {
-        let hit: bool = token
-            .secret
-            .expose()
-            .as_bytes()
-            .ct_eq(password.as_bytes())
-            .into();
-        if hit && found.is_none() {
-            found = Some(token);
+        if let Some(n) = secret_match(token.secret.expose().as_bytes(), password.as_bytes())
+            && found.is_none_or(|(_, m)| n > m)
+        {
+            found = Some((token, n));
         }
     }
-    match found {
-        Some(token) => Ok(Authed {
-            token: Some(token),
-            username: username.to_owned(),
-        }),
-        None => Err(ProxyError::Auth),
+    let Some((token, n)) = found else {
+        return Err(ProxyError::Auth);
+    };
+    let targeting = password.get(n + 1..).filter(|t| !t.is_empty());
+    let user = ProxyUser::parse(username, targeting, max_ttl)?;
+    let authed = authed(rt, Some(token), user);
+    if let Some(bound) = authed.account.and_then(|a| a.token.as_deref())
+        && bound != token.name
+    {
+        tracing::info!(account = %authed.account_label(), token = %token.name, "account used with another token");
+        return Err(ProxyError::Auth);
     }
+    Ok(authed)
+}
+
+fn authed<'a>(rt: &'a Runtime, token: Option<&'a TokenConfig>, user: ProxyUser) -> Authed<'a> {
+    let account = rt.config.account(&user.account);
+    let a = Authed {
+        token,
+        account,
+        user,
+    };
+    metrics::counter!("ipsx_account_requests_total", "account" => a.account_label().to_owned())
+        .increment(1);
+    tracing::debug!(
+        token = %a.token_name(),
+        account = ?a.user.account,
+        dialect = a.user.dialect.as_str(),
+        "authenticated"
+    );
+    a
 }
 
 /// Checks a `Proxy-Authorization` header value (`Basic base64(user:pass)`).
@@ -79,4 +133,121 @@ pub(crate) fn check_basic<'a>(
     let decoded = String::from_utf8(decoded).map_err(|_| ProxyError::Auth)?;
     let (user, pass) = decoded.split_once(':').ok_or(ProxyError::Auth)?;
     check_credentials(rt, user, pass)
+}
+
+// === connection slots ===
+
+/// Gives a connection slot back when dropped.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The token and account slots one client connection holds. Every request takes the
+/// slots of its own token and account: a keep-alive connection whose next request
+/// names another token (or account) gives back the old slots and takes the new ones,
+/// or is refused.
+#[derive(Debug, Default)]
+pub(crate) struct ConnSlots {
+    /// (token, account) the held slots belong to.
+    owner: Option<(String, String)>,
+    held: Vec<Slot>,
+}
+
+impl ConnSlots {
+    /// Takes the slots `authed` needs, unless this connection already holds them.
+    pub(crate) fn take(&mut self, rt: &Runtime, authed: &Authed<'_>) -> Result<(), ProxyError> {
+        let owner = (
+            authed.token_name().to_owned(),
+            authed.account_label().to_owned(),
+        );
+        if self.owner.as_ref() == Some(&owner) {
+            return Ok(());
+        }
+        self.owner = None;
+        self.held.clear();
+        if let Some(t) = authed.token {
+            take_one(
+                &mut self.held,
+                rt.token_conns.get(&t.name),
+                t.max_connections,
+                || format!("token `{}`", t.name),
+            )?;
+        }
+        if let Some(a) = authed.account {
+            take_one(
+                &mut self.held,
+                rt.account_conns.get(&a.name),
+                a.max_connections,
+                || format!("account `{}`", a.name),
+            )?;
+        }
+        self.owner = Some(owner);
+        Ok(())
+    }
+}
+
+fn take_one(
+    held: &mut Vec<Slot>,
+    counter: Option<&Arc<AtomicUsize>>,
+    max: Option<usize>,
+    what: impl Fn() -> String,
+) -> Result<(), ProxyError> {
+    let Some(counter) = counter else {
+        return Ok(());
+    };
+    let now = counter.fetch_add(1, Ordering::AcqRel) + 1;
+    let slot = Slot(counter.clone());
+    if let Some(max) = max
+        && now > max
+    {
+        drop(slot);
+        held.clear();
+        return Err(ProxyError::Overloaded(format!(
+            "{} is at its limit of {max} connections",
+            what()
+        )));
+    }
+    held.push(slot);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_match;
+
+    #[test]
+    fn the_secret_is_the_password_or_its_part_before_targeting() {
+        assert_eq!(secret_match(b"tok_en12", b"tok_en12"), Some(8));
+        assert_eq!(
+            secret_match(b"tok_en12", b"tok_en12_country-de_session-s1"),
+            Some(8)
+        );
+        assert_eq!(secret_match(b"tok_en12", b"tok_en123"), None);
+        assert_eq!(secret_match(b"tok_en12", b"tok_en1"), None);
+        assert_eq!(secret_match(b"tok_en12", b"tok_en13_country-de"), None);
+        assert_eq!(secret_match(b"tok_en12", b""), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn secret_match_is_exact(secret in proptest::collection::vec(proptest::prelude::any::<u8>(), 8..40),
+                                 password in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..255)) {
+            match secret_match(&secret, &password) {
+                Some(n) => {
+                    proptest::prop_assert_eq!(&password[..n], &secret[..]);
+                    proptest::prop_assert!(password.len() == n || password[n] == b'_');
+                }
+                None => proptest::prop_assert!(!(password.starts_with(&secret) && (password.len() == secret.len() || password[secret.len()] == b'_'))),
+            }
+            let mut with = secret.clone();
+            with.push(b'_');
+            with.extend_from_slice(&password);
+            proptest::prop_assert_eq!(secret_match(&secret, &with), Some(secret.len()));
+        }
+    }
 }

@@ -28,6 +28,8 @@ pub(crate) struct Plan {
     pub limit_set: LimitSet,
     pub limits: LimitsConfig,
     pub token: String,
+    /// The configured account whose limit applies, if any.
+    pub account: Option<String>,
     pub port: u16,
 }
 
@@ -70,6 +72,7 @@ impl Plan {
             per_exit: limits.per_exit,
             per_exit_domain: limits.per_exit_domain,
             per_token: authed.token.and_then(|t| t.rate),
+            per_account: authed.account.and_then(|a| a.rate),
         };
         Self {
             filter,
@@ -79,6 +82,7 @@ impl Plan {
             limit_set,
             limits,
             token: authed.token_name().to_owned(),
+            account: authed.account.map(|a| a.name.clone()),
             port,
         }
     }
@@ -152,17 +156,26 @@ pub(crate) async fn choose_exit(
         let mut wait = Duration::MAX;
         let mut scope = "exit";
         for exit in with_port {
-            match gw
-                .limiter
-                .check(&plan.limit_set, &plan.token, &exit.id, &plan.domain)
-            {
+            let checked = match &plan.account {
+                Some(account) => gw.limiter.check_account(
+                    &plan.limit_set,
+                    &plan.token,
+                    account,
+                    &exit.id,
+                    &plan.domain,
+                ),
+                None => gw
+                    .limiter
+                    .check(&plan.limit_set, &plan.token, &exit.id, &plan.domain),
+            };
+            match checked {
                 Ok(()) => return Ok(exit.clone()),
                 Err(limited) => {
                     if limited.retry_after < wait {
                         wait = limited.retry_after;
                         scope = scope_name(limited.scope);
                     }
-                    if limited.scope == LimitScope::Token {
+                    if matches!(limited.scope, LimitScope::Token | LimitScope::Account) {
                         break;
                     }
                 }
@@ -192,6 +205,7 @@ fn scope_name(scope: LimitScope) -> &'static str {
         LimitScope::Exit => "exit",
         LimitScope::ExitDomain => "exit_domain",
         LimitScope::Token => "token",
+        LimitScope::Account => "account",
     }
 }
 

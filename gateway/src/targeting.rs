@@ -12,9 +12,15 @@ use ipsx_rotation::{AttrError, CountryCode, ExitKind, Filter, parse_asn, parse_p
 pub enum TargetingError {
     /// A key we do not know.
     #[error(
-        "unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, rotate)"
+        "unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, lifetime, rotate)"
     )]
     UnknownKey(String),
+    /// A key the commercial gateways know that no exit here can honour (`zip`, ...):
+    /// refused rather than ignored, so the client never gets an exit it did not ask for.
+    #[error(
+        "targeting key `{0}` is not supported by this gateway (exits have country, region, city, asn and type)"
+    )]
+    Unsupported(String),
     /// A key with no value after it.
     #[error("targeting key `{0}` has no value")]
     MissingValue(String),
@@ -69,35 +75,54 @@ pub(crate) fn shown_key(key: &str) -> String {
     key[..end].to_owned()
 }
 
+/// The canonical name returned for a key accepted and ignored (never a duplicate).
+pub(crate) const IGNORED: &str = "";
+
+/// IPRoyal's `lifetime`: a whole number and one unit, `s`, `m`, `h` or `d` (`30m`),
+/// from 1 second to `max_ttl`.
+fn parse_lifetime(key: &str, value: &str, max_ttl: Duration) -> Result<Duration, TargetingError> {
+    let invalid = |message: String| TargetingError::Invalid {
+        key: key.to_owned(),
+        message,
+    };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = value.split_at(digits);
+    let unit_secs: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(invalid(
+                "a whole number and one unit: `s`, `m`, `h` or `d` (e.g. `30m`)".into(),
+            ));
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| invalid("a whole number and one unit, e.g. `30m`".into()))?;
+    let ttl = Duration::from_secs(n.saturating_mul(unit_secs));
+    if n == 0 || ttl > max_ttl {
+        return Err(invalid(format!(
+            "must be 1s..={}s",
+            max_ttl.as_secs()
+        )));
+    }
+    Ok(ttl)
+}
+
 /// Header prefix for targeting on plain HTTP requests.
 pub const HEADER_PREFIX: &str = "x-ipsx-";
 
 impl Targeting {
-    /// Parses a proxy username: `ACCOUNT(-KEY-VALUE)*`. Returns the account and the
-    /// targeting.
+    /// Parses a proxy username in any dialect (see [`crate::dialect`]): `ACCOUNT(-KEY-VALUE)*`
+    /// and the commercial forms. Returns the account and the targeting.
     pub fn from_username(
         username: &str,
         max_ttl: Duration,
     ) -> Result<(String, Targeting), TargetingError> {
-        let mut parts = username.split('-');
-        let account = parts.next().unwrap_or_default().to_owned();
-        let mut t = Targeting::default();
-        let mut seen: Vec<&'static str> = Vec::new();
-        while let Some(key) = parts.next() {
-            let value = parts
-                .next()
-                .ok_or_else(|| TargetingError::MissingValue(shown_key(key)))?;
-            if value.is_empty() {
-                return Err(TargetingError::MissingValue(shown_key(key)));
-            }
-            let canonical = t.set(key, value, max_ttl)?;
-            if seen.contains(&canonical) {
-                return Err(TargetingError::Duplicate(canonical.to_owned()));
-            }
-            seen.push(canonical);
-        }
-        t.check()?;
-        Ok((account, t))
+        let user = crate::dialect::ProxyUser::parse(username, None, max_ttl)?;
+        Ok((user.account, user.targeting))
     }
 
     /// Fills fields not set yet from `X-Ipsx-<Key>` headers.
@@ -118,7 +143,7 @@ impl Targeting {
                 message: "value is not UTF-8".into(),
             })?;
             let canonical = from_headers.set(key, value.trim(), max_ttl)?;
-            if seen.contains(&canonical) {
+            if canonical != IGNORED && seen.contains(&canonical) {
                 return Err(TargetingError::Duplicate(canonical.to_owned()));
             }
             seen.push(canonical);
@@ -130,8 +155,8 @@ impl Targeting {
         self.check()
     }
 
-    /// Sets one key; returns its canonical name.
-    fn set(
+    /// Sets one key; returns its canonical name (duplicates are found by it).
+    pub(crate) fn set(
         &mut self,
         key: &str,
         value: &str,
@@ -189,6 +214,14 @@ impl Targeting {
                 self.session_ttl = Some(ttl);
                 "sesstime"
             }
+            "lifetime" => {
+                self.session_ttl = Some(parse_lifetime(key, value, max_ttl)?);
+                "sesstime"
+            }
+            "zip" | "postalcode" | "continent" | "cn" | "ip" | "gip" | "os" | "carrier"
+            | "isp" | "mobile" => return Err(TargetingError::Unsupported(lower)),
+            // Provider flags with no bearing on which exit is chosen: accepted, no effect.
+            "dns" | "c_tag" | "route_err" | "forcerandom" | "skipispstatic" => IGNORED,
             "rotate" => {
                 self.rotate = Some(match value.to_ascii_lowercase().as_str() {
                     "request" => Rotate::Request,
@@ -206,6 +239,10 @@ impl Targeting {
         };
         Ok(canonical)
     }
+
+    /// Keys accepted and ignored, listed for the docs and tests.
+    pub const IGNORED_KEYS: &'static [&'static str] =
+        &["dns", "c_tag", "route_err", "forcerandom", "skipispstatic"];
 
     pub(crate) fn check(&self) -> Result<(), TargetingError> {
         if self.rotate == Some(Rotate::Session) && self.session.is_none() {
