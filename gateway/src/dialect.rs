@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ipsx_rotation::CountryCode;
 
-use crate::targeting::{Targeting, TargetingError, shown_key};
+use crate::targeting::{IGNORED, Targeting, TargetingError, shown_key};
 
 /// Which gateway's username form a client used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl ProxyUser {
                 implied_us = true;
             }
             let canonical = targeting.set(key, value, max_ttl)?;
-            if !canonical.is_empty() && seen.contains(&canonical) {
+            if canonical != IGNORED && seen.contains(&canonical) {
                 return Err(TargetingError::Duplicate(canonical.to_owned()));
             }
             seen.push(canonical);
@@ -293,6 +293,28 @@ mod tests {
                 "{user} {pass:?}: {err}"
             );
         }
+    }
+
+    fn backticked(cell: &str) -> &str {
+        cell.split('`').nth(1).unwrap_or_default()
+    }
+
+    #[test]
+    fn readme_dialect_examples_parse_to_their_account() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("### Commercial dialects").nth(1).unwrap();
+        let table = section.split("```").next().unwrap();
+        let mut seen = 0;
+        for line in table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| dialect")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (user, pass, account) = (backticked(cells[2]), backticked(cells[3]), backticked(cells[4]));
+            let targeting = pass.strip_prefix("TOKEN_");
+            let u = ProxyUser::parse(user, targeting, DAY).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(u.account, account, "{line}");
+            assert!(u.targeting.filter.country.is_some(), "{line}");
+            seen += 1;
+        }
+        assert_eq!(seen, 5);
     }
 
     proptest::proptest! {

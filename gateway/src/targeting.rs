@@ -240,10 +240,6 @@ impl Targeting {
         Ok(canonical)
     }
 
-    /// Keys accepted and ignored, listed for the docs and tests.
-    pub const IGNORED_KEYS: &'static [&'static str] =
-        &["dns", "c_tag", "route_err", "forcerandom", "skipispstatic"];
-
     pub(crate) fn check(&self) -> Result<(), TargetingError> {
         if self.rotate == Some(Rotate::Session) && self.session.is_none() {
             return Err(TargetingError::Invalid {
