@@ -84,14 +84,14 @@ pub(crate) fn check_credentials<'a>(
     };
     let targeting = password.get(n + 1..).filter(|t| !t.is_empty());
     let user = ProxyUser::parse(username, targeting, max_ttl)?;
-    let authed = authed(rt, Some(token), user);
-    if let Some(bound) = authed.account.and_then(|a| a.token.as_deref())
+    let a = authed(rt, Some(token), user);
+    if let Some(bound) = a.account.and_then(|acc| acc.token.as_deref())
         && bound != token.name
     {
-        tracing::info!(account = %authed.account_label(), token = %token.name, "account used with another token");
+        tracing::info!(account = %a.account_label(), token = %token.name, "account used with another token");
         return Err(ProxyError::Auth);
     }
-    Ok(authed)
+    Ok(a)
 }
 
 fn authed<'a>(rt: &'a Runtime, token: Option<&'a TokenConfig>, user: ProxyUser) -> Authed<'a> {

@@ -94,7 +94,7 @@ impl ProxyUser {
             });
         }
         let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(rest.len() / 2 + 4);
-        let mut it = rest.iter();
+        let mut it = rest.iter().copied();
         while let Some(key) = it.next() {
             match it.next() {
                 Some(value) if !value.is_empty() => pairs.push((key, value)),
