@@ -30,6 +30,9 @@ pub(crate) struct Plan {
     pub token: String,
     /// The configured account whose limit applies, if any.
     pub account: Option<String>,
+    /// Sessions and per-request memory are kept apart per token and account: two
+    /// accounts using the same session id get two sessions.
+    pub session_scope: String,
     pub port: u16,
 }
 
@@ -83,6 +86,12 @@ impl Plan {
             limits,
             token: authed.token_name().to_owned(),
             account: authed.account.map(|a| a.name.clone()),
+            session_scope: if authed.user.account.is_empty() {
+                authed.token_name().to_owned()
+            } else {
+                // U+001F cannot appear in a token name from the config by accident.
+                format!("{}\u{1f}{}", authed.token_name(), authed.user.account)
+            },
             port,
         }
     }
@@ -98,7 +107,7 @@ pub(crate) async fn choose_exit(
     let started = Instant::now();
     loop {
         let selection = gw.rotator.select(&SelectRequest {
-            token: &plan.token,
+            token: &plan.session_scope,
             filter: &plan.filter,
             policy: plan.policy,
             session: plan.session.as_ref(),
