@@ -66,13 +66,34 @@ pub(crate) fn check_credentials<'a>(
     password: &str,
 ) -> Result<Authed<'a>, ProxyError> {
     let max_ttl = rt.config.rotation.max_session_ttl;
-    if rt.config.tokens.is_empty() {
-        let user = ProxyUser::parse(username, None, max_ttl)?;
-        return Ok(authed(rt, None, user));
+    let (token, user) = login(&rt.config.tokens, username, password, max_ttl)?;
+    let a = authed(rt, token, user);
+    let Some(token) = token else {
+        return Ok(a);
+    };
+    if let Some(bound) = a.account.and_then(|acc| acc.token.as_deref())
+        && bound != token.name
+    {
+        tracing::info!(account = %a.account_label(), token = %token.name, "account used with another token");
+        return Err(ProxyError::Auth);
+    }
+    Ok(a)
+}
+
+/// The sans-IO part of [`check_credentials`]: which token the password carries (none
+/// when no tokens are configured), and the username (and password targeting) parsed.
+fn login<'t>(
+    tokens: &'t [TokenConfig],
+    username: &str,
+    password: &str,
+    max_ttl: std::time::Duration,
+) -> Result<(Option<&'t TokenConfig>, ProxyUser), ProxyError> {
+    if tokens.is_empty() {
+        return Ok((None, ProxyUser::parse(username, None, max_ttl)?));
     }
     // The longest matching secret wins (a whole-password match is the longest).
     let mut found: Option<(&TokenConfig, usize)> = None;
-    for token in &rt.config.tokens {
+    for token in tokens {
         if let Some(n) = secret_match(token.secret.expose().as_bytes(), password.as_bytes())
             && found.is_none_or(|(_, m)| n > m)
         {
@@ -83,15 +104,7 @@ pub(crate) fn check_credentials<'a>(
         return Err(ProxyError::Auth);
     };
     let targeting = password.get(n + 1..).filter(|t| !t.is_empty());
-    let user = ProxyUser::parse(username, targeting, max_ttl)?;
-    let a = authed(rt, Some(token), user);
-    if let Some(bound) = a.account.and_then(|acc| acc.token.as_deref())
-        && bound != token.name
-    {
-        tracing::info!(account = %a.account_label(), token = %token.name, "account used with another token");
-        return Err(ProxyError::Auth);
-    }
-    Ok(a)
+    Ok((Some(token), ProxyUser::parse(username, targeting, max_ttl)?))
 }
 
 fn authed<'a>(rt: &'a Runtime, token: Option<&'a TokenConfig>, user: ProxyUser) -> Authed<'a> {
@@ -217,8 +230,57 @@ fn take_one(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::secret_match;
+    use std::time::Duration;
+
+    use ipsx_config::{Secret, TokenConfig};
+
+    use super::{login, secret_match};
+    use crate::error::ProxyError;
+    use crate::socks5;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn tokens() -> Vec<TokenConfig> {
+        ["test-token-1", "test-token-1_long", "other-secret"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| TokenConfig {
+                name: format!("t{i}"),
+                secret: Secret::new(*s),
+                rate: None,
+                max_connections: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_dialect_logs_in_with_its_documented_form() {
+        let tokens = tokens();
+        let cases = [
+            ("brd-customer-hl_1234-zone-residential-country-de", "test-token-1", "t0", "hl_1234/residential"),
+            ("customer-USER-cc-DE", "test-token-1", "t0", "USER"),
+            ("user-USER-country-de", "other-secret", "t2", "USER"),
+            ("USER", "test-token-1_country-de_session-AbCd1234_lifetime-30m", "t0", "USER"),
+            // A secret that is another's plus `_...`: the longest match wins.
+            ("acme-country-de", "test-token-1_long", "t1", "acme"),
+            ("acme", "test-token-1_long_country-de", "t1", "acme"),
+        ];
+        for (user, pass, token, account) in cases {
+            let (t, u) = login(&tokens, user, pass, DAY).unwrap_or_else(|e| panic!("{user}: {e}"));
+            assert_eq!(t.map(|t| t.name.as_str()), Some(token), "{user} {pass}");
+            assert_eq!(u.account, account);
+            assert!(u.targeting.filter.country.is_some(), "{user} {pass}");
+        }
+        for pass in ["test-token-2", "test-token-1x_country-de", "", "_country-de"] {
+            assert!(matches!(login(&tokens, "u", pass, DAY), Err(ProxyError::Auth)), "{pass}");
+        }
+        // Bad targeting after a good token is a 400 naming the key, not a 407.
+        let err = login(&tokens, "u", "test-token-1_zip-10115", DAY).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(err.to_string().contains("`zip`"), "{err}");
+    }
 
     #[test]
     fn the_secret_is_the_password_or_its_part_before_targeting() {
@@ -233,7 +295,50 @@ mod tests {
         assert_eq!(secret_match(b"tok_en12", b""), None);
     }
 
+    /// Any bytes (mostly not UTF-8) or any UTF-8 text, up to 255 bytes.
+    fn bytes_or_text() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::strategy::Strategy;
+        proptest::prop_oneof![
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=255),
+            ".{0,120}".prop_map(String::into_bytes),
+            "[a-zA-Z0-9_-]{0,200}".prop_map(String::into_bytes),
+        ]
+    }
+
     proptest::proptest! {
+        /// QUALITY case 26: RFC 1929 usernames and passwords of any bytes, up to 255,
+        /// in any dialect: a result, a 407 or a 400 naming the key; never a panic.
+        #[test]
+        fn any_socks_credentials_log_in_or_are_refused(
+            user in bytes_or_text(),
+            pass in bytes_or_text(),
+            prefix in proptest::sample::select(vec!["", "brd-customer-c-zone-z-", "customer-u-", "user-u-", "acct-"]),
+            pass_prefix in proptest::sample::select(vec!["", "test-token-1", "test-token-1_"]),
+        ) {
+            let mut user_bytes = prefix.as_bytes().to_vec();
+            user_bytes.extend_from_slice(&user);
+            user_bytes.truncate(255);
+            let mut pass_bytes = pass_prefix.as_bytes().to_vec();
+            pass_bytes.extend_from_slice(&pass);
+            pass_bytes.truncate(255);
+            let mut msg = vec![1, user_bytes.len() as u8];
+            msg.extend_from_slice(&user_bytes);
+            msg.push(pass_bytes.len() as u8);
+            msg.extend_from_slice(&pass_bytes);
+            let tokens = tokens();
+            if let Ok(Some((creds, _))) = socks5::parse_auth(&msg) {
+                for ts in [&tokens[..], &[]] {
+                    match login(ts, &creds.username, &creds.password, DAY) {
+                        Ok(_) | Err(ProxyError::Auth) => {}
+                        Err(e) => {
+                            proptest::prop_assert_eq!(e.status(), 400);
+                            proptest::prop_assert!(e.to_string().contains('`'), "{}", e);
+                        }
+                    }
+                }
+            }
+        }
+
         #[test]
         fn secret_match_is_exact(secret in proptest::collection::vec(proptest::prelude::any::<u8>(), 8..40),
                                  password in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..255)) {
