@@ -26,7 +26,11 @@ async fn admin_get(gw: &TestGateway, path: &str, bearer: Option<&str>) -> (u16, 
         args.extend(["-H", h.as_str()]);
     }
     let out = curl(&args).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let status = text
         .split_whitespace()
@@ -48,7 +52,8 @@ async fn admin_token_guards_the_api_and_metrics() {
         let (status, text) = admin_get(&gw, path, None).await;
         assert_eq!(status, 401, "{path}: {text}");
         assert!(
-            text.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
             "{text}"
         );
         let (status, _) = admin_get(&gw, path, Some("admin-token-0123456780")).await;
@@ -66,7 +71,10 @@ async fn admin_token_guards_the_api_and_metrics() {
 
 #[tokio::test]
 async fn without_admin_token_a_loopback_admin_api_is_open() {
-    let gw = TestGateway::start(&common::config_text("")).await.with_admin().await;
+    let gw = TestGateway::start(&common::config_text(""))
+        .await
+        .with_admin()
+        .await;
     let (status, text) = admin_get(&gw, "/api/limits", None).await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"accounts\""), "{text}");
@@ -81,9 +89,7 @@ fn exposing_admin_or_an_open_proxy_is_a_config_error_naming_the_key() {
             "gateway.admin_token",
         ),
         (
-            format!(
-                "[gateway]\nadmin_listen = \"[::]:8081\"\nadmin_token = \"short\"\n{token}"
-            ),
+            format!("[gateway]\nadmin_listen = \"[::]:8081\"\nadmin_token = \"short\"\n{token}"),
             "gateway.admin_token",
         ),
         (

@@ -26,7 +26,14 @@ fn config(extra: &str) -> String {
 }
 
 /// `n` fetches of the echo URL in one curl run with `-U user:pass`; the exit IPs seen.
-async fn fetch(gw: &TestGateway, scheme: &str, user: &str, pass: &str, url: &str, n: usize) -> Vec<String> {
+async fn fetch(
+    gw: &TestGateway,
+    scheme: &str,
+    user: &str,
+    pass: &str,
+    url: &str,
+    n: usize,
+) -> Vec<String> {
     let proxy = format!("{scheme}://{}", gw.addr);
     let creds = format!("{user}:{pass}");
     let mut args: Vec<&str> = vec!["-x", &proxy, "-U", &creds];
@@ -56,7 +63,11 @@ async fn bright_data_country_and_session() {
     let user = "brd-customer-hl_1234-zone-residential-country-de";
     let ips = fetch(&gw, "http", user, TOKEN, &echo.url(), 20).await;
     assert!(ips.iter().all(|ip| DE.contains(&ip.as_str())), "{ips:?}");
-    assert_eq!(distinct(&ips).len(), 2, "no session: both DE exits: {ips:?}");
+    assert_eq!(
+        distinct(&ips).len(),
+        2,
+        "no session: both DE exits: {ips:?}"
+    );
     let user = "brd-customer-hl_1234-zone-residential-country-de-session-abc123";
     let ips = fetch(&gw, "http", user, TOKEN, &echo.url(), 20).await;
     assert_eq!(distinct(&ips).len(), 1, "{ips:?}");
@@ -74,7 +85,15 @@ async fn oxylabs_city_and_session() {
     let user = "customer-USER-cc-DE-city-berlin-sessid-abc123-sesstime-5";
     let ips = fetch(&gw, "http", user, TOKEN, &echo.url(), 10).await;
     assert_eq!(distinct(&ips), HashSet::from(["127.0.0.2"]));
-    let ips = fetch(&gw, "socks5h", "customer-USER-cc-US", TOKEN, &echo.url(), 10).await;
+    let ips = fetch(
+        &gw,
+        "socks5h",
+        "customer-USER-cc-US",
+        TOKEN,
+        &echo.url(),
+        10,
+    )
+    .await;
     assert!(
         ips.iter().all(|ip| ip == "127.0.0.4" || ip == "127.0.0.5"),
         "{ips:?}"
@@ -192,7 +211,11 @@ fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

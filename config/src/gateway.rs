@@ -534,9 +534,8 @@ impl GatewayConfig {
         let mut account_names = HashSet::new();
         for (i, spanned) in raw.account.iter().enumerate() {
             let a = spanned.get_ref();
-            let name_ok = !a.name.is_empty()
-                && a.name.len() <= 128
-                && !a.name.chars().any(char::is_control);
+            let name_ok =
+                !a.name.is_empty() && a.name.len() <= 128 && !a.name.chars().any(char::is_control);
             if !name_ok || !account_names.insert(a.name.clone()) {
                 return Err(check.invalid(
                     spanned.span(),
@@ -569,7 +568,10 @@ impl GatewayConfig {
             ));
         }
         if let Some(admin) = l.admin_listen {
-            let token_ok = l.admin_token.as_ref().is_some_and(|t| t.expose().len() >= 16);
+            let token_ok = l
+                .admin_token
+                .as_ref()
+                .is_some_and(|t| t.expose().len() >= 16);
             if !admin.ip().is_loopback() && !token_ok {
                 return Err(check.invalid(
                     whole.clone(),
@@ -578,7 +580,10 @@ impl GatewayConfig {
                 ));
             }
         }
-        if l.admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        if l.admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
             return Err(check.invalid(
                 whole.clone(),
                 "gateway.admin_token".into(),

@@ -259,10 +259,20 @@ mod tests {
     fn each_dialect_logs_in_with_its_documented_form() {
         let tokens = tokens();
         let cases = [
-            ("brd-customer-hl_1234-zone-residential-country-de", "test-token-1", "t0", "hl_1234/residential"),
+            (
+                "brd-customer-hl_1234-zone-residential-country-de",
+                "test-token-1",
+                "t0",
+                "hl_1234/residential",
+            ),
             ("customer-USER-cc-DE", "test-token-1", "t0", "USER"),
             ("user-USER-country-de", "other-secret", "t2", "USER"),
-            ("USER", "test-token-1_country-de_session-AbCd1234_lifetime-30m", "t0", "USER"),
+            (
+                "USER",
+                "test-token-1_country-de_session-AbCd1234_lifetime-30m",
+                "t0",
+                "USER",
+            ),
             // A secret that is another's plus `_...`: the longest match wins.
             ("acme-country-de", "test-token-1_long", "t1", "acme"),
             ("acme", "test-token-1_long_country-de", "t1", "acme"),
@@ -273,8 +283,16 @@ mod tests {
             assert_eq!(u.account, account);
             assert!(u.targeting.filter.country.is_some(), "{user} {pass}");
         }
-        for pass in ["test-token-2", "test-token-1x_country-de", "", "_country-de"] {
-            assert!(matches!(login(&tokens, "u", pass, DAY), Err(ProxyError::Auth)), "{pass}");
+        for pass in [
+            "test-token-2",
+            "test-token-1x_country-de",
+            "",
+            "_country-de",
+        ] {
+            assert!(
+                matches!(login(&tokens, "u", pass, DAY), Err(ProxyError::Auth)),
+                "{pass}"
+            );
         }
         // Bad targeting after a good token is a 400 naming the key, not a 407.
         let err = login(&tokens, "u", "test-token-1_zip-10115", DAY).unwrap_err();

@@ -83,9 +83,17 @@ impl ProxyUser {
                     &words[5.min(words.len())..],
                 )
             }
-            "customer" if prefixed => (Dialect::Oxylabs, value_of(&words, 1, "customer")?, &words[2..]),
+            "customer" if prefixed => (
+                Dialect::Oxylabs,
+                value_of(&words, 1, "customer")?,
+                &words[2..],
+            ),
             "user" if prefixed => (Dialect::Decodo, value_of(&words, 1, "user")?, &words[2..]),
-            _ => (Dialect::Ipsx, first.to_owned(), &words[1.min(words.len())..]),
+            _ => (
+                Dialect::Ipsx,
+                first.to_owned(),
+                &words[1.min(words.len())..],
+            ),
         };
         if account.len() > MAX_ACCOUNT_BYTES || account.chars().any(char::is_control) {
             return Err(TargetingError::Invalid {
@@ -158,8 +166,7 @@ fn named<'a>(words: &[&'a str], i: usize, name: &str) -> Result<&'a str, Targeti
         _ => {
             return Err(TargetingError::Invalid {
                 key: name.to_owned(),
-                message: "missing: Bright Data usernames start `brd-customer-ID-zone-ZONE`"
-                    .into(),
+                message: "missing: Bright Data usernames start `brd-customer-ID-zone-ZONE`".into(),
             });
         }
     }
@@ -190,7 +197,11 @@ mod tests {
     }
 
     fn country(u: &ProxyUser) -> &str {
-        u.targeting.filter.country.as_ref().map_or("", |c| c.as_str())
+        u.targeting
+            .filter
+            .country
+            .as_ref()
+            .map_or("", |c| c.as_str())
     }
 
     #[test]
@@ -217,7 +228,10 @@ mod tests {
 
     #[test]
     fn oxylabs() {
-        let u = parse("customer-USER-cc-DE-city-berlin-sessid-abc123-sesstime-5", None);
+        let u = parse(
+            "customer-USER-cc-DE-city-berlin-sessid-abc123-sesstime-5",
+            None,
+        );
         assert_eq!(u.dialect, Dialect::Oxylabs);
         assert_eq!(u.account, "USER");
         assert_eq!(country(&u), "de");
@@ -305,11 +319,19 @@ mod tests {
         let section = readme.split("### Commercial dialects").nth(1).unwrap();
         let table = section.split("```").next().unwrap();
         let mut seen = 0;
-        for line in table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| dialect")) {
+        for line in table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| dialect"))
+        {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let (user, pass, account) = (backticked(cells[2]), backticked(cells[3]), backticked(cells[4]));
+            let (user, pass, account) = (
+                backticked(cells[2]),
+                backticked(cells[3]),
+                backticked(cells[4]),
+            );
             let targeting = pass.strip_prefix("TOKEN_");
-            let u = ProxyUser::parse(user, targeting, DAY).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let u =
+                ProxyUser::parse(user, targeting, DAY).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(u.account, account, "{line}");
             assert!(u.targeting.filter.country.is_some(), "{line}");
             seen += 1;

@@ -10,6 +10,7 @@ pub mod admin;
 mod auth;
 pub mod body;
 pub mod dest;
+pub mod dialect;
 pub mod echo;
 pub mod error;
 pub mod exit;
@@ -18,7 +19,6 @@ mod pipeline;
 mod proxy;
 pub mod relay;
 pub mod socks5;
-pub mod dialect;
 pub mod targeting;
 
 use std::collections::HashMap;

@@ -103,10 +103,7 @@ fn parse_lifetime(key: &str, value: &str, max_ttl: Duration) -> Result<Duration,
         .map_err(|_| invalid("a whole number and one unit, e.g. `30m`".into()))?;
     let ttl = Duration::from_secs(n.saturating_mul(unit_secs));
     if n == 0 || ttl > max_ttl {
-        return Err(invalid(format!(
-            "must be 1s..={}s",
-            max_ttl.as_secs()
-        )));
+        return Err(invalid(format!("must be 1s..={}s", max_ttl.as_secs())));
     }
     Ok(ttl)
 }
@@ -218,8 +215,8 @@ impl Targeting {
                 self.session_ttl = Some(parse_lifetime(key, value, max_ttl)?);
                 "sesstime"
             }
-            "zip" | "postalcode" | "continent" | "cn" | "ip" | "gip" | "os" | "carrier"
-            | "isp" | "mobile" => return Err(TargetingError::Unsupported(lower.clone())),
+            "zip" | "postalcode" | "continent" | "cn" | "ip" | "gip" | "os" | "carrier" | "isp"
+            | "mobile" => return Err(TargetingError::Unsupported(lower.clone())),
             // Provider flags with no bearing on which exit is chosen: accepted, no effect.
             "dns" | "c_tag" | "route_err" | "forcerandom" | "skipispstatic" => IGNORED,
             "rotate" => {

@@ -474,14 +474,14 @@ impl RateLimiter {
     ) -> Result<(), Limited> {
         let clock = &*self.clock;
         let account_step = limits.per_account.zip(account).map(|(q, account)| Step {
-                limiter: self.account.limiter(q, &self.clock),
-                probe: Probe {
-                    key: Box::<str>::from(account),
-                    commit: false,
-                },
-                scope: LimitScope::Account,
-                quota: q,
-            });
+            limiter: self.account.limiter(q, &self.clock),
+            probe: Probe {
+                key: Box::<str>::from(account),
+                commit: false,
+            },
+            scope: LimitScope::Account,
+            quota: q,
+        });
         let token_step = limits.per_token.map(|q| Step {
             limiter: self.token.limiter(q, &self.clock),
             probe: Probe {
@@ -788,6 +788,7 @@ mod tests {
             per_token: Some(q("3/s")),
             per_exit: Some(q("100/s")),
             per_exit_domain: Some(q("1/s")),
+            per_account: None,
         };
         let e = exit("de-1");
         assert!(rl.check(&limits, "tok", &e, "a.com").is_ok());
@@ -827,6 +828,7 @@ mod tests {
             per_token: Some(q("2/s")),
             per_exit: Some(q("1/s")),
             per_exit_domain: Some(q("1/s")),
+            per_account: None,
         };
         let (a, b) = (exit("a"), exit("b"));
         assert!(rl.check(&limits, "tok", &a, "x.com").is_ok());
