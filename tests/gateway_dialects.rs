@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Echo, TOKEN, TestGateway, curl, echo_ips, python};
+use common::{Echo, TOKEN, TestGateway, base64, curl, curl_many, python, response_complete};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -36,18 +36,7 @@ async fn fetch(
 ) -> Vec<String> {
     let proxy = format!("{scheme}://{}", gw.addr);
     let creds = format!("{user}:{pass}");
-    let mut args: Vec<&str> = vec!["-x", &proxy, "-U", &creds];
-    let urls: Vec<String> = (0..n).map(|i| format!("{url}?{i}")).collect();
-    args.extend(urls.iter().map(String::as_str));
-    let out = curl(&args).await;
-    assert!(
-        out.status.success(),
-        "curl {user}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ips = echo_ips(&out.stdout);
-    assert_eq!(ips.len(), n, "{}", String::from_utf8_lossy(&out.stdout));
-    ips
+    curl_many(&["-x", &proxy, "-U", &creds], url, n).await
 }
 
 fn distinct(ips: &[String]) -> HashSet<&str> {
@@ -207,27 +196,6 @@ for scheme, user, password in creds:
 
 // === connection slots: counted per request ===
 
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// One keep-alive request on `stream`; returns the response head and body.
 async fn request(stream: &mut TcpStream, echo: SocketAddr, user: &str, pass: &str) -> String {
     let auth = base64(format!("{user}:{pass}").as_bytes());
@@ -243,21 +211,10 @@ async fn request(stream: &mut TcpStream, echo: SocketAddr, user: &str, pass: &st
             .expect("response before the timeout")
             .unwrap();
         out.extend_from_slice(&buf[..n]);
-        if n == 0 || complete(&out) {
+        if n == 0 || response_complete(&out) {
             return String::from_utf8_lossy(&out).into_owned();
         }
     }
-}
-
-fn complete(bytes: &[u8]) -> bool {
-    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
-    head.lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .is_some_and(|n| bytes.len() >= end + 4 + n)
 }
 
 const LIMITED: &str = "[[token]]\nname = \"limited\"\nsecret = \"limited-secret\"\nmax_connections = 1\n\n[[account]]\nname = \"solo\"\nmax_connections = 1\n\n";
