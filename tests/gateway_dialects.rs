@@ -285,3 +285,20 @@ async fn account_rate_limits_and_token_binding() {
     let r = request(&mut other, echo.addr, user, "second-secret").await;
     assert!(r.starts_with("HTTP/1.1 407"), "{r}");
 }
+
+#[tokio::test]
+async fn accounts_of_one_token_never_share_a_session() {
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config("")).await;
+    for user in [
+        "brd-customer-hl_1234-zone-residential-session-same",
+        "brd-customer-hl_1234-zone-isp-session-same",
+        "customer-alice-sessid-same",
+        "customer-alice-sessid-same",
+    ] {
+        let ips = fetch(&gw, "http", user, TOKEN, &echo.url(), 1).await;
+        assert_eq!(ips.len(), 1);
+    }
+    // Three accounts (two zones, one Oxylabs user used twice): three sessions.
+    assert_eq!(gw.gateway.rotator().sessions().len(), 3);
+}
