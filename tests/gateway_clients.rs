@@ -9,31 +9,6 @@ use std::sync::Arc;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn urls(url: &str, n: usize) -> Vec<String> {
-    (0..n).map(|_| url.to_owned()).collect()
-}
-
-async fn curl_many(proxy_args: &[&str], url: &str, n: usize) -> Vec<String> {
-    let list = urls(url, n);
-    let mut args: Vec<&str> = proxy_args.to_vec();
-    // `--next`-free form: curl fetches every URL, one JSON answer per line.
-    args.extend(list.iter().map(String::as_str));
-    let out = curl(&args).await;
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ips = echo_ips(&out.stdout);
-    assert_eq!(
-        ips.len(),
-        n,
-        "every request answered: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    ips
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_session_rotate_across_exits() {
     let echo = Echo::start().await;

@@ -14,28 +14,7 @@ fn auth_header() -> String {
     use std::io::Write;
     let mut raw = Vec::new();
     write!(raw, "acct:{TOKEN}").unwrap();
-    format!("Proxy-Authorization: Basic {}\r\n", b64(&raw))
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    format!("Proxy-Authorization: Basic {}\r\n", base64(&raw))
 }
 
 async fn refused(gw: &TestGateway, target: &CountingTarget, request: String, want: &str) {
@@ -393,7 +372,7 @@ async fn ports_outside_the_exit_protocols_are_refused() {
         format!(
             "CONNECT {} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {}\r\n\r\n",
             target.addr,
-            b64(format!("acct-country-de:{TOKEN}").as_bytes())
+            base64(format!("acct-country-de:{TOKEN}").as_bytes())
         )
         .as_bytes(),
     )

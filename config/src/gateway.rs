@@ -37,6 +37,8 @@ pub struct GatewayConfig {
     pub listener: ListenerConfig,
     /// Access tokens (proxy passwords) and their limits.
     pub tokens: Vec<TokenConfig>,
+    /// Accounts (sub-users named in the proxy username) and their limits.
+    pub accounts: Vec<AccountConfig>,
     /// Default rotation behaviour.
     pub rotation: RotationConfig,
     /// Default rate limits.
@@ -61,6 +63,12 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// The admin API and `/metrics`; off when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token for the admin API and `/metrics`; required when `admin_listen` is
+    /// not loopback.
+    #[serde(skip_serializing)]
+    pub admin_token: Option<Secret>,
+    /// Serve a non-loopback `listen` with no `[[token]]` (anyone may use the proxy).
+    pub open_proxy: bool,
     /// Most client connections at once; beyond, new ones are refused (503 / SOCKS 0x01).
     pub max_connections: usize,
     /// From accept to a complete request head (slowloris defence).
@@ -98,6 +106,8 @@ impl Default for ListenerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: None,
+            admin_token: None,
+            open_proxy: false,
             max_connections: 10_000,
             header_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
@@ -125,6 +135,25 @@ pub struct TokenConfig {
     #[serde(default)]
     pub rate: Option<Quota>,
     /// Most concurrent client connections for this token.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+}
+
+/// `[[account]]`: one account, the sub-user a client names in its proxy username
+/// (`ACCOUNT-...`, Oxylabs `customer-USER`, Decodo `user-USER`, Bright Data
+/// `brd-customer-ID-zone-ZONE` as `ID/ZONE`), and its limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// The account as it appears in usernames; also its metrics label.
+    pub name: String,
+    /// The only `[[token]]` (by name) this account may be used with; any when absent.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Requests per time for this account.
+    #[serde(default)]
+    pub rate: Option<Quota>,
+    /// Most concurrent client connections for this account.
     #[serde(default)]
     pub max_connections: Option<usize>,
 }
@@ -322,6 +351,8 @@ struct RawGateway {
     #[serde(default)]
     token: Vec<Spanned<TokenConfig>>,
     #[serde(default)]
+    account: Vec<Spanned<AccountConfig>>,
+    #[serde(default)]
     rotation: Option<Spanned<RotationConfig>>,
     #[serde(default)]
     limits: LimitsConfig,
@@ -500,6 +531,65 @@ impl GatewayConfig {
                 ));
             }
         }
+        let mut account_names = HashSet::new();
+        for (i, spanned) in raw.account.iter().enumerate() {
+            let a = spanned.get_ref();
+            let name_ok =
+                !a.name.is_empty() && a.name.len() <= 128 && !a.name.chars().any(char::is_control);
+            if !name_ok || !account_names.insert(a.name.clone()) {
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("account[{i}].name"),
+                    "must be unique, 1-128 bytes, no control characters",
+                ));
+            }
+            if let Some(t) = &a.token
+                && !token_names.contains(t)
+            {
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("account[{i}].token"),
+                    format!("no [[token]] is named `{t}`"),
+                ));
+            }
+            if a.max_connections == Some(0) {
+                return Err(check.invalid(
+                    spanned.span(),
+                    format!("account[{i}].max_connections"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if !l.listen.ip().is_loopback() && tokens.is_empty() && !l.open_proxy {
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.listen".into(),
+                "is not loopback and there is no [[token]]: anyone could use the proxy; add a [[token]] or set `gateway.open_proxy = true`",
+            ));
+        }
+        if let Some(admin) = l.admin_listen {
+            let token_ok = l
+                .admin_token
+                .as_ref()
+                .is_some_and(|t| t.expose().len() >= 16);
+            if !admin.ip().is_loopback() && !token_ok {
+                return Err(check.invalid(
+                    whole.clone(),
+                    "gateway.admin_token".into(),
+                    "required (at least 16 characters) when `gateway.admin_listen` is not loopback",
+                ));
+            }
+        }
+        if l.admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.admin_token".into(),
+                "must be at least 16 characters",
+            ));
+        }
         if rotation.session_ttl > rotation.max_session_ttl {
             return Err(check.invalid(
                 rotation_span.clone(),
@@ -669,12 +759,18 @@ impl GatewayConfig {
             base_dir: base_dir(file),
             listener,
             tokens,
+            accounts: raw.account.into_iter().map(Spanned::into_inner).collect(),
             rotation,
             limits: raw.limits,
             bans: raw.ban,
             rules,
             exits,
         })
+    }
+
+    /// The configured account named `name`.
+    pub fn account(&self, name: &str) -> Option<&AccountConfig> {
+        self.accounts.iter().find(|a| a.name == name)
     }
 
     /// The first rule whose host patterns match `host`.

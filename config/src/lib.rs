@@ -11,8 +11,8 @@ mod secret;
 
 pub use error::{ConfigError, Location};
 pub use gateway::{
-    ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig, ListenerConfig, OnLimit,
-    Protocol, RotationConfig, RuleConfig, TokenConfig,
+    AccountConfig, ExitConfig, ExitTransport, GatewayConfig, HostPattern, LimitsConfig,
+    ListenerConfig, OnLimit, Protocol, RotationConfig, RuleConfig, TokenConfig,
 };
 pub use market::{Amount, DemandConfig, DemandTarget, MarketConfig};
 pub use secret::Secret;

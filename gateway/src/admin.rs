@@ -11,7 +11,10 @@
 //! | `GET /api/market` | rented exits: deals, spend, demand groups, refusals |
 //! | `POST /api/reload` | re-read the config file now |
 //!
-//! Bind it to loopback (the default when set): it has no authentication of its own.
+//! With `gateway.admin_token` set, every route but `/healthz` needs
+//! `Authorization: Bearer TOKEN` (Prometheus: `authorization: { credentials: TOKEN }`);
+//! without it or with another token the answer is `401` with `WWW-Authenticate: Bearer`.
+//! The token is required when `admin_listen` is not loopback (a config error otherwise).
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -23,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::Gateway;
@@ -80,8 +84,48 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<
     r
 }
 
+/// True when the request may use the admin API: no `admin_token` is configured, or
+/// it carries `Authorization: Bearer <admin_token>` (compared in constant time).
+pub fn admin_authorized(admin_token: Option<&str>, authorization: Option<&[u8]>) -> bool {
+    let Some(expected) = admin_token else {
+        return true;
+    };
+    let Some(value) = authorization else {
+        return false;
+    };
+    let Some((scheme, token)) = value
+        .iter()
+        .position(|b| *b == b' ')
+        .map(|i| (&value[..i], &value[i + 1..]))
+    else {
+        return false;
+    };
+    let token = token.trim_ascii();
+    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(expected.as_bytes().ct_eq(token))
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = json_response(
+        StatusCode::UNAUTHORIZED,
+        json!({ "error": "admin API: missing or wrong bearer token (gateway.admin_token)" }),
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"ipsx-admin\""),
+    );
+    r
+}
+
 async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let rt = gw.runtime();
+    let admin_token = rt.config.listener.admin_token.as_ref().map(|t| t.expose());
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(http::HeaderValue::as_bytes);
+    if req.uri().path() != "/healthz" && !admin_authorized(admin_token, authorization) {
+        return unauthorized();
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (&Method::GET, "/metrics") => {
@@ -142,9 +186,18 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     json!({ "name": t.name, "rate": t.rate, "max_connections": t.max_connections, "open_connections": open })
                 })
                 .collect();
+            let accounts: Vec<serde_json::Value> = rt
+                .config
+                .accounts
+                .iter()
+                .map(|a| {
+                    let open = rt.account_conns.get(&a.name).map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+                    json!({ "name": a.name, "token": a.token, "rate": a.rate, "max_connections": a.max_connections, "open_connections": open })
+                })
+                .collect();
             json_response(
                 StatusCode::OK,
-                json!({ "defaults": rt.config.limits, "rules": rules, "tokens": tokens }),
+                json!({ "defaults": rt.config.limits, "rules": rules, "tokens": tokens, "accounts": accounts }),
             )
         }
         (&Method::GET, "/api/market") => match gw.market_status() {
@@ -159,5 +212,23 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
         },
         _ => json_response(StatusCode::NOT_FOUND, json!({ "error": "no such route" })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_authorized;
+
+    #[test]
+    fn bearer_token_is_required_when_configured() {
+        let t = Some("0123456789abcdef");
+        assert!(admin_authorized(None, None));
+        assert!(admin_authorized(t, Some(b"Bearer 0123456789abcdef")));
+        assert!(admin_authorized(t, Some(b"bearer  0123456789abcdef ")));
+        assert!(!admin_authorized(t, None));
+        assert!(!admin_authorized(t, Some(b"Bearer 0123456789abcdeF")));
+        assert!(!admin_authorized(t, Some(b"Basic 0123456789abcdef")));
+        assert!(!admin_authorized(t, Some(b"Bearer")));
+        assert!(!admin_authorized(t, Some(b"")));
     }
 }

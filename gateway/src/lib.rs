@@ -10,6 +10,7 @@ pub mod admin;
 mod auth;
 pub mod body;
 pub mod dest;
+pub mod dialect;
 pub mod echo;
 pub mod error;
 pub mod exit;
@@ -46,6 +47,8 @@ pub struct Runtime {
     pub exits: HashMap<ExitId, Arc<ExitRuntime>>,
     /// Per-token live connection counters, by token name.
     token_conns: HashMap<String, Arc<AtomicUsize>>,
+    /// Per-account live connection counters, by configured account name.
+    account_conns: HashMap<String, Arc<AtomicUsize>>,
     /// Increments at every successful reload.
     pub generation: u64,
 }
@@ -407,20 +410,31 @@ fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) 
         });
         exits.insert(id, rt);
     }
-    let token_conns = config
-        .tokens
-        .iter()
-        .map(|t| {
-            let counter = old
-                .and_then(|o| o.token_conns.get(&t.name).cloned())
-                .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
-            (t.name.clone(), counter)
-        })
-        .collect();
+    // Counters survive a reload, so connections open across it stay counted.
+    let counters = |names: Vec<&String>, old: Option<&HashMap<String, Arc<AtomicUsize>>>| {
+        names
+            .into_iter()
+            .map(|name| {
+                let counter = old
+                    .and_then(|o| o.get(name).cloned())
+                    .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
+                (name.clone(), counter)
+            })
+            .collect::<HashMap<_, _>>()
+    };
+    let token_conns = counters(
+        config.tokens.iter().map(|t| &t.name).collect(),
+        old.map(|o| &o.token_conns),
+    );
+    let account_conns = counters(
+        config.accounts.iter().map(|a| &a.name).collect(),
+        old.map(|o| &o.account_conns),
+    );
     Runtime {
         config,
         exits,
         token_conns,
+        account_conns,
         generation,
     }
 }

@@ -28,6 +28,11 @@ pub(crate) struct Plan {
     pub limit_set: LimitSet,
     pub limits: LimitsConfig,
     pub token: String,
+    /// The configured account whose limit applies, if any.
+    pub account: Option<String>,
+    /// Sessions and per-request memory are kept apart per token and account: two
+    /// accounts using the same session id get two sessions.
+    pub session_scope: String,
     pub port: u16,
 }
 
@@ -70,6 +75,7 @@ impl Plan {
             per_exit: limits.per_exit,
             per_exit_domain: limits.per_exit_domain,
             per_token: authed.token.and_then(|t| t.rate),
+            per_account: authed.account.and_then(|a| a.rate),
         };
         Self {
             filter,
@@ -79,6 +85,13 @@ impl Plan {
             limit_set,
             limits,
             token: authed.token_name().to_owned(),
+            account: authed.account.map(|a| a.name.clone()),
+            session_scope: if authed.user.account.is_empty() {
+                authed.token_name().to_owned()
+            } else {
+                // U+001F cannot appear in a token name from the config by accident.
+                format!("{}\u{1f}{}", authed.token_name(), authed.user.account)
+            },
             port,
         }
     }
@@ -94,7 +107,7 @@ pub(crate) async fn choose_exit(
     let started = Instant::now();
     loop {
         let selection = gw.rotator.select(&SelectRequest {
-            token: &plan.token,
+            token: &plan.session_scope,
             filter: &plan.filter,
             policy: plan.policy,
             session: plan.session.as_ref(),
@@ -152,17 +165,26 @@ pub(crate) async fn choose_exit(
         let mut wait = Duration::MAX;
         let mut scope = "exit";
         for exit in with_port {
-            match gw
-                .limiter
-                .check(&plan.limit_set, &plan.token, &exit.id, &plan.domain)
-            {
+            let checked = match &plan.account {
+                Some(account) => gw.limiter.check_account(
+                    &plan.limit_set,
+                    &plan.token,
+                    account,
+                    &exit.id,
+                    &plan.domain,
+                ),
+                None => gw
+                    .limiter
+                    .check(&plan.limit_set, &plan.token, &exit.id, &plan.domain),
+            };
+            match checked {
                 Ok(()) => return Ok(exit.clone()),
                 Err(limited) => {
                     if limited.retry_after < wait {
                         wait = limited.retry_after;
                         scope = scope_name(limited.scope);
                     }
-                    if limited.scope == LimitScope::Token {
+                    if matches!(limited.scope, LimitScope::Token | LimitScope::Account) {
                         break;
                     }
                 }
@@ -192,6 +214,7 @@ fn scope_name(scope: LimitScope) -> &'static str {
         LimitScope::Exit => "exit",
         LimitScope::ExitDomain => "exit_domain",
         LimitScope::Token => "token",
+        LimitScope::Account => "account",
     }
 }
 

@@ -41,15 +41,6 @@ impl Drop for CountGuard<'_> {
     }
 }
 
-/// Same, for counters shared by `Arc`.
-struct ArcCountGuard(Arc<AtomicUsize>);
-
-impl Drop for ArcCountGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 struct ClientConn {
     stream: TcpStream,
     buf: BytesMut,
@@ -175,7 +166,7 @@ fn deadline_passed(buf: &BytesMut) -> HeadRead {
 
 async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: Instant) {
     let mut deadline = first_deadline;
-    let mut token_guard: Option<ArcCountGuard> = None;
+    let mut slots = auth::ConnSlots::default();
     loop {
         let rt = gw.runtime();
         let limits = HeadLimits {
@@ -217,17 +208,10 @@ async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: In
                 return;
             }
         };
-        if token_guard.is_none()
-            && let Some(t) = authed.token
-        {
-            match acquire_token_slot(&rt, &t.name, t.max_connections) {
-                Ok(g) => token_guard = g,
-                Err(e) => {
-                    count_request("http", e.kind());
-                    let _ = write_error(&mut conn.stream, &e, true, None).await;
-                    return;
-                }
-            }
+        if let Err(e) = slots.take(&rt, &authed) {
+            count_request("http", e.kind());
+            let _ = write_error(&mut conn.stream, &e, true, None).await;
+            return;
         }
         let targeting = match targeting_for(&rt, &authed, Some(&head)) {
             Ok(t) => t,
@@ -266,33 +250,13 @@ async fn refuse_before_body(conn: &mut ClientConn, head: &RequestHead, e: &Proxy
     !close
 }
 
-fn acquire_token_slot(
-    rt: &Runtime,
-    name: &str,
-    max: Option<usize>,
-) -> Result<Option<ArcCountGuard>, ProxyError> {
-    let Some(counter) = rt.token_conns.get(name) else {
-        return Ok(None);
-    };
-    let now = counter.fetch_add(1, Ordering::AcqRel) + 1;
-    let guard = ArcCountGuard(counter.clone());
-    if let Some(max) = max
-        && now > max
-    {
-        return Err(ProxyError::Overloaded(format!(
-            "token `{name}` is at its limit of {max} connections"
-        )));
-    }
-    Ok(Some(guard))
-}
-
 fn targeting_for(
     rt: &Runtime,
     authed: &Authed<'_>,
     head: Option<&RequestHead>,
 ) -> Result<Targeting, ProxyError> {
     let max_ttl = rt.config.rotation.max_session_ttl;
-    let (_account, mut targeting) = Targeting::from_username(&authed.username, max_ttl)?;
+    let mut targeting = authed.user.targeting.clone();
     if let Some(head) = head {
         targeting.add_headers(
             head.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
@@ -964,8 +928,11 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
     };
     let authed = match auth::check_credentials(&rt, &username, &password) {
         Ok(a) => a,
-        Err(_) => {
-            count_request("socks5", "auth");
+        Err(e) => {
+            count_request("socks5", e.kind());
+            if !matches!(e, ProxyError::Auth) {
+                tracing::info!(peer = %conn.peer, error = %e, "socks5 credentials refused");
+            }
             let _ = conn.stream.write_all(&[1, 1]).await;
             return;
         }
@@ -973,21 +940,15 @@ async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant
     if method == socks5::METHOD_USER_PASS && conn.stream.write_all(&[1, 0]).await.is_err() {
         return;
     }
-    let _token_guard = match authed
-        .token
-        .map(|t| acquire_token_slot(&rt, &t.name, t.max_connections))
-        .transpose()
-    {
-        Ok(g) => g,
-        Err(e) => {
-            count_request("socks5", e.kind());
-            let _ = conn
-                .stream
-                .write_all(&socks5::encode_reply(e.socks_reply(), None))
-                .await;
-            return;
-        }
-    };
+    let mut slots = auth::ConnSlots::default();
+    if let Err(e) = slots.take(&rt, &authed) {
+        count_request("socks5", e.kind());
+        let _ = conn
+            .stream
+            .write_all(&socks5::encode_reply(e.socks_reply(), None))
+            .await;
+        return;
+    }
     let request = match read_socks(conn, deadline, socks5::parse_request).await {
         Ok(Some(r)) => r,
         Ok(None) => return,

@@ -12,9 +12,15 @@ use ipsx_rotation::{AttrError, CountryCode, ExitKind, Filter, parse_asn, parse_p
 pub enum TargetingError {
     /// A key we do not know.
     #[error(
-        "unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, rotate)"
+        "unknown targeting key `{0}` (known: country, region, city, asn, type, session, sesstime, lifetime, rotate)"
     )]
     UnknownKey(String),
+    /// A key the commercial gateways know that no exit here can honour (`zip`, ...):
+    /// refused rather than ignored, so the client never gets an exit it did not ask for.
+    #[error(
+        "targeting key `{0}` is not supported by this gateway (exits have country, region, city, asn and type)"
+    )]
+    Unsupported(String),
     /// A key with no value after it.
     #[error("targeting key `{0}` has no value")]
     MissingValue(String),
@@ -56,35 +62,64 @@ pub struct Targeting {
     pub rotate: Option<Rotate>,
 }
 
+/// Longest key quoted back in an error, in bytes.
+const SHOWN_KEY_BYTES: usize = 32;
+
+/// A key as quoted in an error: at most [`SHOWN_KEY_BYTES`] bytes, cut on a character
+/// boundary (the key comes from the network and may be any UTF-8).
+pub(crate) fn shown_key(key: &str) -> String {
+    let mut end = key.len().min(SHOWN_KEY_BYTES);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    key[..end].to_owned()
+}
+
+/// The canonical name returned for a key accepted and ignored (never a duplicate).
+pub(crate) const IGNORED: &str = "";
+
+/// IPRoyal's `lifetime`: a whole number and one unit, `s`, `m`, `h` or `d` (`30m`),
+/// from 1 second to `max_ttl`.
+fn parse_lifetime(key: &str, value: &str, max_ttl: Duration) -> Result<Duration, TargetingError> {
+    let invalid = |message: String| TargetingError::Invalid {
+        key: key.to_owned(),
+        message,
+    };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = value.split_at(digits);
+    let unit_secs: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(invalid(
+                "a whole number and one unit: `s`, `m`, `h` or `d` (e.g. `30m`)".into(),
+            ));
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| invalid("a whole number and one unit, e.g. `30m`".into()))?;
+    let ttl = Duration::from_secs(n.saturating_mul(unit_secs));
+    if n == 0 || ttl > max_ttl {
+        return Err(invalid(format!("must be 1s..={}s", max_ttl.as_secs())));
+    }
+    Ok(ttl)
+}
+
 /// Header prefix for targeting on plain HTTP requests.
 pub const HEADER_PREFIX: &str = "x-ipsx-";
 
 impl Targeting {
-    /// Parses a proxy username: `ACCOUNT(-KEY-VALUE)*`. Returns the account and the
-    /// targeting.
+    /// Parses a proxy username in any dialect (see [`crate::dialect`]): `ACCOUNT(-KEY-VALUE)*`
+    /// and the commercial forms. Returns the account and the targeting.
     pub fn from_username(
         username: &str,
         max_ttl: Duration,
     ) -> Result<(String, Targeting), TargetingError> {
-        let mut parts = username.split('-');
-        let account = parts.next().unwrap_or_default().to_owned();
-        let mut t = Targeting::default();
-        let mut seen: Vec<&'static str> = Vec::new();
-        while let Some(key) = parts.next() {
-            let value = parts
-                .next()
-                .ok_or_else(|| TargetingError::MissingValue(key.to_owned()))?;
-            if value.is_empty() {
-                return Err(TargetingError::MissingValue(key.to_owned()));
-            }
-            let canonical = t.set(key, value, max_ttl)?;
-            if seen.contains(&canonical) {
-                return Err(TargetingError::Duplicate(canonical.to_owned()));
-            }
-            seen.push(canonical);
-        }
-        t.check()?;
-        Ok((account, t))
+        let user = crate::dialect::ProxyUser::parse(username, None, max_ttl)?;
+        Ok((user.account, user.targeting))
     }
 
     /// Fills fields not set yet from `X-Ipsx-<Key>` headers.
@@ -105,7 +140,7 @@ impl Targeting {
                 message: "value is not UTF-8".into(),
             })?;
             let canonical = from_headers.set(key, value.trim(), max_ttl)?;
-            if seen.contains(&canonical) {
+            if canonical != IGNORED && seen.contains(&canonical) {
                 return Err(TargetingError::Duplicate(canonical.to_owned()));
             }
             seen.push(canonical);
@@ -117,8 +152,8 @@ impl Targeting {
         self.check()
     }
 
-    /// Sets one key; returns its canonical name.
-    fn set(
+    /// Sets one key; returns its canonical name (duplicates are found by it).
+    pub(crate) fn set(
         &mut self,
         key: &str,
         value: &str,
@@ -176,6 +211,14 @@ impl Targeting {
                 self.session_ttl = Some(ttl);
                 "sesstime"
             }
+            "lifetime" => {
+                self.session_ttl = Some(parse_lifetime(key, value, max_ttl)?);
+                "sesstime"
+            }
+            "zip" | "postalcode" | "continent" | "cn" | "ip" | "gip" | "os" | "carrier" | "isp"
+            | "mobile" => return Err(TargetingError::Unsupported(lower.clone())),
+            // Provider flags with no bearing on which exit is chosen: accepted, no effect.
+            "dns" | "c_tag" | "route_err" | "forcerandom" | "skipispstatic" => IGNORED,
             "rotate" => {
                 self.rotate = Some(match value.to_ascii_lowercase().as_str() {
                     "request" => Rotate::Request,
@@ -189,16 +232,12 @@ impl Targeting {
                 });
                 "rotate"
             }
-            _ => {
-                let mut shown = key.to_owned();
-                shown.truncate(32);
-                return Err(TargetingError::UnknownKey(shown));
-            }
+            _ => return Err(TargetingError::UnknownKey(shown_key(key))),
         };
         Ok(canonical)
     }
 
-    fn check(&self) -> Result<(), TargetingError> {
+    pub(crate) fn check(&self) -> Result<(), TargetingError> {
         if self.rotate == Some(Rotate::Session) && self.session.is_none() {
             return Err(TargetingError::Invalid {
                 key: "rotate".into(),
@@ -282,5 +321,35 @@ mod tests {
                 .to_string()
                 .contains("`planet`")
         );
+    }
+
+    #[test]
+    fn a_multibyte_character_at_the_cut_is_an_error_not_a_panic() {
+        // Byte 32 of the key falls inside `é`: cutting the key there used to panic.
+        let key = format!("{}é", "a".repeat(31));
+        let err = Targeting::from_username(&format!("acct-{key}-x"), DAY).unwrap_err();
+        assert_eq!(err, TargetingError::UnknownKey("a".repeat(31)));
+        assert_eq!(shown_key("ab"), "ab");
+        assert_eq!(shown_key(&"é".repeat(20)), "é".repeat(16));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_utf8_username_parses_or_names_a_key(user in ".{0,300}") {
+            match Targeting::from_username(&user, DAY) {
+                Ok((account, _)) => proptest::prop_assert!(account.len() <= user.len()),
+                Err(e) => {
+                    let text = e.to_string();
+                    proptest::prop_assert!(text.contains('`'), "{}", text);
+                }
+            }
+        }
+
+        #[test]
+        fn any_utf8_header_value_is_handled(name in "[A-Za-z-]{0,40}", value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            let mut t = Targeting::default();
+            let header = format!("X-Ipsx-{name}");
+            let _ = t.add_headers(std::iter::once((header.as_str(), value.as_slice())), DAY);
+        }
     }
 }

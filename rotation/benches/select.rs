@@ -185,6 +185,7 @@ fn limits() -> LimitSet {
         per_exit: Some(q),
         per_exit_domain: Some(q),
         per_token: Some(q),
+        per_account: None,
     }
 }
 

@@ -193,6 +193,7 @@ impl<'de> Deserialize<'de> for Quota {
 /// per_exit = "20/s"
 /// per_exit_domain = "2/s burst 5"
 /// per_token = "100/s"
+/// per_account = "10/s"
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,6 +204,9 @@ pub struct LimitSet {
     pub per_exit_domain: Option<Quota>,
     /// All requests of one client token.
     pub per_token: Option<Quota>,
+    /// All requests of one account (a sub-user of a token); only checked by
+    /// [`RateLimiter::check_account`].
+    pub per_account: Option<Quota>,
 }
 
 /// Which limit refused a request.
@@ -215,6 +219,8 @@ pub enum LimitScope {
     ExitDomain,
     /// The client token's limit.
     Token,
+    /// The account's limit.
+    Account,
 }
 
 impl fmt::Display for LimitScope {
@@ -223,6 +229,7 @@ impl fmt::Display for LimitScope {
             Self::Exit => "exit",
             Self::ExitDomain => "exit-domain",
             Self::Token => "token",
+            Self::Account => "account",
         })
     }
 }
@@ -405,6 +412,7 @@ impl<K: Hash + Eq + Clone> Check for Step<K> {
 pub struct RateLimiter {
     clock: Arc<dyn Clock>,
     token: Scope<Box<str>>,
+    account: Scope<Box<str>>,
     exit: Scope<ExitId>,
     exit_domain: Scope<(ExitId, Box<str>)>,
 }
@@ -423,6 +431,7 @@ impl RateLimiter {
         Self {
             clock,
             token: Scope::new(),
+            account: Scope::new(),
             exit: Scope::new(),
             exit_domain: Scope::new(),
         }
@@ -439,7 +448,40 @@ impl RateLimiter {
         exit: &ExitId,
         domain: &str,
     ) -> Result<(), Limited> {
+        self.check_keys(limits, token, None, exit, domain)
+    }
+
+    /// As [`RateLimiter::check`], with the account's limit too (`limits.per_account`,
+    /// keyed by `account`), checked after the token's.
+    pub fn check_account(
+        &self,
+        limits: &LimitSet,
+        token: &str,
+        account: &str,
+        exit: &ExitId,
+        domain: &str,
+    ) -> Result<(), Limited> {
+        self.check_keys(limits, token, Some(account), exit, domain)
+    }
+
+    fn check_keys(
+        &self,
+        limits: &LimitSet,
+        token: &str,
+        account: Option<&str>,
+        exit: &ExitId,
+        domain: &str,
+    ) -> Result<(), Limited> {
         let clock = &*self.clock;
+        let account_step = limits.per_account.zip(account).map(|(q, account)| Step {
+            limiter: self.account.limiter(q, &self.clock),
+            probe: Probe {
+                key: Box::<str>::from(account),
+                commit: false,
+            },
+            scope: LimitScope::Account,
+            quota: q,
+        });
         let token_step = limits.per_token.map(|q| Step {
             limiter: self.token.limiter(q, &self.clock),
             probe: Probe {
@@ -470,9 +512,12 @@ impl RateLimiter {
             scope: LimitScope::ExitDomain,
             quota: q,
         });
-        let (mut t, mut e, mut d) = (token_step, exit_step, domain_step);
-        let mut steps: SmallVec<[&mut dyn Check; 3]> = SmallVec::new();
+        let (mut t, mut a, mut e, mut d) = (token_step, account_step, exit_step, domain_step);
+        let mut steps: SmallVec<[&mut dyn Check; 4]> = SmallVec::new();
         if let Some(s) = &mut t {
+            steps.push(s);
+        }
+        if let Some(s) = &mut a {
             steps.push(s);
         }
         if let Some(s) = &mut e {
@@ -537,13 +582,14 @@ impl RateLimiter {
     /// indistinguishable from a fresh key) and limiters left with no key.
     pub fn prune(&self) {
         self.token.prune();
+        self.account.prune();
         self.exit.prune();
         self.exit_domain.prune();
     }
 
     /// How many keys currently hold state, over all scopes (for metrics and tests).
     pub fn tracked_keys(&self) -> usize {
-        self.token.len() + self.exit.len() + self.exit_domain.len()
+        self.token.len() + self.account.len() + self.exit.len() + self.exit_domain.len()
     }
 }
 
@@ -565,6 +611,26 @@ mod tests {
 
     fn exit(name: &str) -> ExitId {
         ExitId::new(name)
+    }
+
+    #[test]
+    fn accounts_have_their_own_limit_under_the_token_limit() {
+        let (_clock, rl) = setup();
+        let limits = LimitSet {
+            per_token: Some(q("3/min")),
+            per_account: Some(q("1/min")),
+            ..Default::default()
+        };
+        let exit = ExitId::from("e");
+        rl.check_account(&limits, "t", "a", &exit, "d").unwrap();
+        let refused = rl.check_account(&limits, "t", "a", &exit, "d").unwrap_err();
+        assert_eq!(refused.scope, LimitScope::Account);
+        // Another account of the same token still has its own cell; the refusal above
+        // took none of the token's.
+        rl.check_account(&limits, "t", "b", &exit, "d").unwrap();
+        rl.check(&limits, "t", &exit, "d").unwrap();
+        let refused = rl.check_account(&limits, "t", "c", &exit, "d").unwrap_err();
+        assert_eq!(refused.scope, LimitScope::Token);
     }
 
     #[test]
@@ -722,6 +788,7 @@ mod tests {
             per_token: Some(q("3/s")),
             per_exit: Some(q("100/s")),
             per_exit_domain: Some(q("1/s")),
+            per_account: None,
         };
         let e = exit("de-1");
         assert!(rl.check(&limits, "tok", &e, "a.com").is_ok());
@@ -761,6 +828,7 @@ mod tests {
             per_token: Some(q("2/s")),
             per_exit: Some(q("1/s")),
             per_exit_domain: Some(q("1/s")),
+            per_account: None,
         };
         let (a, b) = (exit("a"), exit("b"));
         assert!(rl.check(&limits, "tok", &a, "x.com").is_ok());

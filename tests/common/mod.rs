@@ -203,7 +203,8 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn response_complete(bytes: &[u8]) -> bool {
+/// True when `bytes` hold a whole response head and its Content-Length body.
+pub fn response_complete(bytes: &[u8]) -> bool {
     let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
         return false;
     };
@@ -283,8 +284,34 @@ pub fn status_line(response: &str) -> &str {
     response.lines().next().unwrap_or("")
 }
 
-/// Standard base64 (RFC 4648, with padding), for hand-made `Proxy-Authorization`.
-pub fn b64(bytes: &[u8]) -> String {
+pub fn urls(url: &str, n: usize) -> Vec<String> {
+    (0..n).map(|_| url.to_owned()).collect()
+}
+
+/// curl through the proxy `n` times (one run, keep-alive); the exit IP of each answer.
+pub async fn curl_many(proxy_args: &[&str], url: &str, n: usize) -> Vec<String> {
+    let list = urls(url, n);
+    let mut args: Vec<&str> = proxy_args.to_vec();
+    // `--next`-free form: curl fetches every URL, one JSON answer per line.
+    args.extend(list.iter().map(String::as_str));
+    let out = curl(&args).await;
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ips = echo_ips(&out.stdout);
+    assert_eq!(
+        ips.len(),
+        n,
+        "every request answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ips
+}
+
+/// Standard base64 (for hand-written `Proxy-Authorization: Basic` headers).
+pub fn base64(bytes: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
