@@ -10,7 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::market::{MarketOpts, MarketSystem, ip_of};
-use common::*;
 
 /// Two DE providers (or one), the gateway keeping one DE exit rented.
 async fn system(exits: &[&'static str]) -> MarketSystem {

@@ -92,7 +92,7 @@ async fn a_provider_that_never_serves_costs_one_small_window_and_its_deposit_com
                 city: None,
                 asn: None,
                 kind: ipsx_rotation::ExitKind::Residential,
-                protocols: vec![],
+                protocols: vec![ipsx_exchange::types::Protocol::Any],
                 price_per_ip_second: fake_price,
                 min_duration_s: 5,
                 max_duration_s: 86_400,
@@ -181,7 +181,7 @@ async fn a_flood_of_distinct_asns_is_capped_and_the_de_rental_still_works() {
     let proxy = sys.gw().addr;
     let mut capped = 0;
     for asn in 1..=1000u32 {
-        let auth = b64(format!("acct-asn-{asn}:{TOKEN}").as_bytes());
+        let auth = base64(format!("acct-asn-{asn}:{TOKEN}").as_bytes());
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n",
             sys.echo.url()
@@ -246,12 +246,13 @@ struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    fn start(config: &std::path::Path) -> Self {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipsx"));
         cmd.args(["gateway", "--config"])
             .arg(config)
+            .env("IPSX_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(log).unwrap());
         for v in [
             "http_proxy",
             "https_proxy",
@@ -344,7 +345,9 @@ async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice()
     let requester = sys.anvil.key(REQUESTER).address();
     let chain = sys.requester_chain().await;
 
-    let gw = GatewayProcess::start(&config);
+    let log1 = sys.dir.join("gateway-1.log");
+    let log2 = sys.dir.join("gateway-2.log");
+    let gw = GatewayProcess::start(&config, &log1);
     let deal = gw.wait_serving().await;
     let ip = ip_of(&gw.get(&echo).await).expect("served");
     let channels = chain.channel_ids_of(requester).await.unwrap().len();
@@ -360,9 +363,21 @@ async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice()
 
     // Restarted from the same config and state file: the same deal serves again, from
     // the same exit, over the same channel, paying on from where it was.
-    let gw = GatewayProcess::start(&config);
+    let gw = GatewayProcess::start(&config, &log2);
     let again = gw.wait_serving().await;
-    assert_eq!(again["deal"], deal["deal"], "the same deal resumed");
+    let logs = || {
+        format!(
+            "\n--- first run ---\n{}\n--- after SIGKILL ---\n{}",
+            std::fs::read_to_string(&log1).unwrap_or_default(),
+            std::fs::read_to_string(&log2).unwrap_or_default()
+        )
+    };
+    assert_eq!(
+        again["deal"],
+        deal["deal"],
+        "the same deal resumed{}",
+        logs()
+    );
     assert_eq!(ip_of(&gw.get(&echo).await).as_deref(), Some(ip.as_str()));
     assert_eq!(
         chain.channel_ids_of(requester).await.unwrap().len(),

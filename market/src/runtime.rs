@@ -193,6 +193,7 @@ impl PoolManager {
         )
         .map_err(|e| MarketError::Exchange(e.to_string()))?
         .with_key(signer);
+        let store = Store::open(&base_dir.join(&cfg.state_file), wallet).await?;
         let wg_key = match &cfg.wg_private_key {
             Some(k) => SecretKey::from_base64("wg_private_key", k.expose()).map_err(|e| {
                 MarketError::Config {
@@ -200,9 +201,24 @@ impl PoolManager {
                     message: e.to_string(),
                 }
             })?,
-            None => SecretKey::generate(),
+            // Generated once and kept in the state file: deals resumed after a restart
+            // are bound to this key at the providers.
+            None => match store.wg_key().await? {
+                Some(k) => {
+                    SecretKey::from_base64("state_file", &k).map_err(|e| MarketError::Config {
+                        key: "state_file",
+                        message: e.to_string(),
+                    })?
+                }
+                None => {
+                    let k = SecretKey::generate();
+                    store
+                        .set_wg_key(&ipsx_tunnel_pool::key_to_base64(&k.0))
+                        .await?;
+                    k
+                }
+            },
         };
-        let store = Store::open(&base_dir.join(&cfg.state_file), wallet).await?;
         let now = unix_ms();
         let mut groups = Vec::new();
         for d in &cfg.demand {
@@ -491,7 +507,7 @@ impl PoolManager {
                         // The exchange holds the latest proof we posted.
                         self.input(Input::ProofPosted {
                             deal: id,
-                            amount: p.amount,
+                            amount: p.cumulative_amount,
                         })
                         .await;
                     }
@@ -564,11 +580,14 @@ impl PoolManager {
         }
         let deal = ev.deal_id;
         match ev.kind {
-            EventKind::Matched { terms } => Some(Input::Matched {
-                deal,
-                provider: ev.provider,
-                terms: (*terms).clone(),
-            }),
+            EventKind::Matched { terms } => {
+                metrics::counter!("ipsx_market_deals_total").increment(1);
+                Some(Input::Matched {
+                    deal,
+                    provider: ev.provider,
+                    terms: (*terms).clone(),
+                })
+            }
             EventKind::Reported {
                 actor: Actor::Provider,
                 party_status,
@@ -719,6 +738,13 @@ impl PoolManager {
                 status,
                 reason,
             } => {
+                match status {
+                    PartyStatus::Failed => tracing::warn!(deal, reason, "deal given up"),
+                    PartyStatus::Completed | PartyStatus::Rejected => {
+                        tracing::info!(deal, status = status.as_str(), reason, "deal ended")
+                    }
+                    _ => {}
+                }
                 let (expiry, nonce) = fresh();
                 let r = StatusReport {
                     wallet: self.inner.wallet,

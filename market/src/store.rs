@@ -69,6 +69,12 @@ impl Store {
         ] {
             sqlx::query(ddl).execute(&pool).await.map_err(sqlite)?;
         }
+        // The file holds a WireGuard private key: owner only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         let store = Self { pool };
         let me = format!("{wallet:#x}");
         match store.meta("wallet").await? {
@@ -149,6 +155,17 @@ impl Store {
                 .map_err(sqlite)?;
         }
         Ok(())
+    }
+
+    /// The WireGuard private key generated for this wallet's tunnels (base64), kept so
+    /// that deals resumed after a restart still know our key.
+    pub async fn wg_key(&self) -> Result<Option<String>, StoreError> {
+        self.meta("wg_private_key").await
+    }
+
+    /// Records the generated WireGuard private key (base64).
+    pub async fn set_wg_key(&self, key: &str) -> Result<(), StoreError> {
+        self.set_meta("wg_private_key", key).await
     }
 
     /// The last exchange event applied (0 at first start).
