@@ -560,7 +560,8 @@ impl Drop for UdpGuard {
 #[derive(Default)]
 struct Turn {
     rx_ok: bool,
-    expects_answer: bool,
+    /// A handshake initiation went out (the only message a live exit answers at once).
+    initiation_sent: bool,
     handshake: bool,
     handshake_rtt: Option<Duration>,
 }
@@ -568,9 +569,6 @@ struct Turn {
 /// WireGuard message types (first byte, little-endian u32).
 const MSG_INIT: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
-const MSG_DATA: u8 = 4;
-/// A data message carrying nothing: a keepalive.
-const KEEPALIVE_LEN: usize = 32;
 
 async fn send_datagram(
     udp: &UdpSocket,
@@ -579,10 +577,10 @@ async fn send_datagram(
     shared: &Shared,
     turn: &mut Turn,
 ) {
-    match pkt.first() {
-        Some(&MSG_INIT) => turn.expects_answer = true,
-        Some(&MSG_DATA) if pkt.len() > KEEPALIVE_LEN => turn.expects_answer = true,
-        _ => {}
+    // Data is not reported to the health monitor: a live exit with nothing to send
+    // answers it only after 10 s or more (see `crate::health`).
+    if pkt.first() == Some(&MSG_INIT) {
+        turn.initiation_sent = true;
     }
     // Bounded retries: a full socket buffer makes us wait (backpressure), a real
     // error is counted and the packet dropped (TCP inside will retransmit).
@@ -760,7 +758,7 @@ async fn drive(
 }
 
 fn apply_turn(shared: &Shared, turn: Turn) {
-    if !(turn.rx_ok || turn.expects_answer || turn.handshake) {
+    if !(turn.rx_ok || turn.initiation_sent || turn.handshake) {
         return;
     }
     let now = Instant::now();
@@ -776,7 +774,7 @@ fn apply_turn(shared: &Shared, turn: Turn) {
     if turn.rx_ok {
         cell.monitor.on_receive(now);
     }
-    if turn.expects_answer {
-        cell.monitor.on_send_expecting_answer(now);
+    if turn.initiation_sent {
+        cell.monitor.on_initiation_sent(now);
     }
 }
