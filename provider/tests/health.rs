@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use common::*;
-use ipsx_provider::{ProviderExit, ProviderHandle};
-use ipsx_tunnel_pool::{HealthState, SecretKey, Tunnel, TunnelConfig};
+use ipsx_provider::ProviderHandle;
+use ipsx_tunnel_pool::{HealthState, Tunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -25,24 +24,13 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 const SAMPLE: Duration = Duration::from_millis(100);
 
 async fn market_pair() -> (ProviderHandle, Tunnel) {
-    let cfg = exit_config("127.0.0.2", &["127.0.0.0/8"]);
-    let exit = ProviderExit::start(cfg.clone()).await.unwrap();
-    let client = SecretKey::generate();
-    exit.add_peer(client.public_key(), "10.77.0.2".parse().unwrap())
-        .await
-        .unwrap();
-    let mut tcfg = TunnelConfig::new(
-        client,
-        exit.public_key(),
-        exit.local_addr(),
-        Ipv4Addr::new(10, 77, 0, 2),
-    );
-    tcfg.dns = vec![IpAddr::V4(cfg.inner_address)];
-    tcfg.persistent_keepalive = Some(KEEPALIVE);
-    tcfg.health.probe_after = PROBE_AFTER;
-    tcfg.health.dead_after = DEAD_AFTER;
-    let tunnel = Tunnel::start(tcfg).await.unwrap();
-    (exit, tunnel)
+    let p = pair_with(exit_config("127.0.0.2", &["127.0.0.0/8"]), |t| {
+        t.persistent_keepalive = Some(KEEPALIVE);
+        t.health.probe_after = PROBE_AFTER;
+        t.health.dead_after = DEAD_AFTER;
+    })
+    .await;
+    (p.exit, p.tunnel)
 }
 
 /// One HTTP GET through the tunnel to the local whoami server, connection closed after.
