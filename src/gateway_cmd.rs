@@ -104,15 +104,20 @@ pub(crate) async fn serve_reporting(
     }
     println!("proxy listening on {proxy_addr} (HTTP and SOCKS5)");
     let gw = gateway.clone();
+    let renting = pool.clone();
     let shutdown = async move {
         stop.await;
         tracing::info!("shutdown requested");
+        // Renting stops before anything else: nothing is rented while draining.
+        if let Some(pm) = &renting {
+            pm.stop_renting().await;
+        }
         gw.begin_shutdown();
     };
     ipsx_gateway::serve(listener, gateway, shutdown).await;
     if let Some(pm) = pool {
-        // Report every deal completed so providers settle their channels.
-        pm.shutdown().await;
+        // Report every deal completed so providers claim and close their channels.
+        pm.shutdown(Duration::from_secs(15)).await;
     }
     Ok(())
 }

@@ -183,7 +183,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
 
     // 6. Gateway, renting one exit per country to start with, more on demand.
     let mut gateway_toml = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"30s\"\nproof_interval = \"5s\"\nrent_wait = \"10s\"\n\n",
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"15s\"\nproof_interval = \"3s\"\nrent_wait = \"10s\"\n\n",
         if port == 0 { 0 } else { port.saturating_add(1) },
         anvil.endpoint(),
         deployment_path.display(),
@@ -283,6 +283,13 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         let _ = tokio::time::timeout(Duration::from_secs(10), p).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
+    // What the requester paid, and whether every channel it opened is closed.
+    match settlement(&anvil, deployment, &requester).await {
+        Ok((paid, closed, open)) => println!(
+            "settled: requester paid {paid} base units; {closed} channel(s) closed, {open} left open"
+        ),
+        Err(e) => println!("settlement not checked: {e}"),
+    }
     drop(anvil);
     let _ = std::fs::remove_dir_all(&dir);
     println!("stopped.");
@@ -312,4 +319,35 @@ async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {
                 .map(|a| a.iter().filter(|e| e["healthy"] == true).count())
         })
         .unwrap_or(0)
+}
+
+/// The requester's spend (the deposit minus what it holds now) and its channels
+/// (closed, still open) after everything stopped.
+async fn settlement(
+    anvil: &Anvil,
+    deployment: ipsx_exchange_client::chain::Deployment,
+    requester: &PrivateKeySigner,
+) -> Result<(alloy::primitives::U256, usize, usize), String> {
+    let chain = ipsx_exchange_client::chain::ChainClient::connect(
+        anvil.endpoint(),
+        deployment,
+        requester.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let who = requester.address();
+    let held = chain
+        .wallet_balances(who)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deposited = parse_tokens("100000").map_err(|e| e.to_string())?;
+    let paid = deposited.saturating_sub(held.balance.saturating_add(held.reserved));
+    let (mut closed, mut open) = (0, 0);
+    for id in chain.channel_ids_of(who).await.map_err(|e| e.to_string())? {
+        match chain.channel(id).await.map_err(|e| e.to_string())? {
+            Some(_) => open += 1,
+            None => closed += 1,
+        }
+    }
+    Ok((paid, closed, open))
 }

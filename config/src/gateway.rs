@@ -651,6 +651,9 @@ impl GatewayConfig {
             if market.proof_interval > market.payment_window {
                 return Err(check.invalid(m.span(), "market.proof_interval".into(), "must not be longer than market.payment_window (the provider would stop serving)"));
             }
+            if let Err((key, why)) = market.check() {
+                return Err(check.invalid(m.span(), format!("market.{key}"), why));
+            }
             for (i, d) in market.demand.iter().enumerate() {
                 if d.count == 0 || d.count > 1000 {
                     return Err(check.invalid(

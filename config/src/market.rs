@@ -60,6 +60,8 @@ pub struct DemandTarget {
     /// Exit type.
     #[serde(rename = "type")]
     pub kind: Option<ExitKind>,
+    /// Region (state, province).
+    pub region: Option<String>,
     /// City.
     pub city: Option<String>,
     /// ASN.
@@ -129,6 +131,89 @@ pub struct MarketConfig {
     /// An exit whose tunnel stays unhealthy this long is replaced.
     #[serde(default = "default_dead", with = "humantime_serde")]
     pub dead_after: Duration,
+    /// Paid ahead before a new provider has served anything (small: what a provider
+    /// that never serves can keep).
+    #[serde(default = "default_first_window", with = "humantime_serde")]
+    pub first_window: Duration,
+    /// At most this many on-demand demand groups at once (distinct targeting filters);
+    /// a request for another gets a 503 naming this key.
+    #[serde(default = "default_max_groups")]
+    pub max_on_demand_groups: usize,
+    /// Offers from providers rated below this (0 to 5 stars) are not matched.
+    #[serde(default, deserialize_with = "stars")]
+    pub min_provider_rating: u16,
+    /// A paid deal whose provider has not started serving by then is failed.
+    #[serde(default = "default_serve_timeout", with = "humantime_serde")]
+    pub serve_timeout: Duration,
+    /// A provider that failed us is left out of our requests this long.
+    #[serde(default = "default_avoid", with = "humantime_serde")]
+    pub avoid_for: Duration,
+    /// After a deal ends, the provider's time to close the channel with its final
+    /// claim before the gateway closes it on chain (`startClose`, then `settle`).
+    #[serde(default = "default_close_grace", with = "humantime_serde")]
+    pub close_grace: Duration,
+    /// The local store of deals and channels (SQLite), relative to the config file.
+    #[serde(default = "default_state_file")]
+    pub state_file: String,
+}
+
+impl MarketConfig {
+    /// Checks the values serde cannot: `Err((key, why))`.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.first_window.is_zero() || self.first_window > self.payment_window {
+            return Err((
+                "first_window",
+                "must be more than 0s and at most market.payment_window",
+            ));
+        }
+        if self.max_on_demand_groups == 0 || self.max_on_demand_groups > 10_000 {
+            return Err(("max_on_demand_groups", "must be 1..=10000"));
+        }
+        if self.serve_timeout < Duration::from_secs(1) {
+            return Err(("serve_timeout", "must be at least 1s"));
+        }
+        if self.state_file.trim().is_empty() {
+            return Err(("state_file", "must name a file"));
+        }
+        Ok(())
+    }
+}
+
+/// A rating in stars (0 to 5, fractions allowed) as hundredths of a star.
+fn stars<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Float(f64),
+    }
+    let v = match Raw::deserialize(d)? {
+        Raw::Int(n) => n as f64,
+        Raw::Float(f) => f,
+    };
+    if !(0.0..=5.0).contains(&v) {
+        return Err(serde::de::Error::custom("a rating is 0 to 5 stars"));
+    }
+    Ok((v * 100.0).round() as u16)
+}
+
+fn default_first_window() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_groups() -> usize {
+    16
+}
+fn default_serve_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_avoid() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_close_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_state_file() -> String {
+    "market-state.db".into()
 }
 
 fn default_deal() -> Duration {

@@ -18,6 +18,28 @@ pub fn inner_ip_for_deal(deal_id: u64) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, (host >> 8) as u8, (host & 0xff) as u8)
 }
 
+/// The provider's default first window: it starts serving once a verified proof covers
+/// this much service (`timings.first_window`). Small, so a requester risks little
+/// before it has seen the tunnel work.
+pub const DEFAULT_FIRST_WINDOW: Duration = Duration::from_secs(2);
+
+/// The requester's default first payment, in seconds of service: what it pays before
+/// its tunnel handshake and exit check succeeded (then it pays a full window ahead).
+/// At least [`DEFAULT_FIRST_WINDOW`], so the defaults of both sides always agree.
+pub const DEFAULT_REQUESTER_FIRST_WINDOW: Duration = Duration::from_secs(5);
+
+const _: () = assert!(
+    DEFAULT_REQUESTER_FIRST_WINDOW.as_secs() >= DEFAULT_FIRST_WINDOW.as_secs(),
+    "the requester's first payment must cover the provider's first window"
+);
+
+/// The amount the first balance proof of a deal worth `deal_value` must reach for a
+/// provider with first window `first_window` to start serving: its cost, never more
+/// than the deal's value.
+pub fn first_window_due(price_per_second: u128, first_window: Duration, deal_value: u128) -> u128 {
+    cost(price_per_second, first_window.as_secs()).min(deal_value)
+}
+
 /// What `seconds` of service at `price_per_second` cost, saturating instead of
 /// overflowing (a price that large is refused by the exchange anyway).
 pub fn cost(price_per_second: u128, seconds: u64) -> u128 {
@@ -66,6 +88,20 @@ mod tests {
             inner_ip_for_deal(u64::MAX),
             inner_ip_for_deal(u64::MAX % 65_000)
         );
+    }
+
+    #[test]
+    fn the_first_window_is_small_and_agreed() {
+        assert_eq!(first_window_due(10, DEFAULT_FIRST_WINDOW, 1_000), 20);
+        assert_eq!(first_window_due(10, DEFAULT_FIRST_WINDOW, 15), 15);
+        assert_eq!(
+            first_window_due(u128::MAX, DEFAULT_FIRST_WINDOW, u128::MAX),
+            u128::MAX
+        );
+        // The requester's default first payment is accepted by a default provider.
+        let price = 7;
+        let paid = amount_due(price, Duration::ZERO, DEFAULT_REQUESTER_FIRST_WINDOW, 1_000);
+        assert!(paid >= first_window_due(price, DEFAULT_FIRST_WINDOW, 1_000));
     }
 
     #[test]

@@ -49,6 +49,7 @@ fn request(requester: Address, i: u32) -> Request {
         protocols: vec![],
         min_rating: 0,
         diversity: Diversity::None,
+        exclude_providers: Vec::new(),
         duration_s: 60,
         max_price_per_ip_second: 10,
         wg_public_key: WgKey([2; 32]),

@@ -343,6 +343,7 @@ impl OfferBook {
             && (h.min_duration_s..=h.max_duration_s).contains(&req.duration_s)
             && (h.protocols & 8 != 0 || h.protocols & wanted == wanted)
             && h.provider != req.requester
+            && !req.excludes(&h.provider)
             && requester_rating >= profiles.min_counterparty_rating(&h.provider)
             && diverse_exit(req.diversity, h.provider, h.exit, chosen)
     }

@@ -17,7 +17,9 @@ use crate::engine::{BookQuery, BookView, Deal, DealEvent, Outcome};
 use crate::error::ExchangeError;
 use crate::server::{BatchItem, ErrorEnvelope, OfferBatch, ProfileView, SignedMessage};
 use crate::sign::{self, Signed};
-use crate::types::{BalanceProof, Cancel, Offer, Preferences, Rating, Request, StatusReport};
+use crate::types::{
+    BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
+};
 
 fn transport(e: impl std::fmt::Display) -> ExchangeError {
     ExchangeError::Transport(e.to_string())
@@ -178,6 +180,12 @@ impl Client {
     /// Signs and posts a status report.
     pub async fn report(&self, report: &StatusReport) -> Result<Outcome, ExchangeError> {
         self.post_json("/v1/reports", &self.sign(report)?).await
+    }
+
+    /// Signs and posts a proposal to extend a deal to `e.new_end`
+    /// ([`Outcome::Extend`]; `extended` once both sides proposed the same end).
+    pub async fn extend(&self, e: &Extend) -> Result<Outcome, ExchangeError> {
+        self.post_json("/v1/extensions", &self.sign(e)?).await
     }
 
     /// Signs and posts a rating.

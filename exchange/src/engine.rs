@@ -22,8 +22,8 @@ use crate::agreement::{Deadlines, DealStatus, deal_status};
 use crate::book::{BookOffer, BookRequest, Counterparties, OfferBook, RequestBook};
 use crate::error::ExchangeError;
 use crate::types::{
-    BalanceProof, Cancel, Offer, PartyStatus, Preferences, Protocol, Rating, Request, StatusReport,
-    WgKey, amount, commission,
+    BalanceProof, Cancel, Extend, MAX_DURATION_S, Offer, PartyStatus, Preferences, Protocol,
+    Rating, Request, StatusReport, WgKey, amount, commission,
 };
 
 /// Rules of the engine that come from configuration.
@@ -114,6 +114,17 @@ pub enum Command {
         /// Unix seconds.
         now: u64,
     },
+    /// A signed proposal to extend a deal, with the requester's on-chain balance when
+    /// the requester proposes (0 otherwise: a provider's proposal commits no funds).
+    Extend {
+        /// The message.
+        extend: Extend,
+        /// On-chain `balance` of the deal's requester (saturated to 128 bits).
+        #[serde(with = "amount")]
+        balance: u128,
+        /// Unix seconds.
+        now: u64,
+    },
 }
 
 impl Command {
@@ -127,7 +138,8 @@ impl Command {
             | Self::Report { now, .. }
             | Self::Proof { now, .. }
             | Self::Rate { now, .. }
-            | Self::Prefs { now, .. } => *now,
+            | Self::Prefs { now, .. }
+            | Self::Extend { now, .. } => *now,
         }
     }
 }
@@ -193,6 +205,16 @@ pub enum Outcome {
     },
     /// Preferences were stored.
     PrefsStored,
+    /// An extension proposal was recorded; `extended` when it matched the other
+    /// party's, so the deal now ends at `new_end`.
+    Extend {
+        /// The deal.
+        deal_id: u64,
+        /// The proposed end, unix seconds.
+        new_end: u64,
+        /// Whether the deal was extended by this proposal.
+        extended: bool,
+    },
 }
 
 /// The combined terms of a deal (offer data, request data, agreed price and times).
@@ -294,6 +316,12 @@ pub struct Deal {
     pub rated_by_provider: bool,
     /// Whether the requester has rated the provider.
     pub rated_by_requester: bool,
+    /// The provider's pending proposal of a new end (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_new_end: Option<u64>,
+    /// The requester's pending proposal of a new end; its added value is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_new_end: Option<u64>,
 }
 
 impl Deal {
@@ -333,6 +361,18 @@ pub enum EventKind {
         /// Cumulative amount.
         #[serde(with = "amount")]
         amount: u128,
+    },
+    /// A side proposed a new end for the deal (it replaces that side's earlier one).
+    ExtendProposed {
+        /// Who.
+        actor: Actor,
+        /// The proposed end, unix seconds.
+        new_end: u64,
+    },
+    /// Both sides proposed the same end: the deal now runs to `terms.end`.
+    Extended {
+        /// The updated terms (end, duration, value, commission).
+        terms: Arc<DealTerms>,
     },
 }
 
@@ -699,6 +739,7 @@ impl Exchange {
                 let available = balance.saturating_sub(self.held(&request.requester));
                 if needed > available {
                     return Err(ExchangeError::InsufficientFunds {
+                        field: "max_price_per_ip_second",
                         wallet: request.requester,
                         needed,
                         available,
@@ -732,6 +773,15 @@ impl Exchange {
                 let actor = self.check_rating(rating)?;
                 self.use_nonce(rating.wallet, rating.nonce, rating.expiry);
                 Ok(self.rate(rating, actor))
+            }
+            Command::Extend {
+                extend, balance, ..
+            } => {
+                extend.check(now, ttl)?;
+                self.check_nonce(extend.wallet, extend.nonce)?;
+                let (actor, added) = self.check_extend(extend, *balance)?;
+                self.use_nonce(extend.wallet, extend.nonce, extend.expiry);
+                Ok(self.extend(extend, actor, added))
             }
             Command::Prefs { prefs, .. } => {
                 prefs.check(now, ttl)?;
@@ -942,6 +992,8 @@ impl Exchange {
             proof: None,
             rated_by_provider: false,
             rated_by_requester: false,
+            provider_new_end: None,
+            requester_new_end: None,
         };
         if let Some(t) = deadlines.next_after(now) {
             self.deal_timers.insert((t, id));
@@ -1108,8 +1160,19 @@ impl Exchange {
             });
         }
         let (deadlines, final_) = (d.deadlines, new.is_final());
-        let (provider, requester, offer_id, value) =
-            (d.provider, d.requester, d.offer_id, d.terms.value);
+        let mut pending = 0;
+        if changed && final_ {
+            // A proposal still pending dies with the deal; its hold goes with it.
+            pending = pending_hold(d);
+            d.provider_new_end = None;
+            d.requester_new_end = None;
+        }
+        let (provider, requester, offer_id, value) = (
+            d.provider,
+            d.requester,
+            d.offer_id,
+            d.terms.value.saturating_add(pending),
+        );
         for t in [deadlines.accept_by, deadlines.end, deadlines.settle_by] {
             self.deal_timers.remove(&(t, deal_id));
         }
@@ -1189,6 +1252,153 @@ impl Exchange {
         }
     }
 
+    /// Checks an extension proposal against its deal; returns the proposing side and
+    /// the value the extension adds (`price x (new_end - end)`).
+    fn check_extend(&self, e: &Extend, balance: u128) -> Result<(Actor, u128), ExchangeError> {
+        let d = self
+            .deals
+            .get(&e.deal_id)
+            .ok_or(ExchangeError::UnknownDeal(e.deal_id))?;
+        let actor = d.actor_of(&e.wallet).ok_or(ExchangeError::NotParty {
+            wallet: e.wallet,
+            what: format!("deal {}", e.deal_id),
+        })?;
+        if d.status.is_final() {
+            return Err(ExchangeError::conflict(
+                "deal_id",
+                format!("deal {} is already {}", d.id, d.status.as_str()),
+            ));
+        }
+        let t = &d.terms;
+        if self.now >= t.end {
+            return Err(ExchangeError::conflict(
+                "deal_id",
+                format!(
+                    "deal {} ended at {}; only a running deal is extended",
+                    d.id, t.end
+                ),
+            ));
+        }
+        if e.new_end <= t.end {
+            return Err(ExchangeError::invalid(
+                "new_end",
+                format!("{} is not after the deal's end {}", e.new_end, t.end),
+            ));
+        }
+        if e.new_end - t.start > MAX_DURATION_S {
+            return Err(ExchangeError::invalid(
+                "new_end",
+                format!(
+                    "{} s after the start {}; a deal lasts at most {MAX_DURATION_S} s (30 days)",
+                    e.new_end - t.start,
+                    t.start
+                ),
+            ));
+        }
+        let added = t
+            .price_per_ip_second
+            .checked_mul(u128::from(e.new_end - t.end))
+            .filter(|a| t.value.checked_add(*a).is_some())
+            .ok_or_else(|| {
+                ExchangeError::invalid("new_end", "the added value overflows 128 bits")
+            })?;
+        if actor == Actor::Requester {
+            // The new proposal replaces the earlier one and its hold.
+            let available = balance
+                .saturating_sub(self.held(&d.requester))
+                .saturating_add(pending_hold(d));
+            if added > available {
+                return Err(ExchangeError::InsufficientFunds {
+                    field: "new_end",
+                    wallet: d.requester,
+                    needed: added,
+                    available,
+                });
+            }
+        }
+        Ok((actor, added))
+    }
+
+    fn extend(&mut self, e: &Extend, actor: Actor, added: u128) -> Outcome {
+        let now = self.now;
+        let settle_window = self.cfg.settle_window_s;
+        let bps = self.cfg.commission_bps;
+        let Some(d) = self.deals.get_mut(&e.deal_id) else {
+            return Outcome::Extend {
+                deal_id: e.deal_id,
+                new_end: e.new_end,
+                extended: false,
+            };
+        };
+        let requester = d.requester;
+        let mut release = 0;
+        match actor {
+            Actor::Provider => d.provider_new_end = Some(e.new_end),
+            _ => {
+                release = pending_hold(d);
+                d.requester_new_end = Some(e.new_end);
+            }
+        }
+        d.history.push(HistoryEntry {
+            at: now,
+            actor,
+            what: format!("proposed end {}", e.new_end).into(),
+        });
+        let agreed =
+            d.provider_new_end == Some(e.new_end) && d.requester_new_end == Some(e.new_end);
+        let mut extended = None;
+        let old_deadlines = d.deadlines;
+        if agreed {
+            let mut terms = DealTerms::clone(&d.terms);
+            terms.end = e.new_end;
+            terms.duration_s = e.new_end - terms.start;
+            terms.value = terms.value.saturating_add(added);
+            terms.commission = commission(terms.value, bps);
+            let terms = Arc::new(terms);
+            d.terms = Arc::clone(&terms);
+            d.deadlines.end = e.new_end;
+            d.deadlines.settle_by = e.new_end.saturating_add(settle_window);
+            d.provider_new_end = None;
+            d.requester_new_end = None;
+            d.history.push(HistoryEntry {
+                at: now,
+                actor: Actor::Exchange,
+                what: format!("extended to {}", e.new_end).into(),
+            });
+            extended = Some(terms);
+        }
+        if actor == Actor::Requester {
+            self.release_hold(&requester, release);
+            self.add_hold(requester, added);
+        }
+        self.emit(
+            e.deal_id,
+            EventKind::ExtendProposed {
+                actor,
+                new_end: e.new_end,
+            },
+        );
+        let done = extended.is_some();
+        if let Some(terms) = extended {
+            for t in [
+                old_deadlines.accept_by,
+                old_deadlines.end,
+                old_deadlines.settle_by,
+            ] {
+                self.deal_timers.remove(&(t, e.deal_id));
+            }
+            self.emit(e.deal_id, EventKind::Extended { terms });
+            // The status is unchanged (the clock is before both ends); this re-arms the
+            // deadline timers.
+            self.evaluate(e.deal_id);
+        }
+        Outcome::Extend {
+            deal_id: e.deal_id,
+            new_end: e.new_end,
+            extended: done,
+        }
+    }
+
     fn check_rating(&self, r: &Rating) -> Result<Actor, ExchangeError> {
         let d = self
             .deals
@@ -1249,6 +1459,15 @@ impl Exchange {
             rating,
         }
     }
+}
+
+/// What the exchange holds for the requester's pending extension proposal of `d`.
+fn pending_hold(d: &Deal) -> u128 {
+    d.requester_new_end.map_or(0, |n| {
+        d.terms
+            .price_per_ip_second
+            .saturating_mul(u128::from(n.saturating_sub(d.terms.end)))
+    })
 }
 
 /// Value-weighted mean score in hundredths of a star: `100 x sum(score x value) / sum(value)`.

@@ -45,11 +45,14 @@ pub enum ExchangeError {
         /// The exchange clock (unix seconds).
         now: u64,
     },
-    /// The requester's free balance does not cover the order's maximum cost.
+    /// The requester's free balance does not cover the order's maximum cost (or an
+    /// extension's added value).
     #[error(
-        "field `max_price_per_ip_second`: wallet {wallet} needs {needed} base units, {available} free (on-chain balance minus holds)"
+        "field `{field}`: wallet {wallet} needs {needed} base units, {available} free (on-chain balance minus holds)"
     )]
     InsufficientFunds {
+        /// The field that asks for the money (`max_price_per_ip_second`, `new_end`).
+        field: &'static str,
         /// The requester.
         wallet: Address,
         /// Maximum cost of the request.
@@ -171,7 +174,7 @@ impl ExchangeError {
             Self::BadSignature { .. } => Some("signature".into()),
             Self::Replay { .. } => Some("nonce".into()),
             Self::Expired { .. } => Some("expiry".into()),
-            Self::InsufficientFunds { .. } => Some("max_price_per_ip_second".into()),
+            Self::InsufficientFunds { field, .. } => Some((*field).to_owned()),
             Self::UnknownOrder(_) => Some("order_id".into()),
             Self::UnknownDeal(_) => Some("deal_id".into()),
             Self::NotParty { .. } => Some("wallet".into()),

@@ -73,6 +73,13 @@ pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "post",
+        "/v1/extensions",
+        "A party's signed proposal to extend a running deal to new_end (after its end, at most 30 days after its start); a requester's proposal holds the added value. When both parties proposed the same new_end the deal is extended (same exit, same price; end, value and deadlines move).",
+        Some("SignedExtend"),
+        200,
+    ),
+    (
+        "post",
         "/v1/ratings",
         "Rate the counterparty of an ended deal (1-5, weighted by deal value).",
         Some("SignedRating"),
@@ -162,6 +169,7 @@ pub fn schemas() -> Value {
                 "asns": { "type": "array", "items": { "oneOf": [s("integer"), { "type": "string", "pattern": "^(AS|as)?[0-9]+$" }] } }, "types": strings(), "protocols": strings(),
                 "min_rating": s("integer"),
                 "diversity": { "enum": ["none", "distinct_subnet", "distinct_provider"] },
+                "exclude_providers": { "type": "array", "maxItems": 16, "items": address() },
                 "duration_s": { "type": "integer", "minimum": 5, "maximum": 2_592_000 },
                 "max_price_per_ip_second": amount(), "wg_public_key": s("string"),
                 "expiry": s("integer"), "nonce": s("integer")
@@ -174,6 +182,10 @@ pub fn schemas() -> Value {
             "wallet": address(), "deal_id": s("integer"),
             "status": { "enum": ["accepted", "active", "completed", "failed", "rejected"] },
             "reason": s("string"), "expiry": s("integer"), "nonce": s("integer")
+        })),
+        "Extend": object(&["wallet", "deal_id", "new_end", "expiry", "nonce"], json!({
+            "wallet": address(), "deal_id": s("integer"), "new_end": s("integer"),
+            "expiry": s("integer"), "nonce": s("integer")
         })),
         "Rating": object(&["wallet", "deal_id", "score", "expiry", "nonce"], json!({
             "wallet": address(), "deal_id": s("integer"), "score": { "type": "integer", "minimum": 1, "maximum": 5 },
@@ -191,6 +203,7 @@ pub fn schemas() -> Value {
         "SignedCancel": signed("Cancel"),
         "SignedStatusReport": signed("StatusReport"),
         "SignedRating": signed("Rating"),
+        "SignedExtend": signed("Extend"),
         "SignedPreferences": signed("Preferences"),
         "OfferBatch": object(&["orders"], json!({ "orders": { "type": "array", "items": { "$ref": "#/components/schemas/SignedOffer" } } })),
         "Error": object(&["error"], json!({ "error": object(&["code", "message"], json!({

@@ -35,7 +35,9 @@ use crate::engine::{BookQuery, BookView, Command, Deal, DealEvent, Exchange, Out
 use crate::error::ExchangeError;
 use crate::sign::{self, Signed};
 use crate::store::Store;
-use crate::types::{BalanceProof, Cancel, Offer, Preferences, Rating, Request, StatusReport};
+use crate::types::{
+    BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
+};
 
 /// A signed message as the API carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +443,7 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
         .route("/v1/deals/{id}/proof", get(get_proof))
         .route("/v1/reports", post(post_report))
         .route("/v1/proofs", post(post_proof))
+        .route("/v1/extensions", post(post_extension))
         .route("/v1/ratings", post(post_rating))
         .route("/v1/preferences", post(post_preferences))
         .route("/v1/wallets/{address}/deals", get(get_wallet_deals))
@@ -569,6 +572,26 @@ async fn post_report(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Js
     Ok(Json(
         node.submit(Command::Report {
             report,
+            now: unix_now(),
+        })
+        .await?,
+    ))
+}
+
+async fn post_extension(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Json<Outcome>> {
+    let extend: Extend = verified(&node, &body)?;
+    // Only the requester's proposal commits funds, so only it needs a balance read.
+    let requester = node.read(|ex| ex.deal(extend.deal_id).map(|d| d.requester))?;
+    let balance = if requester == Some(extend.wallet) {
+        let b = node.balances.balance(extend.wallet).await?;
+        u128::try_from(b).unwrap_or(u128::MAX)
+    } else {
+        0
+    };
+    Ok(Json(
+        node.submit(Command::Extend {
+            extend,
+            balance,
             now: unix_now(),
         })
         .await?,

@@ -15,7 +15,7 @@ use alloy_signer_local::PrivateKeySigner;
 use alloy_sol_types::{Eip712Domain, SolStruct, eip712_domain};
 
 use crate::error::ExchangeError;
-use crate::types::{Cancel, Offer, Preferences, Rating, Request, StatusReport};
+use crate::types::{Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport};
 
 /// The typed structs as signed (EIP-712 type names and field names).
 #[allow(missing_docs, unreachable_pub)]
@@ -52,9 +52,18 @@ pub mod typed {
             string[] protocols;
             uint16 minRating;
             string diversity;
+            address[] excludeProviders;
             uint64 durationS;
             uint256 maxPricePerIpSecond;
             bytes32 wgPublicKey;
+            uint64 expiry;
+            uint64 nonce;
+        }
+        /// Proposes a deal's new end.
+        struct Extend {
+            address wallet;
+            uint64 dealId;
+            uint64 newEnd;
             uint64 expiry;
             uint64 nonce;
         }
@@ -182,6 +191,7 @@ impl Signed for Request {
                 .collect(),
             minRating: self.min_rating,
             diversity: self.diversity.as_str().to_owned(),
+            excludeProviders: self.exclude_providers.clone(),
             durationS: self.duration_s,
             maxPricePerIpSecond: U256::from(self.max_price_per_ip_second),
             wgPublicKey: B256::from(self.wg_public_key.0),
@@ -195,6 +205,25 @@ impl Signed for Request {
     }
     fn author_field(&self) -> &'static str {
         "requester"
+    }
+}
+
+impl Signed for Extend {
+    fn signing_hash(&self, domain: &Eip712Domain) -> B256 {
+        typed::Extend {
+            wallet: self.wallet,
+            dealId: self.deal_id,
+            newEnd: self.new_end,
+            expiry: self.expiry,
+            nonce: self.nonce,
+        }
+        .eip712_signing_hash(domain)
+    }
+    fn author(&self) -> Address {
+        self.wallet
+    }
+    fn author_field(&self) -> &'static str {
+        "wallet"
     }
 }
 

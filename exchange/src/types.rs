@@ -21,6 +21,8 @@ pub const MAX_COUNT: u32 = 1000;
 pub const MAX_CAPACITY: u32 = 100_000;
 /// Most values in one any-of filter list.
 pub const MAX_FILTER_VALUES: usize = 64;
+/// Most providers one request may exclude.
+pub const MAX_EXCLUDED_PROVIDERS: usize = 16;
 /// Highest rating, in hundredths of a star (5.00 stars).
 pub const MAX_RATING: u16 = 500;
 
@@ -266,6 +268,10 @@ pub struct Request {
     /// How spread out the exits must be.
     #[serde(default)]
     pub diversity: Diversity,
+    /// Never match an offer of these providers (at most 16), e.g. ones that failed the
+    /// requester before.
+    #[serde(default)]
+    pub exclude_providers: Vec<Address>,
     /// Rental duration, seconds (5 s to 30 days).
     pub duration_s: u64,
     /// Highest price per IP-second accepted, base units.
@@ -371,6 +377,24 @@ pub struct StatusReport {
     /// Free text (at most 256 bytes), e.g. why it failed.
     #[serde(default)]
     pub reason: String,
+    /// The message is refused after this time.
+    pub expiry: u64,
+    /// Unique per wallet among unexpired messages.
+    pub nonce: u64,
+}
+
+/// A party's proposal to extend a running deal to `new_end` (same exit, same price).
+/// The deal is extended when both parties proposed the same `new_end`; a party's later
+/// proposal replaces its earlier one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extend {
+    /// The proposing side; must be the signer and a party of the deal.
+    pub wallet: Address,
+    /// The deal.
+    pub deal_id: u64,
+    /// The new end, unix seconds: after the current end, at most 30 days after the start.
+    pub new_end: u64,
     /// The message is refused after this time.
     pub expiry: u64,
     /// Unique per wallet among unexpired messages.
@@ -584,6 +608,16 @@ impl Request {
         self.types.sort_unstable_by_key(|k| k.as_str());
         self.types.dedup();
         sort_dedup(&mut self.protocols);
+        if self.exclude_providers.len() > MAX_EXCLUDED_PROVIDERS {
+            return Err(ExchangeError::invalid(
+                "exclude_providers",
+                format!(
+                    "{} providers, at most {MAX_EXCLUDED_PROVIDERS}",
+                    self.exclude_providers.len()
+                ),
+            ));
+        }
+        sort_dedup(&mut self.exclude_providers);
         if self.min_rating > MAX_RATING {
             return Err(ExchangeError::invalid(
                 "min_rating",
@@ -625,10 +659,16 @@ impl Request {
             })
     }
 
-    /// Whether `offer`'s attributes, protocols and duration bounds satisfy this
-    /// request's filters (not price, rating or diversity).
+    /// Whether the request excludes `provider`.
+    pub fn excludes(&self, provider: &Address) -> bool {
+        self.exclude_providers.contains(provider)
+    }
+
+    /// Whether `offer`'s provider, attributes, protocols and duration bounds satisfy
+    /// this request's filters (not price, rating or diversity).
     pub fn accepts_attributes(&self, offer: &Offer) -> bool {
-        (self.countries.is_empty() || self.countries.contains(&offer.country))
+        !self.excludes(&offer.provider)
+            && (self.countries.is_empty() || self.countries.contains(&offer.country))
             && (self.regions.is_empty()
                 || offer
                     .region
@@ -655,6 +695,20 @@ impl StatusReport {
         }
         if self.reason.len() > 256 {
             return Err(ExchangeError::invalid("reason", "longer than 256 bytes"));
+        }
+        Ok(())
+    }
+}
+
+impl Extend {
+    /// Checks the message fields (the deal-dependent rules are the engine's).
+    pub fn check(&self, now: u64, max_ttl: u64) -> Result<(), ExchangeError> {
+        check_expiry(self.expiry, now, max_ttl)?;
+        if self.new_end <= now {
+            return Err(ExchangeError::invalid(
+                "new_end",
+                format!("{} is not in the future (now {now})", self.new_end),
+            ));
         }
         Ok(())
     }

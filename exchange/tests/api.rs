@@ -8,7 +8,9 @@ use alloy_primitives::{Address, B256};
 use alloy_signer_local::PrivateKeySigner;
 use common::{Node, nonce, offer, request};
 use ipsx_exchange::server::{BatchItem, SignedMessage, unix_now};
-use ipsx_exchange::{DealStatus, ExchangeError, Outcome, PartyStatus, Rating, StatusReport, sign};
+use ipsx_exchange::{
+    DealStatus, ExchangeError, Extend, Outcome, PartyStatus, Rating, StatusReport, sign,
+};
 use serde_json::{Value, json};
 
 fn remote(e: ExchangeError) -> (u16, String, Option<String>) {
@@ -549,6 +551,10 @@ async fn openapi_documents_every_served_route_and_every_message_field() {
         fields(serde_json::to_value(&r).unwrap()),
         fields(schemas["Request"]["properties"].clone())
     );
+    assert_eq!(
+        fields(serde_json::to_value(ext(key.address(), 1, 2)).unwrap()),
+        fields(schemas["Extend"]["properties"].clone())
+    );
     node.stop().await;
 }
 
@@ -761,6 +767,268 @@ async fn a_failed_journal_write_is_a_503_and_the_node_stops_accepting_writes() {
     assert_eq!(
         remote(c.book(&Default::default()).await.unwrap_err()).0,
         503
+    );
+    node.stop().await;
+}
+
+/// A deal between two fresh wallets (requester funded with `funds`), both sides active.
+async fn active_deal(node: &Node, funds: u128) -> (PrivateKeySigner, PrivateKeySigner, u64) {
+    let (p, r) = (PrivateKeySigner::random(), PrivateKeySigner::random());
+    let (cp, cr) = (node.client(&p), node.client(&r));
+    node.fund(r.address(), funds);
+    cp.post_offer(&offer(p.address(), 5, "nl", 2, 1))
+        .await
+        .unwrap();
+    let Outcome::RequestPosted { deals, .. } = cr
+        .post_request(&request(r.address(), 1, "nl", 5, 60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let id = deals[0];
+    for (c, k) in [(&cp, &p), (&cr, &r)] {
+        for status in [PartyStatus::Accepted, PartyStatus::Active] {
+            c.report(&StatusReport {
+                wallet: k.address(),
+                deal_id: id,
+                status,
+                reason: String::new(),
+                expiry: unix_now() + 60,
+                nonce: nonce(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    (p, r, id)
+}
+
+fn ext(w: Address, deal_id: u64, new_end: u64) -> Extend {
+    Extend {
+        wallet: w,
+        deal_id,
+        new_end,
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_parties_extend_a_deal_and_both_streams_see_it() {
+    let node = Node::start().await;
+    let (p, r, id) = active_deal(&node, 1_000).await;
+    let (cp, cr) = (node.client(&p), node.client(&r));
+    let mut ps = cp.events(p.address(), 0).await.unwrap();
+    let mut rs = cr.events(r.address(), 0).await.unwrap();
+    let d = cr.deal(id).await.unwrap();
+    let new_end = d.terms.end + 30;
+    let out = cr.extend(&ext(r.address(), id, new_end)).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Extend {
+            deal_id: id,
+            new_end,
+            extended: false
+        }
+    );
+    // Price 2: 120 for the deal, 60 more held for the proposal.
+    assert_eq!(cr.profile(r.address()).await.unwrap().held, 180);
+    let out = cp.extend(&ext(p.address(), id, new_end)).await.unwrap();
+    assert!(matches!(out, Outcome::Extend { extended: true, .. }));
+    let after = cr.deal(id).await.unwrap();
+    assert_eq!(
+        (after.terms.end, after.terms.duration_s, after.terms.value),
+        (new_end, 90, 180)
+    );
+    assert_eq!(after.terms.start, d.terms.start);
+    assert_eq!(after.terms.exit_address, d.terms.exit_address);
+    for s in [&mut ps, &mut rs] {
+        let mut seen = Vec::new();
+        while !matches!(
+            seen.last(),
+            Some(ipsx_exchange::engine::EventKind::Extended { .. })
+        ) {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(20), s.next())
+                .await
+                .expect("event within 20 s")
+                .expect("stream open")
+                .unwrap();
+            seen.push(ev.kind);
+        }
+        let n = seen.len();
+        assert!(
+            matches!(
+                &seen[n - 3..],
+                [
+                    ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Requester, new_end: a },
+                    ipsx_exchange::engine::EventKind::ExtendProposed { actor: ipsx_exchange::engine::Actor::Provider, new_end: b },
+                    ipsx_exchange::engine::EventKind::Extended { terms },
+                ] if *a == new_end && *b == new_end && terms.end == new_end
+            ),
+            "{seen:?}"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extension_route_refuses_hostile_bodies_and_writes_nothing() {
+    let node = Node::start().await;
+    let (p, r, id) = active_deal(&node, 1_000).await;
+    let (cp, cr) = (node.client(&p), node.client(&r));
+    let stranger = PrivateKeySigner::random();
+    let cs = node.client(&stranger);
+    let end = cr.deal(id).await.unwrap().terms.end;
+    let start = cr.deal(id).await.unwrap().terms.start;
+    // One accepted proposal, so its nonce can be replayed.
+    let first = cr.sign(&ext(r.address(), id, end + 10)).unwrap();
+    let (s, t) = cr
+        .post_raw("/v1/extensions", serde_json::to_vec(&first).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{t}");
+    let rows = node.journal_rows().await;
+    let held = cr.profile(r.address()).await.unwrap().held;
+    let signed =
+        |c: &ipsx_exchange::Client, e: Extend| serde_json::to_vec(&c.sign(&e).unwrap()).unwrap();
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v =
+            serde_json::to_value(cr.sign(&ext(r.address(), id, end + 20)).unwrap()).unwrap();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let forged = serde_json::to_vec(&SignedMessage {
+        payload: ext(r.address(), id, end + 20),
+        signature: cs.sign(&ext(r.address(), id, end + 20)).unwrap().signature,
+    })
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("malformed json", b"{\"payload\": {".to_vec(), 400, ""),
+        ("empty object", b"{}".to_vec(), 400, "payload"),
+        (
+            "unknown top-level field",
+            with(&|v| v["extra"] = json!(1)),
+            400,
+            "extra",
+        ),
+        (
+            "unknown payload field",
+            with(&|v| v["payload"]["colour"] = json!("red")),
+            400,
+            "colour",
+        ),
+        (
+            "missing new_end",
+            with(&|v| {
+                v["payload"].as_object_mut().unwrap().remove("new_end");
+            }),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end not a number",
+            with(&|v| v["payload"]["new_end"] = json!("soon")),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end negative",
+            with(&|v| v["payload"]["new_end"] = json!(-1)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end past 64 bits",
+            with(&|v| v["payload"]["new_end"] = json!(1.0e20)),
+            400,
+            "new_end",
+        ),
+        (
+            "tampered new_end",
+            with(&|v| v["payload"]["new_end"] = json!(end + 21)),
+            401,
+            "signature",
+        ),
+        ("forged signature", forged, 401, "signature"),
+        (
+            "replayed nonce",
+            serde_json::to_vec(&first).unwrap(),
+            409,
+            "nonce",
+        ),
+        (
+            "new_end in the past",
+            signed(&cr, ext(r.address(), id, unix_now() - 5)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end before the end",
+            signed(&cr, ext(r.address(), id, end - 1)),
+            400,
+            "new_end",
+        ),
+        (
+            "new_end at the end",
+            signed(&cr, ext(r.address(), id, end)),
+            400,
+            "new_end",
+        ),
+        (
+            "beyond 30 days",
+            signed(&cr, ext(r.address(), id, start + 30 * 24 * 3600 + 1)),
+            400,
+            "new_end",
+        ),
+        (
+            "overflow",
+            signed(&cr, ext(r.address(), id, u64::MAX)),
+            400,
+            "new_end",
+        ),
+        (
+            "more than the balance",
+            signed(&cr, ext(r.address(), id, end + 500)),
+            402,
+            "new_end",
+        ),
+        (
+            "a stranger's deal",
+            signed(&cs, ext(stranger.address(), id, end + 20)),
+            403,
+            "wallet",
+        ),
+        (
+            "no such deal",
+            signed(&cr, ext(r.address(), id + 1000, end + 20)),
+            404,
+            "deal_id",
+        ),
+        (
+            "expired",
+            signed(
+                &cr,
+                Extend {
+                    expiry: unix_now() - 1,
+                    ..ext(r.address(), id, end + 20)
+                },
+            ),
+            400,
+            "expiry",
+        ),
+    ];
+    for (name, body, status, field) in cases {
+        let (s, t) = cr.post_raw("/v1/extensions", body).await.unwrap();
+        assert_eq!(s, status, "{name}: {t}");
+        assert!(t.contains(field), "{name}: {t}");
+    }
+    assert_eq!(node.journal_rows().await, rows, "nothing written");
+    assert_eq!(cr.profile(r.address()).await.unwrap().held, held);
+    let d = cp.deal(id).await.unwrap();
+    assert_eq!(
+        (d.terms.end, d.requester_new_end, d.provider_new_end),
+        (end, Some(end + 10), None)
     );
     node.stop().await;
 }

@@ -7,9 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use alloy_primitives::Address;
 use ipsx_exchange::book::NoProfiles;
 use ipsx_exchange::engine::BookQuery;
+use ipsx_exchange::engine::{Actor, EventKind};
 use ipsx_exchange::{
-    Cancel, Command, DealStatus, Diversity, EngineConfig, Exchange, ExchangeError, Offer, Outcome,
-    PartyStatus, Protocol, Rating, Request, StatusReport, WgKey,
+    Cancel, Command, DealStatus, Diversity, EngineConfig, Exchange, ExchangeError, Extend, Offer,
+    Outcome, PartyStatus, Protocol, Rating, Request, StatusReport, WgKey,
 };
 use ipsx_rotation::{CountryCode, ExitKind};
 use proptest::prelude::*;
@@ -72,6 +73,7 @@ fn request(requester: u8, count: u32, countries: &[&str], max_price: u128, nonce
         protocols: vec![],
         min_rating: 0,
         diversity: Diversity::None,
+        exclude_providers: Vec::new(),
         duration_s: 60,
         max_price_per_ip_second: max_price,
         wg_public_key: WgKey([requester; 32]),
@@ -310,6 +312,7 @@ fn funds_cover_the_maximum_cost_and_are_not_used_twice() {
     assert_eq!(
         err,
         ExchangeError::InsufficientFunds {
+            field: "max_price_per_ip_second",
             wallet: wallet(9),
             needed: 1200,
             available: 800
@@ -666,6 +669,8 @@ struct GenRequest {
     diversity: u8,
     max_price: u128,
     cancel: bool,
+    /// Bit n excludes provider n + 1 (16 and above: no exclusion).
+    exclude: u8,
 }
 
 fn gen_offer() -> impl Strategy<Value = GenOffer> {
@@ -703,9 +708,10 @@ fn gen_request() -> impl Strategy<Value = GenRequest> {
         0u8..3,
         1u128..25,
         any::<bool>(),
+        0u8..32,
     )
         .prop_map(
-            |(requester, count, countries, kinds, https, diversity, max_price, cancel)| {
+            |(requester, count, countries, kinds, https, diversity, max_price, cancel, exclude)| {
                 GenRequest {
                     requester,
                     count,
@@ -715,6 +721,7 @@ fn gen_request() -> impl Strategy<Value = GenRequest> {
                     diversity,
                     max_price,
                     cancel,
+                    exclude,
                 }
             },
         )
@@ -771,6 +778,12 @@ fn build_request(g: &GenRequest, nonce: u64) -> Request {
         1 => Diversity::DistinctSubnet,
         _ => Diversity::DistinctProvider,
     };
+    if g.exclude < 16 {
+        r.exclude_providers = (0u8..4)
+            .filter(|b| g.exclude & (1 << b) != 0)
+            .map(|b| wallet(b + 1))
+            .collect();
+    }
     r
 }
 
@@ -843,6 +856,7 @@ proptest! {
                 let r = &requests[&d.request_id];
                 let o = &offers[&d.offer_id];
                 prop_assert!(r.accepts_attributes(o));
+                prop_assert!(!r.exclude_providers.contains(&d.provider), "excluded provider matched");
                 prop_assert!(o.price_per_ip_second <= r.max_price_per_ip_second);
                 prop_assert_eq!(d.terms.price_per_ip_second, o.price_per_ip_second);
                 prop_assert_ne!(d.provider, d.requester);
@@ -966,4 +980,363 @@ fn profiles_are_used_in_matching() {
         panic!()
     };
     assert_eq!(ex.profile(&wallet(1)).min_counterparty_rating, 300);
+}
+
+// === excluded providers, ratings, regions ===
+
+#[test]
+fn excluded_providers_are_never_matched_by_either_path() {
+    let mut ex = Exchange::new(EngineConfig::default());
+    post_offer(
+        &mut ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1),
+    );
+    post_offer(
+        &mut ex,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 2),
+    );
+    // The cheapest provider is excluded: the other one is chosen.
+    let mut r = request(9, 1, &["de"], 10, 3);
+    r.exclude_providers = vec![wallet(1)];
+    let Outcome::RequestPosted { deals, .. } = post_request(&mut ex, r, u128::MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(ex.deal(deals[0]).unwrap().provider, wallet(2));
+    // Excluding both: nothing fills, the request rests; a new offer of an excluded
+    // provider does not fill it either, one of another provider does.
+    let mut r = request(9, 1, &["de"], 10, 4);
+    r.exclude_providers = vec![wallet(2), wallet(1), wallet(3), wallet(1)];
+    let Outcome::RequestPosted {
+        filled, resting, ..
+    } = post_request(&mut ex, r, u128::MAX).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((filled, resting), (0, 1));
+    let (_, deals) = post_offer(
+        &mut ex,
+        offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 1, 5, 5),
+    );
+    assert!(
+        deals.is_empty(),
+        "excluded provider 3 filled a resting request"
+    );
+    let (_, deals) = post_offer(
+        &mut ex,
+        offer(4, [10, 0, 3, 1], "de", ExitKind::Residential, 1, 5, 6),
+    );
+    assert_eq!(deals.len(), 1);
+    assert_eq!(ex.deal(deals[0]).unwrap().provider, wallet(4));
+    // At most 16.
+    let mut r = request(9, 1, &["de"], 10, 7);
+    r.exclude_providers = (1u8..=17).map(wallet).collect();
+    let e = post_request(&mut ex, r.clone(), u128::MAX).unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("exclude_providers"), "{e}");
+    r.exclude_providers.pop();
+    post_request(&mut ex, r, u128::MAX).unwrap();
+}
+
+#[test]
+fn min_rating_is_honoured_by_the_index_and_the_scan() {
+    use ipsx_exchange::book::OfferBook;
+    let mut book = OfferBook::new();
+    // Cheapest is rated 2.00 stars, the next 4.50, the dearest is unrated.
+    book.insert(
+        1,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 1, 1),
+        200,
+        NOW,
+    );
+    book.insert(
+        2,
+        offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 1, 2),
+        450,
+        NOW,
+    );
+    book.insert(
+        3,
+        offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 3, 1, 3),
+        0,
+        NOW,
+    );
+    for (min, want) in [
+        (0u16, vec![1u64, 2, 3]),
+        (200, vec![1, 2]),
+        (201, vec![2]),
+        (450, vec![2]),
+        (451, vec![]),
+    ] {
+        let mut r = request(9, 3, &["de"], 10, 1);
+        r.min_rating = min;
+        assert_eq!(book.select(&r, &[], 3, NOW, &NoProfiles), want, "min {min}");
+        assert_eq!(
+            book.select_naive(&r, &[], 3, NOW, &NoProfiles),
+            want,
+            "min {min}"
+        );
+    }
+}
+
+#[test]
+fn regions_are_honoured_and_compared_normalised() {
+    let mut ex = Exchange::new(EngineConfig::default());
+    let mut a = offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 1, 5, 1);
+    a.region = Some("Bavaria".into());
+    let mut b = offer(2, [10, 0, 1, 1], "de", ExitKind::Residential, 2, 5, 2);
+    b.region = Some("berlin".into());
+    let c = offer(3, [10, 0, 2, 1], "de", ExitKind::Residential, 1, 5, 3);
+    post_offer(&mut ex, a);
+    post_offer(&mut ex, b);
+    post_offer(&mut ex, c);
+    let provider_of = |ex: &Exchange, out: Outcome| -> Vec<Address> {
+        let Outcome::RequestPosted { deals, .. } = out else {
+            panic!()
+        };
+        deals
+            .iter()
+            .map(|d| ex.deal(*d).unwrap().provider)
+            .collect()
+    };
+    // Only Berlin, though Bavaria and the region-less offer are as cheap or cheaper.
+    let mut r = request(9, 3, &["de"], 10, 4);
+    r.regions = vec!["BERLIN".into()];
+    let out = post_request(&mut ex, r, u128::MAX).unwrap();
+    assert_eq!(provider_of(&ex, out), vec![wallet(2)]);
+    // Any of two regions; an offer without a region never matches a region filter.
+    let mut r = request(8, 3, &["de"], 10, 5);
+    r.regions = vec!["bavaria".into(), "hamburg".into()];
+    let out = post_request(&mut ex, r, u128::MAX).unwrap();
+    assert_eq!(provider_of(&ex, out), vec![wallet(1)]);
+    // A region no offer has: nothing.
+    let mut r = request(7, 1, &["de"], 10, 6);
+    r.regions = vec!["atlantis".into()];
+    let Outcome::RequestPosted { filled, .. } = post_request(&mut ex, r, u128::MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(filled, 0);
+}
+
+// === extensions ===
+
+fn extend(
+    ex: &mut Exchange,
+    w: u8,
+    deal: u64,
+    new_end: u64,
+    balance: u128,
+    nonce: u64,
+    now: u64,
+) -> Result<Outcome, ExchangeError> {
+    ex.apply(&Command::Extend {
+        extend: Extend {
+            wallet: wallet(w),
+            deal_id: deal,
+            new_end,
+            expiry: now + 60,
+            nonce,
+        },
+        balance,
+        now,
+    })
+}
+
+/// A running deal (provider 1 at price 5, requester 9, 60 s from NOW, both sides
+/// active) and its id.
+fn running_deal(ex: &mut Exchange) -> u64 {
+    post_offer(
+        ex,
+        offer(1, [10, 0, 0, 1], "de", ExitKind::Residential, 5, 1, 1),
+    );
+    let Outcome::RequestPosted { deals, .. } =
+        post_request(ex, request(9, 1, &["de"], 10, 2), 1_000).unwrap()
+    else {
+        panic!()
+    };
+    report(ex, 1, deals[0], PartyStatus::Active, 3, NOW).unwrap();
+    report(ex, 9, deals[0], PartyStatus::Active, 4, NOW).unwrap();
+    deals[0]
+}
+
+#[test]
+fn both_sides_proposing_the_same_end_extends_the_deal() {
+    let mut ex = Exchange::new(EngineConfig::default());
+    let id = running_deal(&mut ex);
+    let end = NOW + 60;
+    assert_eq!(ex.held(&wallet(9)), 300);
+    // The requester proposes +40 s: 200 more is held (balance 1000, 300 held).
+    let out = extend(&mut ex, 9, id, end + 40, 1_000, 10, NOW + 10).unwrap();
+    assert_eq!(
+        out,
+        Outcome::Extend {
+            deal_id: id,
+            new_end: end + 40,
+            extended: false
+        }
+    );
+    assert_eq!(ex.held(&wallet(9)), 500);
+    // A different proposal replaces it (and its hold).
+    extend(&mut ex, 9, id, end + 20, 1_000, 11, NOW + 10).unwrap();
+    assert_eq!(ex.held(&wallet(9)), 400);
+    assert_eq!(ex.deal(id).unwrap().requester_new_end, Some(end + 20));
+    // The provider proposes something else: nothing happens yet.
+    let out = extend(&mut ex, 1, id, end + 40, 0, 12, NOW + 11).unwrap();
+    assert!(matches!(
+        out,
+        Outcome::Extend {
+            extended: false,
+            ..
+        }
+    ));
+    assert_eq!(ex.deal(id).unwrap().terms.end, end);
+    // The provider agrees to the requester's: extended.
+    let out = extend(&mut ex, 1, id, end + 20, 0, 13, NOW + 12).unwrap();
+    assert!(matches!(out, Outcome::Extend { extended: true, .. }));
+    let d = ex.deal(id).unwrap();
+    assert_eq!(
+        (d.terms.end, d.terms.duration_s, d.terms.value),
+        (end + 20, 80, 400)
+    );
+    assert_eq!(
+        d.terms.commission,
+        ipsx_exchange::types::commission(400, 250)
+    );
+    assert_eq!(
+        (d.deadlines.end, d.deadlines.settle_by),
+        (end + 20, end + 20 + 300)
+    );
+    assert_eq!((d.provider_new_end, d.requester_new_end), (None, None));
+    assert_eq!(d.status, DealStatus::Active, "status unchanged");
+    assert_eq!(ex.held(&wallet(9)), 400);
+    // Both parties saw the proposals and the new terms.
+    for w in [1, 9] {
+        let evs = ex.events_for(&wallet(w), 0, 100);
+        let kinds: Vec<_> = evs.iter().rev().take(5).map(|e| e.kind.clone()).collect();
+        assert!(
+            matches!(&kinds[0], EventKind::Extended { terms } if terms.end == end + 20 && terms.value == 400)
+        );
+        assert!(
+            matches!(kinds[1], EventKind::ExtendProposed { actor: Actor::Provider, new_end } if new_end == end + 20)
+        );
+        assert!(
+            matches!(kinds[3], EventKind::ExtendProposed { actor: Actor::Requester, new_end } if new_end == end + 20)
+        );
+    }
+    // The old end passes: still running; the new one: settling, then completed by silence.
+    ex.advance(end + 1);
+    assert_eq!(ex.deal(id).unwrap().status, DealStatus::Active);
+    ex.advance(end + 20 + 300);
+    assert_eq!(ex.deal(id).unwrap().status, DealStatus::Completed);
+    assert_eq!(
+        ex.held(&wallet(9)),
+        0,
+        "the extended value is released at the end"
+    );
+}
+
+#[test]
+fn extensions_are_refused_naming_the_field_and_change_nothing() {
+    let mut ex = Exchange::new(EngineConfig::default());
+    let id = running_deal(&mut ex);
+    let end = NOW + 60;
+    let t = NOW + 10;
+    let before = (
+        format!("{:?}", ex.deal(id)),
+        ex.held(&wallet(9)),
+        ex.last_event_id(),
+    );
+    let cases: Vec<(u8, u64, u64, u128, &str)> = vec![
+        (9, 999, end + 10, 1_000, "deal_id"), // no such deal
+        (5, id, end + 10, 1_000, "wallet"),   // a stranger
+        (9, id, end, 1_000, "new_end"),       // not after the end
+        (9, id, end - 5, 1_000, "new_end"),   // before the end
+        (9, id, t, 1_000, "new_end"),         // now
+        (9, id, NOW - 5, 1_000, "new_end"),   // in the past
+        (9, id, NOW + 30 * 24 * 3600 + 1, u128::MAX, "new_end"), // beyond 30 days
+        (9, id, end + 141, 1_000, "new_end"), // 705 > 1000 - 300 free
+        (9, id, u64::MAX, u128::MAX, "new_end"), // overflow / too long
+    ];
+    for (i, (w, deal, new_end, balance, field)) in cases.into_iter().enumerate() {
+        let e = extend(&mut ex, w, deal, new_end, balance, 100 + i as u64, t).unwrap_err();
+        assert_eq!(e.field().as_deref(), Some(field), "case {i}: {e}");
+    }
+    assert_eq!(
+        (
+            format!("{:?}", ex.deal(id)),
+            ex.held(&wallet(9)),
+            ex.last_event_id()
+        ),
+        before,
+        "refusals change nothing"
+    );
+    // 30 days exactly is fine; a nonce is used once.
+    extend(&mut ex, 9, id, NOW + 30 * 24 * 3600, u128::MAX, 200, t).unwrap();
+    let e = extend(&mut ex, 9, id, end + 10, u128::MAX, 200, t).unwrap_err();
+    assert!(matches!(e, ExchangeError::Replay { .. }));
+    // An ended deal and a final one are not extended; a final deal drops the pending
+    // proposal's hold.
+    let e = extend(&mut ex, 9, id, end + 10, u128::MAX, 201, end).unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("deal_id"));
+    report(&mut ex, 9, id, PartyStatus::Failed, 202, end + 1).unwrap();
+    assert!(ex.deal(id).unwrap().status.is_final());
+    assert_eq!(ex.held(&wallet(9)), 0);
+    assert_eq!(ex.deal(id).unwrap().requester_new_end, None);
+    let e = extend(&mut ex, 1, id, end + 10, 0, 203, end + 2).unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("deal_id"));
+}
+
+#[test]
+fn a_pending_proposal_is_released_when_the_deal_ends() {
+    let mut ex = Exchange::new(EngineConfig::default());
+    let id = running_deal(&mut ex);
+    extend(&mut ex, 9, id, NOW + 100, 1_000, 10, NOW + 5).unwrap();
+    assert_eq!(ex.held(&wallet(9)), 500);
+    ex.advance(NOW + 60 + 300);
+    assert!(ex.deal(id).unwrap().status.is_final());
+    assert_eq!(ex.held(&wallet(9)), 0);
+}
+
+proptest! {
+    /// Whatever sequence of proposals: the hold is always running value + pending
+    /// requester proposal, the deal only ever grows to an end both sides proposed, and
+    /// replaying the accepted commands gives the same state.
+    #[test]
+    fn extension_proposals_keep_holds_exact(ops in proptest::collection::vec((any::<bool>(), 1u64..200, 0u64..4), 1..30)) {
+        let mut ex = Exchange::new(EngineConfig::default());
+        let id = running_deal(&mut ex);
+        let mut cmds = Vec::new();
+        let mut last: [Option<u64>; 2] = [None, None];
+        let mut now = NOW;
+        for (i, (by_provider, add, dt)) in ops.into_iter().enumerate() {
+            // The clock only moves forward, as the server's does.
+            now += dt % 4;
+            let end_before = ex.deal(id).unwrap().terms.end;
+            let new_end = end_before + add;
+            let cmd = Command::Extend {
+                extend: Extend { wallet: wallet(if by_provider { 1 } else { 9 }), deal_id: id, new_end, expiry: now + 60, nonce: 1_000 + i as u64 },
+                balance: 2_000,
+                now,
+            };
+            if let Ok(Outcome::Extend { extended, .. }) = ex.apply(&cmd) {
+                cmds.push(cmd);
+                last[usize::from(by_provider)] = Some(new_end);
+                if extended {
+                    prop_assert_eq!(last[0], last[1]);
+                    last = [None, None];
+                }
+            }
+            let d = ex.deal(id).unwrap();
+            prop_assert!(d.terms.end >= end_before);
+            prop_assert_eq!(d.terms.value, 5 * u128::from(d.terms.duration_s));
+            let pending = d.requester_new_end.map_or(0, |n| 5 * u128::from(n - d.terms.end));
+            prop_assert_eq!(ex.held(&wallet(9)), d.terms.value + pending);
+            prop_assert!(ex.held(&wallet(9)) <= 2_000);
+        }
+        let mut again = Exchange::new(EngineConfig::default());
+        running_deal(&mut again);
+        for c in &cmds {
+            again.apply(c).unwrap();
+        }
+        prop_assert_eq!(format!("{:?}", again.deal(id)), format!("{:?}", ex.deal(id)));
+        prop_assert_eq!(again.held(&wallet(9)), ex.held(&wallet(9)));
+    }
 }

@@ -14,7 +14,7 @@ use alloy_signer_local::PrivateKeySigner;
 use common::{nonce, offer, request};
 use ipsx_exchange::engine::BookQuery;
 use ipsx_exchange::server::unix_now;
-use ipsx_exchange::{Client, DealStatus, Outcome, PartyStatus, StatusReport};
+use ipsx_exchange::{Client, DealStatus, Extend, Outcome, PartyStatus, StatusReport};
 
 /// The child node; killed (SIGKILL) on drop, even when the test panics.
 struct Child9 {
@@ -118,6 +118,27 @@ async fn kill_9_loses_no_acknowledged_order_deal_or_status() {
     cp.report(&rep(p.address(), deals[5], PartyStatus::Failed))
         .await
         .unwrap();
+    // An applied extension (deal 0) and a pending proposal (deal 1).
+    let ext = |w: Address, d: u64, new_end: u64| Extend {
+        wallet: w,
+        deal_id: d,
+        new_end,
+        expiry: unix_now() + 60,
+        nonce: nonce(),
+    };
+    let end0 = cr.deal(deals[0]).await.unwrap().terms.end;
+    cr.extend(&ext(r.address(), deals[0], end0 + 60))
+        .await
+        .unwrap();
+    let out = cp
+        .extend(&ext(p.address(), deals[0], end0 + 60))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Extend { extended: true, .. }));
+    let end1 = cr.deal(deals[1]).await.unwrap().terms.end;
+    cr.extend(&ext(r.address(), deals[1], end1 + 30))
+        .await
+        .unwrap();
     let before_deals = cr.deals_of(r.address()).await.unwrap();
     let before_profile = cr.profile(r.address()).await.unwrap();
     // Orders in flight while the process is killed: each either was acknowledged (and
@@ -209,6 +230,20 @@ async fn kill_9_loses_no_acknowledged_order_deal_or_status() {
         cr.deal(deals[5]).await.unwrap().status,
         DealStatus::Terminated
     );
+    // The extension and the pending proposal survived: the provider's agreement now
+    // extends deal 1.
+    let d0 = cr.deal(deals[0]).await.unwrap();
+    assert_eq!((d0.terms.end, d0.deadlines.end), (end0 + 60, end0 + 60));
+    assert_eq!(
+        cr.deal(deals[1]).await.unwrap().requester_new_end,
+        Some(end1 + 30)
+    );
+    let out = cp
+        .extend(&ext(p.address(), deals[1], end1 + 30))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Extend { extended: true, .. }));
+    assert_eq!(cr.deal(deals[1]).await.unwrap().terms.end, end1 + 30);
     // Replayed nonces stay refused after the restart; new orders work.
     let again = cp.sign(&offer(p.address(), 251, "de", 2, 1)).unwrap();
     assert_eq!(

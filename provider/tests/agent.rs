@@ -17,7 +17,7 @@ use alloy_primitives::{Address, B256, U256};
 use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::{Deal, Outcome};
 use ipsx_exchange::{
-    Client, DealStatus, ExchangeConfig, PartyStatus, Request, StatusReport, WgKey,
+    Client, DealStatus, ExchangeConfig, Extend, PartyStatus, Request, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::testing::Anvil;
 use ipsx_exchange_client::chain::{ChainClient, Deployment};
@@ -173,7 +173,7 @@ private_key = "0x{key}"
 
 [timings]
 offer_ttl = "1h"
-window = "5s"
+first_window = "5s"
 grace = "3s"
 claim_interval = "4s"
 poll = "500ms"
@@ -250,6 +250,7 @@ impl Renter {
             protocols: vec![],
             min_rating: 0,
             diversity: Default::default(),
+            exclude_providers: Vec::new(),
             duration_s,
             max_price_per_ip_second: PRICE,
             wg_public_key: WgKey(wg.public_key()),
@@ -482,6 +483,154 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     agent.shutdown().await.unwrap();
 }
 
+/// A deal being served: the renter, its channel, the first payment, when service
+/// started, and the tunnel (the exit address already checked through it).
+struct Served {
+    r: Renter,
+    channel: B256,
+    first: u128,
+    from: Instant,
+    tunnel: Tunnel,
+}
+
+/// Rents for `duration_s`, opens a channel for the deal's value, pays the first window,
+/// waits until the agent serves and reports active, checks the exit address through
+/// the tunnel and reports active.
+async fn start_served(
+    w: &World,
+    agent: &AgentHandle,
+    target: SocketAddr,
+    duration_s: u64,
+) -> Served {
+    let r = Renter::rent(w, duration_s).await;
+    let id = r.id();
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
+    let first = r.due(Duration::ZERO);
+    r.client.post_proof(id, channel, first).await.unwrap();
+    agent
+        .wait_until(WAIT, |s| {
+            s.deal(id)
+                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
+        })
+        .await
+        .expect("served after the first proof");
+    let from = Instant::now();
+    let tunnel = r.tunnel().await;
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    r.report(PartyStatus::Active).await;
+    Served {
+        r,
+        channel,
+        first,
+        from,
+        tunnel,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a_top_up() {
+    let w = World::new().await;
+    let agent = w.agent(1).await;
+    let target = common::whoami_server("127.0.0.1:0").await;
+    let Served {
+        mut r,
+        channel,
+        first,
+        from: served_from,
+        tunnel,
+    } = start_served(&w, &agent, target, 15).await;
+    let id = r.id();
+    let (old_end, old_value) = (r.deal.terms.end, r.deal.terms.value);
+
+    // The requester proposes 10 s more; the agent, served and paid up, agrees.
+    let new_end = old_end + 10;
+    let (expiry, nonce) = ipsx_exchange::client::fresh();
+    let out = r
+        .client
+        .extend(&Extend {
+            wallet: w.requester.address(),
+            deal_id: id,
+            new_end,
+            expiry,
+            nonce,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Extend {
+                extended: false,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    agent
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.end == new_end))
+        .await
+        .expect("the agent agrees and serves to the new end");
+    r.deal = r.client.deal(id).await.unwrap();
+    assert_eq!(r.deal.terms.end, new_end);
+    assert_eq!(r.deal.terms.value, old_value + PRICE * 10);
+    assert!(
+        unix_now() < old_end,
+        "the extension must be agreed before the old end for this test to mean anything"
+    );
+    // The same channel is topped up before paying past the old deposit.
+    r.chain
+        .top_up(channel, U256::from(PRICE * 10))
+        .await
+        .unwrap();
+    let mut paid = first;
+    while unix_now() < old_end + 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let due = r.due(served_from.elapsed());
+        if due > paid {
+            r.client.post_proof(id, channel, due).await.unwrap();
+            paid = due;
+        }
+    }
+    // Past the old end the same exit still serves the requester.
+    assert_eq!(
+        whoami(&tunnel, target).await,
+        EXIT_IP,
+        "still served after the old end"
+    );
+    let paid = pay_until_end(&r, channel, served_from, paid).await;
+    assert!(
+        paid > old_value,
+        "paid {paid}, the old value was {old_value}"
+    );
+    r.report(PartyStatus::Completed).await;
+    let s = agent
+        .wait_until(WAIT, |s| {
+            s.claims.iter().any(|c| c.deal_id == id && c.close)
+        })
+        .await
+        .expect("closing claim");
+    let d = s.deal(id).unwrap();
+    assert_eq!(d.claimed, paid, "the final claim is the last proof");
+    assert!(d.proof_rejection.is_none(), "{:?}", d.proof_rejection);
+    let claims: Vec<_> = s.claims.iter().filter(|c| c.deal_id == id).collect();
+    assert_eq!(claims.last().unwrap().amount, paid);
+    assert!(
+        w.deployer.channel(channel).await.unwrap().is_none(),
+        "closed"
+    );
+    tunnel.shutdown().await;
+    agent.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_stall_removes_the_peer_and_reports_failed() {
     let w = World::new().await;
@@ -623,24 +772,14 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
     let mut w = World::new().await;
     let agent = w.agent(1).await;
     let target = common::whoami_server("127.0.0.1:0").await;
-    let r = Renter::rent(&w, 16).await;
+    let Served {
+        r,
+        channel,
+        first,
+        from: served_from,
+        tunnel,
+    } = start_served(&w, &agent, target, 16).await;
     let id = r.id();
-    let channel = r
-        .open_channel(w.provider.address(), r.deal.terms.value)
-        .await;
-    let first = r.due(Duration::ZERO);
-    r.client.post_proof(id, channel, first).await.unwrap();
-    agent
-        .wait_until(WAIT, |s| {
-            s.deal(id)
-                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
-        })
-        .await
-        .expect("served");
-    let served_from = Instant::now();
-    let tunnel = r.tunnel().await;
-    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
-    r.report(PartyStatus::Active).await;
     let connects = agent.status().stream_connects;
 
     // The exchange goes away for a while: the peer keeps being served.

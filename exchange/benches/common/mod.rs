@@ -80,6 +80,7 @@ pub fn request(n: u64, rng: &mut Rng, cc: &[CountryCode]) -> Request {
         protocols: vec![Protocol::Http],
         min_rating: 0,
         diversity: Diversity::None,
+        exclude_providers: Vec::new(),
         duration_s: 60,
         max_price_per_ip_second: 500 + u128::from(rng.below(500)),
         wg_public_key: WgKey([2; 32]),

@@ -181,6 +181,7 @@ pub fn request(
         protocols: vec![Protocol::Http],
         min_rating: 0,
         diversity: Diversity::None,
+        exclude_providers: Vec::new(),
         duration_s,
         max_price_per_ip_second: max_price,
         wg_public_key: WgKey([9; 32]),

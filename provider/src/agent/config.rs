@@ -118,9 +118,15 @@ pub struct Timings {
     /// Offers expire this long after posting; they are re-posted at two thirds of it.
     #[serde(default = "d_offer_ttl", with = "humantime_serde")]
     pub offer_ttl: Duration,
-    /// The prepaid window: the first proof must cover this much service.
-    #[serde(default = "d_window", with = "humantime_serde")]
-    pub window: Duration,
+    /// The first window: service starts once a verified proof covers this much of it
+    /// (default 2 s, `market::DEFAULT_FIRST_WINDOW`); after that the peer stays while
+    /// payment keeps up with service within `grace`.
+    #[serde(default = "d_first_window", with = "humantime_serde")]
+    pub first_window: Duration,
+    /// The old name of the prepaid window (30 s by default then): refused with a hint,
+    /// since it no longer means what it did.
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
     /// How far payment may lag behind service before the peer is removed.
     #[serde(default = "d_grace", with = "humantime_serde")]
     pub grace: Duration,
@@ -135,8 +141,8 @@ pub struct Timings {
 fn d_offer_ttl() -> Duration {
     Duration::from_secs(3600)
 }
-fn d_window() -> Duration {
-    Duration::from_secs(30)
+fn d_first_window() -> Duration {
+    ipsx_exchange_client::market::DEFAULT_FIRST_WINDOW
 }
 fn d_grace() -> Duration {
     Duration::from_secs(10)
@@ -152,7 +158,8 @@ impl Default for Timings {
     fn default() -> Self {
         Self {
             offer_ttl: d_offer_ttl(),
-            window: d_window(),
+            first_window: d_first_window(),
+            window: None,
             grace: d_grace(),
             claim_interval: d_claim(),
             poll: d_poll(),
@@ -323,8 +330,14 @@ impl AgentConfig {
         if t.offer_ttl < Duration::from_secs(10) {
             return Err(bad("timings.offer_ttl", "at least 10s"));
         }
-        if t.window < Duration::from_secs(1) {
-            return Err(bad("timings.window", "at least 1s"));
+        if t.window.is_some() {
+            return Err(bad(
+                "timings.window",
+                "replaced by first_window (service starts once this much is paid; default 2s)",
+            ));
+        }
+        if t.first_window < Duration::from_secs(1) || t.first_window > Duration::from_secs(3600) {
+            return Err(bad("timings.first_window", "between 1s and 1h"));
         }
         if t.poll < Duration::from_millis(50) || t.poll > Duration::from_secs(3600) {
             return Err(bad("timings.poll", "between 50ms and 1h"));
@@ -423,7 +436,7 @@ deployment = "d.json"
 [wallet]
 private_key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
 [timings]
-window = "5s"
+first_window = "5s"
 poll = "500ms"
 [[exit]]
 exit_address = "127.0.0.2"
@@ -444,7 +457,7 @@ capacity = 2
     #[test]
     fn a_good_config_parses_with_defaults() {
         let c = AgentConfig::from_toml(GOOD).unwrap();
-        assert_eq!(c.timings.window, Duration::from_secs(5));
+        assert_eq!(c.timings.first_window, Duration::from_secs(5));
         assert_eq!(c.timings.poll, Duration::from_millis(500));
         assert_eq!(c.timings.grace, Duration::from_secs(10));
         assert_eq!(c.exits[0].price_per_ip_second, Price(1_000_000_000_000));
@@ -483,8 +496,26 @@ capacity = 2
                 "type = \"castle\"",
                 "exit[0].type",
             ),
-            ("window = \"5s\"", "window = \"soon\"", "timings.window"),
-            ("window = \"5s\"", "window = \"0s\"", "timings.window"),
+            (
+                "first_window = \"5s\"",
+                "first_window = \"soon\"",
+                "timings.first_window",
+            ),
+            (
+                "first_window = \"5s\"",
+                "first_window = \"0s\"",
+                "timings.first_window",
+            ),
+            (
+                "first_window = \"5s\"",
+                "first_window = \"2h\"",
+                "timings.first_window",
+            ),
+            (
+                "first_window = \"5s\"",
+                "window = \"30s\"",
+                "timings.window",
+            ),
             ("poll = \"500ms\"", "poll = \"1ms\"", "timings.poll"),
             (
                 "listen = \"127.0.0.2:0\"",

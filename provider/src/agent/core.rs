@@ -10,10 +10,12 @@
 //! the agent never reports, serves or claims twice.
 //!
 //! Rules (docs/market.md): accept while under capacity; serve once a verified proof
-//! covers the first window (`amount_due(price, 0, window, value)`); stop serving when
-//! `payment_covers(price, paid, served, grace)` fails, at the deal's end, or when the
-//! requester leaves; claim periodically and once more (closing the channel) at the end;
-//! rate the requester once the deal is final.
+//! covers the first window (`first_window_due(price, first_window, value)`, a few
+//! seconds); stop serving when `payment_covers(price, paid, served, grace)` fails, at the
+//! deal's end, or when the requester leaves; agree to the requester's extension of a
+//! deal served and paid up, within the exit's longest rental; claim periodically and
+//! once more (closing the channel) at the end, unless no proof ever covered the first
+//! window (then no chain transaction at all); rate the requester once the deal is final.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 use alloy_primitives::{Address, B256};
 use ipsx_exchange::{DealStatus, PartyStatus};
-use ipsx_exchange_client::market::{amount_due, cost, inner_ip_for_deal, payment_covers};
+use ipsx_exchange_client::market::{cost, first_window_due, inner_ip_for_deal, payment_covers};
 
 /// Unix time in milliseconds.
 pub type Millis = u64;
@@ -64,6 +66,10 @@ pub struct Observation {
     pub proof_amount: Option<u128>,
     /// Whether we rated the requester already.
     pub rated_by_provider: bool,
+    /// Our pending proposal of a new end, as the exchange has it.
+    pub provider_new_end: Option<u64>,
+    /// The requester's pending proposal of a new end.
+    pub requester_new_end: Option<u64>,
 }
 
 /// A payment channel as read from the chain.
@@ -169,6 +175,13 @@ pub enum Action {
         /// 1 to 5.
         score: u8,
     },
+    /// Propose the same new end the requester proposed (agreeing to the extension).
+    ProposeExtend {
+        /// Deal.
+        deal_id: u64,
+        /// The new end, unix seconds.
+        new_end: u64,
+    },
 }
 
 /// The kinds of work tracked per deal (one in flight each).
@@ -184,6 +197,8 @@ pub enum Kind {
     Claim = 3,
     /// Ratings.
     Rate = 4,
+    /// Extension proposals.
+    Extend = 5,
 }
 
 /// Where a deal is in its life, from our side.
@@ -202,8 +217,8 @@ pub enum Stage {
 /// Timings the core applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
-    /// The prepaid window.
-    pub window: Duration,
+    /// Service starts once a verified proof covers this much of it.
+    pub first_window: Duration,
     /// Payment lag tolerated.
     pub grace: Duration,
     /// Periodic claims at least this far apart.
@@ -224,6 +239,8 @@ pub struct ExitSlot {
     pub wg_key: [u8; 32],
     /// Deals served at once.
     pub capacity: u32,
+    /// The longest rental the exit's offer accepts (bounds extensions too).
+    pub max_duration: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -270,6 +287,12 @@ pub struct DealView {
     pub rated: bool,
     /// The score given or to give.
     pub score: Option<u8>,
+    /// The deal's end as we serve it, unix seconds (moves with extensions).
+    pub end: u64,
+    /// The deal's value (grows with extensions).
+    pub value: u128,
+    /// The new end we proposed (agreeing to the requester's), until it applies.
+    pub extend_proposed: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,7 +316,11 @@ struct DealState {
     last_claim: Millis,
     score: Option<u8>,
     end_reason: Option<String>,
-    slots: [Slot; 5],
+    /// The requester's proposed end we mean to agree to.
+    extend_to: Option<u64>,
+    /// The end we proposed, as the exchange confirmed it.
+    extend_sent: Option<u64>,
+    slots: [Slot; 6],
 }
 
 /// The score a provider gives: 5 when the proofs covered the service, lower the less
@@ -390,6 +417,29 @@ impl DealState {
             end_reason: self.end_reason.clone(),
             rated: self.rated,
             score: self.score,
+            end: self.info.end,
+            value: self.info.value,
+            extend_proposed: self.extend_sent,
+        }
+    }
+
+    /// Whether the latest verified proof is worth a chain transaction: the deal was
+    /// served, or the proof covered the first window. A deal that never got that far
+    /// ends without touching the chain.
+    fn claim_worthy(&self, first_window: Duration) -> bool {
+        self.proof.as_ref().is_some_and(|p| {
+            self.serve_since.is_some()
+                || p.amount >= first_window_due(self.info.price, first_window, self.info.value)
+        })
+    }
+
+    /// The extension terms moved our end and value (never back).
+    fn extend_terms(&mut self, end: u64, value: u128) {
+        if end > self.info.end {
+            self.info.end = end;
+            self.info.value = self.info.value.max(value);
+            self.extend_to = None;
+            self.extend_sent = None;
         }
     }
 }
@@ -464,6 +514,10 @@ impl Core {
             }
             d.proof_seen = d.proof_seen.max(obs.proof_amount.unwrap_or(0));
             d.rated |= obs.rated_by_provider;
+            d.extend_terms(obs.info.end, obs.info.value);
+            if obs.provider_new_end.is_some() {
+                d.extend_sent = obs.provider_new_end;
+            }
             if d.want
                 .as_ref()
                 .is_some_and(|(w, _)| !d.known.can_move_to(*w))
@@ -471,8 +525,12 @@ impl Core {
                 d.want = None;
             }
             self.react(id, now);
+            if let Some(n) = obs.requester_new_end {
+                self.extend_proposed(id, false, n, now);
+            }
             return;
         }
+        let requester_new_end = obs.requester_new_end;
         let exit = self
             .exits
             .iter()
@@ -496,6 +554,8 @@ impl Core {
             last_claim: now,
             score: None,
             end_reason: None,
+            extend_to: None,
+            extend_sent: obs.provider_new_end,
             slots: Default::default(),
             info: obs.info,
         };
@@ -540,6 +600,9 @@ impl Core {
         }
         self.deals.insert(id, d);
         self.react(id, now);
+        if let Some(n) = requester_new_end {
+            self.extend_proposed(id, false, n, now);
+        }
     }
 
     /// A known deal's status changed on the exchange (events carry the new status).
@@ -573,6 +636,85 @@ impl Core {
                 d.requester = later(d.requester, status);
             }
             self.react(deal_id, now);
+        }
+    }
+
+    /// A side proposed to extend the deal to `new_end` (event stream or poll). We agree
+    /// to the requester's proposal when we serve the deal, its payment is current, the
+    /// exit is still ours and the new length is within the exit's longest rental.
+    pub fn extend_proposed(&mut self, deal_id: u64, provider: bool, new_end: u64, now: Millis) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        if provider {
+            d.extend_sent = Some(new_end);
+            return;
+        }
+        if d.extend_sent == Some(new_end) || d.extend_to == Some(new_end) {
+            return;
+        }
+        let max = d
+            .exit
+            .and_then(|x| self.exits.get(x))
+            .map_or(0, |x| x.max_duration.as_secs());
+        let served = Duration::from_millis(now.saturating_sub(d.serve_since.unwrap_or(now)));
+        let refusal = if d.stage != Stage::Serving || d.status.is_final() {
+            Some("the deal is not being served")
+        } else if !payment_covers(d.info.price, d.paid(), served, s.grace) {
+            Some("payment is behind")
+        } else if new_end <= d.info.end {
+            Some("the new end is not after the current end")
+        } else if new_end.saturating_sub(d.info.start) > max {
+            Some("longer than the exit's longest rental")
+        } else {
+            None
+        };
+        match refusal {
+            Some(why) => {
+                tracing::info!(
+                    deal = deal_id,
+                    new_end,
+                    reason = why,
+                    "extension not agreed"
+                );
+                d.extend_to = None;
+            }
+            None => d.extend_to = Some(new_end),
+        }
+    }
+
+    /// Both sides agreed: the deal now ends at `end` and is worth `value`.
+    pub fn extended(&mut self, deal_id: u64, end: u64, value: u128) {
+        if let Some(d) = self.deals.get_mut(&deal_id) {
+            d.extend_terms(end, value);
+        }
+    }
+
+    /// Result of an [`Action::ProposeExtend`].
+    pub fn extend_done(&mut self, deal_id: u64, new_end: u64, r: Result<(), Failure>, now: Millis) {
+        let s = self.settings;
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                d.succeeded(Kind::Extend);
+                if d.info.end < new_end {
+                    d.extend_sent = Some(new_end);
+                }
+                if d.extend_to == Some(new_end) {
+                    d.extend_to = None;
+                }
+            }
+            Err(Failure::Transient(_)) => d.failed(Kind::Extend, now, &s),
+            Err(Failure::Permanent(e)) => {
+                tracing::warn!(deal = deal_id, new_end, error = %e, "extension refused");
+                d.succeeded(Kind::Extend);
+                if d.extend_to == Some(new_end) {
+                    d.extend_to = None;
+                }
+            }
         }
     }
 
@@ -645,6 +787,18 @@ impl Core {
                     });
                 }
             }
+            // Extension.
+            if let Some(new_end) = d.extend_to {
+                if d.stage != Stage::Serving || d.status.is_final() || new_end <= d.info.end {
+                    d.extend_to = None;
+                } else if d.ready(Kind::Extend, now) {
+                    d.start(Kind::Extend);
+                    out.push(Action::ProposeExtend {
+                        deal_id: id,
+                        new_end,
+                    });
+                }
+            }
             // Proofs.
             let unverified = d.proof_seen > d.paid() && d.proof_seen > d.rejected_upto;
             let wants_proof = match d.stage {
@@ -682,7 +836,9 @@ impl Core {
                 }
             }
             // Claims.
+            let worthy = d.claim_worthy(s.first_window);
             if let Some(p) = &d.proof
+                && worthy
                 && !d.closed
                 && d.ready(Kind::Claim, now)
             {
@@ -728,7 +884,7 @@ impl Core {
                     && d.status.is_final()
                     && !d.peer_present
                     && d.want.is_none()
-                    && (d.proof.is_none() || d.closed)
+                    && (!d.claim_worthy(s.first_window) || d.closed)
                     && (d.rated || d.score.is_none())
                     && d.slots.iter().all(|s| !s.inflight)
                     && now >= d.end_ms().saturating_add(KEEP_SETTLED_MS)
@@ -855,7 +1011,7 @@ impl Core {
         self.channels.insert(v.channel.id, deal_id);
         d.proof = Some(v);
         d.rejection = None;
-        let first = amount_due(d.info.price, Duration::ZERO, s.window, d.info.value);
+        let first = first_window_due(d.info.price, s.first_window, d.info.value);
         if d.stage == Stage::Accepted && d.paid() >= first && now < d.end_ms() {
             d.stage = Stage::Serving;
             d.serve_since = Some(now);
@@ -917,18 +1073,21 @@ impl Core {
 
     /// Deals still serving a peer (for shutdown: their latest proofs get claimed).
     pub fn claimable(&self) -> Vec<Action> {
+        let first_window = self.settings.first_window;
         self.deals
             .iter()
             .filter_map(|(&id, d)| {
                 let p = d.proof.as_ref()?;
-                (!d.closed && p.amount > d.claimed).then(|| Action::Claim {
-                    deal_id: id,
-                    exit: d.exit,
-                    key: d.info.requester_wg_key,
-                    channel_id: p.channel.id,
-                    amount: p.amount,
-                    signature: p.signature.clone(),
-                    close: false,
+                (d.claim_worthy(first_window) && !d.closed && p.amount > d.claimed).then(|| {
+                    Action::Claim {
+                        deal_id: id,
+                        exit: d.exit,
+                        key: d.info.requester_wg_key,
+                        channel_id: p.channel.id,
+                        amount: p.amount,
+                        signature: p.signature.clone(),
+                        close: false,
+                    }
                 })
             })
             .collect()
@@ -943,10 +1102,11 @@ mod tests {
     const PRICE: u128 = 10;
     const T0: Millis = 1_000_000_000; // unix ms
     const KEY: [u8; 32] = [1; 32];
+    const MAX_S: u64 = 3_600;
 
     fn settings() -> Settings {
         Settings {
-            window: Duration::from_secs(5),
+            first_window: Duration::from_secs(5),
             grace: Duration::from_secs(3),
             claim_interval: Duration::from_secs(60),
             fresh_for: Duration::from_secs(3600),
@@ -961,6 +1121,7 @@ mod tests {
             vec![ExitSlot {
                 wg_key: KEY,
                 capacity,
+                max_duration: Duration::from_secs(MAX_S),
             }],
         );
         c.exchange_contact(T0);
@@ -985,6 +1146,8 @@ mod tests {
             status: DealStatus::Matched,
             proof_amount: None,
             rated_by_provider: false,
+            provider_new_end: None,
+            requester_new_end: None,
         }
     }
 
@@ -1024,6 +1187,9 @@ mod tests {
                     ..
                 } => c.claim_done(*deal_id, *amount, *close, Ok(*close), now),
                 Action::Rate { deal_id, .. } => c.rate_done(*deal_id, Ok(()), now),
+                Action::ProposeExtend { deal_id, new_end } => {
+                    c.extend_done(*deal_id, *new_end, Ok(()), now)
+                }
                 Action::CheckProof { .. } => {}
             }
         }
@@ -1141,13 +1307,7 @@ mod tests {
 
     #[test]
     fn payment_stall_removes_the_peer_after_grace() {
-        let mut c = core(1);
-        c.observe(obs(1, 60), T0);
-        c.proof_posted(1, 50);
-        settle(&mut c, T0);
-        c.proof_checked(1, Ok(proof(1, 50)), T0);
-        settle(&mut c, T0);
-        settle(&mut c, T0);
+        let mut c = serving(50);
         // 50 covers 5 s; grace 3 s: fine at 8.9 s, failed at 9 s.
         assert!(settle(&mut c, T0 + 8_900).is_empty());
         let a = settle(&mut c, T0 + 9_000);
@@ -1280,6 +1440,7 @@ mod tests {
             vec![ExitSlot {
                 wg_key: KEY,
                 capacity: 1,
+                max_duration: Duration::from_secs(MAX_S),
             }],
         );
         c.exchange_contact(T0);
@@ -1366,15 +1527,185 @@ mod tests {
         )));
     }
 
+    /// Serves deal 1 (60 s from T0) on a first proof of `first`.
+    fn serving(first: u128) -> Core {
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, first);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, first)), T0);
+        settle(&mut c, T0);
+        settle(&mut c, T0);
+        assert!(c.deal(1).unwrap().peer_present);
+        c
+    }
+
     #[test]
-    fn requester_leaving_ends_service_early() {
+    fn the_first_window_is_the_configured_few_seconds() {
+        // First window 5 s at price 10: 49 does not open the tunnel, 50 does, whatever
+        // the deal's length (the old rule asked for a whole prepaid window).
+        let mut c = core(1);
+        c.observe(obs(1, 3_000), T0);
+        c.proof_posted(1, 49);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 49)), T0);
+        assert!(settle(&mut c, T0).is_empty());
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        assert!(
+            settle(&mut c, T0)
+                .iter()
+                .any(|a| matches!(a, Action::AddPeer { .. }))
+        );
+    }
+
+    #[test]
+    fn an_extension_by_the_requester_is_agreed_and_served_to_the_new_end() {
+        let mut c = serving(50);
+        let end = T0 / 1000 + 60;
+        // Our own proposal echoed back changes nothing; the requester's is agreed once.
+        c.extend_proposed(1, true, end + 100, T0 + 1_000);
+        assert!(settle(&mut c, T0 + 1_000).is_empty());
+        c.extend_proposed(1, false, end + 120, T0 + 1_000);
+        let a = settle(&mut c, T0 + 1_000);
+        assert!(matches!(
+            a[..],
+            [Action::ProposeExtend { deal_id: 1, new_end }] if new_end == end + 120
+        ));
+        c.extend_proposed(1, false, end + 120, T0 + 1_100);
+        assert!(settle(&mut c, T0 + 1_100).is_empty(), "replayed proposal");
+        assert_eq!(c.deal(1).unwrap().extend_proposed, Some(end + 120));
+        c.extended(1, end + 120, PRICE * 180);
+        let v = c.deal(1).unwrap();
+        assert_eq!(
+            (v.end, v.value, v.extend_proposed),
+            (end + 120, PRICE * 180, None)
+        );
+        // Paid up, the peer stays past the old end and goes at the new one.
+        for t in (5..=175).step_by(5) {
+            let now = T0 + t * 1_000;
+            let amount = PRICE * u128::from(t + 5);
+            c.proof_posted(1, amount);
+            settle(&mut c, now);
+            c.proof_checked(1, Ok(proof(1, amount)), now);
+            let a = settle(&mut c, now);
+            assert!(
+                !a.iter().any(|a| matches!(a, Action::RemovePeer { .. })),
+                "removed at {t} s"
+            );
+        }
+        assert!(c.deal(1).unwrap().peer_present);
+        let a = settle(&mut c, T0 + 180_000);
+        assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
+        let a = settle(&mut c, T0 + 180_000);
+        assert!(matches!(
+            a[..],
+            [Action::Claim { amount, close: true, .. }] if amount == PRICE * 180
+        ));
+    }
+
+    #[test]
+    fn extensions_are_refused_unless_served_paid_and_within_the_exit_maximum() {
+        let end = T0 / 1000 + 60;
+        // Too long for the exit (3600 s from the start).
+        let mut c = serving(50);
+        c.extend_proposed(1, false, T0 / 1000 + MAX_S + 1, T0 + 1_000);
+        assert!(settle(&mut c, T0 + 1_000).is_empty());
+        c.extend_proposed(1, false, T0 / 1000 + MAX_S, T0 + 1_000);
+        assert!(matches!(
+            settle(&mut c, T0 + 1_000)[..],
+            [Action::ProposeExtend { .. }]
+        ));
+        // Payment behind (50 covers 5 s, grace 3 s: behind at 9 s).
+        let mut c = serving(50);
+        c.extend_proposed(1, false, end + 60, T0 + 9_000);
+        assert!(
+            !c.actions(T0 + 8_000)
+                .iter()
+                .any(|a| matches!(a, Action::ProposeExtend { .. }))
+        );
+        // Not served yet.
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        settle(&mut c, T0);
+        c.extend_proposed(1, false, end + 60, T0 + 1_000);
+        assert!(settle(&mut c, T0 + 1_000).is_empty());
+        // Not later than the end.
+        let mut c = serving(50);
+        c.extend_proposed(1, false, end, T0 + 1_000);
+        assert!(settle(&mut c, T0 + 1_000).is_empty());
+        // A poll showing the requester's pending proposal is enough.
+        let mut c = serving(50);
+        let mut o = obs(1, 60);
+        o.provider_status = PartyStatus::Active;
+        o.requester_new_end = Some(end + 30);
+        c.observe(o, T0 + 1_000);
+        assert!(matches!(
+            settle(&mut c, T0 + 1_000)[..],
+            [Action::ProposeExtend { new_end, .. }] if new_end == end + 30
+        ));
+    }
+
+    #[test]
+    fn a_requester_giving_up_before_service_costs_no_chain_transaction() {
+        // No proof at all: nothing to claim.
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        settle(&mut c, T0);
+        c.party_reported(1, false, PartyStatus::Failed, T0 + 1_000);
+        c.status_changed(1, DealStatus::Terminated, T0 + 1_000);
+        for t in [1_000, 2_000, 70_000, 700_000] {
+            let a = settle(&mut c, T0 + t);
+            assert!(
+                !a.iter().any(|a| matches!(a, Action::Claim { .. })),
+                "{a:?}"
+            );
+        }
+        assert!(c.claimable().is_empty());
+        assert!(c.deal(1).is_none(), "forgotten once settled");
+        // A verified proof short of the first window: still no transaction.
+        let mut c = core(1);
+        c.observe(obs(1, 60), T0);
+        c.proof_posted(1, 20);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 20)), T0);
+        c.party_reported(1, false, PartyStatus::Failed, T0 + 1_000);
+        c.status_changed(1, DealStatus::Terminated, T0 + 1_000);
+        for t in [1_000, 70_000] {
+            assert!(
+                !settle(&mut c, T0 + t)
+                    .iter()
+                    .any(|a| matches!(a, Action::Claim { .. }))
+            );
+        }
+        assert!(c.claimable().is_empty());
+        // A first-window proof, then the requester gives up before the peer was added:
+        // that proof is claimed, closing the channel.
         let mut c = core(1);
         c.observe(obs(1, 60), T0);
         c.proof_posted(1, 50);
         settle(&mut c, T0);
         c.proof_checked(1, Ok(proof(1, 50)), T0);
-        settle(&mut c, T0);
-        settle(&mut c, T0);
+        c.party_reported(1, false, PartyStatus::Failed, T0 + 10);
+        let a = settle(&mut c, T0 + 10);
+        let a2 = settle(&mut c, T0 + 10);
+        assert!(
+            a.iter().chain(&a2).any(|a| matches!(
+                a,
+                Action::Claim {
+                    amount: 50,
+                    close: true,
+                    ..
+                }
+            )),
+            "{a:?} {a2:?}"
+        );
+    }
+
+    #[test]
+    fn requester_leaving_ends_service_early() {
+        let mut c = serving(50);
         c.party_reported(1, false, PartyStatus::Completed, T0 + 2000);
         let a = settle(&mut c, T0 + 2000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
@@ -1416,6 +1747,16 @@ mod tests {
                 outcome: u8,
                 amount: u128,
             },
+            /// The requester proposes to end `20 + extra` s after the start.
+            Propose {
+                deal: u64,
+                extra: u64,
+            },
+            /// The exchange applied an extension to `20 + extra` s.
+            Applied {
+                deal: u64,
+                extra: u64,
+            },
         }
 
         fn party(n: u8) -> PartyStatus {
@@ -1440,6 +1781,8 @@ mod tests {
                     outcome,
                     amount
                 }),
+                (1u64..4, 0u64..4_000).prop_map(|(deal, extra)| Op::Propose { deal, extra }),
+                (1u64..4, 0u64..4_000).prop_map(|(deal, extra)| Op::Applied { deal, extra }),
             ]
         }
 
@@ -1452,6 +1795,7 @@ mod tests {
                 Action::CheckProof { deal_id, .. } => (*deal_id, Kind::CheckProof),
                 Action::Claim { deal_id, .. } => (*deal_id, Kind::Claim),
                 Action::Rate { deal_id, .. } => (*deal_id, Kind::Rate),
+                Action::ProposeExtend { deal_id, .. } => (*deal_id, Kind::Extend),
             }
         }
 
@@ -1460,7 +1804,9 @@ mod tests {
             /// Whatever the exchange and chain say and in whatever order results come
             /// back: one action per kind and deal in flight, no status reported twice,
             /// no peer without a verified first window, no claim above what was verified
-            /// or repeating an amount already claimed (except the closing one).
+            /// or repeating an amount already claimed (except the closing one), no chain
+            /// transaction for a deal never served and never paid its first window, and
+            /// extensions agreed only while serving and within the exit's longest rental.
             #[test]
             fn the_core_keeps_its_promises(ops in proptest::collection::vec(op(), 1..120)) {
                 let mut c = core(2);
@@ -1469,7 +1815,9 @@ mod tests {
                 let mut reported: std::collections::HashSet<(u64, PartyStatus)> = Default::default();
                 let mut verified: HashMap<u64, u128> = HashMap::new();
                 let mut claimed: HashMap<u64, u128> = HashMap::new();
-                let first = amount_due(PRICE, Duration::ZERO, settings().window, PRICE * 20);
+                let mut served: std::collections::HashSet<u64> = Default::default();
+                let start = T0 / 1000;
+                let first = first_window_due(PRICE, settings().first_window, PRICE * 20);
                 for op in ops {
                     match op {
                         Op::Observe { deal, provider, requester, proof } => {
@@ -1480,6 +1828,8 @@ mod tests {
                             c.observe(o, now);
                         }
                         Op::Posted { deal, amount } => c.proof_posted(deal, amount),
+                        Op::Propose { deal, extra } => c.extend_proposed(deal, false, start + 20 + extra, now),
+                        Op::Applied { deal, extra } => c.extended(deal, start + 20 + extra, PRICE * u128::from(20 + extra)),
                         Op::Advance(ms) => now += ms,
                         Op::Contact => c.exchange_contact(now),
                         Op::Resolve { pick, outcome, amount } => {
@@ -1520,6 +1870,7 @@ mod tests {
                                     c.claim_done(deal_id, amount, close, fail.map_or(Ok(close), Err), now);
                                 }
                                 Action::Rate { deal_id, .. } => c.rate_done(deal_id, fail.map_or(Ok(()), Err), now),
+                                Action::ProposeExtend { deal_id, new_end } => c.extend_done(deal_id, new_end, fail.map_or(Ok(()), Err), now),
                             }
                         }
                     }
@@ -1533,8 +1884,19 @@ mod tests {
                             Action::AddPeer { deal_id, .. } => {
                                 let v = c.deal(*deal_id).unwrap();
                                 prop_assert!(v.paid >= first, "peer without the first window");
+                                served.insert(*deal_id);
+                            }
+                            Action::ProposeExtend { deal_id, new_end } => {
+                                let v = c.deal(*deal_id).unwrap();
+                                prop_assert_eq!(v.stage, Stage::Serving);
+                                prop_assert!(*new_end > v.end, "extension not later");
+                                prop_assert!(*new_end - start <= MAX_S, "beyond the exit's longest rental");
                             }
                             Action::Claim { deal_id, amount, close, .. } => {
+                                prop_assert!(
+                                    served.contains(deal_id) || *amount >= first,
+                                    "chain transaction for a deal never served nor paid its first window"
+                                );
                                 prop_assert!(*amount <= verified.get(deal_id).copied().unwrap_or(0));
                                 let done = claimed.get(deal_id).copied().unwrap_or(0);
                                 prop_assert!(*close || *amount > done, "claim repeats {amount}");

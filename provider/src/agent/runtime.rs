@@ -17,7 +17,7 @@ use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::EventKind;
 use ipsx_exchange::engine::Outcome;
 use ipsx_exchange::{
-    Client, Deal, DealEvent, ExchangeError, Offer, PartyStatus, Rating, StatusReport, WgKey,
+    Client, Deal, DealEvent, ExchangeError, Extend, Offer, PartyStatus, Rating, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::{
     BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment,
@@ -262,6 +262,8 @@ fn observation(d: &Deal) -> Observation {
         status: d.status,
         proof_amount: d.proof.as_ref().map(|p| p.cumulative_amount),
         rated_by_provider: d.rated_by_provider,
+        provider_new_end: d.provider_new_end,
+        requester_new_end: d.requester_new_end,
     }
 }
 
@@ -323,6 +325,7 @@ enum Msg {
         Result<(bool, Option<ClaimRecord>), Failure>,
     ),
     Rated(u64, u8, Result<(), Failure>),
+    Extended(u64, u64, Result<(), Failure>),
     Offer(usize, u64),
 }
 
@@ -407,6 +410,7 @@ impl Agent {
             slots.push(ExitSlot {
                 wg_key: handle.public_key(),
                 capacity: x.capacity,
+                max_duration: x.max_duration,
             });
             exit_status.push(ExitStatus {
                 exit_address: x.exit_address,
@@ -420,7 +424,7 @@ impl Agent {
 
         let t = cfg.timings;
         let settings = Settings {
-            window: t.window,
+            first_window: t.first_window,
             grace: t.grace,
             claim_interval: t.claim_interval,
             fresh_for: t
@@ -595,6 +599,14 @@ impl Runtime {
                     }
                     EventKind::StatusChanged => self.core.status_changed(id, ev.status, now),
                     EventKind::Proof { amount } => self.core.proof_posted(id, amount),
+                    EventKind::ExtendProposed { actor, new_end } => {
+                        let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
+                        self.core.extend_proposed(id, provider, new_end, now);
+                    }
+                    EventKind::Extended { terms } => {
+                        tracing::info!(deal = id, end = terms.end, "deal extended");
+                        self.core.extended(id, terms.end, terms.value);
+                    }
                 }
             }
             Msg::Fetched(id, d) => {
@@ -621,6 +633,7 @@ impl Runtime {
                 });
                 self.core.claim_done(id, amount, close, r, now);
             }
+            Msg::Extended(id, new_end, r) => self.core.extend_done(id, new_end, r, now),
             Msg::Rated(id, score, r) => {
                 if r.is_ok() {
                     push_capped(&mut self.status.ratings, (id, score));
@@ -724,6 +737,24 @@ impl Runtime {
                         .map(|_| ())
                         .map_err(|e| classify(&e));
                     let _ = net.tx.send(Msg::Rated(deal_id, score, r));
+                });
+            }
+            Action::ProposeExtend { deal_id, new_end } => {
+                tokio::spawn(async move {
+                    let e = Extend {
+                        wallet: net.wallet,
+                        deal_id,
+                        new_end,
+                        expiry: unix_s() + 600,
+                        nonce: next_nonce(),
+                    };
+                    let r = net
+                        .client
+                        .extend(&e)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify(&e));
+                    let _ = net.tx.send(Msg::Extended(deal_id, new_end, r));
                 });
             }
             Action::CheckProof {

@@ -1,0 +1,1560 @@
+//! The requester side of the market as a sans-IO state machine.
+//!
+//! [`Core`] owns what the gateway knows about its rentals: demand groups, deals, their
+//! payment channels, what was paid, the budget, providers to avoid. The runtime feeds it
+//! [`Input`]s (exchange events, results of its own actions, health, usage, the clock as
+//! unix milliseconds) and carries out the [`Action`]s it returns. The core reads no
+//! clock, does no I/O and never blocks, so every rule here is tested in memory, and a
+//! seeded simulation drives it through hours of virtual time (`tests/simulation.rs`).
+//!
+//! Money rules (`docs/market.md`):
+//! - a deal is paid ahead only as service is observed: a small first window
+//!   (`first_window`) before the provider serves, then `payment_window` ahead of the
+//!   time served once the tunnel is up and its exit verified;
+//! - a proof never exceeds the channel's deposit nor the deal's value;
+//! - a deal that never served is failed, its provider avoided and rated down, and its
+//!   channel closed on chain (`startClose`, then `settle` after the challenge period);
+//! - every channel opened is eventually closed: by the provider's closing claim, or by
+//!   us after `close_grace`;
+//! - once shutdown began nothing is rented, extended or paid for beyond what was served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256};
+use ipsx_exchange::engine::DealTerms;
+use ipsx_exchange::types::PartyStatus;
+use ipsx_exchange_client::market::{amount_due, cost};
+use ipsx_rotation::{ExitAttributes, Filter};
+use serde::{Deserialize, Serialize};
+
+/// Unix time in milliseconds: the core's only clock.
+pub type Millis = u64;
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The longest lease the exchange accepts (30 days), seconds.
+pub const MAX_LEASE_S: u64 = 30 * 24 * 3600;
+
+/// The core's settings, from `[market]` (see `ipsx_config::MarketConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Length of each lease and of each extension.
+    pub deal_duration: Duration,
+    /// Highest price accepted per IP-second.
+    pub max_price_per_ip_second: u128,
+    /// Spend cap over any hour.
+    pub max_spend_per_hour: Option<u128>,
+    /// Spend cap in total.
+    pub max_spend_total: Option<u128>,
+    /// Paid ahead before the provider has served (small).
+    pub first_window: Duration,
+    /// Paid ahead once the exit is verified.
+    pub payment_window: Duration,
+    /// A new balance proof at most this often.
+    pub proof_interval: Duration,
+    /// Extend (or, failing that, replace) a lease this long before it ends.
+    pub renew_ahead: Duration,
+    /// On-demand groups unused this long are let go.
+    pub idle_release: Duration,
+    /// At most this many on-demand groups at once.
+    pub max_on_demand_groups: usize,
+    /// Offers from providers rated below this (hundredths of a star) are not matched.
+    pub min_provider_rating: u16,
+    /// A paid deal whose provider has not started serving by then is failed.
+    pub serve_timeout: Duration,
+    /// A provider that failed us is left out of our requests this long.
+    pub avoid_for: Duration,
+    /// After a deal ends, how long the provider has to close the channel with its
+    /// final claim before we start an uncooperative close.
+    pub close_grace: Duration,
+    /// The Centralizer's challenge period (read from the chain).
+    pub challenge_period: Duration,
+    /// How long a posted request may rest in the book.
+    pub request_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            deal_duration: Duration::from_secs(600),
+            max_price_per_ip_second: u128::MAX,
+            max_spend_per_hour: None,
+            max_spend_total: None,
+            first_window: Duration::from_secs(5),
+            payment_window: Duration::from_secs(30),
+            proof_interval: Duration::from_secs(5),
+            renew_ahead: Duration::from_secs(60),
+            idle_release: Duration::from_secs(300),
+            max_on_demand_groups: 16,
+            min_provider_rating: 0,
+            serve_timeout: Duration::from_secs(30),
+            avoid_for: Duration::from_secs(600),
+            close_grace: Duration::from_secs(60),
+            challenge_period: Duration::from_secs(3600),
+            request_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where one deal is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Matched; accepted, the channel is being opened.
+    Opening,
+    /// Channel open, first (small) window paid; waiting for the provider to serve.
+    Paid,
+    /// The provider serves; our tunnel is coming up and its exit being verified.
+    Connecting,
+    /// Tunnel up, exit verified and in rotation; paying as it goes.
+    Serving,
+    /// Over; see the deal's [`Outcome`].
+    Ended,
+}
+
+/// How a deal ended: decides the report, the rating and whether to avoid the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The lease ran its course, or we let it go (idle, shutdown): served as agreed.
+    Completed,
+    /// The provider ended it (reported completed/failed, or the deal went final).
+    ProviderEnded,
+    /// Rejected at once (price over the cap, shutting down, no matching group).
+    Rejected,
+    /// We could not open the channel or post the first proof (our side's failure).
+    PaymentFailed,
+    /// The provider never started serving after being paid its first window.
+    NeverServed,
+    /// Our tunnel did not come up, or the exit did not leave from the promised address.
+    ExitBroken,
+    /// The tunnel stopped answering while serving.
+    Unhealthy,
+}
+
+impl Outcome {
+    /// The status we report to the exchange.
+    pub fn report(self) -> PartyStatus {
+        match self {
+            Self::Completed | Self::ProviderEnded => PartyStatus::Completed,
+            Self::Rejected => PartyStatus::Rejected,
+            Self::PaymentFailed | Self::NeverServed | Self::ExitBroken | Self::Unhealthy => {
+                PartyStatus::Failed
+            }
+        }
+    }
+
+    /// The provider's rating (1-5 stars), or none when the provider is not to blame
+    /// for anything and did not serve (nothing to rate).
+    pub fn rating(self, served: bool) -> Option<u8> {
+        match self {
+            Self::Completed | Self::ProviderEnded if served => Some(5),
+            Self::Completed | Self::ProviderEnded | Self::Rejected | Self::PaymentFailed => None,
+            Self::Unhealthy => Some(2),
+            Self::NeverServed | Self::ExitBroken => Some(1),
+        }
+    }
+
+    /// Whether the provider is left out of our requests for a while.
+    pub fn avoid(self) -> bool {
+        matches!(self, Self::NeverServed | Self::ExitBroken | Self::Unhealthy)
+    }
+
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::ProviderEnded => "provider_ended",
+            Self::Rejected => "rejected",
+            Self::PaymentFailed => "payment_failed",
+            Self::NeverServed => "never_served",
+            Self::ExitBroken => "exit_broken",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// The on-chain side of a deal's payment channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ChannelPhase {
+    /// Open and in use.
+    Open,
+    /// The deal is over; waiting for the provider's closing claim until `until`.
+    AwaitingClaim {
+        /// Then we close it ourselves.
+        until: Millis,
+    },
+    /// `startClose` was sent; waiting for it to land.
+    Closing,
+    /// `startClose` landed; `settle` is allowed from `settle_after`.
+    Challenge {
+        /// Unix ms.
+        settle_after: Millis,
+    },
+    /// `settle` was sent.
+    Settling,
+    /// Closed on chain: the unspent deposit is back in our balance.
+    Closed,
+}
+
+/// A deal's payment channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Channel {
+    /// Channel id.
+    pub id: B256,
+    /// Tokens locked in it.
+    pub deposit: u128,
+    /// Where it is.
+    pub phase: ChannelPhase,
+    /// Last look-up on chain (unix ms).
+    #[serde(default)]
+    pub checked_at: Millis,
+}
+
+/// Everything the requester knows about one deal; persisted by the runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deal {
+    /// Deal id on the exchange.
+    pub id: u64,
+    /// The demand group's filter (groups are found again by filter after a restart).
+    pub group: Filter,
+    /// Provider wallet.
+    pub provider: Address,
+    /// The terms (updated by extensions).
+    pub terms: DealTerms,
+    /// Where it is.
+    pub phase: Phase,
+    /// How it ended, once `Ended`.
+    pub outcome: Option<Outcome>,
+    /// Free text for the admin API.
+    pub note: String,
+    /// When we saw the match (unix ms).
+    pub matched_at: Millis,
+    /// When the first window was paid (unix ms).
+    pub paid_at: Option<Millis>,
+    /// When the exit went live for us (unix ms): service is counted from then.
+    pub serving_since: Option<Millis>,
+    /// When service ended (unix ms).
+    pub ended_at: Option<Millis>,
+    /// The payment channel, once opened.
+    pub channel: Option<Channel>,
+    /// Highest cumulative amount the exchange accepted from us.
+    pub paid: u128,
+    /// A proof for this amount is in flight.
+    pub paying: Option<u128>,
+    /// When the last proof was sent.
+    pub last_proof_at: Millis,
+    /// A top-up of this amount is in flight.
+    pub topping_up: Option<u128>,
+    /// We proposed extending to this end (unix s).
+    pub extend_to: Option<u64>,
+    /// Extensions agreed so far.
+    pub extensions: u32,
+    /// Requests seen through this deal's exit at the last look.
+    pub requests_seen: u64,
+    /// Whether the provider has been rated.
+    pub rated: bool,
+}
+
+impl Deal {
+    /// Whether the provider's exit ever went live for us.
+    pub fn served(&self) -> bool {
+        self.serving_since.is_some()
+    }
+
+    /// Seconds of service counted at `now` (from going live to the end of service).
+    pub fn served_s(&self, now: Millis) -> u64 {
+        match self.serving_since {
+            Some(since) => self.ended_at.unwrap_or(now).saturating_sub(since) / 1000,
+            None => 0,
+        }
+    }
+
+    /// What the deal's payments may reach at `now` under `s`: the money rule the
+    /// simulation checks (service plus one window ahead, never past value or deposit).
+    pub fn payable(&self, s: &Settings, now: Millis) -> u128 {
+        let price = self.terms.price_per_ip_second;
+        let deposit = self.channel.map_or(0, |c| c.deposit);
+        let cap = self.terms.value.min(deposit);
+        if self.served() {
+            let served = Duration::from_secs(self.served_s(now));
+            amount_due(price, served, s.payment_window, cap)
+        } else if self.channel.is_some() {
+            cost(price, s.first_window.as_secs()).min(cap)
+        } else {
+            0
+        }
+    }
+}
+
+/// The name of a deal's exit in the gateway's rotation: the one place it is made.
+pub fn exit_name(deal_id: u64) -> String {
+    format!("deal-{deal_id}")
+}
+
+/// The deal behind an exit name made by [`exit_name`].
+pub fn deal_of_exit(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("deal-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The attributes a deal's exit gets in rotation.
+pub fn attrs_of(terms: &DealTerms) -> ExitAttributes {
+    ExitAttributes {
+        country: Some(terms.country),
+        region: terms.region.clone(),
+        city: terms.city.clone(),
+        asn: terms.asn,
+        kind: Some(terms.kind),
+    }
+}
+
+/// A demand group: exits matching `filter` to keep rented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// For logs and the admin API.
+    pub name: String,
+    /// What its exits must match.
+    pub filter: Filter,
+    /// How many it wants now.
+    pub want: u32,
+    /// Made on demand (expires when idle) rather than from `[[market.demand]]`.
+    pub on_demand: bool,
+    /// Last time a request used or asked for it.
+    pub last_used: Millis,
+    /// IPs asked for and not matched yet.
+    pub outstanding: u32,
+    /// Until then (the request's expiry).
+    pub outstanding_until: Millis,
+    /// Why renting is refused, if it is.
+    pub refusal: Option<String>,
+}
+
+/// What the runtime tells the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The exchange matched a deal for us.
+    Matched {
+        /// Deal id.
+        deal: u64,
+        /// Provider wallet.
+        provider: Address,
+        /// Terms.
+        terms: DealTerms,
+    },
+    /// The provider reported a status.
+    ProviderReported {
+        /// Deal id.
+        deal: u64,
+        /// Its status.
+        status: PartyStatus,
+    },
+    /// The deal turned final on the exchange.
+    DealFinal {
+        /// Deal id.
+        deal: u64,
+    },
+    /// Both sides agreed an extension; these are the new terms.
+    Extended {
+        /// Deal id.
+        deal: u64,
+        /// New terms.
+        terms: DealTerms,
+    },
+    /// A request was posted; these deals were made at once.
+    RequestPosted {
+        /// Group filter.
+        group: Filter,
+        /// Order id.
+        order: u64,
+        /// Deals made at once.
+        deals: Vec<u64>,
+    },
+    /// The exchange refused a request.
+    RequestFailed {
+        /// Group filter.
+        group: Filter,
+        /// IPs asked for.
+        count: u32,
+        /// Why.
+        error: String,
+    },
+    /// The channel was opened (or found again after a restart).
+    ChannelOpened {
+        /// Deal id.
+        deal: u64,
+        /// Channel id.
+        channel: B256,
+        /// Deposit.
+        deposit: u128,
+    },
+    /// The channel could not be opened.
+    ChannelFailed {
+        /// Deal id.
+        deal: u64,
+        /// Why.
+        error: String,
+    },
+    /// The exchange accepted a proof.
+    ProofPosted {
+        /// Deal id.
+        deal: u64,
+        /// Cumulative amount.
+        amount: u128,
+    },
+    /// The exchange refused a proof, or could not be reached.
+    ProofFailed {
+        /// Deal id.
+        deal: u64,
+        /// Cumulative amount.
+        amount: u128,
+        /// Why.
+        error: String,
+    },
+    /// A top-up landed.
+    ToppedUp {
+        /// Deal id.
+        deal: u64,
+        /// Added.
+        amount: u128,
+    },
+    /// A top-up failed.
+    TopUpFailed {
+        /// Deal id.
+        deal: u64,
+    },
+    /// Our tunnel is up and its exit verified; it is in rotation.
+    ExitLive {
+        /// Deal id.
+        deal: u64,
+    },
+    /// Our tunnel did not come up or the exit address did not verify.
+    ExitFailed {
+        /// Deal id.
+        deal: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The tunnel's health check declared it dead.
+    ExitUnhealthy {
+        /// Deal id.
+        deal: u64,
+    },
+    /// Requests counted through the deal's exit so far.
+    Usage {
+        /// Deal id.
+        deal: u64,
+        /// Requests since the exit went live.
+        requests: u64,
+    },
+    /// The channel is closed on chain (seen by a look-up).
+    ChannelClosed {
+        /// Channel id.
+        channel: B256,
+    },
+    /// The channel is still open on chain; `claimed` so far.
+    ChannelStillOpen {
+        /// Channel id.
+        channel: B256,
+    },
+    /// `startClose` landed; `settle` from `settle_after` (unix ms).
+    CloseStarted {
+        /// Channel id.
+        channel: B256,
+        /// Unix ms.
+        settle_after: Millis,
+    },
+    /// A chain call for this channel's close failed; try again later.
+    CloseFailed {
+        /// Channel id.
+        channel: B256,
+    },
+    /// Shutdown began: rent nothing more (cancel resting requests, refuse matches);
+    /// the live deals keep serving while the gateway drains.
+    Shutdown,
+    /// The gateway drained: end every live deal (reported completed).
+    EndAll,
+}
+
+/// What the core asks the runtime to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Post a request order for `count` IPs matching `filter`.
+    PostRequest {
+        /// The group's filter.
+        filter: Filter,
+        /// IPs.
+        count: u32,
+        /// Lease length, seconds.
+        duration_s: u64,
+        /// Price cap.
+        max_price: u128,
+        /// Minimum provider rating.
+        min_rating: u16,
+        /// Providers to leave out.
+        exclude: Vec<Address>,
+        /// Order expiry, unix s.
+        expiry: u64,
+    },
+    /// Cancel a resting request (shutdown).
+    CancelOrder {
+        /// Order id.
+        order: u64,
+    },
+    /// Report our status for a deal.
+    Report {
+        /// Deal id.
+        deal: u64,
+        /// Status.
+        status: PartyStatus,
+        /// Reason.
+        reason: String,
+    },
+    /// Open the deal's channel with this deposit.
+    OpenChannel {
+        /// Deal id.
+        deal: u64,
+        /// Provider.
+        provider: Address,
+        /// Deposit.
+        deposit: u128,
+    },
+    /// Add to the channel's deposit.
+    TopUp {
+        /// Deal id.
+        deal: u64,
+        /// Channel.
+        channel: B256,
+        /// Added amount.
+        amount: u128,
+    },
+    /// Sign and post a cumulative balance proof.
+    PostProof {
+        /// Deal id.
+        deal: u64,
+        /// Channel.
+        channel: B256,
+        /// Cumulative amount.
+        amount: u128,
+    },
+    /// Bring the tunnel up, verify the exit and put it in rotation.
+    Connect {
+        /// Deal id.
+        deal: u64,
+        /// Terms.
+        terms: Box<DealTerms>,
+    },
+    /// Take the deal's exit out of rotation and shut its tunnel.
+    Disconnect {
+        /// Deal id.
+        deal: u64,
+    },
+    /// Propose extending the lease to `new_end` (unix s).
+    Extend {
+        /// Deal id.
+        deal: u64,
+        /// New end.
+        new_end: u64,
+    },
+    /// Rate the provider.
+    Rate {
+        /// Deal id.
+        deal: u64,
+        /// Stars, 1-5.
+        score: u8,
+    },
+    /// Look the channel up on chain (closed or not).
+    CheckChannel {
+        /// Channel.
+        channel: B256,
+    },
+    /// Start an uncooperative close admitting `amount`.
+    StartClose {
+        /// Channel.
+        channel: B256,
+        /// Cumulative amount admitted owed.
+        amount: u128,
+    },
+    /// Settle a channel after its challenge period.
+    Settle {
+        /// Channel.
+        channel: B256,
+    },
+}
+
+/// What the core answers the gateway when a request's targeting matches no live exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// Renting is under way (the note says what).
+    Renting(String),
+    /// Nothing will be rented; the reason names the cap or setting.
+    Refused(String),
+}
+
+/// The requester's state machine.
+#[derive(Debug, Clone)]
+pub struct Core {
+    s: Settings,
+    groups: Vec<Group>,
+    deals: BTreeMap<u64, Deal>,
+    /// Deal values committed: (when, amount).
+    spend: Vec<(Millis, u128)>,
+    spent_total: u128,
+    /// Deals made at once by our requests, to their group.
+    pending_group: HashMap<u64, Filter>,
+    /// Requests resting in the book: order -> expiry (unix ms).
+    orders: HashMap<u64, Millis>,
+    avoid: HashMap<Address, Millis>,
+    shutting_down: bool,
+    /// Deals changed since the last [`Core::take_dirty`].
+    dirty: Vec<u64>,
+}
+
+impl Core {
+    /// A core with the `[[market.demand]]` groups `(name, filter, count)`.
+    pub fn new(s: Settings, groups: Vec<(String, Filter, u32)>, now: Millis) -> Self {
+        Self {
+            s,
+            groups: groups
+                .into_iter()
+                .map(|(name, filter, want)| Group {
+                    name,
+                    filter,
+                    want,
+                    on_demand: false,
+                    last_used: now,
+                    outstanding: 0,
+                    outstanding_until: now,
+                    refusal: None,
+                })
+                .collect(),
+            deals: BTreeMap::new(),
+            spend: Vec::new(),
+            spent_total: 0,
+            pending_group: HashMap::new(),
+            orders: HashMap::new(),
+            avoid: HashMap::new(),
+            shutting_down: false,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.s
+    }
+
+    /// Every deal, by id.
+    pub fn deals(&self) -> &BTreeMap<u64, Deal> {
+        &self.deals
+    }
+
+    /// One deal.
+    pub fn deal(&self, id: u64) -> Option<&Deal> {
+        self.deals.get(&id)
+    }
+
+    /// The demand groups.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// Whether shutdown began.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Deal values committed since start.
+    pub fn spent_total(&self) -> u128 {
+        self.spent_total
+    }
+
+    /// Deal values committed in the hour before `now`.
+    pub fn spent_last_hour(&self, now: Millis) -> u128 {
+        let from = now.saturating_sub(3_600_000);
+        self.spend
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// Ids of deals changed since the last call (for the store).
+    pub fn take_dirty(&mut self) -> Vec<u64> {
+        let mut d = std::mem::take(&mut self.dirty);
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Deals whose channel is still to be closed, or that still run.
+    pub fn unfinished(&self) -> impl Iterator<Item = &Deal> {
+        self.deals.values().filter(|d| {
+            d.phase != Phase::Ended || d.channel.is_some_and(|c| c.phase != ChannelPhase::Closed)
+        })
+    }
+
+    /// Restores deals from the store after a restart. Deals that were serving go back
+    /// to `Paid` so that the provider's next `active` (or [`Core::resume`]) reconnects
+    /// them; their payments continue from what was paid.
+    pub fn restore(&mut self, deals: Vec<Deal>, now: Millis) {
+        for mut d in deals {
+            d.paying = None;
+            d.topping_up = None;
+            if matches!(d.phase, Phase::Connecting | Phase::Serving) {
+                d.phase = Phase::Paid;
+                d.paid_at = Some(now);
+            }
+            if let Some(c) = &mut d.channel
+                && matches!(c.phase, ChannelPhase::Closing | ChannelPhase::Settling)
+            {
+                // Unknown whether it landed: look again.
+                c.phase = ChannelPhase::AwaitingClaim { until: now };
+            }
+            // A restored deal counts against its group: make the group exist.
+            if d.phase != Phase::Ended
+                && !self.groups.iter().any(|g| g.filter == d.group)
+                && self.groups.iter().filter(|g| g.on_demand).count() < self.s.max_on_demand_groups
+            {
+                self.groups.push(Group {
+                    name: format!("on-demand {}", d.group),
+                    filter: d.group.clone(),
+                    want: 1,
+                    on_demand: true,
+                    last_used: now,
+                    outstanding: 0,
+                    outstanding_until: now,
+                    refusal: None,
+                });
+            }
+            self.spent_total = self.spent_total.saturating_add(d.terms.value);
+            self.spend.push((d.matched_at, d.terms.value));
+            self.deals.insert(d.id, d);
+        }
+    }
+
+    /// Deals restored in `Paid` with a channel whose lease still runs: the runtime
+    /// asks the exchange for their status and reconnects those still active.
+    pub fn resumable(&self, now: Millis) -> Vec<u64> {
+        self.deals
+            .values()
+            .filter(|d| {
+                d.phase == Phase::Paid && d.served() && d.terms.end.saturating_mul(1000) > now
+            })
+            .map(|d| d.id)
+            .collect()
+    }
+
+    /// A request's targeting matched no live exit: make or refresh an on-demand group.
+    pub fn want(&mut self, filter: &Filter, now: Millis) -> Want {
+        if self.shutting_down {
+            return Want::Refused("the gateway is shutting down".into());
+        }
+        let gi = match self.groups.iter().position(|g| g.filter == *filter) {
+            Some(i) => i,
+            None => {
+                let on_demand = self.groups.iter().filter(|g| g.on_demand).count();
+                if on_demand >= self.s.max_on_demand_groups {
+                    return Want::Refused(format!(
+                        "market.max_on_demand_groups ({}) reached: no new exit is rented for {filter} until a group goes idle",
+                        self.s.max_on_demand_groups
+                    ));
+                }
+                self.groups.push(Group {
+                    name: format!("on-demand {filter}"),
+                    filter: filter.clone(),
+                    want: 1,
+                    on_demand: true,
+                    last_used: now,
+                    outstanding: 0,
+                    outstanding_until: now,
+                    refusal: None,
+                });
+                self.groups.len() - 1
+            }
+        };
+        let g = &mut self.groups[gi];
+        g.last_used = now;
+        if g.want == 0 {
+            g.want = 1;
+        }
+        match &g.refusal {
+            Some(r) => Want::Refused(format!("no live exit matches {filter}, and {r}")),
+            None => Want::Renting(format!("renting an exit matching {filter} on the exchange")),
+        }
+    }
+
+    fn touch(&mut self, id: u64) {
+        self.dirty.push(id);
+    }
+
+    /// Feeds one input; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Millis) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Matched {
+                deal,
+                provider,
+                terms,
+            } => self.on_matched(deal, provider, terms, now, &mut out),
+            Input::ProviderReported { deal, status } => match status {
+                PartyStatus::Active => {
+                    if let Some(d) = self.deals.get_mut(&deal)
+                        && d.phase == Phase::Paid
+                        && d.terms.end.saturating_mul(1000) > now
+                    {
+                        d.phase = Phase::Connecting;
+                        out.push(Action::Connect {
+                            deal,
+                            terms: Box::new(d.terms.clone()),
+                        });
+                        self.touch(deal);
+                    }
+                }
+                PartyStatus::Failed | PartyStatus::Rejected | PartyStatus::Completed => {
+                    let outcome = self.provider_outcome(deal);
+                    self.end(deal, outcome, "the provider ended it", now, &mut out);
+                }
+                _ => {}
+            },
+            Input::DealFinal { deal } => {
+                let outcome = self.provider_outcome(deal);
+                self.end(
+                    deal,
+                    outcome,
+                    "the deal ended on the exchange",
+                    now,
+                    &mut out,
+                );
+            }
+            Input::Extended { deal, terms } => {
+                if let Some(d) = self.deals.get_mut(&deal)
+                    && d.phase != Phase::Ended
+                    && terms.end > d.terms.end
+                {
+                    // Its value was counted against the budget when proposed.
+                    d.terms = terms;
+                    d.extend_to = None;
+                    d.extensions += 1;
+                    d.note = format!("extended {} time(s)", d.extensions);
+                    self.touch(deal);
+                    self.top_up_if_needed(deal, &mut out);
+                }
+            }
+            Input::RequestPosted {
+                group,
+                order,
+                deals,
+            } => {
+                for id in deals {
+                    if let Some(d) = self.deals.get_mut(&id) {
+                        d.group = group.clone();
+                    } else {
+                        self.pending_group.insert(id, group.clone());
+                    }
+                }
+                let expiry = now.saturating_add(ms(self.s.request_ttl));
+                self.orders.insert(order, expiry);
+                if self.shutting_down {
+                    self.orders.remove(&order);
+                    out.push(Action::CancelOrder { order });
+                }
+            }
+            Input::RequestFailed {
+                group,
+                count,
+                error,
+            } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.filter == group) {
+                    g.outstanding = g.outstanding.saturating_sub(count);
+                    g.refusal = Some(format!("the exchange refused the request: {error}"));
+                    // Try again after the request's lifetime, not at once.
+                    g.outstanding_until = now.saturating_add(ms(self.s.request_ttl));
+                }
+            }
+            Input::ChannelOpened {
+                deal,
+                channel,
+                deposit,
+            } => {
+                let Some(d) = self.deals.get_mut(&deal) else {
+                    return out;
+                };
+                d.channel = Some(Channel {
+                    id: channel,
+                    deposit,
+                    phase: ChannelPhase::Open,
+                    checked_at: 0,
+                });
+                self.touch(deal);
+                let d = &self.deals[&deal];
+                if d.phase == Phase::Opening {
+                    let first = d.payable(&self.s, now);
+                    self.pay(deal, first, now, &mut out);
+                } else if d.phase == Phase::Ended {
+                    // Ended while opening (shutdown, the provider left): close it.
+                    self.start_channel_close(deal, now, &mut out);
+                }
+            }
+            Input::ChannelFailed { deal, error } => {
+                self.end(
+                    deal,
+                    Outcome::PaymentFailed,
+                    &format!("could not open the payment channel: {error}"),
+                    now,
+                    &mut out,
+                );
+            }
+            Input::ProofPosted { deal, amount } => {
+                if let Some(d) = self.deals.get_mut(&deal) {
+                    d.paid = d.paid.max(amount);
+                    if d.paying == Some(amount) {
+                        d.paying = None;
+                    }
+                    if d.phase == Phase::Opening {
+                        d.phase = Phase::Paid;
+                        d.paid_at = Some(now);
+                    }
+                    self.touch(deal);
+                }
+            }
+            Input::ProofFailed {
+                deal,
+                amount,
+                error,
+            } => {
+                if let Some(d) = self.deals.get_mut(&deal) {
+                    if d.paying == Some(amount) {
+                        d.paying = None;
+                    }
+                    d.note = format!("balance proof refused: {error}");
+                    let first = d.phase == Phase::Opening;
+                    self.touch(deal);
+                    if first {
+                        self.end(
+                            deal,
+                            Outcome::PaymentFailed,
+                            &format!("first balance proof refused: {error}"),
+                            now,
+                            &mut out,
+                        );
+                    }
+                }
+            }
+            Input::ToppedUp { deal, amount } => {
+                if let Some(d) = self.deals.get_mut(&deal) {
+                    d.topping_up = None;
+                    if let Some(c) = &mut d.channel {
+                        c.deposit = c.deposit.saturating_add(amount);
+                    }
+                    self.touch(deal);
+                }
+            }
+            Input::TopUpFailed { deal } => {
+                if let Some(d) = self.deals.get_mut(&deal) {
+                    d.topping_up = None;
+                    d.note = "top-up failed; retrying".into();
+                    self.touch(deal);
+                }
+            }
+            Input::ExitLive { deal } => {
+                if let Some(d) = self.deals.get_mut(&deal) {
+                    if d.phase != Phase::Connecting {
+                        // Ended meanwhile: the exit must not stay in rotation.
+                        out.push(Action::Disconnect { deal });
+                        return out;
+                    }
+                    d.phase = Phase::Serving;
+                    if d.serving_since.is_none() {
+                        d.serving_since = Some(now);
+                    }
+                    d.note = "serving".into();
+                    d.requests_seen = 0;
+                    out.push(Action::Report {
+                        deal,
+                        status: PartyStatus::Active,
+                        reason: String::new(),
+                    });
+                    self.touch(deal);
+                    // Service observed: pay the full window ahead now.
+                    let due = self.deals[&deal].payable(&self.s, now);
+                    self.pay(deal, due, now, &mut out);
+                }
+            }
+            Input::ExitFailed { deal, reason } => {
+                self.end(deal, Outcome::ExitBroken, &reason, now, &mut out);
+            }
+            Input::ExitUnhealthy { deal } => {
+                if self
+                    .deals
+                    .get(&deal)
+                    .is_some_and(|d| d.phase == Phase::Serving)
+                {
+                    self.end(
+                        deal,
+                        Outcome::Unhealthy,
+                        "exit failed: the tunnel stopped answering",
+                        now,
+                        &mut out,
+                    );
+                }
+            }
+            Input::Usage { deal, requests } => {
+                if let Some(d) = self.deals.get_mut(&deal)
+                    && requests != d.requests_seen
+                {
+                    d.requests_seen = requests;
+                    let filter = d.group.clone();
+                    if let Some(g) = self.groups.iter_mut().find(|g| g.filter == filter) {
+                        g.last_used = now;
+                    }
+                }
+            }
+            Input::ChannelClosed { channel } => {
+                if let Some(d) = self.deal_of_channel(channel) {
+                    let id = d.id;
+                    if let Some(c) = &mut self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                        c.phase = ChannelPhase::Closed;
+                    }
+                    self.touch(id);
+                }
+            }
+            Input::ChannelStillOpen { channel } => {
+                if let Some(id) = self.deal_of_channel(channel).map(|d| d.id) {
+                    let d = &self.deals[&id];
+                    if let Some(c) = d.channel
+                        && let ChannelPhase::AwaitingClaim { until } = c.phase
+                        && now >= until
+                    {
+                        // A provider that never served is owed nothing we admit; it
+                        // may still claim our first-window proof in the challenge period.
+                        let amount = if d.served() { d.paid } else { 0 };
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.phase = ChannelPhase::Closing;
+                        }
+                        out.push(Action::StartClose { channel, amount });
+                        self.touch(id);
+                    }
+                }
+            }
+            Input::CloseStarted {
+                channel,
+                settle_after,
+            } => {
+                if let Some(id) = self.deal_of_channel(channel).map(|d| d.id) {
+                    if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut())
+                        && c.phase != ChannelPhase::Closed
+                    {
+                        c.phase = ChannelPhase::Challenge { settle_after };
+                    }
+                    self.touch(id);
+                }
+            }
+            Input::CloseFailed { channel } => {
+                if let Some(id) = self.deal_of_channel(channel).map(|d| d.id) {
+                    if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                        c.phase = match c.phase {
+                            ChannelPhase::Settling => ChannelPhase::Challenge { settle_after: now },
+                            ChannelPhase::Closed => ChannelPhase::Closed,
+                            // Look again (it may have been closed by the provider).
+                            _ => ChannelPhase::AwaitingClaim { until: now },
+                        };
+                    }
+                    self.touch(id);
+                }
+            }
+            Input::Shutdown => {
+                self.shutting_down = true;
+                for g in &mut self.groups {
+                    g.want = 0;
+                    g.outstanding = 0;
+                }
+                let mut orders: Vec<u64> = self.orders.drain().map(|(o, _)| o).collect();
+                orders.sort_unstable();
+                out.extend(
+                    orders
+                        .into_iter()
+                        .map(|order| Action::CancelOrder { order }),
+                );
+            }
+            Input::EndAll => {
+                self.shutting_down = true;
+                let ids: Vec<u64> = self
+                    .deals
+                    .values()
+                    .filter(|d| d.phase != Phase::Ended)
+                    .map(|d| d.id)
+                    .collect();
+                for id in ids {
+                    self.end(
+                        id,
+                        Outcome::Completed,
+                        "gateway shutting down",
+                        now,
+                        &mut out,
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// How a deal the provider (or the exchange) ended counts: a provider that took
+    /// our first window and never served is treated as one that never serves.
+    fn provider_outcome(&self, id: u64) -> Outcome {
+        match self.deals.get(&id) {
+            Some(d) if !d.served() && d.channel.is_some() => Outcome::NeverServed,
+            _ => Outcome::ProviderEnded,
+        }
+    }
+
+    fn deal_of_channel(&self, channel: B256) -> Option<&Deal> {
+        self.deals
+            .values()
+            .find(|d| d.channel.is_some_and(|c| c.id == channel))
+    }
+
+    fn on_matched(
+        &mut self,
+        id: u64,
+        provider: Address,
+        terms: DealTerms,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
+        if self.deals.contains_key(&id) {
+            return; // replayed after a reconnect
+        }
+        let attrs = attrs_of(&terms);
+        let group = self.pending_group.remove(&id).or_else(|| {
+            self.groups
+                .iter()
+                .find(|g| g.outstanding > 0 && g.filter.matches(&attrs))
+                .or_else(|| self.groups.iter().find(|g| g.filter.matches(&attrs)))
+                .map(|g| g.filter.clone())
+        });
+        let over = self.over_budget(terms.value, now);
+        let reject = if self.shutting_down {
+            Some("gateway shutting down".to_string())
+        } else if terms.price_per_ip_second > self.s.max_price_per_ip_second {
+            Some("price above market.max_price_per_ip_second".into())
+        } else if let Some(key) = over {
+            Some(format!("budget: this deal would pass {key}"))
+        } else if group.is_none() {
+            Some("no demand for this exit".into())
+        } else {
+            None
+        };
+        let group = group.unwrap_or_default();
+        if let Some(g) = self.groups.iter_mut().find(|g| g.filter == group) {
+            g.outstanding = g.outstanding.saturating_sub(1);
+        }
+        let value = terms.value;
+        let deposit = value;
+        let mut deal = Deal {
+            id,
+            group,
+            provider,
+            terms,
+            phase: Phase::Opening,
+            outcome: None,
+            note: String::new(),
+            matched_at: now,
+            paid_at: None,
+            serving_since: None,
+            ended_at: None,
+            channel: None,
+            paid: 0,
+            paying: None,
+            last_proof_at: 0,
+            topping_up: None,
+            extend_to: None,
+            extensions: 0,
+            requests_seen: 0,
+            rated: false,
+        };
+        self.touch(id);
+        if let Some(reason) = reject {
+            deal.phase = Phase::Ended;
+            deal.outcome = Some(Outcome::Rejected);
+            deal.note.clone_from(&reason);
+            deal.ended_at = Some(now);
+            self.deals.insert(id, deal);
+            out.push(Action::Report {
+                deal: id,
+                status: PartyStatus::Rejected,
+                reason,
+            });
+            return;
+        }
+        self.spend.push((now, value));
+        self.spent_total = self.spent_total.saturating_add(value);
+        self.deals.insert(id, deal);
+        out.push(Action::Report {
+            deal: id,
+            status: PartyStatus::Accepted,
+            reason: String::new(),
+        });
+        out.push(Action::OpenChannel {
+            deal: id,
+            provider,
+            deposit,
+        });
+    }
+
+    fn pay(&mut self, id: u64, amount: u128, now: Millis, out: &mut Vec<Action>) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        let Some(c) = d.channel else { return };
+        if c.phase != ChannelPhase::Open || d.paying.is_some() || amount <= d.paid {
+            return;
+        }
+        d.paying = Some(amount);
+        d.last_proof_at = now;
+        out.push(Action::PostProof {
+            deal: id,
+            channel: c.id,
+            amount,
+        });
+    }
+
+    fn top_up_if_needed(&mut self, id: u64, out: &mut Vec<Action>) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        let Some(c) = d.channel else { return };
+        if d.phase == Phase::Ended || d.topping_up.is_some() || c.phase != ChannelPhase::Open {
+            return;
+        }
+        let short = d.terms.value.saturating_sub(c.deposit);
+        if short > 0 {
+            d.topping_up = Some(short);
+            out.push(Action::TopUp {
+                deal: id,
+                channel: c.id,
+                amount: short,
+            });
+        }
+    }
+
+    fn end(&mut self, id: u64, outcome: Outcome, reason: &str, now: Millis, out: &mut Vec<Action>) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        if d.phase == Phase::Ended {
+            return;
+        }
+        let was = d.phase;
+        d.phase = Phase::Ended;
+        d.outcome = Some(outcome);
+        d.note = reason.chars().take(200).collect();
+        d.ended_at = Some(now);
+        d.extend_to = None;
+        if matches!(was, Phase::Connecting | Phase::Serving) {
+            out.push(Action::Disconnect { deal: id });
+        }
+        out.push(Action::Report {
+            deal: id,
+            status: outcome.report(),
+            reason: d.note.clone(),
+        });
+        if let Some(score) = outcome.rating(d.served()) {
+            d.rated = true;
+            out.push(Action::Rate { deal: id, score });
+        }
+        let provider = d.provider;
+        self.touch(id);
+        if outcome.avoid() {
+            self.avoid
+                .insert(provider, now.saturating_add(ms(self.s.avoid_for)));
+        }
+        self.start_channel_close(id, now, out);
+    }
+
+    /// After a deal ended: give the provider `close_grace` to close the channel with
+    /// its final claim (at once for a provider that never served), then close it.
+    fn start_channel_close(&mut self, id: u64, now: Millis, out: &mut Vec<Action>) {
+        let s = &self.s;
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        let grace = if d.served() { ms(s.close_grace) } else { 0 };
+        let Some(c) = &mut d.channel else { return };
+        if c.phase != ChannelPhase::Open {
+            return;
+        }
+        c.phase = ChannelPhase::AwaitingClaim {
+            until: now.saturating_add(grace),
+        };
+        if grace == 0 {
+            c.checked_at = now;
+            out.push(Action::CheckChannel { channel: c.id });
+        }
+    }
+
+    /// Forgets deals that ended over an hour before `now` with their channel closed
+    /// (or never opened), keeping memory bounded over weeks; returns their ids.
+    pub fn prune(&mut self, now: Millis) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .deals
+            .values()
+            .filter(|d| {
+                d.phase == Phase::Ended
+                    && d.ended_at
+                        .is_some_and(|t| now.saturating_sub(t) > 3_600_000)
+                    && d.channel.is_none_or(|c| c.phase == ChannelPhase::Closed)
+            })
+            .map(|d| d.id)
+            .collect();
+        for id in &gone {
+            self.deals.remove(id);
+        }
+        let from = now.saturating_sub(3_600_000);
+        self.spend.retain(|(t, _)| *t >= from);
+        gone
+    }
+
+    /// The clock moved: pay, extend, end, close, rent. Call it every few hundred ms.
+    pub fn tick(&mut self, now: Millis) -> Vec<Action> {
+        let mut out = Vec::new();
+        let unix = now / 1000;
+        // Deals: ends, timeouts, payments, extensions, channels.
+        let ids: Vec<u64> = self.deals.keys().copied().collect();
+        for id in ids {
+            let d = &self.deals[&id];
+            if d.phase != Phase::Ended {
+                if unix >= d.terms.end {
+                    self.end(id, Outcome::Completed, "lease over", now, &mut out);
+                } else if d.phase == Phase::Paid
+                    && now.saturating_sub(d.paid_at.unwrap_or(d.matched_at))
+                        > ms(self.s.serve_timeout)
+                {
+                    let (outcome, why) = if d.served() {
+                        (
+                            Outcome::ExitBroken,
+                            "the provider did not serve again after a restart",
+                        )
+                    } else {
+                        (Outcome::NeverServed, "the provider never started serving")
+                    };
+                    self.end(id, outcome, why, now, &mut out);
+                } else if d.phase == Phase::Opening
+                    && d.channel.is_none()
+                    && now.saturating_sub(d.matched_at) > 4 * ms(self.s.serve_timeout)
+                {
+                    // The chain has not answered for a long time; the deal's accept
+                    // deadline has passed on the exchange anyway.
+                    self.end(
+                        id,
+                        Outcome::PaymentFailed,
+                        "the payment channel did not open in time",
+                        now,
+                        &mut out,
+                    );
+                } else if d.phase == Phase::Serving {
+                    let interval = ms(self.s.proof_interval);
+                    if now.saturating_sub(d.last_proof_at) >= interval {
+                        let due = d.payable(&self.s, now);
+                        self.pay(id, due, now, &mut out);
+                    }
+                    self.maybe_extend(id, now, &mut out);
+                    self.top_up_if_needed(id, &mut out);
+                }
+            }
+            let d = &self.deals[&id];
+            if let Some(c) = d.channel {
+                match c.phase {
+                    ChannelPhase::AwaitingClaim { until }
+                        if now >= until && now.saturating_sub(c.checked_at) >= 5_000 =>
+                    {
+                        // Look every few seconds until the provider closed it or we do.
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.checked_at = now;
+                        }
+                        out.push(Action::CheckChannel { channel: c.id });
+                    }
+                    ChannelPhase::Challenge { settle_after } if now >= settle_after => {
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.phase = ChannelPhase::Settling;
+                        }
+                        out.push(Action::Settle { channel: c.id });
+                        self.touch(id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.avoid.retain(|_, until| *until > now);
+        self.orders.retain(|_, exp| *exp > now);
+        if !self.shutting_down {
+            self.expire_groups(now, &mut out);
+            self.plan_requests(now, &mut out);
+        }
+        out
+    }
+
+    fn maybe_extend(&mut self, id: u64, now: Millis, out: &mut Vec<Action>) {
+        if self.shutting_down {
+            return;
+        }
+        let unix = now / 1000;
+        let Some(d) = self.deals.get(&id) else { return };
+        let renew = self.s.renew_ahead.as_secs();
+        if d.extend_to.is_some() || d.terms.end.saturating_sub(unix) > renew {
+            return;
+        }
+        // Only while the group still wants this exit.
+        let Some(g) = self.groups.iter().find(|g| g.filter == d.group) else {
+            return;
+        };
+        let live = self.live_for(&g.filter, unix);
+        if g.want == 0 || live > g.want {
+            return;
+        }
+        let new_end = d
+            .terms
+            .end
+            .saturating_add(self.s.deal_duration.as_secs())
+            .min(d.terms.start.saturating_add(MAX_LEASE_S));
+        if new_end <= d.terms.end {
+            return;
+        }
+        let added = d
+            .terms
+            .price_per_ip_second
+            .saturating_mul(u128::from(new_end - d.terms.end));
+        if self.over_budget(added, now).is_some() {
+            return;
+        }
+        if let Some(d) = self.deals.get_mut(&id) {
+            d.extend_to = Some(new_end);
+            self.touch(id);
+        }
+        // Counted now, so that no agreement can pass a cap; an extension the provider
+        // does not agree to stays counted (the caps err on the safe side).
+        self.spend.push((now, added));
+        self.spent_total = self.spent_total.saturating_add(added);
+        out.push(Action::Extend { deal: id, new_end });
+    }
+
+    /// Deals of a group counted as live at `unix`: not ended, and either not near
+    /// their end or being extended (an extension not agreed by half of `renew_ahead`
+    /// before the end no longer counts, so a replacement is rented in time).
+    fn live_for(&self, filter: &Filter, unix: u64) -> u32 {
+        let renew = self.s.renew_ahead.as_secs();
+        self.deals
+            .values()
+            .filter(|d| {
+                d.group == *filter && d.phase != Phase::Ended && {
+                    let left = d.terms.end.saturating_sub(unix);
+                    left > renew || (d.extend_to.is_some() && left > renew / 2)
+                }
+            })
+            .count() as u32
+    }
+
+    fn over_budget(&self, estimate: u128, now: Millis) -> Option<&'static str> {
+        if self
+            .s
+            .max_spend_per_hour
+            .is_some_and(|cap| self.spent_last_hour(now).saturating_add(estimate) > cap)
+        {
+            Some("market.max_spend_per_hour")
+        } else if self
+            .s
+            .max_spend_total
+            .is_some_and(|cap| self.spent_total.saturating_add(estimate) > cap)
+        {
+            Some("market.max_spend_total")
+        } else {
+            None
+        }
+    }
+
+    fn expire_groups(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let idle = ms(self.s.idle_release);
+        let mut release = Vec::new();
+        for g in &mut self.groups {
+            if g.on_demand && g.want > 0 && now.saturating_sub(g.last_used) > idle {
+                g.want = 0;
+                release.push(g.filter.clone());
+            }
+        }
+        for filter in release {
+            let ids: Vec<u64> = self
+                .deals
+                .values()
+                .filter(|d| d.group == filter && d.phase != Phase::Ended)
+                .map(|d| d.id)
+                .collect();
+            for id in ids {
+                self.end(id, Outcome::Completed, "idle release", now, out);
+            }
+        }
+        // An idle on-demand group with no deal left is forgotten.
+        let deals = &self.deals;
+        self.groups.retain(|g| {
+            !g.on_demand
+                || g.want > 0
+                || deals
+                    .values()
+                    .any(|d| d.group == g.filter && d.phase != Phase::Ended)
+        });
+    }
+
+    fn plan_requests(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let unix = now / 1000;
+        let mut exclude: Vec<Address> = self.avoid.keys().copied().collect();
+        exclude.sort_unstable();
+        exclude.truncate(16);
+        for gi in 0..self.groups.len() {
+            let filter = self.groups[gi].filter.clone();
+            let live = self.live_for(&filter, unix);
+            let g = &mut self.groups[gi];
+            if now >= g.outstanding_until {
+                g.outstanding = 0;
+            }
+            let short = g.want.saturating_sub(live + g.outstanding);
+            if short == 0 {
+                continue;
+            }
+            let estimate = self
+                .s
+                .max_price_per_ip_second
+                .saturating_mul(u128::from(self.s.deal_duration.as_secs()))
+                .saturating_mul(u128::from(short));
+            let cap = self.over_budget(estimate, now);
+            let g = &mut self.groups[gi];
+            if let Some(key) = cap {
+                g.refusal = Some(format!(
+                    "budget: renting {short} more for `{}` would pass {key}",
+                    g.name
+                ));
+                continue;
+            }
+            if now < g.outstanding_until && g.refusal.is_some() {
+                continue; // refused by the exchange a moment ago
+            }
+            g.refusal = None;
+            g.outstanding += short;
+            g.outstanding_until = now.saturating_add(ms(self.s.request_ttl));
+            out.push(Action::PostRequest {
+                filter,
+                count: short,
+                duration_s: self.s.deal_duration.as_secs(),
+                max_price: self.s.max_price_per_ip_second,
+                min_rating: self.s.min_provider_rating,
+                exclude: exclude.clone(),
+                expiry: unix.saturating_add(self.s.request_ttl.as_secs()),
+            });
+        }
+    }
+}

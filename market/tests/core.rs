@@ -1,0 +1,549 @@
+//! Unit tests of the requester core (`ipsx_market::core`): each rule in memory.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256};
+use ipsx_exchange::engine::DealTerms;
+use ipsx_exchange::types::{PartyStatus, WgKey};
+use ipsx_market::core::{
+    Action, ChannelPhase, Core, Input, Outcome, Phase, Settings, Want, deal_of_exit, exit_name,
+};
+use ipsx_rotation::{ExitKind, Filter};
+
+const PRICE: u128 = 1_000;
+const T0: u64 = 1_800_000_000_000;
+
+fn terms(country: &str, start_s: u64, duration_s: u64) -> DealTerms {
+    DealTerms {
+        exit_address: "127.0.0.2".parse().unwrap(),
+        country: country.parse().unwrap(),
+        region: None,
+        city: None,
+        asn: None,
+        kind: ExitKind::Residential,
+        protocols: vec![],
+        wg_endpoint: "127.0.0.2:51820".parse().unwrap(),
+        provider_wg_key: WgKey([1; 32]),
+        requester_wg_key: WgKey([2; 32]),
+        price_per_ip_second: PRICE,
+        duration_s,
+        start: start_s,
+        end: start_s + duration_s,
+        value: PRICE * u128::from(duration_s),
+        commission: 0,
+    }
+}
+
+fn de() -> Filter {
+    Filter {
+        country: Some("de".parse().unwrap()),
+        ..Filter::default()
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        deal_duration: Duration::from_secs(600),
+        max_price_per_ip_second: 10_000,
+        first_window: Duration::from_secs(5),
+        payment_window: Duration::from_secs(30),
+        proof_interval: Duration::from_secs(5),
+        renew_ahead: Duration::from_secs(60),
+        idle_release: Duration::from_secs(300),
+        max_on_demand_groups: 4,
+        serve_timeout: Duration::from_secs(30),
+        avoid_for: Duration::from_secs(600),
+        close_grace: Duration::from_secs(60),
+        challenge_period: Duration::from_secs(100),
+        ..Settings::default()
+    }
+}
+
+fn provider(n: u8) -> Address {
+    Address::repeat_byte(n)
+}
+
+fn channel(n: u8) -> B256 {
+    B256::repeat_byte(n)
+}
+
+/// A core with one DE group of 1, its request posted, and deal 7 matched, channel
+/// open, first window paid and the provider serving: returns the core at `now`.
+fn serving_deal(now: &mut u64) -> Core {
+    let mut core = Core::new(settings(), vec![("de".into(), de(), 1)], *now);
+    let a = core.tick(*now);
+    assert!(
+        matches!(a[0], Action::PostRequest { count: 1, .. }),
+        "{a:?}"
+    );
+    let a = core.handle(
+        Input::Matched {
+            deal: 7,
+            provider: provider(9),
+            terms: terms("de", *now / 1000, 600),
+        },
+        *now,
+    );
+    assert!(a.contains(&Action::OpenChannel {
+        deal: 7,
+        provider: provider(9),
+        deposit: PRICE * 600
+    }));
+    let a = core.handle(
+        Input::ChannelOpened {
+            deal: 7,
+            channel: channel(7),
+            deposit: PRICE * 600,
+        },
+        *now,
+    );
+    // The first proof is the small first window, not a full window.
+    assert_eq!(
+        a,
+        vec![Action::PostProof {
+            deal: 7,
+            channel: channel(7),
+            amount: PRICE * 5
+        }]
+    );
+    core.handle(
+        Input::ProofPosted {
+            deal: 7,
+            amount: PRICE * 5,
+        },
+        *now,
+    );
+    let a = core.handle(
+        Input::ProviderReported {
+            deal: 7,
+            status: PartyStatus::Active,
+        },
+        *now,
+    );
+    assert!(matches!(a[0], Action::Connect { deal: 7, .. }));
+    *now += 200;
+    let a = core.handle(Input::ExitLive { deal: 7 }, *now);
+    // Service observed: now one full window ahead.
+    assert!(a.contains(&Action::PostProof {
+        deal: 7,
+        channel: channel(7),
+        amount: PRICE * 30
+    }));
+    core.handle(
+        Input::ProofPosted {
+            deal: 7,
+            amount: PRICE * 30,
+        },
+        *now,
+    );
+    core
+}
+
+#[test]
+fn exit_names_round_trip_and_refuse_others() {
+    for id in [0, 1, 42, u64::MAX] {
+        assert_eq!(deal_of_exit(&exit_name(id)), Some(id));
+    }
+    for bad in [
+        "deal-",
+        "deal-+1",
+        "deal-1x",
+        "local-1",
+        "deal--1",
+        "deal-99999999999999999999",
+    ] {
+        assert_eq!(deal_of_exit(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn pays_a_small_first_window_then_a_full_one_once_serving() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    // Every proof interval, service plus one window.
+    now += 10_000;
+    let a = core.tick(now);
+    assert!(
+        a.contains(&Action::PostProof {
+            deal: 7,
+            channel: channel(7),
+            amount: PRICE * 40
+        }),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_provider_that_never_serves_costs_one_first_window_and_its_channel_is_closed() {
+    let mut now = T0;
+    let mut core = Core::new(settings(), vec![("de".into(), de(), 1)], now);
+    core.tick(now);
+    core.handle(
+        Input::Matched {
+            deal: 1,
+            provider: provider(5),
+            terms: terms("de", now / 1000, 600),
+        },
+        now,
+    );
+    core.handle(
+        Input::ChannelOpened {
+            deal: 1,
+            channel: channel(1),
+            deposit: PRICE * 600,
+        },
+        now,
+    );
+    core.handle(
+        Input::ProofPosted {
+            deal: 1,
+            amount: PRICE * 5,
+        },
+        now,
+    );
+    now += 31_000;
+    let a = core.tick(now);
+    let d = core.deal(1).unwrap();
+    assert_eq!(d.outcome, Some(Outcome::NeverServed));
+    assert_eq!(d.paid, PRICE * 5);
+    assert!(a.contains(&Action::Rate { deal: 1, score: 1 }), "{a:?}");
+    assert!(a.contains(&Action::CheckChannel {
+        channel: channel(1)
+    }));
+    // A new request is posted at once, leaving that provider out.
+    let req = a
+        .iter()
+        .find_map(|a| match a {
+            Action::PostRequest { exclude, .. } => Some(exclude.clone()),
+            _ => None,
+        })
+        .expect("a replacement request");
+    assert_eq!(req, vec![provider(5)]);
+    // Still open on chain: start the close admitting nothing, settle after the
+    // challenge period.
+    let a = core.handle(
+        Input::ChannelStillOpen {
+            channel: channel(1),
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![Action::StartClose {
+            channel: channel(1),
+            amount: 0
+        }]
+    );
+    core.handle(
+        Input::CloseStarted {
+            channel: channel(1),
+            settle_after: now + 100_000,
+        },
+        now,
+    );
+    assert!(
+        !core
+            .tick(now + 50_000)
+            .iter()
+            .any(|a| matches!(a, Action::Settle { .. }))
+    );
+    let a = core.tick(now + 100_000);
+    assert!(a.contains(&Action::Settle {
+        channel: channel(1)
+    }));
+    core.handle(
+        Input::ChannelClosed {
+            channel: channel(1),
+        },
+        now + 101_000,
+    );
+    assert_eq!(
+        core.deal(1).unwrap().channel.unwrap().phase,
+        ChannelPhase::Closed
+    );
+}
+
+#[test]
+fn shutdown_stops_renting_first_and_rejects_late_matches() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    // A request resting in the book when shutdown begins is cancelled.
+    core.handle(
+        Input::RequestPosted {
+            group: de(),
+            order: 77,
+            deals: vec![],
+        },
+        now,
+    );
+    let a = core.handle(Input::Shutdown, now);
+    assert_eq!(a, vec![Action::CancelOrder { order: 77 }]);
+    // Draining: the live exit still serves and is paid as it serves.
+    assert_eq!(core.deal(7).unwrap().phase, Phase::Serving);
+    let a = core.handle(Input::EndAll, now);
+    assert!(a.contains(&Action::Disconnect { deal: 7 }));
+    assert!(a.contains(&Action::Report {
+        deal: 7,
+        status: PartyStatus::Completed,
+        reason: "gateway shutting down".into()
+    }));
+    // A match arriving after shutdown is rejected without a channel.
+    let a = core.handle(
+        Input::Matched {
+            deal: 8,
+            provider: provider(9),
+            terms: terms("de", now / 1000, 600),
+        },
+        now,
+    );
+    assert!(
+        a.iter().all(|a| !matches!(a, Action::OpenChannel { .. })),
+        "{a:?}"
+    );
+    // Nothing is requested, extended or paid ahead any more.
+    for step in 1..100 {
+        let a = core.tick(now + step * 1000);
+        assert!(
+            a.iter().all(|a| matches!(a, Action::CheckChannel { .. })),
+            "{a:?}"
+        );
+    }
+    assert!(matches!(
+        core.want(&de(), now),
+        Want::Refused(r) if r.contains("shutting down")
+    ));
+    // A request answered after shutdown began is cancelled at once.
+    let a = core.handle(
+        Input::RequestPosted {
+            group: de(),
+            order: 78,
+            deals: vec![],
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::CancelOrder { order: 78 }]);
+}
+
+#[test]
+fn on_demand_groups_are_capped_and_expire() {
+    let now = T0;
+    let mut core = Core::new(settings(), vec![], now);
+    for asn in 0..4 {
+        let f = Filter {
+            asn: Some(asn),
+            ..Filter::default()
+        };
+        assert!(matches!(core.want(&f, now), Want::Renting(_)));
+    }
+    let f = Filter {
+        asn: Some(99),
+        ..Filter::default()
+    };
+    match core.want(&f, now) {
+        Want::Refused(r) => assert!(r.contains("market.max_on_demand_groups"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(core.groups().len(), 4);
+    // After idle_release without use the groups go, and the cap frees up.
+    core.tick(now + 301_000);
+    assert_eq!(core.groups().len(), 0);
+    assert!(matches!(core.want(&f, now + 302_000), Want::Renting(_)));
+}
+
+#[test]
+fn budget_caps_refuse_requests_and_say_which_key() {
+    let now = T0;
+    let mut s = settings();
+    s.max_spend_total = Some(1_000);
+    let mut core = Core::new(s, vec![("de".into(), de(), 1)], now);
+    let a = core.tick(now);
+    assert!(a.is_empty(), "{a:?}");
+    let g = &core.groups()[0];
+    assert!(
+        g.refusal
+            .as_deref()
+            .unwrap()
+            .contains("market.max_spend_total"),
+        "{:?}",
+        g.refusal
+    );
+}
+
+#[test]
+fn a_match_above_the_price_cap_is_rejected_without_a_channel() {
+    let now = T0;
+    let mut core = Core::new(settings(), vec![("de".into(), de(), 1)], now);
+    core.tick(now);
+    let mut t = terms("de", now / 1000, 600);
+    t.price_per_ip_second = 1_000_000;
+    let a = core.handle(
+        Input::Matched {
+            deal: 3,
+            provider: provider(1),
+            terms: t,
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![Action::Report {
+            deal: 3,
+            status: PartyStatus::Rejected,
+            reason: "price above market.max_price_per_ip_second".into()
+        }]
+    );
+}
+
+#[test]
+fn leases_are_extended_with_the_same_provider_and_topped_up() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    let end = core.deal(7).unwrap().terms.end;
+    // Keep it used.
+    core.handle(
+        Input::Usage {
+            deal: 7,
+            requests: 5,
+        },
+        now,
+    );
+    // 60 s before the end: propose an extension by one deal_duration, and rent nothing.
+    now = (end - 59) * 1000;
+    core.handle(
+        Input::Usage {
+            deal: 7,
+            requests: 6,
+        },
+        now,
+    );
+    let a = core.tick(now);
+    assert!(
+        a.contains(&Action::Extend {
+            deal: 7,
+            new_end: end + 600
+        }),
+        "{a:?}"
+    );
+    assert!(a.iter().all(|a| !matches!(a, Action::PostRequest { .. })));
+    let mut t = core.deal(7).unwrap().terms.clone();
+    t.end += 600;
+    t.duration_s += 600;
+    t.value += PRICE * 600;
+    let a = core.handle(Input::Extended { deal: 7, terms: t }, now);
+    assert_eq!(
+        a,
+        vec![Action::TopUp {
+            deal: 7,
+            channel: channel(7),
+            amount: PRICE * 600
+        }]
+    );
+    // Past the old end: still serving, same deal.
+    let a = core.tick((end + 10) * 1000);
+    assert_eq!(core.deal(7).unwrap().phase, Phase::Serving);
+    assert!(
+        a.iter().all(|a| !matches!(a, Action::PostRequest { .. })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn an_extension_not_agreed_in_time_is_replaced_by_a_new_deal() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    let end = core.deal(7).unwrap().terms.end;
+    now = (end - 59) * 1000;
+    core.handle(
+        Input::Usage {
+            deal: 7,
+            requests: 1,
+        },
+        now,
+    );
+    core.tick(now);
+    let a = core.tick((end - 29) * 1000);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::PostRequest { count: 1, .. })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn unhealthy_exits_end_as_failed_and_are_avoided() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    now += 20_000;
+    let a = core.handle(Input::ExitUnhealthy { deal: 7 }, now);
+    assert!(a.contains(&Action::Disconnect { deal: 7 }));
+    assert!(a.contains(&Action::Report {
+        deal: 7,
+        status: PartyStatus::Failed,
+        reason: "exit failed: the tunnel stopped answering".into()
+    }));
+    assert!(a.contains(&Action::Rate { deal: 7, score: 2 }));
+    let req = core.tick(now).into_iter().find_map(|a| match a {
+        Action::PostRequest { exclude, .. } => Some(exclude),
+        _ => None,
+    });
+    assert_eq!(req, Some(vec![provider(9)]));
+}
+
+#[test]
+fn region_and_min_rating_reach_the_request() {
+    let now = T0;
+    let mut s = settings();
+    s.min_provider_rating = 450;
+    let f = Filter {
+        country: Some("us".parse().unwrap()),
+        region: Some("california".into()),
+        ..Filter::default()
+    };
+    let mut core = Core::new(s, vec![("ca".into(), f.clone(), 2)], now);
+    let a = core.tick(now);
+    assert!(
+        matches!(
+            &a[..],
+            [Action::PostRequest { filter, count: 2, min_rating: 450, .. }] if *filter == f
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn restore_resumes_serving_deals_without_paying_twice() {
+    let mut now = T0;
+    let core = serving_deal(&mut now);
+    let saved: Vec<_> = core.deals().values().cloned().collect();
+    let paid = saved[0].paid;
+    let mut again = Core::new(settings(), vec![("de".into(), de(), 1)], now + 5_000);
+    again.restore(saved, now + 5_000);
+    assert_eq!(again.resumable(now + 5_000), vec![7]);
+    // Nothing new is rented for the group while the restored deal is live.
+    let a = again.tick(now + 5_000);
+    assert!(
+        a.iter()
+            .all(|a| !matches!(a, Action::PostRequest { .. } | Action::OpenChannel { .. })),
+        "{a:?}"
+    );
+    // The provider still serves: reconnect, and pay on from what was paid.
+    let a = again.handle(
+        Input::ProviderReported {
+            deal: 7,
+            status: PartyStatus::Active,
+        },
+        now + 5_000,
+    );
+    assert!(matches!(a[0], Action::Connect { deal: 7, .. }));
+    let a = again.handle(Input::ExitLive { deal: 7 }, now + 6_000);
+    let amount = a
+        .iter()
+        .find_map(|a| match a {
+            Action::PostProof { amount, .. } => Some(*amount),
+            _ => None,
+        })
+        .unwrap();
+    assert!(amount > paid, "cumulative proofs only grow");
+    assert!(amount <= PRICE * (6 + 30));
+}

@@ -1,0 +1,422 @@
+//! The requester side under real use (issue market-v2), all real components: anvil, the
+//! exchange on SQLite, provider agents with their WireGuard exits, the gateway and its
+//! pool manager, curl.
+//! - a rented exit that carried traffic and then went idle stays rented (no churn);
+//! - a provider that takes the first window and never serves costs one small window,
+//!   is avoided, and its channel is closed on chain so the deposit comes back;
+//! - on-demand demand is bounded: a flood of distinct ASNs keeps the group count at the
+//!   cap, and the configured DE rental still works;
+//! - a lease is extended with the same provider, so a sticky session keeps its IP
+//!   across three lease lengths;
+//! - a gateway killed with SIGKILL resumes its deal and channel after a restart, pays
+//!   nothing twice, and after SIGTERM posts no order and leaves no channel open.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::U256;
+use common::market::{MarketOpts, MarketSystem, REQUESTER, ip_of};
+use common::*;
+use ipsx_exchange::client::{Client, fresh};
+use ipsx_exchange::types::{Offer, WgKey};
+
+fn deals(status: &ipsx_market::MarketStatus) -> Vec<serde_json::Value> {
+    status.deals.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rented_exit_that_went_idle_after_traffic_stays_rented() {
+    let dead_after = 3;
+    let sys = MarketSystem::start(MarketOpts {
+        market: format!(
+            "deal_duration = \"5m\"\nproof_interval = \"1s\"\ndead_after = \"{dead_after}s\"\nrent_on_demand = false\n"
+        ),
+        ..MarketOpts::default()
+    })
+    .await;
+    sys.wait_live(1, Duration::from_secs(60)).await;
+    let ip = ip_of(&sys.get().await).expect("served through the rented exit");
+    for _ in 0..5 {
+        assert_eq!(ip_of(&sys.get().await).as_deref(), Some(ip.as_str()));
+    }
+    // Idle, provider alive, for well over three times dead_after (and past WireGuard's
+    // 10 s passive keepalive).
+    tokio::time::sleep(Duration::from_secs(3 * dead_after + 12)).await;
+    let status = sys.market().status();
+    let d = deals(&status);
+    assert_eq!(d.len(), 1, "no deal ended or replaced: {status:?}");
+    assert_eq!(d[0]["phase"], "serving", "{status:?}");
+    assert_eq!(ip_of(&sys.get().await).as_deref(), Some(ip.as_str()));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_serves_costs_one_small_window_and_its_deposit_comes_back() {
+    let sys = MarketSystem::start(MarketOpts {
+        exits: vec![("127.0.0.2", "de")],
+        market: "deal_duration = \"5m\"\nproof_interval = \"1s\"\nfirst_window = \"5s\"\nserve_timeout = \"3s\"\nclose_grace = \"2s\"\nrent_on_demand = false\n".into(),
+        challenge_secs: 3,
+        gateway: false,
+        ..MarketOpts::default()
+    })
+    .await;
+    let (balance0, reserved0) = sys.requester_funds().await;
+    assert_eq!(reserved0, U256::ZERO);
+    // Three strangers offer DE at a tenth of the honest price from fresh keys, and never
+    // serve (their WireGuard endpoint answers nothing).
+    let honest_price: u128 = 1_000_000_000_000;
+    let fake_price = honest_price / 10;
+    let mut fakes = Vec::new();
+    for k in 5..8 {
+        let key = sys.anvil.key(k);
+        let client = Client::new(
+            &sys.exchange_url,
+            sys.deployment.chain_id,
+            sys.deployment.centralizer,
+        )
+        .unwrap()
+        .with_key(key.clone());
+        let (expiry, nonce) = fresh();
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .post_offer(&Offer {
+                provider: key.address(),
+                exit_address: format!("127.0.0.{}", 20 + k).parse().unwrap(),
+                country: "de".parse().unwrap(),
+                region: None,
+                city: None,
+                asn: None,
+                kind: ipsx_rotation::ExitKind::Residential,
+                protocols: vec![],
+                price_per_ip_second: fake_price,
+                min_duration_s: 5,
+                max_duration_s: 86_400,
+                capacity: 1,
+                wg_endpoint: silent.local_addr().unwrap(),
+                wg_public_key: WgKey([k as u8; 32]),
+                expiry: expiry + 600,
+                nonce,
+            })
+            .await
+            .unwrap();
+        fakes.push((key.address(), silent));
+    }
+    let mut sys = sys;
+    sys.start_gateway().await;
+    // Each fake is tried at most once, then the honest provider serves.
+    sys.wait_live(1, Duration::from_secs(120)).await;
+    let ip = ip_of(&sys.get().await).expect("served by the honest provider");
+    assert_eq!(ip, "127.0.0.2");
+    let status = sys.market().status();
+    let fake_addrs: HashSet<String> = fakes.iter().map(|(a, _)| format!("{a:#x}")).collect();
+    let fake_deals: Vec<_> = deals(&status)
+        .into_iter()
+        .filter(|d| fake_addrs.contains(d["provider"].as_str().unwrap()))
+        .collect();
+    assert!(
+        !fake_deals.is_empty(),
+        "the cheap fakes were tried: {status:?}"
+    );
+    assert!(fake_deals.len() <= 3, "each fake tried once: {status:?}");
+    let first_window = fake_price * 5;
+    for d in &fake_deals {
+        assert_eq!(d["outcome"], "never_served", "{d}");
+        let paid: u128 = d["paid"].as_str().unwrap().parse().unwrap();
+        assert!(
+            paid <= first_window,
+            "paid {paid} > one first window {first_window}"
+        );
+    }
+    // Stop: the honest provider closes its channel with its final claim; the fakes'
+    // channels are closed by the gateway (startClose, settle after the challenge).
+    let market = sys.market.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while market.status().channels_open > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    market.shutdown(Duration::from_secs(20)).await;
+    let chain = sys.requester_chain().await;
+    let (balance1, reserved1) = sys.requester_funds().await;
+    assert_eq!(
+        reserved1,
+        reserved0,
+        "every deposit came back: {:?}",
+        market.status()
+    );
+    for (fake, _) in &fakes {
+        assert!(
+            chain.balance(*fake).await.unwrap() <= U256::from(first_window),
+            "a fake earned more than one window"
+        );
+    }
+    let spent = balance0 - balance1;
+    let honest: u128 = deals(&market.status())
+        .iter()
+        .filter(|d| {
+            d["provider"].as_str().unwrap() != ""
+                && !fake_addrs.contains(d["provider"].as_str().unwrap())
+        })
+        .map(|d| d["paid"].as_str().unwrap().parse::<u128>().unwrap())
+        .sum();
+    assert!(
+        spent <= U256::from(honest + first_window * fake_deals.len() as u128),
+        "spent {spent}: more than the honest service plus one window per fake"
+    );
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_distinct_asns_is_capped_and_the_de_rental_still_works() {
+    let sys = MarketSystem::start(MarketOpts {
+        market: "deal_duration = \"5m\"\nproof_interval = \"1s\"\nrent_wait = \"50ms\"\nmax_on_demand_groups = 8\n".into(),
+        ..MarketOpts::default()
+    })
+    .await;
+    sys.wait_live(1, Duration::from_secs(60)).await;
+    let proxy = sys.gw().addr;
+    let mut capped = 0;
+    for asn in 1..=1000u32 {
+        let auth = b64(format!("acct-asn-{asn}:{TOKEN}").as_bytes());
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n",
+            sys.echo.url()
+        );
+        let resp = raw_exchange(proxy, req.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+        if resp.contains("market.max_on_demand_groups") {
+            capped += 1;
+        }
+    }
+    let status = sys.market().status();
+    let on_demand = status
+        .groups
+        .iter()
+        .filter(|g| g["on_demand"] == true)
+        .count();
+    assert!(on_demand <= 8, "{on_demand} on-demand groups");
+    assert!(
+        capped >= 990,
+        "requests over the cap get a 503 naming it ({capped})"
+    );
+    assert_eq!(ip_of(&sys.get().await).as_deref(), Some("127.0.0.2"));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_session_keeps_its_ip_across_three_lease_lengths() {
+    let sys = MarketSystem::start(MarketOpts {
+        exits: vec![("127.0.0.2", "de"), ("127.0.0.3", "de")],
+        market: "deal_duration = \"15s\"\nrenew_ahead = \"8s\"\nproof_interval = \"1s\"\nrent_on_demand = false\n".into(),
+        ..MarketOpts::default()
+    })
+    .await;
+    sys.wait_live(1, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    let mut ips = HashSet::new();
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(50) {
+        let r = sys.get_as("acct-country-de-session-keep").await;
+        match ip_of(&r) {
+            Some(ip) => {
+                ips.insert(ip);
+            }
+            None => failures.push(r),
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let status = sys.market().status();
+    assert!(failures.is_empty(), "{failures:?} {status:?}");
+    assert_eq!(ips.len(), 1, "one IP throughout: {ips:?} {status:?}");
+    let d = deals(&status);
+    assert_eq!(d.len(), 1, "one deal, extended: {status:?}");
+    assert!(d[0]["extensions"].as_u64().unwrap() >= 3, "{status:?}");
+    sys.stop().await;
+}
+
+/// `ipsx gateway` as a child process of the test.
+struct GatewayProcess {
+    child: Child,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl GatewayProcess {
+    fn start(config: &std::path::Path) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipsx"));
+        cmd.args(["gateway", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for v in [
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+        ] {
+            cmd.env_remove(v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (mut proxy, mut admin) = (None, None);
+        for line in out.lines() {
+            let line = line.unwrap();
+            if let Some(a) = line.strip_prefix("admin listening on http://") {
+                admin = Some(a.trim().parse().unwrap());
+            }
+            if let Some(rest) = line.strip_prefix("proxy listening on ") {
+                proxy = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+                break;
+            }
+        }
+        Self {
+            child,
+            proxy: proxy.expect("the gateway printed its proxy address"),
+            admin: admin.expect("the gateway printed its admin address"),
+        }
+    }
+
+    async fn market(&self) -> serde_json::Value {
+        let out = curl(&[
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{}/api/market", self.admin),
+        ])
+        .await;
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    async fn get(&self, echo: &str) -> String {
+        let proxy = format!("http://acct-country-de-session-s:{TOKEN}@{}", self.proxy);
+        let out = curl(&["-s", "-i", "--max-time", "15", "-x", &proxy, echo]).await;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn wait_serving(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = self.market().await;
+            let serving = m["deals"]
+                .as_array()
+                .and_then(|d| d.iter().find(|d| d["phase"] == "serving").cloned());
+            if let Some(d) = serving {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "no deal serving: {m}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice() {
+    let sys = MarketSystem::start(MarketOpts {
+        gateway: false,
+        ..MarketOpts::default()
+    })
+    .await;
+    let config = sys.dir.join("gateway.toml");
+    let toml = sys
+        .gateway_toml
+        .replace("[gateway]\n", "[gateway]\nadmin_listen = \"127.0.0.1:0\"\n");
+    std::fs::write(&config, toml).unwrap();
+    let echo = sys.echo.url();
+    let requester = sys.anvil.key(REQUESTER).address();
+    let chain = sys.requester_chain().await;
+
+    let gw = GatewayProcess::start(&config);
+    let deal = gw.wait_serving().await;
+    let ip = ip_of(&gw.get(&echo).await).expect("served");
+    let channels = chain.channel_ids_of(requester).await.unwrap().len();
+    assert_eq!(channels, 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paid_before: u128 = gw.market().await["deals"][0]["paid"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    gw.signal("-KILL");
+    drop(gw);
+
+    // Restarted from the same config and state file: the same deal serves again, from
+    // the same exit, over the same channel, paying on from where it was.
+    let gw = GatewayProcess::start(&config);
+    let again = gw.wait_serving().await;
+    assert_eq!(again["deal"], deal["deal"], "the same deal resumed");
+    assert_eq!(ip_of(&gw.get(&echo).await).as_deref(), Some(ip.as_str()));
+    assert_eq!(
+        chain.channel_ids_of(requester).await.unwrap().len(),
+        channels,
+        "no second channel"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = gw.market().await;
+    let paid_after: u128 = m["deals"][0]["paid"].as_str().unwrap().parse().unwrap();
+    assert!(
+        paid_after >= paid_before,
+        "cumulative payments never go back"
+    );
+    let served_s = m["deals"][0]["served_s"].as_u64().unwrap();
+    let price: u128 = 1_000_000_000_000;
+    assert!(
+        paid_after <= price * u128::from(served_s + 30 + 1),
+        "paid {paid_after} for {served_s} s served: more than one window ahead"
+    );
+    assert_eq!(
+        m["deals"].as_array().unwrap().len(),
+        1,
+        "nothing rented twice: {m}"
+    );
+
+    // SIGTERM: renting stops first; nothing is ordered after; channels are closed.
+    let exchange = Client::new(
+        &sys.exchange_url,
+        sys.deployment.chain_id,
+        sys.deployment.centralizer,
+    )
+    .unwrap();
+    gw.signal("-TERM");
+    let mut gw = gw;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while gw.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        gw.child.try_wait().unwrap().is_some(),
+        "the gateway stopped"
+    );
+    let made = exchange.deals_of(requester).await.unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(exchange.deals_of(requester).await.unwrap().len(), made);
+    assert_eq!(made, 1, "no deal made at or after shutdown");
+    let open = chain.channel_ids_of(requester).await.unwrap();
+    let mut still = 0;
+    for c in open {
+        if chain.channel(c).await.unwrap().is_some() {
+            still += 1;
+        }
+    }
+    assert_eq!(still, 0, "channels left open after shutdown");
+    drop(gw);
+    sys.stop().await;
+}
