@@ -136,15 +136,34 @@ async fn a_busy_exit_that_stops_answering_is_declared_dead() {
     let echo = echo_server("127.0.0.1:0").await;
     let (exit, t) = market_pair().await;
     wait_healthy(&t).await;
-    // A stream that keeps sending (and reading its echo) through the whole test.
-    let mut s = t.connect_tcp(echo).await.unwrap();
-    let busy = tokio::spawn(async move {
-        let mut b = [0u8; 5];
-        for _ in 0..600 {
-            if s.write_all(b"ping!").await.is_err() {
-                return;
+    // Traffic through the whole test: echo round trips, and when the stream breaks
+    // (the exit resets its flows as it shuts down), new connection attempts.
+    let busy = tokio::spawn({
+        let t = t.clone();
+        async move {
+            let mut stream = None;
+            let mut b = [0u8; 5];
+            for _ in 0..600 {
+                if stream.is_none() {
+                    stream = tokio::time::timeout(Duration::from_millis(300), t.connect_tcp(echo))
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                }
+                let Some(s) = stream.as_mut() else {
+                    continue;
+                };
+                let round = async {
+                    s.write_all(b"ping!").await?;
+                    s.read_exact(&mut b).await
+                };
+                match tokio::time::timeout(Duration::from_millis(200), round).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => stream = None,
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut b)).await;
         }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;

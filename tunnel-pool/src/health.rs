@@ -11,8 +11,10 @@
 //! one, boringtun's rekeys and retries, and our probes) do. The rule:
 //! - **answer**: any datagram from the exit that authenticates (data, keepalive,
 //!   handshake response, cookie reply);
-//! - **probe**: when nothing was received for `probe_after` and no initiation is
-//!   waiting for its answer, the driver forces a handshake initiation;
+//! - **probe**: when no initiation is waiting for its answer and either nothing was
+//!   received for `probe_after` (idle), or data we sent has had no answer at all for
+//!   `busy_probe_after` (busy; 1 s by default), the driver forces a handshake
+//!   initiation;
 //! - **dead** ([`HealthState::Silent`]): a handshake initiation went unanswered for
 //!   `dead_after` (boringtun re-sends it after 5 s, so one lost datagram is survived if
 //!   `dead_after` exceeds 5 s);
@@ -20,9 +22,11 @@
 //! - the exit verification saw another public address than promised:
 //!   [`HealthState::WrongExitAddress`] until a later verification succeeds.
 //!
-//! A dead exit, busy or idle, is therefore declared unhealthy at most
-//! `probe_after + dead_after` (plus one 250 ms timer tick) after its last sign of life;
-//! a live one never is, whatever it does or does not send after the last data packet.
+//! A dead exit is therefore declared unhealthy at most `probe_after + dead_after` (plus
+//! one 250 ms timer tick) after its last sign of life, and a busy one at most
+//! `busy_probe_after + dead_after` (plus a tick) after the first data it left
+//! unanswered; a live one never is, whatever it does or does not send after the last
+//! data packet.
 
 use std::time::Duration;
 
@@ -59,6 +63,8 @@ pub struct HealthMonitor {
     last_rx: Option<Instant>,
     /// When the oldest handshake initiation still waiting for an answer was sent.
     init_unanswered: Option<Instant>,
+    /// When the oldest data packet sent since the last answer was sent.
+    data_unanswered: Option<Instant>,
     handshaked: bool,
     rtt_ewma: Option<Duration>,
     exit_ok: Option<bool>,
@@ -73,6 +79,7 @@ impl HealthMonitor {
             started: now,
             last_rx: None,
             init_unanswered: None,
+            data_unanswered: None,
             handshaked: false,
             rtt_ewma: None,
             exit_ok: None,
@@ -88,10 +95,19 @@ impl HealthMonitor {
         }
     }
 
+    /// We sent data (not a keepalive). It does not start the dead clock, only an earlier
+    /// probe (after `busy_probe_after` without any answer).
+    pub fn on_data_sent(&mut self, now: Instant) {
+        if self.data_unanswered.is_none() {
+            self.data_unanswered = Some(now);
+        }
+    }
+
     /// A datagram from the exit authenticated correctly: the exit is alive.
     pub fn on_receive(&mut self, now: Instant) {
         self.last_rx = Some(now);
         self.init_unanswered = None;
+        self.data_unanswered = None;
     }
 
     /// A handshake completed.
@@ -122,6 +138,11 @@ impl HealthMonitor {
     pub fn should_probe(&self, now: Instant) -> bool {
         if self.init_unanswered.is_some() {
             return false; // an initiation is already waiting for its answer
+        }
+        if let Some(t) = self.data_unanswered
+            && now.saturating_duration_since(t) >= self.settings.busy_probe_after
+        {
+            return true;
         }
         let last = self.last_rx.unwrap_or(self.started);
         now.saturating_duration_since(last) >= self.settings.probe_after
@@ -208,6 +229,7 @@ mod tests {
     fn settings() -> HealthSettings {
         HealthSettings {
             probe_after: Duration::from_secs(25),
+            busy_probe_after: Duration::from_secs(1),
             dead_after: Duration::from_secs(15),
             handshake_deadline: Duration::from_secs(15),
         }
@@ -217,6 +239,7 @@ mod tests {
     fn market() -> HealthSettings {
         HealthSettings {
             probe_after: Duration::from_secs(5),
+            busy_probe_after: Duration::from_secs(1),
             dead_after: Duration::from_secs(10),
             handshake_deadline: Duration::from_secs(15),
         }
@@ -263,6 +286,7 @@ mod tests {
         // Request and response; the exit's last data packet at t1, our ACK right after.
         let t1 = t0 + Duration::from_secs(1);
         h.on_receive(t1);
+        h.on_data_sent(t1 + Duration::from_millis(1));
         let keepalive_at = t1 + Duration::from_secs(10) + Duration::from_millis(900);
         let mut now = t1;
         let mut probes = 0;
@@ -287,8 +311,10 @@ mod tests {
         let t0 = Instant::now();
         let mut h = HealthMonitor::new(market(), t0);
         h.on_handshake(t0);
-        // We keep sending data from t0 on (not reported); the exit died at t0.
-        let probe_at = t0 + Duration::from_secs(5);
+        // We keep sending data from t0 on; the exit died at t0.
+        h.on_data_sent(t0);
+        h.on_data_sent(t0 + Duration::from_millis(500)); // does not move the start
+        let probe_at = t0 + Duration::from_secs(1);
         assert!(!h.should_probe(probe_at - TICK));
         assert!(h.should_probe(probe_at));
         h.on_initiation_sent(probe_at);
@@ -344,12 +370,14 @@ mod tests {
         assert_eq!(r, 120);
     }
 
-    /// Runs the driver's loop (250 ms ticks) against a model exit that is alive until
-    /// `death_ms`: it sends whatever it likes at `exit_sends_ms` and answers every
+    /// Runs the driver's loop (250 ms ticks) sending data at `our_sends_ms` against a
+    /// model exit that is alive until `death_ms`: it sends whatever it likes at
+    /// `exit_sends_ms` (answering our data or not) and answers every
     /// initiation after `rtt_ms`. Returns the first Silent time (ms) and the last time
     /// anything was received (ms).
     fn simulate(
         s: &HealthSettings,
+        our_sends_ms: &[u64],
         exit_sends_ms: &[u64],
         death_ms: u64,
         rtt_ms: u64,
@@ -367,6 +395,9 @@ mod tests {
         let mut ms = 0;
         while ms < horizon_ms {
             ms += 250;
+            if our_sends_ms.iter().any(|&t| t > ms - 250 && t <= ms) {
+                h.on_data_sent(at(ms));
+            }
             while next_send < sends.len() && sends[next_send] <= ms {
                 if sends[next_send] < death_ms {
                     h.on_receive(at(sends[next_send]));
@@ -403,22 +434,25 @@ mod tests {
         #[test]
         fn live_exits_stay_healthy_and_dead_ones_are_found_in_time(
             probe_s in 1u64..30,
+            busy_ms in 250u64..5_000,
             dead_s in 6u64..30,
             rtt_ms in 0u64..2_000,
+            ours in proptest::collection::vec(0u64..120_000, 0..40),
             sends in proptest::collection::vec(0u64..120_000, 0..40),
             death_ms in 0u64..120_000,
         ) {
             let s = HealthSettings {
                 probe_after: Duration::from_secs(probe_s),
+                busy_probe_after: Duration::from_millis(busy_ms),
                 dead_after: Duration::from_secs(dead_s),
                 handshake_deadline: Duration::from_secs(15),
             };
             let horizon = 120_000 + (probe_s + dead_s) * 1_000 + 1_000;
             // Never dies within the horizon: never Silent.
-            let (silent, _) = simulate(&s, &sends, u64::MAX, rtt_ms, horizon);
+            let (silent, _) = simulate(&s, &ours, &sends, u64::MAX, rtt_ms, horizon);
             prop_assert_eq!(silent, None);
             // Dies at death_ms: Silent, in time.
-            let (silent, last_rx) = simulate(&s, &sends, death_ms, rtt_ms, horizon);
+            let (silent, last_rx) = simulate(&s, &ours, &sends, death_ms, rtt_ms, horizon);
             let silent = silent.expect("a dead exit is declared Silent");
             prop_assert!(silent >= death_ms.min(last_rx));
             prop_assert!(

@@ -562,6 +562,8 @@ struct Turn {
     rx_ok: bool,
     /// A handshake initiation went out (the only message a live exit answers at once).
     initiation_sent: bool,
+    /// Data (not a keepalive) went out: only makes the next probe come sooner.
+    data_sent: bool,
     handshake: bool,
     handshake_rtt: Option<Duration>,
 }
@@ -569,6 +571,9 @@ struct Turn {
 /// WireGuard message types (first byte, little-endian u32).
 const MSG_INIT: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
+const MSG_DATA: u8 = 4;
+/// A data message carrying nothing: a keepalive.
+const KEEPALIVE_LEN: usize = 32;
 
 async fn send_datagram(
     udp: &UdpSocket,
@@ -577,10 +582,12 @@ async fn send_datagram(
     shared: &Shared,
     turn: &mut Turn,
 ) {
-    // Data is not reported to the health monitor: a live exit with nothing to send
-    // answers it only after 10 s or more (see `crate::health`).
-    if pkt.first() == Some(&MSG_INIT) {
-        turn.initiation_sent = true;
+    // Data does not start the dead clock (a live exit may never answer a trailing ACK,
+    // see `crate::health`); it only brings the next probe forward.
+    match pkt.first() {
+        Some(&MSG_INIT) => turn.initiation_sent = true,
+        Some(&MSG_DATA) if pkt.len() > KEEPALIVE_LEN => turn.data_sent = true,
+        _ => {}
     }
     // Bounded retries: a full socket buffer makes us wait (backpressure), a real
     // error is counted and the packet dropped (TCP inside will retransmit).
@@ -758,7 +765,7 @@ async fn drive(
 }
 
 fn apply_turn(shared: &Shared, turn: Turn) {
-    if !(turn.rx_ok || turn.initiation_sent || turn.handshake) {
+    if !(turn.rx_ok || turn.initiation_sent || turn.data_sent || turn.handshake) {
         return;
     }
     let now = Instant::now();
@@ -773,6 +780,9 @@ fn apply_turn(shared: &Shared, turn: Turn) {
     }
     if turn.rx_ok {
         cell.monitor.on_receive(now);
+    }
+    if turn.data_sent {
+        cell.monitor.on_data_sent(now);
     }
     if turn.initiation_sent {
         cell.monitor.on_initiation_sent(now);
