@@ -308,6 +308,7 @@ async fn an_exit_that_stops_answering_is_marked_unhealthy() {
     // (unhealthy at most probe_after + dead_after after the last sign of life).
     let settings = HealthSettings {
         probe_after: Duration::from_millis(500),
+        busy_probe_after: Duration::from_millis(250),
         dead_after: Duration::from_secs(1),
         handshake_deadline: Duration::from_secs(2),
     };

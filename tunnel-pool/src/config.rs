@@ -67,12 +67,16 @@ pub fn parse_key(key: &str, value: &str) -> Result<[u8; 32], WgConfError> {
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| bad("does not decode to 32 bytes"))
 }
 
-/// Health-check timing of a tunnel (see [`crate::health`]).
+/// Health-check timing of a tunnel (see [`crate::health`] for the exact rule).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
     /// With nothing received for this long, the tunnel forces a handshake as a probe.
     pub probe_after: Duration,
-    /// Sent something and heard nothing back for this long: the exit is unhealthy.
+    /// Data sent and nothing received since for this long: probe at once (a busy
+    /// tunnel's exit is checked sooner than an idle one's).
+    pub busy_probe_after: Duration,
+    /// A handshake initiation unanswered for this long: the exit is unhealthy. Keep it
+    /// above 5 s (boringtun's retry) to survive one lost datagram.
     pub dead_after: Duration,
     /// No completed handshake this long after start: unhealthy.
     pub handshake_deadline: Duration,
@@ -80,11 +84,11 @@ pub struct HealthSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        // WireGuard's own numbers: a peer that saw data but sent nothing answers with a
-        // keepalive after 10 s; the initiator retries after REKEY_TIMEOUT (5 s). So 15 s
-        // of silence after sending means the other side is gone.
+        // A live peer answers a handshake initiation within a round trip; the initiator
+        // retries after REKEY_TIMEOUT (5 s), so 15 s without an answer means it is gone.
         Self {
             probe_after: Duration::from_secs(25),
+            busy_probe_after: Duration::from_secs(1),
             dead_after: Duration::from_secs(15),
             handshake_deadline: Duration::from_secs(15),
         }

@@ -1,19 +1,32 @@
-//! Is an exit alive? A sans-IO state machine fed with "sent" / "received" events.
+//! Is an exit alive? A sans-IO state machine fed with "handshake initiation sent" and
+//! "authenticated datagram received" events.
 //!
-//! WireGuard has no explicit liveness signal, but its timers give one: a peer that
-//! received data and has nothing to send answers with a keepalive after 10 s
-//! (KEEPALIVE_TIMEOUT), and a handshake initiation is always answered. So:
-//! - something that expects an answer (data, handshake initiation) was sent, and nothing
-//!   at all came back for `dead_after` (default 15 s): **unhealthy**;
-//! - nothing received for `probe_after` (default 25 s): the driver forces a handshake as
-//!   a probe, which turns an idle but dead exit into the first case;
-//! - no handshake completed `handshake_deadline` after start: **unhealthy**;
-//! - the exit verification saw another public address than promised: **unhealthy** until
-//!   a later verification succeeds.
+//! The only WireGuard message a live peer answers at once is a handshake initiation
+//! (with a response, or a cookie reply under load). Data is not: the last packet of a
+//! request (our trailing TCP ACK) is answered at best by the peer's passive keepalive,
+//! `KEEPALIVE_TIMEOUT` (10 s) later, and boringtun does not even send that one when the
+//! data arrived in the same timer tick as the peer's own last packet (it stamps both with
+//! the tick's time and needs "received > sent") -- the normal case after a response. So
+//! data and keepalives never start the dead clock; only handshake initiations (the first
+//! one, boringtun's rekeys and retries, and our probes) do. The rule:
+//! - **answer**: any datagram from the exit that authenticates (data, keepalive,
+//!   handshake response, cookie reply);
+//! - **probe**: when no initiation is waiting for its answer and either nothing was
+//!   received for `probe_after` (idle), or data we sent has had no answer at all for
+//!   `busy_probe_after` (busy; 1 s by default), the driver forces a handshake
+//!   initiation;
+//! - **dead** ([`HealthState::Silent`]): a handshake initiation went unanswered for
+//!   `dead_after` (boringtun re-sends it after 5 s, so one lost datagram is survived if
+//!   `dead_after` exceeds 5 s);
+//! - no handshake completed `handshake_deadline` after start: [`HealthState::NoHandshake`];
+//! - the exit verification saw another public address than promised:
+//!   [`HealthState::WrongExitAddress`] until a later verification succeeds.
 //!
-//! An idle dead exit is therefore marked unhealthy at most `probe_after + dead_after`
-//! (40 s by default) after its last sign of life, a busy one `dead_after` after the first
-//! unanswered packet.
+//! A dead exit is therefore declared unhealthy at most `probe_after + dead_after` (plus
+//! one 250 ms timer tick) after its last sign of life, and a busy one at most
+//! `busy_probe_after + dead_after` (plus a tick) after the first data it left
+//! unanswered; a live one never is, whatever it does or does not send after the last
+//! data packet.
 
 use std::time::Duration;
 
@@ -48,7 +61,10 @@ pub struct HealthMonitor {
     settings: HealthSettings,
     started: Instant,
     last_rx: Option<Instant>,
-    first_unanswered: Option<Instant>,
+    /// When the oldest handshake initiation still waiting for an answer was sent.
+    init_unanswered: Option<Instant>,
+    /// When the oldest data packet sent since the last answer was sent.
+    data_unanswered: Option<Instant>,
     handshaked: bool,
     rtt_ewma: Option<Duration>,
     exit_ok: Option<bool>,
@@ -62,7 +78,8 @@ impl HealthMonitor {
             settings,
             started: now,
             last_rx: None,
-            first_unanswered: None,
+            init_unanswered: None,
+            data_unanswered: None,
             handshaked: false,
             rtt_ewma: None,
             exit_ok: None,
@@ -70,17 +87,27 @@ impl HealthMonitor {
         }
     }
 
-    /// We sent a datagram that the exit must answer (data or handshake initiation).
-    pub fn on_send_expecting_answer(&mut self, now: Instant) {
-        if self.first_unanswered.is_none() {
-            self.first_unanswered = Some(now);
+    /// We sent a handshake initiation, which a live exit answers at once. (Data and
+    /// keepalives are not reported: a live exit need not answer them for 10 s or more.)
+    pub fn on_initiation_sent(&mut self, now: Instant) {
+        if self.init_unanswered.is_none() {
+            self.init_unanswered = Some(now);
         }
     }
 
-    /// A datagram from the exit authenticated correctly.
+    /// We sent data (not a keepalive). It does not start the dead clock, only an earlier
+    /// probe (after `busy_probe_after` without any answer).
+    pub fn on_data_sent(&mut self, now: Instant) {
+        if self.data_unanswered.is_none() {
+            self.data_unanswered = Some(now);
+        }
+    }
+
+    /// A datagram from the exit authenticated correctly: the exit is alive.
     pub fn on_receive(&mut self, now: Instant) {
         self.last_rx = Some(now);
-        self.first_unanswered = None;
+        self.init_unanswered = None;
+        self.data_unanswered = None;
     }
 
     /// A handshake completed.
@@ -109,8 +136,13 @@ impl HealthMonitor {
 
     /// Whether the driver should force a handshake as a liveness probe now.
     pub fn should_probe(&self, now: Instant) -> bool {
-        if self.first_unanswered.is_some() {
-            return false; // already waiting for an answer
+        if self.init_unanswered.is_some() {
+            return false; // an initiation is already waiting for its answer
+        }
+        if let Some(t) = self.data_unanswered
+            && now.saturating_duration_since(t) >= self.settings.busy_probe_after
+        {
+            return true;
         }
         let last = self.last_rx.unwrap_or(self.started);
         now.saturating_duration_since(last) >= self.settings.probe_after
@@ -124,7 +156,7 @@ impl HealthMonitor {
         if self.exit_ok == Some(false) {
             return HealthState::WrongExitAddress;
         }
-        if let Some(t) = self.first_unanswered
+        if let Some(t) = self.init_unanswered
             && now.saturating_duration_since(t) >= self.settings.dead_after
         {
             return HealthState::Silent;
@@ -192,14 +224,28 @@ pub struct Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn settings() -> HealthSettings {
         HealthSettings {
             probe_after: Duration::from_secs(25),
+            busy_probe_after: Duration::from_secs(1),
             dead_after: Duration::from_secs(15),
             handshake_deadline: Duration::from_secs(15),
         }
     }
+
+    /// The market's settings for rented tunnels.
+    fn market() -> HealthSettings {
+        HealthSettings {
+            probe_after: Duration::from_secs(5),
+            busy_probe_after: Duration::from_secs(1),
+            dead_after: Duration::from_secs(10),
+            handshake_deadline: Duration::from_secs(15),
+        }
+    }
+
+    const TICK: Duration = Duration::from_millis(250);
 
     #[tokio::test(start_paused = true)]
     async fn idle_dead_exit_is_unhealthy_within_probe_plus_dead_after() {
@@ -213,10 +259,10 @@ mod tests {
         let mut probe_at = None;
         // Step through time in 250 ms ticks, as the driver does, for at most 60 s.
         for _ in 0..240 {
-            now += Duration::from_millis(250);
+            now += TICK;
             if h.should_probe(now) {
                 probe_at.get_or_insert(now);
-                h.on_send_expecting_answer(now);
+                h.on_initiation_sent(now);
             }
             if h.state(now) == HealthState::Silent {
                 break;
@@ -224,23 +270,69 @@ mod tests {
         }
         assert_eq!(h.state(now), HealthState::Silent);
         let since_last_sign = now - (t0 + Duration::from_millis(5));
-        assert!(since_last_sign <= Duration::from_secs(40) + Duration::from_millis(250));
+        assert!(since_last_sign <= Duration::from_secs(40) + TICK);
         assert!(probe_at.is_some());
+    }
+
+    /// The reported bug: after a request the last packet we send is a TCP ACK; a live
+    /// exit answers it only with its passive keepalive ~10 s (plus its timer tick) after
+    /// its own last packet. With `dead_after` = 10 s the old rule ("data sent, nothing
+    /// back for dead_after") declared every such exit Silent.
+    #[tokio::test(start_paused = true)]
+    async fn a_trailing_ack_answered_by_the_passive_keepalive_is_not_death() {
+        let t0 = Instant::now();
+        let mut h = HealthMonitor::new(market(), t0);
+        h.on_handshake(t0);
+        // Request and response; the exit's last data packet at t1, our ACK right after.
+        let t1 = t0 + Duration::from_secs(1);
+        h.on_receive(t1);
+        h.on_data_sent(t1 + Duration::from_millis(1));
+        let keepalive_at = t1 + Duration::from_secs(10) + Duration::from_millis(900);
+        let mut now = t1;
+        let mut probes = 0;
+        for _ in 0..(3 * 40) {
+            now += TICK;
+            if now >= keepalive_at && now < keepalive_at + TICK {
+                h.on_receive(now);
+            }
+            if h.should_probe(now) {
+                probes += 1;
+                h.on_initiation_sent(now);
+                // A live exit answers an initiation within a round trip.
+                h.on_handshake(now + Duration::from_millis(1));
+            }
+            assert_eq!(h.state(now), HealthState::Healthy, "at {:?}", now - t1);
+        }
+        assert!(probes > 0, "an idle tunnel is probed");
     }
 
     #[tokio::test(start_paused = true)]
     async fn busy_dead_exit_and_recovery() {
         let t0 = Instant::now();
-        let mut h = HealthMonitor::new(settings(), t0);
+        let mut h = HealthMonitor::new(market(), t0);
         h.on_handshake(t0);
-        let t1 = t0 + Duration::from_secs(3);
-        h.on_send_expecting_answer(t1);
-        h.on_send_expecting_answer(t1 + Duration::from_secs(5)); // does not move the start
-        assert_eq!(h.state(t1 + Duration::from_secs(14)), HealthState::Healthy);
-        assert_eq!(h.state(t1 + Duration::from_secs(15)), HealthState::Silent);
-        assert!(!h.should_probe(t1 + Duration::from_secs(100)));
-        h.on_receive(t1 + Duration::from_secs(16));
-        assert_eq!(h.state(t1 + Duration::from_secs(16)), HealthState::Healthy);
+        // We keep sending data from t0 on; the exit died at t0.
+        h.on_data_sent(t0);
+        h.on_data_sent(t0 + Duration::from_millis(500)); // does not move the start
+        let probe_at = t0 + Duration::from_secs(1);
+        assert!(!h.should_probe(probe_at - TICK));
+        assert!(h.should_probe(probe_at));
+        h.on_initiation_sent(probe_at);
+        h.on_initiation_sent(probe_at + Duration::from_secs(5)); // a retry: same clock
+        assert!(!h.should_probe(probe_at + Duration::from_secs(6)));
+        assert_eq!(
+            h.state(probe_at + Duration::from_secs(10) - TICK),
+            HealthState::Healthy
+        );
+        assert_eq!(
+            h.state(probe_at + Duration::from_secs(10)),
+            HealthState::Silent
+        );
+        h.on_receive(probe_at + Duration::from_secs(11));
+        assert_eq!(
+            h.state(probe_at + Duration::from_secs(11)),
+            HealthState::Healthy
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -276,5 +368,97 @@ mod tests {
         h.on_rtt(Duration::from_millis(200));
         let r = h.rtt().unwrap_or_default().as_millis();
         assert_eq!(r, 120);
+    }
+
+    /// Runs the driver's loop (250 ms ticks) sending data at `our_sends_ms` against a
+    /// model exit that is alive until `death_ms`: it sends whatever it likes at
+    /// `exit_sends_ms` (answering our data or not) and answers every
+    /// initiation after `rtt_ms`. Returns the first Silent time (ms) and the last time
+    /// anything was received (ms).
+    fn simulate(
+        s: &HealthSettings,
+        our_sends_ms: &[u64],
+        exit_sends_ms: &[u64],
+        death_ms: u64,
+        rtt_ms: u64,
+        horizon_ms: u64,
+    ) -> (Option<u64>, u64) {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = HealthMonitor::new(s.clone(), t0);
+        h.on_handshake(t0);
+        let mut last_rx = 0;
+        let mut answer_at: Option<u64> = None;
+        let mut sends = exit_sends_ms.to_vec();
+        sends.sort_unstable();
+        let mut next_send = 0;
+        let mut ms = 0;
+        while ms < horizon_ms {
+            ms += 250;
+            if our_sends_ms.iter().any(|&t| t > ms - 250 && t <= ms) {
+                h.on_data_sent(at(ms));
+            }
+            while next_send < sends.len() && sends[next_send] <= ms {
+                if sends[next_send] < death_ms {
+                    h.on_receive(at(sends[next_send]));
+                    last_rx = last_rx.max(sends[next_send]);
+                }
+                next_send += 1;
+            }
+            if let Some(a) = answer_at
+                && a <= ms
+            {
+                h.on_receive(at(a));
+                last_rx = last_rx.max(a);
+                answer_at = None;
+            }
+            if h.should_probe(at(ms)) {
+                h.on_initiation_sent(at(ms));
+                if ms < death_ms {
+                    answer_at = Some(ms + rtt_ms);
+                }
+            }
+            if h.state(at(ms)) == HealthState::Silent {
+                return (Some(ms), last_rx);
+            }
+        }
+        (None, last_rx)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// A live exit is never declared dead, whatever it sends, as long as it answers
+        /// initiations within `dead_after`; a dead one is declared dead at most
+        /// `probe_after + dead_after + tick` after its last sign of life.
+        #[test]
+        fn live_exits_stay_healthy_and_dead_ones_are_found_in_time(
+            probe_s in 1u64..30,
+            busy_ms in 250u64..5_000,
+            dead_s in 6u64..30,
+            rtt_ms in 0u64..2_000,
+            ours in proptest::collection::vec(0u64..120_000, 0..40),
+            sends in proptest::collection::vec(0u64..120_000, 0..40),
+            death_ms in 0u64..120_000,
+        ) {
+            let s = HealthSettings {
+                probe_after: Duration::from_secs(probe_s),
+                busy_probe_after: Duration::from_millis(busy_ms),
+                dead_after: Duration::from_secs(dead_s),
+                handshake_deadline: Duration::from_secs(15),
+            };
+            let horizon = 120_000 + (probe_s + dead_s) * 1_000 + 1_000;
+            // Never dies within the horizon: never Silent.
+            let (silent, _) = simulate(&s, &ours, &sends, u64::MAX, rtt_ms, horizon);
+            prop_assert_eq!(silent, None);
+            // Dies at death_ms: Silent, in time.
+            let (silent, last_rx) = simulate(&s, &ours, &sends, death_ms, rtt_ms, horizon);
+            let silent = silent.expect("a dead exit is declared Silent");
+            prop_assert!(silent >= death_ms.min(last_rx));
+            prop_assert!(
+                silent <= last_rx + (probe_s + dead_s) * 1_000 + 250,
+                "silent at {} ms, last sign of life at {} ms", silent, last_rx
+            );
+        }
     }
 }

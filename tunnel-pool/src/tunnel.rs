@@ -560,7 +560,10 @@ impl Drop for UdpGuard {
 #[derive(Default)]
 struct Turn {
     rx_ok: bool,
-    expects_answer: bool,
+    /// A handshake initiation went out (the only message a live exit answers at once).
+    initiation_sent: bool,
+    /// Data (not a keepalive) went out: only makes the next probe come sooner.
+    data_sent: bool,
     handshake: bool,
     handshake_rtt: Option<Duration>,
 }
@@ -579,9 +582,11 @@ async fn send_datagram(
     shared: &Shared,
     turn: &mut Turn,
 ) {
+    // Data does not start the dead clock (a live exit may never answer a trailing ACK,
+    // see `crate::health`); it only brings the next probe forward.
     match pkt.first() {
-        Some(&MSG_INIT) => turn.expects_answer = true,
-        Some(&MSG_DATA) if pkt.len() > KEEPALIVE_LEN => turn.expects_answer = true,
+        Some(&MSG_INIT) => turn.initiation_sent = true,
+        Some(&MSG_DATA) if pkt.len() > KEEPALIVE_LEN => turn.data_sent = true,
         _ => {}
     }
     // Bounded retries: a full socket buffer makes us wait (backpressure), a real
@@ -760,7 +765,7 @@ async fn drive(
 }
 
 fn apply_turn(shared: &Shared, turn: Turn) {
-    if !(turn.rx_ok || turn.expects_answer || turn.handshake) {
+    if !(turn.rx_ok || turn.initiation_sent || turn.data_sent || turn.handshake) {
         return;
     }
     let now = Instant::now();
@@ -776,7 +781,10 @@ fn apply_turn(shared: &Shared, turn: Turn) {
     if turn.rx_ok {
         cell.monitor.on_receive(now);
     }
-    if turn.expects_answer {
-        cell.monitor.on_send_expecting_answer(now);
+    if turn.data_sent {
+        cell.monitor.on_data_sent(now);
+    }
+    if turn.initiation_sent {
+        cell.monitor.on_initiation_sent(now);
     }
 }

@@ -170,6 +170,11 @@ pub fn exit_config(exit_ip: &str, allow: &[&str]) -> ProviderConfig {
 
 /// Starts an exit from `cfg` and a tunnel to it (peer 10.77.0.2).
 pub async fn pair(cfg: ProviderConfig) -> Pair {
+    pair_with(cfg, |_| {}).await
+}
+
+/// As [`pair`], with `tune` applied to the tunnel's config before it starts.
+pub async fn pair_with(cfg: ProviderConfig, tune: impl FnOnce(&mut TunnelConfig)) -> Pair {
     let exit = ProviderExit::start(cfg.clone()).await.unwrap();
     let client = SecretKey::generate();
     let client_pub = client.public_key();
@@ -183,6 +188,7 @@ pub async fn pair(cfg: ProviderConfig) -> Pair {
         Ipv4Addr::new(10, 77, 0, 2),
     );
     tcfg.dns = vec![IpAddr::V4(cfg.inner_address)];
+    tune(&mut tcfg);
     let tunnel = Tunnel::start(tcfg).await.unwrap();
     Pair {
         exit,
