@@ -916,6 +916,10 @@ impl PoolManager {
         );
         cfg.dns = vec![EXIT_INNER_ADDR.into()];
         cfg.persistent_keepalive = Some(Duration::from_secs(15));
+        // An idle rented exit is probed after 5 s without a sign of life (a busy one
+        // after `busy_probe_after` of unanswered data); dead when a probe's handshake
+        // initiation stays unanswered for `dead_after` (`docs/tunnel.md`).
+        cfg.health.probe_after = Duration::from_secs(5);
         cfg.health.dead_after = self.inner.cfg.dead_after;
         let tunnel = match Tunnel::start(cfg.clone()).await {
             Ok(t) => t,
