@@ -10,12 +10,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::http1::{self, BodyFraming, ChunkEvent, ChunkedDecoder, HeadLimits, RequestHead, Target};
+use crate::http1::{
+    self, BodyFraming, ChunkEvent, ChunkedDecoder, HeadLimits, RequestHead, Target,
+};
 use crate::pipeline::{self, Plan};
 use crate::proxy::{ClientConn, count_request};
 use crate::respond::{stream_response, write_error};
 use crate::response_head::ResponseHead;
-use crate::upstream::{BodyReader, HeadFailure, Upstream, encode_request_head, read_response_head};
+use crate::upstream::{
+    BodyReader, HeadFailure, Upstream, encode_request_head, read_more, read_response_head,
+};
 use crate::{Gateway, Runtime};
 
 /// Most body bytes held back to match ban rules' body patterns.
@@ -134,33 +138,46 @@ pub(crate) async fn forward(
         };
 
         let mut reader = BodyReader::new(response.body(&head.method));
-        // Ban rules: by status, and by body pattern when any rule has one (only then is
-        // the head held back until the body's start is known).
+        // The body bytes that came with the head are checked before the head goes out: a
+        // broken start of a chunked body is a 502, not a reset. When a ban rule has a body
+        // pattern, the head waits for the start of the body (up to BAN_PEEK_LIMIT).
         let mut held: Vec<Bytes> = Vec::new();
-        if bans_need_body {
-            let mut size = 0;
-            while size < BAN_PEEK_LIMIT && !reader.is_done() {
-                match tokio::time::timeout(idle, reader.next(&mut up)).await {
-                    Ok(Ok(Some(data))) => {
-                        size += data.len();
-                        held.push(data);
-                    }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(message)) => {
-                        let e = ProxyError::Upstream {
-                            exit: exit.id.to_string(),
-                            message,
-                        };
-                        return answer(conn, &e, true).await;
-                    }
-                    Err(_) => {
-                        let e = ProxyError::Upstream {
-                            exit: exit.id.to_string(),
-                            message: format!("target idle for {idle:?} mid-body"),
-                        };
-                        return answer(conn, &e, true).await;
+        let mut size = 0;
+        // Each turn holds buffered body bytes or reads more; bounded by BAN_PEEK_LIMIT.
+        loop {
+            match reader.take_buffered(&mut up) {
+                Ok(Some(data)) => {
+                    size += data.len();
+                    held.push(data);
+                    if size < BAN_PEEK_LIMIT {
+                        continue;
                     }
                 }
+                Ok(None) => {}
+                Err(message) => {
+                    let e = ProxyError::Upstream {
+                        exit: exit.id.to_string(),
+                        message,
+                    };
+                    return answer(conn, &e, true).await;
+                }
+            }
+            if !bans_need_body || reader.is_done() || size >= BAN_PEEK_LIMIT {
+                break;
+            }
+            let read = tokio::time::timeout(idle, read_more(&mut up)).await;
+            let closed = match read {
+                Ok(Ok(0)) => reader.on_close(),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(message)) => Err(message),
+                Err(_) => Err(format!("target idle for {idle:?} mid-body")),
+            };
+            if let Err(message) = closed {
+                let e = ProxyError::Upstream {
+                    exit: exit.id.to_string(),
+                    message,
+                };
+                return answer(conn, &e, true).await;
             }
         }
         let prefix: Vec<u8> = held

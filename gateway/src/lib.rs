@@ -16,9 +16,9 @@ mod forward;
 pub mod http1;
 mod pipeline;
 mod proxy;
-pub mod response_head;
 pub mod relay;
 mod respond;
+pub mod response_head;
 pub mod socks5;
 pub mod targeting;
 mod upstream;
@@ -454,9 +454,7 @@ fn build_runtime(
             .and_then(|o| o.exits.get(&id))
             .filter(|rt| rt.same_transport(exit, &policy) && rt.config == *exit)
             .cloned();
-        let rt = reused.unwrap_or_else(|| {
-            Arc::new(ExitRuntime::new(exit.clone(), policy.clone()))
-        });
+        let rt = reused.unwrap_or_else(|| Arc::new(ExitRuntime::new(exit.clone(), policy.clone())));
         exits.insert(id, rt);
     }
     let token_conns = config

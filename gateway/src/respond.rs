@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::error::ProxyError;
 use crate::http1::{self, RequestHead};
 use crate::response_head::{ResponseBody, ResponseHead};
-use crate::upstream::{BodyReader, Upstream};
+use crate::upstream::{BodyReader, Upstream, read_more};
 
 /// Most body bytes gathered before a write (small responses go out in one write).
 const COALESCE: usize = 16 * 1024;
@@ -87,39 +87,57 @@ pub(crate) async fn stream_response(
     for data in &held {
         push(&mut out, data);
     }
-    // Each turn takes a piece of the body or ends: bounded by what the target sends.
-    while !reader.is_done() {
-        if !out.is_empty() && (!reader.ready(up) || out.len() >= COALESCE) {
+    // Each turn passes on what the target sent, then waits for more: bounded by what
+    // the target sends.
+    loop {
+        loop {
+            match reader.take_buffered(up) {
+                Ok(Some(data)) => push(&mut out, &data),
+                Ok(None) => break,
+                Err(message) => {
+                    tracing::debug!(%message, "response body broken; resetting the client");
+                    let _ = write_client(client, &out, idle).await;
+                    abort(client);
+                    return failed;
+                }
+            }
+            if out.len() >= COALESCE {
+                if !write_client(client, &out, idle).await {
+                    return failed;
+                }
+                out.clear();
+            }
+        }
+        if reader.is_done() {
+            break;
+        }
+        if !out.is_empty() {
             // Before waiting on the target, the client gets what there is.
             if !write_client(client, &out, idle).await {
                 return failed;
             }
             out.clear();
         }
-        let next = tokio::select! {
+        let read = tokio::select! {
             biased;
-            r = tokio::time::timeout(idle, reader.next(up)) => r,
+            r = tokio::time::timeout(idle, read_more(up)) => r,
             () = client_gone(client, client_buf, watch_limit) => {
                 tracing::debug!("client went away mid-response");
                 abort(client);
                 return failed;
             }
         };
-        match next {
-            Ok(Ok(Some(data))) => push(&mut out, &data),
-            Ok(Ok(None)) => {}
-            Ok(Err(message)) => {
-                tracing::debug!(%message, "response body cut short; resetting the client");
-                let _ = write_client(client, &out, idle).await;
-                abort(client);
-                return failed;
-            }
-            Err(_) => {
-                tracing::debug!(?idle, "target idle mid-body; resetting the client");
-                let _ = write_client(client, &out, idle).await;
-                abort(client);
-                return failed;
-            }
+        let closed = match read {
+            Ok(Ok(0)) => reader.on_close(),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(message)) => Err(message),
+            Err(_) => Err(format!("target idle for {idle:?} mid-body")),
+        };
+        if let Err(message) = closed {
+            tracing::debug!(%message, "response body cut short; resetting the client");
+            let _ = write_client(client, &out, idle).await;
+            abort(client);
+            return failed;
         }
     }
     if framing == ClientFraming::Chunked {
@@ -165,7 +183,10 @@ fn encode_response_head(response: &ResponseHead, framing: ClientFraming, keep: b
     }
     match (framing, response.declared) {
         // A HEAD or 304 answer keeps the length the body would have had.
-        (ClientFraming::Length | ClientFraming::None, crate::response_head::ResponseLength::Length(n)) => {
+        (
+            ClientFraming::Length | ClientFraming::None,
+            crate::response_head::ResponseLength::Length(n),
+        ) => {
             let _ = write!(out, "content-length: {n}\r\n");
         }
         (ClientFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

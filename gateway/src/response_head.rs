@@ -88,7 +88,9 @@ pub fn parse_response_head(
     scan: &mut HeadScan,
 ) -> Result<Option<(ResponseHead, usize)>, HeadError> {
     if !buf.is_empty() && !b"HTTP/".starts_with(&buf[..buf.len().min(5)]) {
-        return Err(HeadError::Bad("response does not start with `HTTP/`".into()));
+        return Err(HeadError::Bad(
+            "response does not start with `HTTP/`".into(),
+        ));
     }
     let Some(end) = scan.find_end(buf, 0) else {
         if buf.len() > limits.max_bytes {
@@ -139,9 +141,7 @@ fn parse_status_line(line: &[u8]) -> Result<(u8, u16, &[u8]), HeadError> {
         .get(9..12)
         .filter(|c| c.iter().all(u8::is_ascii_digit))
         .ok_or_else(|| bad("bad status code"))?;
-    let status = code
-        .iter()
-        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+    let status = code.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
     if !(100..=599).contains(&status) {
         return Err(bad("status code outside 100..=599"));
     }

@@ -276,32 +276,12 @@ impl BodyReader {
         matches!(self.state, BodyState::Done)
     }
 
-    /// True when [`BodyReader::next`] can answer without waiting for the target.
-    pub(crate) fn ready(&self, up: &Upstream) -> bool {
-        self.is_done() || !up.buf.is_empty()
-    }
-
-    /// The next piece of the body, `None` at its end; an error (naming what went wrong)
-    /// when the target closed before the end or broke the chunked framing.
-    pub(crate) async fn next(&mut self, up: &mut Upstream) -> Result<Option<Bytes>, String> {
-        // Each turn consumes buffered bytes or reads more: bounded by what arrives.
-        loop {
-            if self.is_done() {
-                return Ok(None);
-            }
-            if up.buf.is_empty() {
-                let n = up
-                    .fill()
-                    .await
-                    .map_err(|e| format!("target failed mid-body: {e}"))?;
-                if n == 0 {
-                    if matches!(self.state, BodyState::UntilClose) {
-                        self.state = BodyState::Done;
-                        return Ok(None);
-                    }
-                    return Err("target closed the connection before the end of the body".into());
-                }
-            }
+    /// The next piece of the body among the bytes already read from the target, `None`
+    /// when it is complete or more bytes are needed; an error (naming what is wrong)
+    /// when the target broke the chunked framing. Sans-IO: never reads.
+    pub(crate) fn take_buffered(&mut self, up: &mut Upstream) -> Result<Option<Bytes>, String> {
+        // Each turn consumes at least one buffered byte or returns.
+        while !up.buf.is_empty() {
             match &mut self.state {
                 BodyState::Done => return Ok(None),
                 BodyState::UntilClose => return Ok(Some(up.buf.split().freeze())),
@@ -333,5 +313,26 @@ impl BodyReader {
                 }
             }
         }
+        Ok(None)
     }
+
+    /// The target closed its side: the end of a body that runs until close, an error
+    /// (a truncated body) otherwise.
+    pub(crate) fn on_close(&mut self) -> Result<(), String> {
+        match self.state {
+            BodyState::Done => Ok(()),
+            BodyState::UntilClose => {
+                self.state = BodyState::Done;
+                Ok(())
+            }
+            _ => Err("target closed the connection before the end of the body".into()),
+        }
+    }
+}
+
+/// Reads more bytes from the target into its buffer; `Ok(0)` when it closed.
+pub(crate) async fn read_more(up: &mut Upstream) -> Result<usize, String> {
+    up.fill()
+        .await
+        .map_err(|e| format!("target failed mid-body: {e}"))
 }
