@@ -568,6 +568,11 @@ impl Drop for ScriptedTarget {
 
 impl ScriptedTarget {
     async fn start(reply: Vec<u8>) -> Self {
+        Self::start_with(reply, false).await
+    }
+
+    /// As `start`, closing each connection right after its first reply.
+    async fn start_with(reply: Vec<u8>, close_after_reply: bool) -> Self {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -597,6 +602,9 @@ impl ScriptedTarget {
                             if s.write_all(&reply).await.is_err() {
                                 break;
                             }
+                        }
+                        if close_after_reply && seen.is_empty() {
+                            break;
                         }
                     }
                     op.fetch_sub(1, Ordering::SeqCst);
@@ -840,7 +848,8 @@ async fn kept_alive_target_connections_are_reused_and_bodies_stream_in_both_fram
         "one target connection for three requests"
     );
     // A close-delimited answer to an HTTP/1.0 client: passed on until close.
-    let target = ScriptedTarget::start(b"HTTP/1.0 200 OK\r\n\r\nuntil close".to_vec()).await;
+    let target =
+        ScriptedTarget::start_with(b"HTTP/1.0 200 OK\r\n\r\nuntil close".to_vec(), true).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let request = format!(
         "GET http://{}/ HTTP/1.0\r\n{}\r\n",
@@ -848,7 +857,6 @@ async fn kept_alive_target_connections_are_reused_and_bodies_stream_in_both_fram
         auth_header()
     );
     s.write_all(request.as_bytes()).await.unwrap();
-    drop(target); // the target task ends: its connection closes after the reply
     let out = read_until_closed(&mut s).await.expect("closed");
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
