@@ -14,12 +14,14 @@ pub mod error;
 pub mod exit;
 mod forward;
 pub mod http1;
+mod http_front;
 mod pipeline;
 mod proxy;
 pub mod relay;
 mod respond;
 pub mod response_head;
 pub mod socks5;
+mod socks_front;
 pub mod targeting;
 mod upstream;
 

@@ -1,25 +1,25 @@
 //! Per-connection handling: sniff the first byte (0x05 = SOCKS5, else HTTP/1.x), then
-//! run that protocol's front end over the shared pipeline.
+//! run that protocol's front end (`http_front.rs`, `socks_front.rs`) over the shared
+//! pipeline. Also what both front ends share: the connection, token slots, targeting,
+//! request counters and the tunnel relay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use ipsx_rotation::ExitId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::auth::{self, Authed};
+use crate::auth::Authed;
 use crate::error::ProxyError;
-use crate::forward::forward;
-use crate::http1::{self, BodyFraming, HeadLimits, HeadScan, RequestHead, Target};
-use crate::pipeline::{self, Plan};
+use crate::http1::{self, RequestHead};
 use crate::relay::relay;
 use crate::respond::write_error;
-use crate::socks5::{self, Reply};
+use crate::socks5;
 use crate::targeting::Targeting;
 use crate::upstream::UpstreamCache;
 use crate::{Gateway, Runtime};
@@ -34,7 +34,7 @@ impl Drop for CountGuard<'_> {
 }
 
 /// Same, for counters shared by `Arc`.
-struct ArcCountGuard(Arc<AtomicUsize>);
+pub(crate) struct ArcCountGuard(Arc<AtomicUsize>);
 
 impl Drop for ArcCountGuard {
     fn drop(&mut self) {
@@ -47,7 +47,7 @@ impl Drop for ArcCountGuard {
 pub(crate) struct ClientConn {
     pub(crate) stream: TcpStream,
     pub(crate) buf: BytesMut,
-    peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     pub(crate) upstreams: UpstreamCache,
 }
 
@@ -106,165 +106,13 @@ pub(crate) async fn handle_connection(gw: Arc<Gateway>, stream: TcpStream, peer:
     }
     drop(rt);
     if is_socks {
-        serve_socks(&gw, &mut conn, deadline).await;
+        crate::socks_front::serve_socks(&gw, &mut conn, deadline).await;
     } else {
-        serve_http(&gw, &mut conn, deadline).await;
+        crate::http_front::serve_http(&gw, &mut conn, deadline).await;
     }
 }
 
-// === HTTP ===
-
-enum HeadRead {
-    /// A complete head and the bytes it took.
-    Head(Box<RequestHead>, usize),
-    /// The client closed between requests.
-    Closed,
-    /// No byte of a new request before the deadline (an idle keep-alive connection).
-    Idle,
-    /// Part of a head, but not all of it, before the deadline (slowloris): 408.
-    TooSlow,
-}
-
-async fn read_head(
-    conn: &mut ClientConn,
-    limits: HeadLimits,
-    deadline: Instant,
-) -> Result<HeadRead, ProxyError> {
-    let mut scan = HeadScan::new();
-    loop {
-        if !conn.buf.is_empty()
-            && let Some((head, used)) =
-                http1::parse_request_head_resumed(&conn.buf, limits, &mut scan)?
-        {
-            return Ok(HeadRead::Head(Box::new(head), used));
-        }
-        // Wait for bytes before giving the buffer memory, so idle connections hold none.
-        match tokio::time::timeout_at(deadline, conn.stream.readable()).await {
-            Err(_) => return Ok(deadline_passed(&conn.buf)),
-            Ok(Err(_)) => return Ok(HeadRead::Closed),
-            Ok(Ok(())) => {}
-        }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(4096);
-        }
-        match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
-            Err(_) => return Ok(deadline_passed(&conn.buf)),
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return if conn.buf.is_empty() {
-                    Ok(HeadRead::Closed)
-                } else {
-                    Err(ProxyError::Head(http1::HeadError::Bad(
-                        "connection closed inside a request head".into(),
-                    )))
-                };
-            }
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
-fn deadline_passed(buf: &BytesMut) -> HeadRead {
-    if buf.is_empty() {
-        HeadRead::Idle
-    } else {
-        HeadRead::TooSlow
-    }
-}
-
-async fn serve_http(gw: &Arc<Gateway>, conn: &mut ClientConn, first_deadline: Instant) {
-    let mut deadline = first_deadline;
-    let mut token_guard: Option<ArcCountGuard> = None;
-    loop {
-        let rt = gw.runtime();
-        let limits = HeadLimits {
-            max_bytes: rt.config.listener.max_header_bytes,
-            max_headers: rt.config.listener.max_headers,
-        };
-        let read = tokio::select! {
-            r = read_head(conn, limits, deadline) => r,
-            () = gw.shutdown.cancelled(), if conn.buf.is_empty() => return,
-        };
-        let (head, used) = match read {
-            Ok(HeadRead::Head(head, used)) => (head, used),
-            Ok(HeadRead::Closed | HeadRead::Idle) => return,
-            Ok(HeadRead::TooSlow) => {
-                count_request("http", "header_timeout");
-                let e = ProxyError::Head(http1::HeadError::Bad(
-                    "request head not complete before the header deadline".into(),
-                ));
-                let _ = write_error(&mut conn.stream, &e, true, Some(408)).await;
-                return;
-            }
-            Err(e) => {
-                count_request("http", e.kind());
-                tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
-                let _ = write_error(&mut conn.stream, &e, true, None).await;
-                return;
-            }
-        };
-        conn.buf.advance(used);
-        gw.requests_total.fetch_add(1, Ordering::Relaxed);
-
-        let authed = match auth::check_basic(&rt, head.header("proxy-authorization")) {
-            Ok(a) => a,
-            Err(e) => {
-                if refuse_before_body(conn, &head, &e).await {
-                    deadline = Instant::now() + rt.config.listener.idle_timeout;
-                    continue;
-                }
-                return;
-            }
-        };
-        if token_guard.is_none()
-            && let Some(t) = authed.token
-        {
-            match acquire_token_slot(&rt, &t.name, t.max_connections) {
-                Ok(g) => token_guard = g,
-                Err(e) => {
-                    count_request("http", e.kind());
-                    let _ = write_error(&mut conn.stream, &e, true, None).await;
-                    return;
-                }
-            }
-        }
-        let targeting = match targeting_for(&rt, &authed, Some(&head)) {
-            Ok(t) => t,
-            Err(e) => {
-                if refuse_before_body(conn, &head, &e).await {
-                    deadline = Instant::now() + rt.config.listener.idle_timeout;
-                    continue;
-                }
-                return;
-            }
-        };
-        let host = head.target.host().clone();
-        let plan = Plan::new(&rt, &authed, &targeting, &host, head.target.port());
-        if matches!(head.target, Target::Connect { .. }) {
-            handle_connect(gw, &rt, conn, &plan, &host).await;
-            return;
-        }
-        let keep_alive = forward(gw, &rt, conn, &head, &plan).await;
-        if !keep_alive || gw.shutdown.is_cancelled() {
-            return;
-        }
-        if conn.buf.is_empty() && conn.buf.capacity() > 8192 {
-            conn.buf = BytesMut::new();
-        }
-        deadline = Instant::now() + rt.config.listener.idle_timeout;
-    }
-}
-
-/// Answers a request refused before its body was read. Returns true when the
-/// connection can carry another request: only if there was no body (an unread body
-/// cannot be skipped safely, so the connection closes rather than resynchronise).
-async fn refuse_before_body(conn: &mut ClientConn, head: &RequestHead, e: &ProxyError) -> bool {
-    count_request("http", e.kind());
-    let close = head.framing != BodyFraming::None || head.close;
-    let _ = write_error(&mut conn.stream, e, close, None).await;
-    !close
-}
-
-fn acquire_token_slot(
+pub(crate) fn acquire_token_slot(
     rt: &Runtime,
     name: &str,
     max: Option<usize>,
@@ -284,7 +132,7 @@ fn acquire_token_slot(
     Ok(Some(guard))
 }
 
-fn targeting_for(
+pub(crate) fn targeting_for(
     rt: &Runtime,
     authed: &Authed<'_>,
     head: Option<&RequestHead>,
@@ -305,42 +153,7 @@ pub(crate) fn count_request(protocol: &'static str, outcome: &'static str) {
         .increment(1);
 }
 
-async fn handle_connect(
-    gw: &Arc<Gateway>,
-    rt: &Runtime,
-    conn: &mut ClientConn,
-    plan: &Plan,
-    host: &http1::Host,
-) {
-    let (exit, mut upstream) = match pipeline::dial_with_retries(gw, rt, plan, host).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            count_request("connect", e.kind());
-            tracing::info!(peer = %conn.peer, target = %plan.domain, error = %e, "CONNECT refused");
-            let _ = write_error(&mut conn.stream, &e, true, None).await;
-            return;
-        }
-    };
-    count_request("connect", "ok");
-    if conn
-        .stream
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return;
-    }
-    if !conn.buf.is_empty() {
-        // Bytes the client sent right after the CONNECT head (e.g. a TLS ClientHello).
-        if upstream.write_all(&conn.buf).await.is_err() {
-            return;
-        }
-        conn.buf.clear();
-    }
-    run_relay(gw, rt, &exit.id, &mut conn.stream, upstream).await;
-}
-
-async fn run_relay(
+pub(crate) async fn run_relay(
     gw: &Arc<Gateway>,
     rt: &Runtime,
     exit: &ExitId,
@@ -358,158 +171,4 @@ async fn run_relay(
 async fn hard_stop(gw: &Arc<Gateway>, drain: Duration) {
     gw.shutdown.cancelled().await;
     tokio::time::sleep(drain).await;
-}
-
-// === SOCKS5 ===
-
-async fn read_socks<T>(
-    conn: &mut ClientConn,
-    deadline: Instant,
-    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks5::SocksError>,
-) -> Result<Option<T>, socks5::SocksError> {
-    loop {
-        if let Some((value, used)) = parse(&conn.buf)? {
-            conn.buf.advance(used);
-            return Ok(Some(value));
-        }
-        if conn.buf.len() > 1024 {
-            return Err(socks5::SocksError {
-                message: "message too long".into(),
-                reply: Some(Reply::GeneralFailure),
-            });
-        }
-        conn.buf.reserve(512);
-        match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Ok(None),
-        }
-    }
-}
-
-async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadline: Instant) {
-    let rt = gw.runtime();
-    let fail = |e: &socks5::SocksError| {
-        tracing::info!(error = %e, "socks5 refused");
-        count_request("socks5", "bad_request");
-    };
-    let greeting = match read_socks(conn, deadline, socks5::parse_greeting).await {
-        Ok(Some(g)) => g,
-        Ok(None) => return,
-        Err(e) => {
-            fail(&e);
-            let _ = conn.stream.write_all(&[5, socks5::METHOD_NONE]).await;
-            return;
-        }
-    };
-    let needs_auth = !rt.config.tokens.is_empty();
-    let method = if greeting.methods.contains(&socks5::METHOD_USER_PASS) {
-        socks5::METHOD_USER_PASS
-    } else if !needs_auth && greeting.methods.contains(&socks5::METHOD_NO_AUTH) {
-        socks5::METHOD_NO_AUTH
-    } else {
-        socks5::METHOD_NONE
-    };
-    if conn.stream.write_all(&[5, method]).await.is_err() || method == socks5::METHOD_NONE {
-        count_request("socks5", "auth");
-        return;
-    }
-    let (username, password) = if method == socks5::METHOD_USER_PASS {
-        match read_socks(conn, deadline, socks5::parse_auth).await {
-            Ok(Some(c)) => (c.username, c.password),
-            Ok(None) => return,
-            Err(e) => {
-                fail(&e);
-                let _ = conn.stream.write_all(&[1, 1]).await;
-                return;
-            }
-        }
-    } else {
-        (String::new(), String::new())
-    };
-    let authed = match auth::check_credentials(&rt, &username, &password) {
-        Ok(a) => a,
-        Err(_) => {
-            count_request("socks5", "auth");
-            let _ = conn.stream.write_all(&[1, 1]).await;
-            return;
-        }
-    };
-    if method == socks5::METHOD_USER_PASS && conn.stream.write_all(&[1, 0]).await.is_err() {
-        return;
-    }
-    let _token_guard = match authed
-        .token
-        .map(|t| acquire_token_slot(&rt, &t.name, t.max_connections))
-        .transpose()
-    {
-        Ok(g) => g,
-        Err(e) => {
-            count_request("socks5", e.kind());
-            let _ = conn
-                .stream
-                .write_all(&socks5::encode_reply(e.socks_reply(), None))
-                .await;
-            return;
-        }
-    };
-    let request = match read_socks(conn, deadline, socks5::parse_request).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            fail(&e);
-            if let Some(reply) = e.reply {
-                let _ = conn
-                    .stream
-                    .write_all(&socks5::encode_reply(reply, None))
-                    .await;
-            }
-            return;
-        }
-    };
-    gw.requests_total.fetch_add(1, Ordering::Relaxed);
-    let targeting = match targeting_for(&rt, &authed, None) {
-        Ok(t) => t,
-        Err(e) => {
-            count_request("socks5", e.kind());
-            tracing::info!(peer = %conn.peer, error = %e, "socks5 targeting refused");
-            let _ = conn
-                .stream
-                .write_all(&socks5::encode_reply(e.socks_reply(), None))
-                .await;
-            return;
-        }
-    };
-    let plan = Plan::new(&rt, &authed, &targeting, &request.host, request.port);
-    let (exit, upstream) = match pipeline::dial_with_retries(gw, &rt, &plan, &request.host).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            count_request("socks5", e.kind());
-            tracing::info!(peer = %conn.peer, target = %plan.domain, error = %e, "socks5 connect refused");
-            let _ = conn
-                .stream
-                .write_all(&socks5::encode_reply(e.socks_reply(), None))
-                .await;
-            return;
-        }
-    };
-    count_request("socks5", "ok");
-    if conn
-        .stream
-        .write_all(&socks5::encode_reply(
-            Reply::Succeeded,
-            upstream.local_addr(),
-        ))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut upstream = upstream;
-    if !conn.buf.is_empty() {
-        if upstream.write_all(&conn.buf).await.is_err() {
-            return;
-        }
-        conn.buf.clear();
-    }
-    run_relay(gw, &rt, &exit.id, &mut conn.stream, upstream).await;
 }
