@@ -138,48 +138,16 @@ pub(crate) async fn forward(
         };
 
         let mut reader = BodyReader::new(response.body(&head.method));
-        // The body bytes that came with the head are checked before the head goes out: a
-        // broken start of a chunked body is a 502, not a reset. When a ban rule has a body
-        // pattern, the head waits for the start of the body (up to BAN_PEEK_LIMIT).
-        let mut held: Vec<Bytes> = Vec::new();
-        let mut size = 0;
-        // Each turn holds buffered body bytes or reads more; bounded by BAN_PEEK_LIMIT.
-        loop {
-            match reader.take_buffered(&mut up) {
-                Ok(Some(data)) => {
-                    size += data.len();
-                    held.push(data);
-                    if size < BAN_PEEK_LIMIT {
-                        continue;
-                    }
-                }
-                Ok(None) => {}
-                Err(message) => {
-                    let e = ProxyError::Upstream {
-                        exit: exit.id.to_string(),
-                        message,
-                    };
-                    return answer(conn, &e, true).await;
-                }
-            }
-            if !bans_need_body || reader.is_done() || size >= BAN_PEEK_LIMIT {
-                break;
-            }
-            let read = tokio::time::timeout(idle, read_more(&mut up)).await;
-            let closed = match read {
-                Ok(Ok(0)) => reader.on_close(),
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(message)) => Err(message),
-                Err(_) => Err(format!("target idle for {idle:?} mid-body")),
-            };
-            if let Err(message) = closed {
+        let held = match hold_body_start(&mut reader, &mut up, bans_need_body, idle).await {
+            Ok(held) => held,
+            Err(message) => {
                 let e = ProxyError::Upstream {
                     exit: exit.id.to_string(),
                     message,
                 };
                 return answer(conn, &e, true).await;
             }
-        }
+        };
         let prefix: Vec<u8> = held
             .iter()
             .flat_map(|b| b.iter().copied())
@@ -216,6 +184,38 @@ pub(crate) async fn forward(
             conn.upstreams.put(up);
         }
         return streamed.client_keep;
+    }
+}
+
+/// The start of the body, checked before the head goes out: the bytes that came with
+/// the head (so a broken start of a chunked body is a 502, not a reset), and, when a ban
+/// rule has a body pattern, whatever arrives up to `BAN_PEEK_LIMIT`.
+async fn hold_body_start(
+    reader: &mut BodyReader,
+    up: &mut Upstream,
+    wait_for_more: bool,
+    idle: std::time::Duration,
+) -> Result<Vec<Bytes>, String> {
+    let mut held = Vec::new();
+    let mut size = 0;
+    // Each turn holds buffered body bytes or reads more; bounded by BAN_PEEK_LIMIT.
+    loop {
+        if let Some(data) = reader.take_buffered(up)? {
+            size += data.len();
+            held.push(data);
+            if size < BAN_PEEK_LIMIT {
+                continue;
+            }
+        }
+        if !wait_for_more || reader.is_done() || size >= BAN_PEEK_LIMIT {
+            return Ok(held);
+        }
+        match tokio::time::timeout(idle, read_more(up)).await {
+            Ok(Ok(0)) => reader.on_close()?,
+            Ok(Ok(_)) => {}
+            Ok(Err(message)) => return Err(message),
+            Err(_) => return Err(format!("target idle for {idle:?} mid-body")),
+        }
     }
 }
 
