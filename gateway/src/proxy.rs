@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::auth::Authed;
 use crate::error::ProxyError;
 use crate::http1::{self, RequestHead};
-use crate::relay::relay;
+use crate::relay::{relay, relay_tcp};
 use crate::respond::write_error;
 use crate::socks5;
 use crate::targeting::Targeting;
@@ -162,7 +162,11 @@ pub(crate) async fn run_relay(
 ) {
     let _in_flight = gw.rotator.begin(exit);
     let stop = hard_stop(gw, rt.config.listener.drain_timeout);
-    let stats = relay(client, upstream, rt.config.listener.idle_timeout, stop).await;
+    let idle = rt.config.listener.idle_timeout;
+    let stats = match upstream {
+        crate::exit::ExitStream::Tcp(mut tcp) => relay_tcp(client, &mut tcp, idle, stop).await,
+        tunnel => relay(client, tunnel, idle, stop).await,
+    };
     metrics::counter!("ipsx_relay_bytes_total", "direction" => "up").increment(stats.up);
     metrics::counter!("ipsx_relay_bytes_total", "direction" => "down").increment(stats.down);
 }
