@@ -521,6 +521,10 @@ pub(crate) fn declared_framing(
 /// header deadline on garbage such as a TLS ClientHello sent to the plain port). Bytes
 /// before `checked` were checked by an earlier call.
 fn check_partial(buf: &[u8], checked: usize) -> Result<(), HeadError> {
+    if buf == b"\r" {
+        // The first half of an empty line before the request line.
+        return Ok(());
+    }
     if let Some(first) = buf.first()
         && !is_tchar(*first)
     {
@@ -776,10 +780,11 @@ impl ChunkedDecoder {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const LIMITS: HeadLimits = HeadLimits {
+    /// The default limits, for parser tests.
+    pub(crate) const LIMITS: HeadLimits = HeadLimits {
         max_bytes: 64 * 1024,
         max_headers: 100,
     };
@@ -815,6 +820,35 @@ mod tests {
         );
         assert_eq!(head.framing, BodyFraming::None);
         assert!(!head.close);
+    }
+
+    #[test]
+    fn a_trickled_head_resumes_its_scan_where_it_stopped() {
+        // One byte per read: each call looks at the new bytes only (linear, not
+        // quadratic, in the head's length).
+        let text = b"\r\nGET http://a/ HTTP/1.1\r\nHost: a\r\nX-Long: aaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut scan = HeadScan::new();
+        for n in 1..text.len() {
+            assert!(
+                parse_request_head_resumed(&text[..n], LIMITS, &mut scan)
+                    .unwrap()
+                    .is_none(),
+                "{n}"
+            );
+            assert_eq!(scan.scanned, n, "the next call starts at byte {n}");
+        }
+        let (head, used) = parse_request_head_resumed(text, LIMITS, &mut scan)
+            .unwrap()
+            .unwrap();
+        assert_eq!((head.method.as_str(), used), ("GET", text.len()));
+        // A NUL arriving late is still seen.
+        let mut scan = HeadScan::new();
+        assert!(
+            parse_request_head_resumed(b"GET http://a/", LIMITS, &mut scan)
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_request_head_resumed(b"GET http://a/\0", LIMITS, &mut scan).is_err());
     }
 
     #[test]

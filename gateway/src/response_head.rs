@@ -163,11 +163,7 @@ fn parse_status_line(line: &[u8]) -> Result<(u8, u16, &[u8]), HeadError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    const LIMITS: HeadLimits = HeadLimits {
-        max_bytes: 64 * 1024,
-        max_headers: 100,
-    };
+    use crate::http1::tests::LIMITS;
 
     fn parse(text: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
         parse_response_head(text, LIMITS, &mut HeadScan::new())
