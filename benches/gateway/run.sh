@@ -123,7 +123,7 @@ HA_PORT=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 100000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
