@@ -526,3 +526,442 @@ async fn hostile_socks5_inputs() {
     let code = socks_connect(gw.addr, &req).await;
     assert!(code == 0x04 || code == 0x00, "255-byte name -> {code:#x}");
 }
+
+// === QUALITY.md cases 24 and 25: hostile and slow targets ===
+
+/// A raw target: for each request head it reads, writes `reply`; it keeps the
+/// connection open (reading) until the other side closes, and counts connections
+/// accepted and connections still open.
+struct ScriptedTarget {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedTarget {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedTarget {
+    async fn start(reply: Vec<u8>) -> Self {
+        Self::start_with(reply, false).await
+    }
+
+    /// As `start`, closing each connection right after its first reply.
+    async fn start_with(reply: Vec<u8>, close_after_reply: bool) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (acc, op) = (accepted.clone(), open.clone());
+        let reply = std::sync::Arc::new(reply);
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                acc.fetch_add(1, Ordering::SeqCst);
+                op.fetch_add(1, Ordering::SeqCst);
+                let (op, reply) = (op.clone(), reply.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Until the peer closes (or an hour passes).
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(3600), s.read(&mut buf)).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        // One reply per complete request head.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            if s.write_all(&reply).await.is_err() {
+                                break;
+                            }
+                        }
+                        if close_after_reply && seen.is_empty() {
+                            break;
+                        }
+                    }
+                    op.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            open,
+            task,
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads until the gateway closes the connection (or resets it); `None` if it stays
+/// open for 20 s.
+async fn read_until_closed(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads until `out` holds `want` (20 s at most per read); returns what was read.
+async fn read_until_contains(s: &mut TcpStream, want: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(want.len()).any(|w| w == want) {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Polls `check` every 50 ms for at most 20 s.
+async fn eventually(check: impl Fn() -> bool) -> bool {
+    for _ in 0..400 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+fn get(target: std::net::SocketAddr) -> String {
+    format!(
+        "GET http://{target}/ HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        auth_header()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_response_framing_gets_502_before_any_byte() {
+    // 24. The issue's reproduction: Content-Length: 5 with a chunked body whose one chunk
+    // holds a whole forged response. Then two lengths, a list, and broken chunking.
+    let forged = b"helloHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!";
+    let chunk = |head: &str| {
+        let mut r = head.as_bytes().to_vec();
+        r.extend_from_slice(format!("{:x}\r\n", forged.len()).as_bytes());
+        r.extend_from_slice(forged);
+        r.extend_from_slice(b"\r\n0\r\n\r\n");
+        r
+    };
+    let cases: Vec<Vec<u8>> = vec![
+        chunk("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        chunk("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
+        [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 48\r\n\r\n"[..],
+            forged,
+        ]
+        .concat(),
+        [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 48\r\n\r\n"[..],
+            forged,
+        ]
+        .concat(),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloEVIL!\r\n0\r\n\r\n"
+            .to_vec(),
+    ];
+    let gw = TestGateway::start(&config_text("")).await;
+    for reply in cases {
+        let shown = String::from_utf8_lossy(&reply).into_owned();
+        let target = ScriptedTarget::start(reply).await;
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(get(target.addr).as_bytes()).await.unwrap();
+        let out = read_until_closed(&mut s)
+            .await
+            .unwrap_or_else(|| panic!("connection left open for {shown:?}"));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 502 "), "{shown:?} -> {text:?}");
+        assert_eq!(text.matches("HTTP/1.1").count(), 1, "{shown:?} -> {text:?}");
+        assert!(!text.contains("EVIL"), "{shown:?} -> {text:?}");
+        assert!(!text.contains("hello"), "{shown:?} -> {text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_never_gets_more_body_than_announced() {
+    // 24. Content-Length: 5 followed by more bytes: the client gets exactly 5, and the
+    // next request on the same connection gets a fresh answer, not the leftover.
+    let target = ScriptedTarget::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+            .to_vec(),
+    )
+    .await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut all = Vec::new();
+    for _ in 0..2 {
+        s.write_all(get(target.addr).as_bytes()).await.unwrap();
+        let got = read_until_contains(&mut s, b"\r\n\r\nhello").await;
+        all.extend_from_slice(&got);
+    }
+    // Nothing else arrives: ask once more and read that answer too.
+    s.write_all(get(target.addr).as_bytes()).await.unwrap();
+    all.extend_from_slice(&read_until_contains(&mut s, b"\r\n\r\nhello").await);
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text:?}");
+    assert_eq!(text.matches("hello").count(), 3, "{text:?}");
+    assert!(!text.contains("EVIL"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("content-length: 5"),
+        "{text:?}"
+    );
+}
+
+fn with_idle(idle: &str) -> String {
+    config_text("").replace(
+        "connect_timeout = \"2s\"",
+        &format!("connect_timeout = \"2s\"\nidle_timeout = \"{idle}\""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_target_sends_the_head_and_a_gone_client_frees_everything() {
+    // 25. Head and 3 of 100 body bytes, then the target stalls. The head and the 3 bytes
+    // reach the client at once; when the client goes away, the gateway closes the
+    // target connection and its own (the idle timeout, an hour here, plays no part).
+    let target =
+        ScriptedTarget::start(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc".to_vec()).await;
+    let gw = TestGateway::start(&with_idle("1h")).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(get(target.addr).as_bytes()).await.unwrap();
+        let got = read_until_contains(&mut s, b"\r\n\r\nabc").await;
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text:?}");
+        assert!(text.contains("content-length: 100\r\n"), "{text:?}");
+        assert!(text.ends_with("\r\n\r\nabc"), "{text:?}");
+        clients.push(s);
+    }
+    assert_eq!(target.open(), 5);
+    drop(clients);
+    assert!(
+        eventually(|| target.open() == 0).await,
+        "{} target connections still open after the clients left",
+        target.open()
+    );
+    assert!(
+        eventually(|| gw.gateway.open_connections() == 0).await,
+        "{} client connections still counted",
+        gw.gateway.open_connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_ends_at_the_idle_timeout() {
+    // 25. The client stays; the target never sends the rest: after the idle timeout the
+    // client connection is reset (never a truncated body passed on as complete) and the
+    // target connection is closed.
+    let target =
+        ScriptedTarget::start(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc".to_vec()).await;
+    let gw = TestGateway::start(&with_idle("1s")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(get(target.addr).as_bytes()).await.unwrap();
+    let out = read_until_closed(&mut s)
+        .await
+        .expect("the gateway ends a stalled response");
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\nabc"), "{text:?}");
+    assert!(eventually(|| target.open() == 0).await);
+    assert!(eventually(|| gw.gateway.open_connections() == 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_target_connections_are_reused_and_bodies_stream_in_both_framings() {
+    // The upstream cache: three requests on one client connection use one target
+    // connection; a chunked answer is passed on chunked, a close-delimited one too.
+    let target = ScriptedTarget::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let gw = TestGateway::start(&config_text("")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        // Same exit every time: a session pins it.
+        let request = format!(
+            "GET http://{}/ HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            target.addr,
+            auth_header_for("acct-session-reuse")
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        all.extend_from_slice(&read_until_contains(&mut s, b"0\r\n\r\n").await);
+    }
+    let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
+    assert_eq!(
+        text.matches("transfer-encoding: chunked").count(),
+        3,
+        "{text:?}"
+    );
+    assert_eq!(
+        text.matches("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").count(),
+        3,
+        "{text:?}"
+    );
+    assert_eq!(
+        target.accepted(),
+        1,
+        "one target connection for three requests"
+    );
+    // A close-delimited answer to an HTTP/1.0 client: passed on until close.
+    let target =
+        ScriptedTarget::start_with(b"HTTP/1.0 200 OK\r\n\r\nuntil close".to_vec(), true).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET http://{}/ HTTP/1.0\r\n{}\r\n",
+        target.addr,
+        auth_header()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let out = read_until_closed(&mut s).await.expect("closed");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\nuntil close"), "{text:?}");
+}
+
+fn auth_header_for(user: &str) -> String {
+    format!(
+        "Proxy-Authorization: Basic {}\r\n",
+        base64(format!("{user}:{TOKEN}").as_bytes())
+    )
+}
+
+// === Point 4 of issue 10: own addresses, DNS oracle, Retry-After, rules ===
+
+/// A non-loopback address of this machine (the source of its default route), if any.
+/// Finding it sends no packet (a UDP connect only picks a route).
+fn own_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("203.0.113.1:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_never_dials_its_own_listening_sockets() {
+    // 4. A CONNECT to the machine's own address at the admin port reached the admin API
+    // even though only that address was allow-listed, not the gateway itself.
+    let Some(ip) = own_address() else {
+        eprintln!("no non-loopback address on this machine: nothing to check");
+        return;
+    };
+    // Stands in for the admin API: a listener on the machine's own address.
+    let admin = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let cfg = config_text("").replace(
+        "allow_destinations = [\"127.0.0.0/8\", \"::1/128\"]",
+        &format!(
+            "allow_destinations = [\"127.0.0.0/8\", \"::1/128\", \"{ip}/32\"]\nadmin_listen = \"{admin_addr}\""
+        ),
+    );
+    let gw = TestGateway::start(&cfg).await;
+    let a = auth_header();
+    let answer = raw_exchange(
+        gw.addr,
+        format!("CONNECT {admin_addr} HTTP/1.1\r\nHost: x\r\n{a}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(status_line(&answer).starts_with("HTTP/1.1 403"), "{answer}");
+    let reached = tokio::time::timeout(Duration::from_millis(200), admin.accept()).await;
+    assert!(reached.is_err(), "the admin listener got a connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_name_does_not_reveal_its_address() {
+    // 4. `localhost` resolves to loopback: refused, and the answer says so without the
+    // address (an internal DNS oracle otherwise).
+    let strict =
+        config_text("").replace("allow_destinations = [\"127.0.0.0/8\", \"::1/128\"]\n", "");
+    let gw = TestGateway::start(&strict).await;
+    let a = auth_header();
+    for request in [
+        format!("CONNECT localhost:80 HTTP/1.1\r\nHost: x\r\n{a}\r\n"),
+        format!("GET http://localhost/ HTTP/1.1\r\nHost: x\r\n{a}Connection: close\r\n\r\n"),
+    ] {
+        let answer = raw_exchange(gw.addr, request.as_bytes()).await;
+        assert!(status_line(&answer).starts_with("HTTP/1.1 403"), "{answer}");
+        let error = answer
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("x-ipsx-error:"))
+            .unwrap_or_default();
+        assert!(error.contains("private address"), "{answer}");
+        assert!(
+            !answer.contains("127.0.0.1") && !answer.contains("::1"),
+            "{answer}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cool_down_503_says_when_to_retry() {
+    // 4. docs/rotation.md: every matching exit cooling down -> 503 + Retry-After.
+    let target =
+        ScriptedTarget::start(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_vec())
+            .await;
+    let gw = TestGateway::start(&config_text(
+        "[[ban]]\nstatuses = [403]\nscope = \"domain\"\ncooldown = \"10m\"\n",
+    ))
+    .await;
+    let url = format!("http://{}/", target.addr);
+    let out = curl(&["-i", "-x", &gw.proxy("acct-country-fr"), &url, &url]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let refused = text
+        .split("http/1.1 ")
+        .find(|r| r.starts_with("503"))
+        .unwrap_or_else(|| panic!("no 503: {text}"));
+    assert!(refused.contains("cooling down"), "{text}");
+    let after: u64 = refused
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after: {text}"));
+    assert!((1..=600).contains(&after), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_match_the_uri_host() {
+    // 4. `[[rule]]` host matching through the gateway: requests to `localhost` go out
+    // through the rule's country, requests to 127.0.0.1 (same echo) are not bound by it.
+    let echo = Echo::start().await;
+    let gw = TestGateway::start(&config_text(
+        "[[rule]]\nhosts = [\"localhost\"]\ntarget = { country = \"fr\" }\n",
+    ))
+    .await;
+    let by_name = format!("http://localhost:{}/ip", echo.addr.port());
+    let mut args = vec!["-x".to_owned(), gw.proxy("acct")];
+    args.extend((0..5).map(|_| by_name.clone()));
+    args.extend(["-w".to_owned(), "\\n".to_owned()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ips = echo_ips(&curl(&refs).await.stdout);
+    assert_eq!(ips, vec!["127.0.0.6".to_owned(); 5]);
+    let mut args = vec!["-x".to_owned(), gw.proxy("acct")];
+    args.extend((0..10).map(|_| echo.url()));
+    args.extend(["-w".to_owned(), "\\n".to_owned()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ips = echo_ips(&curl(&refs).await.stdout);
+    assert_eq!(ips.len(), 10);
+    assert!(ips.iter().any(|ip| ip != "127.0.0.6"), "{ips:?}");
+}

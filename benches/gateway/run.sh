@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of the ipsx gateway (local exit) against squid (HTTP and
-# CONNECT), dante (SOCKS5) and the origin straight, with one load generator and one
-# origin, in one run. Prints a table of peer figures, ours and the ratios.
+# CONNECT), dante (SOCKS5), the origin straight and, as a reference for the cost of one
+# HTTP hop, a 1-thread HAProxy reverse proxy in front of the origin; one load generator
+# and one origin, in one run. Prints a table of peer figures, ours and the ratios.
 #
 #   bash benches/gateway/run.sh            # 5 s per measurement
 #   DURATION=10 CONNS=64 bash benches/gateway/run.sh
@@ -23,8 +24,9 @@ need=()
 command -v squid >/dev/null || need+=(squid)
 command -v danted >/dev/null || need+=(dante-server)
 command -v wrk >/dev/null || need+=(wrk)
+command -v haproxy >/dev/null || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n 16384 2>/dev/null || true
 
@@ -116,18 +118,41 @@ DA_PID=$!
 PIDS+=($DA_PID)
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$DA_PORT) 2>/dev/null && break; sleep 0.1; done
 
-run() { # label mode proxy [user pass]
+# --- HAProxy: a 1-thread reverse proxy in front of the origin (reference hop cost) ---
+HA_PORT=$(free_port)
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$HA_PORT
+  default_backend be
+backend be
+  server origin $ORIGIN
+CONF
+haproxy -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$HA_PORT) 2>/dev/null && break; sleep 0.1; done
+
+run() { # label mode proxy [user pass]; TARGET overrides the origin
   local label=$1 mode=$2 proxy=$3; shift 3
   local extra=()
   [ $# -ge 2 ] && extra=(--user "$1" --pass "$2")
-  local args=(--mode "$mode" --target "$ORIGIN" --connections "$CONNS" --duration "$DURATION")
+  local args=(--mode "$mode" --target "${TARGET:-$ORIGIN}" --connections "$CONNS" --duration "$DURATION")
   [ "$proxy" != "-" ] && args+=(--proxy "$proxy")
   local out; out=$($LOADGEN "${args[@]}" "${extra[@]}")
   echo "$label $out" | tee -a "$WORK/results.txt" >&2
 }
 
 echo "== load: $CONNS connections, ${DURATION}s each, 100-byte body" >&2
+echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 run direct            direct        -
+TARGET="127.0.0.1:$HA_PORT" run haproxy-reverse direct -
 run squid-http        http          "127.0.0.1:$SQ_PORT"
 run ipsx-http         http          "$GW" bench bench-token
 run squid-connect     connect       "127.0.0.1:$SQ_PORT"
@@ -188,6 +213,8 @@ def line(name, peer, ours):
     print(f"{name:34} {p['rps']:12.0f} {o['rps']:12.0f} {ratio:7.2f}x  {p['p50_us']}/{p['p99_us']} | {o['p50_us']}/{o['p99_us']}  (errors {p['errors']}/{o['errors']})")
 d = rows["direct"]
 print(f"{'direct to origin (req/s)':34} {d['rps']:12.0f} {'':>12} {'':>7}   {d['p50_us']}/{d['p99_us']}")
+line("plain HTTP vs origin straight", "direct", "ipsx-http")
+line("HAProxy reverse (1 thread) vs origin", "direct", "haproxy-reverse")
 line("plain HTTP vs squid (req/s)", "squid-http", "ipsx-http")
 line("CONNECT tunnel vs squid (req/s)", "squid-connect", "ipsx-connect")
 line("SOCKS5 tunnel vs dante (req/s)", "dante-socks5", "ipsx-socks5")
@@ -198,6 +225,7 @@ try:
     print(f"{'plain HTTP, wrk, vs squid (req/s)':34} {ws:12.0f} {wi:12.0f} {wi/ws:7.2f}x")
 except ValueError:
     pass
+print(f"load average at the end: {open('/proc/loadavg').read().split()[:3]}")
 for label in ("squid-idle", "dante-idle", "ipsx-idle"):
     kv = idle[label]
     n = max(int(kv["idle_open"]), 1)

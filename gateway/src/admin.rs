@@ -9,7 +9,7 @@
 //! | `GET /api/sessions` | sticky sessions and their remaining lifetime |
 //! | `GET /api/limits` | the rate limits in force, defaults and per rule and token |
 //! | `GET /api/market` | rented exits: deals, spend, demand groups, refusals |
-//! | `POST /api/reload` | re-read the config file now |
+//! | `POST /api/reload` | re-read the config file now; lists changed keys that need a restart (`listen`, `admin_listen`, `market`) |
 //!
 //! With `gateway.admin_token` set, every route but `/healthz` needs
 //! `Authorization: Bearer TOKEN` (Prometheus: `authorization: { credentials: TOKEN }`);
@@ -207,8 +207,11 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({ "error": "no [market] in the config" }),
             ),
         },
-        (&Method::POST, "/api/reload") => match gw.reload().await {
-            Ok(generation) => json_response(StatusCode::OK, json!({ "generation": generation })),
+        (&Method::POST, "/api/reload") => match gw.reload_report().await {
+            Ok(r) => json_response(
+                StatusCode::OK,
+                json!({ "generation": r.generation, "needs_restart": r.needs_restart }),
+            ),
             Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
         },
         _ => json_response(StatusCode::NOT_FOUND, json!({ "error": "no such route" })),

@@ -27,6 +27,15 @@ pub enum ProxyError {
     /// No exit can serve the request now (names the filter).
     #[error("{0}")]
     NoExit(String),
+    /// Every exit that could serve the request is cooling down after a ban (503 with
+    /// `Retry-After`).
+    #[error("{message}")]
+    CoolingDown {
+        /// What is cooling down, for whom (names the filter and domain).
+        message: String,
+        /// When the first of them is usable again.
+        retry_after: Duration,
+    },
     /// A sticky session's exit is gone and the session does not allow a replacement.
     #[error("{0}")]
     SessionGone(String),
@@ -79,7 +88,7 @@ impl ProxyError {
                 source: DialError::Refused { .. },
                 ..
             } => 403,
-            Self::NoExit(_) | Self::Overloaded(_) => 503,
+            Self::NoExit(_) | Self::CoolingDown { .. } | Self::Overloaded(_) => 503,
             Self::SessionGone(_) | Self::Upstream { .. } => 502,
             Self::RateLimited { .. } => 429,
             Self::Dial { source, .. } if source.is_timeout() => 504,
@@ -106,8 +115,18 @@ impl ProxyError {
                 ..
             } => Reply::ConnectionRefused,
             Self::Dial { .. } => Reply::HostUnreachable,
-            Self::NoExit(_) => Reply::NetworkUnreachable,
+            Self::NoExit(_) | Self::CoolingDown { .. } => Reply::NetworkUnreachable,
             _ => Reply::GeneralFailure,
+        }
+    }
+
+    /// How long the client should wait before retrying, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::CoolingDown { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -119,6 +138,7 @@ impl ProxyError {
             Self::Targeting(_) => "targeting",
             Self::Forbidden(_) => "forbidden",
             Self::NoExit(_) => "no_exit",
+            Self::CoolingDown { .. } => "cooling_down",
             Self::SessionGone(_) => "session_gone",
             Self::RateLimited { .. } => "rate_limited",
             Self::Dial { .. } => "dial",

@@ -3,10 +3,9 @@
 //! An exit dials `host:port` for a client. Every kind of exit resolves the name where
 //! the traffic leaves (a local exit here; a tunnel exit at the far end), then the
 //! gateway checks the address actually dialled against the destination policy (DNS
-//! rebinding defence), then connects. Plain-HTTP requests go through a pooled hyper
-//! client per exit, whose connector is that same dial.
+//! rebinding defence), then connects. Plain-HTTP requests use that same dial (see
+//! `upstream.rs`).
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -14,29 +13,29 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
 use ipsx_config::{ExitConfig, ExitTransport};
 use ipsx_rotation::ExitId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::body::ProxyBody;
-use crate::dest::refused_range;
+use crate::dest::{refused_local, refused_range};
 use crate::http1::Host;
 
 /// Why dialling through an exit failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum DialError {
-    /// The destination is in a refused range (403 / SOCKS 0x02).
-    #[error("destination {ip} is {range}: refused")]
+    /// The destination is in a refused range (403 / SOCKS 0x02). The message names the
+    /// host as the client wrote it, never the address it resolved to (that would make
+    /// the gateway an oracle for internal DNS).
+    #[error("destination `{host}` is a private address: refused")]
     Refused {
-        /// The address that would have been dialled.
+        /// The host as the client wrote it.
+        host: String,
+        /// The address that would have been dialled (for logs only).
         ip: IpAddr,
-        /// The range it falls in.
+        /// The range it falls in (for logs only).
         range: &'static str,
     },
     /// The name did not resolve (502 / SOCKS 0x04).
@@ -105,6 +104,29 @@ pub struct DialPolicy {
     pub allow: Arc<Vec<IpNet>>,
     /// Connect timeout (resolution included).
     pub connect_timeout: Duration,
+    /// The gateway's own listening sockets (proxy and admin), never dialled through a
+    /// local exit unless on loopback.
+    pub own: OwnSockets,
+}
+
+/// The gateway's own listening sockets, shared by every exit and updated when a
+/// listener is bound (its real port may differ from the config's port 0).
+#[derive(Debug, Clone, Default)]
+pub struct OwnSockets(Arc<std::sync::RwLock<Vec<SocketAddr>>>);
+
+impl OwnSockets {
+    /// Notes one more listening socket.
+    pub fn add(&self, addr: SocketAddr) {
+        let mut list = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if !list.contains(&addr) {
+            list.push(addr);
+        }
+    }
+
+    /// The sockets noted so far.
+    pub fn list(&self) -> Vec<SocketAddr> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A stream opened through an exit.
@@ -184,14 +206,13 @@ impl AsyncWrite for ExitStream {
     }
 }
 
-/// One exit as the gateway runs it: its config, its dialler and its HTTP client pool.
+/// One exit as the gateway runs it: its config and its dialler.
 pub struct ExitRuntime {
     /// The exit's id in the rotator.
     pub id: ExitId,
     /// Its config, as loaded.
     pub config: ExitConfig,
     dialer: Dialer,
-    client: Client<Dialer, ProxyBody>,
 }
 
 impl std::fmt::Debug for ExitRuntime {
@@ -204,15 +225,14 @@ impl std::fmt::Debug for ExitRuntime {
 
 impl ExitRuntime {
     /// Builds the runtime of a configured exit.
-    pub fn new(config: ExitConfig, policy: DialPolicy, idle_timeout: Duration) -> Self {
-        Self::with_tunnel(config, policy, idle_timeout, None)
+    pub fn new(config: ExitConfig, policy: DialPolicy) -> Self {
+        Self::with_tunnel(config, policy, None)
     }
 
     /// As [`ExitRuntime::new`], with a WireGuard tunnel that is already up.
     pub fn with_tunnel(
         config: ExitConfig,
         policy: DialPolicy,
-        idle_timeout: Duration,
         tunnel: Option<ipsx_tunnel_pool::Tunnel>,
     ) -> Self {
         let dialer = Dialer {
@@ -225,16 +245,10 @@ impl ExitRuntime {
                 },
             }),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle_timeout)
-            .pool_max_idle_per_host(64)
-            .set_host(false)
-            .build(dialer.clone());
         Self {
             id: ExitId::from(config.name.as_str()),
             config,
             dialer,
-            client,
         }
     }
 
@@ -253,13 +267,8 @@ impl ExitRuntime {
         self.dialer.dial(host, port).await
     }
 
-    /// The pooled HTTP/1 client that goes out through this exit.
-    pub fn http_client(&self) -> &Client<Dialer, ProxyBody> {
-        &self.client
-    }
-
     /// True when this runtime can keep serving `config` (same transport and policy), so
-    /// a reload keeps its pooled connections.
+    /// a reload keeps it (and its tunnel).
     pub fn same_transport(&self, config: &ExitConfig, policy: &DialPolicy) -> bool {
         self.config.transport == config.transport
             && *self.dialer.inner.policy.allow == *policy.allow
@@ -267,7 +276,7 @@ impl ExitRuntime {
     }
 }
 
-/// Dials through one exit; also the connector of the exit's hyper client.
+/// Dials through one exit.
 #[derive(Clone)]
 pub struct Dialer {
     inner: Arc<DialerInner>,
@@ -329,7 +338,7 @@ impl Dialer {
                 for ip in candidates {
                     let ip = ipsx_egress::canonical(ip);
                     if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
-                        refused.get_or_insert(DialError::Refused { ip, range });
+                        refused.get_or_insert_with(|| refusal(host, ip, range));
                         continue;
                     }
                     match tunnel.connect_tcp(SocketAddr::new(ip, port)).await {
@@ -357,10 +366,13 @@ impl Dialer {
                 let mut refused = None;
                 let mut last_err = None;
                 let mut usable = false;
+                let own = self.inner.policy.own.list();
                 for ip in candidates {
                     let ip = ipsx_egress::canonical(ip);
-                    if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
-                        refused.get_or_insert(DialError::Refused { ip, range });
+                    let range = refused_range(ip, &self.inner.policy.allow)
+                        .or_else(|| refused_local(ip, port, &self.inner.policy.allow, &own));
+                    if let Some(range) = range {
+                        refused.get_or_insert_with(|| refusal(host, ip, range));
                         continue;
                     }
                     if ip.is_ipv4() != bind.is_ipv4() {
@@ -394,6 +406,15 @@ impl Dialer {
     }
 }
 
+fn refusal(host: &Host, ip: IpAddr, range: &'static str) -> DialError {
+    tracing::debug!(host = %host.to_header(), %ip, range, "destination refused");
+    DialError::Refused {
+        host: host.to_header(),
+        ip,
+        range,
+    }
+}
+
 async fn connect_from(bind: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = if bind.is_ipv4() {
         TcpSocket::new_v4()?
@@ -406,77 +427,4 @@ async fn connect_from(bind: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-/// The connection type handed to hyper's client pool.
-pub struct PooledConn(TokioIo<ExitStream>);
-
-impl Connection for PooledConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for PooledConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for PooledConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-impl tower_service::Service<http::Uri> for Dialer {
-    type Response = PooledConn;
-    type Error = DialError;
-    type Future = Pin<Box<dyn Future<Output = Result<PooledConn, DialError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host_text = uri.host().unwrap_or_default();
-            let host = Host::parse(host_text).map_err(|e| DialError::Resolve {
-                host: host_text.to_owned(),
-                message: e.to_string(),
-            })?;
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = this.dial(&host, port).await?;
-            Ok(PooledConn(TokioIo::new(stream)))
-        })
-    }
 }

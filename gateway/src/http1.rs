@@ -234,18 +234,23 @@ impl RequestHead {
 
     /// Header names listed in `Connection` (lower-case): hop-by-hop for this message.
     pub fn connection_tokens(&self) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .flat_map(|(_, v)| {
-                String::from_utf8_lossy(v)
-                    .split(',')
-                    .map(|t| t.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|t| !t.is_empty())
-            .collect()
+        connection_tokens(&self.headers)
     }
+}
+
+/// Header names listed in the `Connection` fields of `headers` (lower-case).
+pub(crate) fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// Header fields that belong to one hop and are never forwarded (RFC 9110 section 7.6.1).
@@ -273,6 +278,36 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Where the scan for the end of a head stopped, so that the next call with more bytes
+/// resumes there instead of re-reading the whole buffer (a head trickled in byte by byte
+/// costs linear time, not quadratic).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeadScan {
+    /// Bytes of the buffer already searched for the blank line and checked.
+    scanned: usize,
+}
+
+impl HeadScan {
+    /// A scan at the start of a buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Finds the blank line that ends the head in `buf[from..]`, resuming where the last
+    /// call stopped. Returns the offset of its `\r\n\r\n`.
+    pub(crate) fn find_end(&mut self, buf: &[u8], from: usize) -> Option<usize> {
+        let resume = self.scanned.saturating_sub(3).max(from).min(buf.len());
+        let found = buf[resume..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| resume + p);
+        if found.is_none() {
+            self.scanned = buf.len();
+        }
+        found
+    }
+}
+
 /// Finds a complete head at the start of `buf` and parses it.
 ///
 /// Returns `Ok(None)` while more bytes are needed, `Ok(Some((head, consumed)))` once the
@@ -282,24 +317,87 @@ pub fn parse_request_head(
     buf: &[u8],
     limits: HeadLimits,
 ) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    parse_request_head_resumed(buf, limits, &mut HeadScan::new())
+}
+
+/// As [`parse_request_head`], resuming the search for the end of the head where `scan`
+/// stopped on the previous call with a shorter prefix of the same buffer.
+pub fn parse_request_head_resumed(
+    buf: &[u8],
+    limits: HeadLimits,
+    scan: &mut HeadScan,
+) -> Result<Option<(RequestHead, usize)>, HeadError> {
     // RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before the
     // request line.
     let mut start = 0;
     while buf[start..].starts_with(b"\r\n") && start < 8 {
         start += 2;
     }
-    let Some(end) = find_head_end(&buf[start..]) else {
+    let checked = scan.scanned.max(start);
+    let Some(end) = scan.find_end(buf, start) else {
         if buf.len() > limits.max_bytes {
             return Err(HeadError::TooLarge(limits.max_bytes));
         }
-        check_partial(&buf[start..])?;
+        check_partial(&buf[start..], checked - start)?;
         return Ok(None);
     };
-    let total = start + end + 4;
+    let total = end + 4;
     if total > limits.max_bytes {
         return Err(HeadError::TooLarge(limits.max_bytes));
     }
-    let head = &buf[start..start + end + 2];
+    let lines = split_lines(&buf[start..end + 2], "request")?;
+    let (request_line, field_lines) = lines.split_first().ok_or_else(|| bad("empty request"))?;
+    if field_lines.len() > limits.max_headers {
+        return Err(HeadError::TooManyHeaders(limits.max_headers));
+    }
+    let (method, target_text, minor_version) = parse_request_line(request_line)?;
+    let headers = parse_fields(field_lines)?;
+    let framing = match declared_framing(&headers, minor_version, "request")? {
+        Declared::Nothing | Declared::Length(0) => BodyFraming::None,
+        Declared::Length(n) => BodyFraming::Length(n),
+        Declared::Chunked => BodyFraming::Chunked,
+    };
+
+    let host_headers: Vec<&[u8]> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .map(|(_, v)| trim_ows(v))
+        .collect();
+    if host_headers.len() > 1 {
+        return Err(bad("more than one Host header"));
+    }
+    if minor_version == 1 && host_headers.is_empty() {
+        return Err(bad("HTTP/1.1 request without Host header"));
+    }
+
+    let target = parse_target(&method, target_text)?;
+    if method == "CONNECT" && framing != BodyFraming::None {
+        return Err(bad("CONNECT with a body"));
+    }
+    let mut parsed = RequestHead {
+        method,
+        target,
+        minor_version,
+        headers,
+        framing,
+        close: false,
+    };
+    parsed.close = wants_close(&parsed.connection_tokens(), minor_version);
+    Ok(Some((parsed, total)))
+}
+
+/// Whether a message of this version with these `Connection` tokens ends its connection.
+pub(crate) fn wants_close(tokens: &[String], minor_version: u8) -> bool {
+    if minor_version == 0 {
+        !tokens.iter().any(|t| t == "keep-alive")
+    } else {
+        tokens.iter().any(|t| t == "close")
+    }
+}
+
+/// Splits a head (up to and including the CRLF of its last field line) into lines,
+/// refusing bare LF. `what` names the message in errors.
+pub(crate) fn split_lines<'a>(head: &'a [u8], what: &str) -> Result<Vec<&'a [u8]>, HeadError> {
     let mut lines = Vec::new();
     let mut pos = 0;
     while pos < head.len() {
@@ -309,17 +407,17 @@ pub fn parse_request_head(
             .ok_or_else(|| bad("header line without CRLF"))?;
         let line_end = pos + rel;
         if line_end == pos || head[line_end - 1] != b'\r' {
-            return Err(bad("bare LF in request head"));
+            return Err(bad(format!("bare LF in {what} head")));
         }
         lines.push(&head[pos..line_end - 1]);
         pos = line_end + 1;
     }
-    let (request_line, field_lines) = lines.split_first().ok_or_else(|| bad("empty request"))?;
-    if field_lines.len() > limits.max_headers {
-        return Err(HeadError::TooManyHeaders(limits.max_headers));
-    }
-    let (method, target_text, minor_version) = parse_request_line(request_line)?;
+    Ok(lines)
+}
 
+/// Parses field lines strictly: no obs-fold, token names with no space before `:`, no
+/// control characters in values. Values keep their surrounding whitespace.
+pub(crate) fn parse_fields(field_lines: &[&[u8]]) -> Result<Vec<(String, Vec<u8>)>, HeadError> {
     let mut headers = Vec::with_capacity(field_lines.len());
     for line in field_lines {
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
@@ -348,12 +446,33 @@ pub fn parse_request_head(
         let name = String::from_utf8_lossy(name).into_owned();
         headers.push((name, value.to_vec()));
     }
+    Ok(headers)
+}
 
-    // Framing (RFC 9112 section 6), refusing every ambiguous form.
+/// What a message's `Content-Length` and `Transfer-Encoding` fields declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Declared {
+    /// Neither field.
+    Nothing,
+    /// `Content-Length` (one value, possibly repeated identically).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Reads the framing fields (RFC 9112 section 6), refusing every ambiguous form: both
+/// fields, two different lengths, a length that is not plain digits, any coding but a
+/// lone `chunked`, more than one `Transfer-Encoding`, chunked in HTTP/1.0. `what` names
+/// the message in errors.
+pub(crate) fn declared_framing(
+    headers: &[(String, Vec<u8>)],
+    minor_version: u8,
+    what: &str,
+) -> Result<Declared, HeadError> {
     let mut te_count = 0;
     let mut te_value: Option<&[u8]> = None;
     let mut cl_value: Option<u64> = None;
-    for (name, raw) in &headers {
+    for (name, raw) in headers {
         if name.eq_ignore_ascii_case("transfer-encoding") {
             te_count += 1;
             te_value = Some(raw);
@@ -376,10 +495,9 @@ pub fn parse_request_head(
             cl_value = Some(n);
         }
     }
-    let framing = match (te_count, te_value, cl_value) {
-        (0, _, None) => BodyFraming::None,
-        (0, _, Some(0)) => BodyFraming::None,
-        (0, _, Some(n)) => BodyFraming::Length(n),
+    match (te_count, te_value, cl_value) {
+        (0, _, None) => Ok(Declared::Nothing),
+        (0, _, Some(n)) => Ok(Declared::Length(n)),
         (1, Some(v), None) => {
             // Exactly `chunked`: no other coding, no list, no trailing whitespace.
             let lead = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
@@ -390,63 +508,32 @@ pub fn parse_request_head(
                 )));
             }
             if minor_version == 0 {
-                return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+                return Err(bad(format!("Transfer-Encoding in an HTTP/1.0 {what}")));
             }
-            BodyFraming::Chunked
+            Ok(Declared::Chunked)
         }
-        (1, _, Some(_)) => return Err(bad("both Content-Length and Transfer-Encoding")),
-        _ => return Err(bad("more than one Transfer-Encoding header")),
-    };
-
-    let host_headers: Vec<&[u8]> = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
-        .map(|(_, v)| trim_ows(v))
-        .collect();
-    if host_headers.len() > 1 {
-        return Err(bad("more than one Host header"));
+        (1, _, Some(_)) => Err(bad("both Content-Length and Transfer-Encoding")),
+        _ => Err(bad("more than one Transfer-Encoding header")),
     }
-    if minor_version == 1 && host_headers.is_empty() {
-        return Err(bad("HTTP/1.1 request without Host header"));
-    }
-
-    let target = parse_target(&method, target_text)?;
-    if method == "CONNECT" && framing != BodyFraming::None {
-        return Err(bad("CONNECT with a body"));
-    }
-    let mut parsed = RequestHead {
-        method,
-        target,
-        minor_version,
-        headers,
-        framing,
-        close: false,
-    };
-    let tokens = parsed.connection_tokens();
-    parsed.close = if minor_version == 0 {
-        !tokens.iter().any(|t| t == "keep-alive")
-    } else {
-        tokens.iter().any(|t| t == "close")
-    };
-    Ok(Some((parsed, total)))
 }
 
 /// Early refusal of bytes that can never become a valid head (saves waiting for the
-/// header deadline on garbage such as a TLS ClientHello sent to the plain port).
-fn check_partial(buf: &[u8]) -> Result<(), HeadError> {
+/// header deadline on garbage such as a TLS ClientHello sent to the plain port). Bytes
+/// before `checked` were checked by an earlier call.
+fn check_partial(buf: &[u8], checked: usize) -> Result<(), HeadError> {
+    if buf == b"\r" {
+        // The first half of an empty line before the request line.
+        return Ok(());
+    }
     if let Some(first) = buf.first()
         && !is_tchar(*first)
     {
         return Err(bad("not an HTTP request"));
     }
-    if buf.contains(&0) {
+    if buf[checked.min(buf.len())..].contains(&0) {
         return Err(bad("NUL byte in request head"));
     }
     Ok(())
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
 /// `v` without leading and trailing spaces and tabs (RFC 9110 OWS).
@@ -693,10 +780,11 @@ impl ChunkedDecoder {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const LIMITS: HeadLimits = HeadLimits {
+    /// The default limits, for parser tests.
+    pub(crate) const LIMITS: HeadLimits = HeadLimits {
         max_bytes: 64 * 1024,
         max_headers: 100,
     };
@@ -732,6 +820,35 @@ mod tests {
         );
         assert_eq!(head.framing, BodyFraming::None);
         assert!(!head.close);
+    }
+
+    #[test]
+    fn a_trickled_head_resumes_its_scan_where_it_stopped() {
+        // One byte per read: each call looks at the new bytes only (linear, not
+        // quadratic, in the head's length).
+        let text = b"\r\nGET http://a/ HTTP/1.1\r\nHost: a\r\nX-Long: aaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut scan = HeadScan::new();
+        for n in 1..text.len() {
+            assert!(
+                parse_request_head_resumed(&text[..n], LIMITS, &mut scan)
+                    .unwrap()
+                    .is_none(),
+                "{n}"
+            );
+            assert_eq!(scan.scanned, n, "the next call starts at byte {n}");
+        }
+        let (head, used) = parse_request_head_resumed(text, LIMITS, &mut scan)
+            .unwrap()
+            .unwrap();
+        assert_eq!((head.method.as_str(), used), ("GET", text.len()));
+        // A NUL arriving late is still seen.
+        let mut scan = HeadScan::new();
+        assert!(
+            parse_request_head_resumed(b"GET http://a/", LIMITS, &mut scan)
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_request_head_resumed(b"GET http://a/\0", LIMITS, &mut scan).is_err());
     }
 
     #[test]

@@ -8,18 +8,23 @@
 
 pub mod admin;
 mod auth;
-pub mod body;
 pub mod dest;
 pub mod dialect;
 pub mod echo;
 pub mod error;
 pub mod exit;
+mod forward;
 pub mod http1;
+mod http_front;
 mod pipeline;
 mod proxy;
 pub mod relay;
+mod respond;
+pub mod response_head;
 pub mod socks5;
+mod socks_front;
 pub mod targeting;
+mod upstream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
-use exit::{DialPolicy, ExitRuntime};
+use exit::{DialPolicy, ExitRuntime, OwnSockets};
 
 /// One loaded config and everything built from it. Each request takes the snapshot that
 /// is current when it starts and keeps it to the end, so a reload never changes a
@@ -93,6 +98,8 @@ pub struct Gateway {
     waiters: AtomicUsize,
     requests_total: AtomicU64,
     shutdown: CancellationToken,
+    /// The gateway's own listening sockets, never dialled (see [`dest::refused_local`]).
+    own: OwnSockets,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -122,7 +129,8 @@ impl Gateway {
             clock.clone(),
         );
         let limiter = RateLimiter::new(clock);
-        let runtime = build_runtime(config, None, 0);
+        let own = OwnSockets::default();
+        let runtime = build_runtime(config, None, 0, &own);
         rotator.set_exits(exit_infos(&runtime));
         Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
@@ -139,6 +147,7 @@ impl Gateway {
             waiters: AtomicUsize::new(0),
             requests_total: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
+            own,
         })
     }
 
@@ -157,7 +166,7 @@ impl Gateway {
     /// pooled connections, counters, bans and sessions.
     pub fn apply(&self, config: GatewayConfig) {
         let old = self.runtime.load_full();
-        let new = build_runtime(config, Some(&old), old.generation + 1);
+        let new = build_runtime(config, Some(&old), old.generation + 1, &self.own);
         let mut infos = exit_infos(&new);
         infos.extend(self.dynamic_infos());
         self.rotator.set_exits(infos);
@@ -179,14 +188,10 @@ impl Gateway {
         let policy = DialPolicy {
             allow: Arc::new(rt.config.listener.allow_destinations.clone()),
             connect_timeout: rt.config.listener.connect_timeout,
+            own: self.own.clone(),
         };
         let attrs = config.attrs.clone();
-        let exit = Arc::new(ExitRuntime::with_tunnel(
-            config,
-            policy,
-            rt.config.listener.idle_timeout,
-            tunnel,
-        ));
+        let exit = Arc::new(ExitRuntime::with_tunnel(config, policy, tunnel));
         self.dynamic
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -269,9 +274,17 @@ impl Gateway {
         let _ = tokio::time::timeout(timeout, self.exits_changed.notified()).await;
     }
 
-    /// Re-reads the config file (if the gateway was started from one) and applies it.
-    /// On error the running config stays and the error is kept for the admin API.
+    /// Re-reads the config file (if the gateway was started from one) and applies it;
+    /// returns the new generation. Changed keys that only a restart applies are logged
+    /// (see [`Gateway::reload_report`]). On error the running config stays and the error
+    /// is kept for the admin API.
     pub async fn reload(&self) -> Result<u64, String> {
+        self.reload_report().await.map(|r| r.generation)
+    }
+
+    /// As [`Gateway::reload`], and says which changed keys need a restart to take
+    /// effect (`[market]`, `listen`, `admin_listen`: the running ones stay).
+    pub async fn reload_report(&self) -> Result<ReloadReport, String> {
         let _guard = self.reload_lock.lock().await;
         let Some(path) = &self.config_path else {
             return Err("gateway was not started from a config file".into());
@@ -285,12 +298,22 @@ impl Gateway {
             });
         match result {
             Ok(config) => {
+                let needs_restart = needs_restart(&self.runtime().config, &config);
+                if !needs_restart.is_empty() {
+                    tracing::warn!(
+                        keys = %needs_restart.join(", "),
+                        "config reload: these changes need a restart; the running values stay"
+                    );
+                }
                 self.apply(config);
                 *self
                     .last_reload_error
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = None;
-                Ok(self.runtime.load().generation)
+                Ok(ReloadReport {
+                    generation: self.runtime.load().generation,
+                    needs_restart,
+                })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "config reload refused; keeping the running config");
@@ -378,6 +401,31 @@ impl Gateway {
     }
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    /// The generation now running.
+    pub generation: u64,
+    /// Changed keys a reload does not apply (a restart does), e.g. `gateway.listen`.
+    pub needs_restart: Vec<String>,
+}
+
+/// The keys that differ between `old` and `new` and that only a restart applies: the
+/// listeners are bound and the market is started once.
+fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
+    let mut keys = Vec::new();
+    if old.listener.listen != new.listener.listen {
+        keys.push("gateway.listen".to_owned());
+    }
+    if old.listener.admin_listen != new.listener.admin_listen {
+        keys.push("gateway.admin_listen".to_owned());
+    }
+    if old.market != new.market {
+        keys.push("market".to_owned());
+    }
+    keys
+}
+
 fn exit_infos(rt: &Runtime) -> Vec<ExitInfo> {
     rt.config
         .exits
@@ -389,10 +437,20 @@ fn exit_infos(rt: &Runtime) -> Vec<ExitInfo> {
         .collect()
 }
 
-fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) -> Runtime {
+fn build_runtime(
+    config: GatewayConfig,
+    old: Option<&Runtime>,
+    generation: u64,
+    own: &OwnSockets,
+) -> Runtime {
+    own.add(config.listener.listen);
+    if let Some(admin) = config.listener.admin_listen {
+        own.add(admin);
+    }
     let policy = DialPolicy {
         allow: Arc::new(config.listener.allow_destinations.clone()),
         connect_timeout: config.listener.connect_timeout,
+        own: own.clone(),
     };
     let mut exits = HashMap::new();
     for exit in &config.exits {
@@ -401,13 +459,7 @@ fn build_runtime(config: GatewayConfig, old: Option<&Runtime>, generation: u64) 
             .and_then(|o| o.exits.get(&id))
             .filter(|rt| rt.same_transport(exit, &policy) && rt.config == *exit)
             .cloned();
-        let rt = reused.unwrap_or_else(|| {
-            Arc::new(ExitRuntime::new(
-                exit.clone(),
-                policy.clone(),
-                config.listener.idle_timeout,
-            ))
-        });
+        let rt = reused.unwrap_or_else(|| Arc::new(ExitRuntime::new(exit.clone(), policy.clone())));
         exits.insert(id, rt);
     }
     // Counters survive a reload, so connections open across it stay counted.
@@ -448,6 +500,9 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let stop = gateway.shutdown.clone();
+    if let Ok(addr) = listener.local_addr() {
+        gateway.own.add(addr);
+    }
     tokio::pin!(shutdown);
     // Exit health every 2 s; limiter, ban and session state pruned once a minute.
     let housekeeping = {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::auth::Authed;
 use crate::error::ProxyError;
-use crate::exit::{ExitRuntime, ExitStream};
+use crate::exit::{DialError, ExitRuntime, ExitStream};
 use crate::http1::Host;
 use crate::targeting::{Rotate, Targeting};
 use crate::{Gateway, Runtime};
@@ -223,12 +223,15 @@ fn select_error(e: SelectError, plan: &Plan) -> ProxyError {
         SelectError::SessionExitGone { session, exit } => ProxyError::SessionGone(format!(
             "session `{session}`: its exit `{exit}` is gone; start a new session (or enable rotation.session_replacement)"
         )),
-        SelectError::AllCoolingDown { retry_after, .. } => ProxyError::NoExit(format!(
-            "every exit matching {} is cooling down for {}; retry in {}s",
-            plan.filter,
-            plan.domain,
-            retry_after.as_secs().max(1)
-        )),
+        SelectError::AllCoolingDown { retry_after, .. } => ProxyError::CoolingDown {
+            message: format!(
+                "every exit matching {} is cooling down for {}; retry in {}s",
+                plan.filter,
+                plan.domain,
+                retry_after.as_secs().max(1)
+            ),
+            retry_after,
+        },
         SelectError::NoExitMatches { filter } => {
             ProxyError::NoExit(format!("no live exit matches {filter}"))
         }
@@ -237,8 +240,7 @@ fn select_error(e: SelectError, plan: &Plan) -> ProxyError {
 }
 
 /// Dials `host:port` through an exit chosen for `plan`, moving on to another exit after
-/// a connect failure (nothing was sent, so it is always safe), at most `max_retries`
-/// times. Connect timeouts and errors feed the ban rules.
+/// a connect failure as [`dial_failed`] decides.
 pub(crate) async fn dial_with_retries(
     gw: &Gateway,
     rt: &Runtime,
@@ -249,35 +251,71 @@ pub(crate) async fn dial_with_retries(
     loop {
         let exit = choose_exit(gw, rt, plan, &tried).await?;
         let _in_flight = gw.rotator.begin(&exit.id);
-        let started = Instant::now();
-        match exit.dial(host, plan.port).await {
-            Ok(stream) => {
-                gw.rotator.record_success(&exit.id, started.elapsed());
-                return Ok((exit, stream));
-            }
-            Err(source) => {
-                let refused = matches!(source, crate::exit::DialError::Refused { .. });
-                if !refused {
-                    gw.rotator.record_failure(&exit.id);
-                    apply_ban(gw, rt, &exit.id, &plan.domain, &connect_outcome(&source));
-                }
-                let err = ProxyError::Dial {
-                    exit: exit.id.to_string(),
-                    source,
-                };
-                tried.push(exit.id.clone());
-                if refused || tried.len() > rt.config.rotation.max_retries || plan.session.is_some()
-                {
-                    return Err(err);
-                }
-                tracing::debug!(error = %err, "retrying on another exit");
-            }
+        match dial(gw, &exit, host, plan.port).await {
+            Ok(stream) => return Ok((exit, stream)),
+            Err(source) => dial_failed(gw, rt, plan, &exit.id, source, &mut tried)?,
         }
     }
 }
 
+/// Dials through one exit, feeding a success to the rotator's statistics.
+async fn dial(
+    gw: &Gateway,
+    exit: &ExitRuntime,
+    host: &Host,
+    port: u16,
+) -> Result<ExitStream, DialError> {
+    let started = Instant::now();
+    let stream = exit.dial(host, port).await?;
+    gw.rotator.record_success(&exit.id, started.elapsed());
+    Ok(stream)
+}
+
+/// The one retry rule after a failed dial, for every protocol: the failure counts
+/// against the exit (and feeds the ban rules) unless the destination itself was
+/// refused; another exit is tried (nothing was sent, so it is always safe) unless the
+/// destination was refused, the tunnel said not to, the request is in a sticky session,
+/// or `max_retries` exits were tried. `Ok(())`: try another exit; `Err`: answer with it.
+pub(crate) fn dial_failed(
+    gw: &Gateway,
+    rt: &Runtime,
+    plan: &Plan,
+    exit: &ExitId,
+    source: DialError,
+    tried: &mut Vec<ExitId>,
+) -> Result<(), ProxyError> {
+    let refused = matches!(source, DialError::Refused { .. });
+    let elsewhere = match &source {
+        DialError::Refused { .. } => false,
+        DialError::Tunnel {
+            retry_elsewhere, ..
+        } => *retry_elsewhere,
+        _ => true,
+    };
+    if !refused {
+        gw.rotator.record_failure(exit);
+        apply_ban(gw, rt, exit, &plan.domain, &connect_outcome(&source));
+    }
+    let err = ProxyError::Dial {
+        exit: exit.to_string(),
+        source,
+    };
+    tried.push(exit.clone());
+    if !elsewhere || !may_retry(rt, plan, tried) {
+        return Err(err);
+    }
+    tracing::debug!(error = %err, "retrying on another exit");
+    Ok(())
+}
+
+/// Whether another exit may be tried after `tried` failed: never in a sticky session,
+/// and at most `max_retries` times.
+pub(crate) fn may_retry(rt: &Runtime, plan: &Plan, tried: &[ExitId]) -> bool {
+    plan.session.is_none() && tried.len() <= rt.config.rotation.max_retries
+}
+
 /// The ban-rule outcome of a dial failure.
-pub(crate) fn connect_outcome(e: &crate::exit::DialError) -> ipsx_rotation::Outcome<'static> {
+pub(crate) fn connect_outcome(e: &DialError) -> ipsx_rotation::Outcome<'static> {
     if e.is_timeout() {
         ipsx_rotation::Outcome::ConnectTimeout
     } else {

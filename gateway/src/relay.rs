@@ -34,8 +34,34 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    relay_halves((ar, aw), (br, bw), idle, stop).await
+}
+
+/// [`relay`] between two TCP sockets, on their borrowed halves (no lock around each
+/// read and write, as `tokio::io::split` needs).
+pub async fn relay_tcp(
+    a: &mut tokio::net::TcpStream,
+    b: &mut tokio::net::TcpStream,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> RelayStats {
+    relay_halves(a.split(), b.split(), idle, stop).await
+}
+
+async fn relay_halves<AR, AW, BR, BW>(
+    (mut ar, mut aw): (AR, AW),
+    (mut br, mut bw): (BR, BW),
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> RelayStats
+where
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let activity = Activity::new();
     let up = copy_one_way(&mut ar, &mut bw, &activity);
     let down = copy_one_way(&mut br, &mut aw, &activity);
