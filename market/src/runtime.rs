@@ -628,7 +628,7 @@ impl PoolManager {
             let actions = self.advance(|core, now| core.tick(now)).await;
             self.spawn_all(actions);
             prune += 1;
-            if prune % 120 == 0 {
+            if prune.is_multiple_of(120) {
                 let gone = self.core().prune(unix_ms());
                 if !gone.is_empty()
                     && let Err(e) = self.inner.store.delete(&gone).await
