@@ -14,9 +14,7 @@ use crate::error::ProxyError;
 use crate::forward::forward;
 use crate::http1::{self, BodyFraming, HeadLimits, HeadScan, RequestHead, Target};
 use crate::pipeline::{self, Plan};
-use crate::proxy::{
-    ClientConn, count_request, run_relay, targeting_for,
-};
+use crate::proxy::{ClientConn, count_request, run_relay, targeting_for};
 use crate::respond::write_error;
 use crate::{Gateway, Runtime};
 

@@ -527,7 +527,10 @@ impl World {
         // Chain: what providers were paid never exceeds what they were owed.
         for (deal, (provider, kind, t, ch)) in &self.deals {
             if let Some(ch) = ch {
-                assert_eq!(self.channels[ch].provider, *provider, "a deposit for another provider");
+                assert_eq!(
+                    self.channels[ch].provider, *provider,
+                    "a deposit for another provider"
+                );
             }
             if let (Some(ch), Kind::NeverServes) = (ch, kind) {
                 assert!(
