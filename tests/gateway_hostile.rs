@@ -874,7 +874,7 @@ async fn the_gateway_never_dials_its_own_listening_sockets() {
     let cfg = config_text("").replace(
         "allow_destinations = [\"127.0.0.0/8\", \"::1/128\"]",
         &format!(
-            "allow_destinations = [\"127.0.0.0/8\", \"::1/128\", \"{ip}/32\"]\nadmin_listen = \"{admin_addr}\""
+            "allow_destinations = [\"127.0.0.0/8\", \"::1/128\", \"{ip}/32\"]\nadmin_listen = \"{admin_addr}\"\nadmin_token = \"an-admin-token-of-some-length\""
         ),
     );
     let gw = TestGateway::start(&cfg).await;
