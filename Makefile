@@ -3,6 +3,10 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
+# CI builds a fresh clone once: incremental compilation only costs time there.
+ifeq ($(CI),true)
+export CARGO_INCREMENTAL := 0
+endif
 
 .PHONY: up test install lint fmt bench clean
 
