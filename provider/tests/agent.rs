@@ -933,24 +933,14 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
         .unwrap();
     let port = s.exits[0].endpoint.port();
     let target = common::whoami_server("127.0.0.1:0").await;
-    let r = Renter::rent(&w, 20).await;
+    let Served {
+        r,
+        channel,
+        from: served_from,
+        tunnel,
+        ..
+    } = start_served(&w, &agent, target, 20).await;
     let id = r.id();
-    let channel = r
-        .open_channel(w.provider.address(), r.deal.terms.value)
-        .await;
-    let first = r.due(Duration::ZERO);
-    r.client.post_proof(id, channel, first).await.unwrap();
-    agent
-        .wait_until(WAIT, |s| {
-            s.deal(id)
-                .is_some_and(|d| d.peer_present && d.reported == PartyStatus::Active)
-        })
-        .await
-        .expect("served");
-    let served_from = Instant::now();
-    let tunnel = r.tunnel().await;
-    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
-    r.report(PartyStatus::Active).await;
     let second = r.due(Duration::from_secs(2));
     r.client.post_proof(id, channel, second).await.unwrap();
     agent
