@@ -8,25 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-5}
 WORK=$(mktemp -d /tmp/ipsx-bench-market.XXXXXX)
-UP_PID=""
-cleanup() {
-  if [ -n "$UP_PID" ]; then
-    kill -INT "$UP_PID" 2>/dev/null || true
-    for _ in $(seq 1 150); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$UP_PID" 2>/dev/null || true
-    # A hard-killed `ipsx up` leaves its anvil behind: end it by its PID.
-    pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["anvil_pid"])' "$WORK/state.json" 2>/dev/null || true)
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-bash scripts/install-chain.sh >/dev/null
-cargo build -q --release -p ipsx --bin ipsx && cargo build -q --release -p ipsx-benches --bin ipsx-loadgen
-IPSX_LOG=warn target/release/ipsx up --port 0 --state "$WORK/state.json" > "$WORK/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq 1 600); do grep -q "ipsx is up" "$WORK/up.log" && break; sleep 0.1; done
-grep -q "ipsx is up" "$WORK/up.log" || { cat "$WORK/up.log"; exit 1; }
+. benches/market/up.sh
+cargo build -q --release -p ipsx-benches --bin ipsx-loadgen
+start_up warn
 grep -E '^\[7/7\]' "$WORK/up.log" >&2
 
 read -r PROXY ADMIN ECHO < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["proxy"].split("@")[1], s["admin"], s["echo"])' "$WORK/state.json")

@@ -11,25 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 MINUTES=${SOAK_MINUTES:-10}
 WORK=$(mktemp -d /tmp/ipsx-soak.XXXXXX)
-UP_PID=""
-cleanup() {
-  if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
-    kill -INT "$UP_PID" 2>/dev/null || true
-    for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$UP_PID" 2>/dev/null || true
-    pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["anvil_pid"])' "$WORK/state.json" 2>/dev/null || true)
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-bash scripts/install-chain.sh >/dev/null
-bash scripts/install-base.sh >/dev/null
-cargo build -q --release -p ipsx --bin ipsx
-IPSX_LOG=info target/release/ipsx up --port 0 --state "$WORK/state.json" > "$WORK/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq 1 900); do grep -q "ipsx is up" "$WORK/up.log" && break; sleep 0.1; done
-grep -q "ipsx is up" "$WORK/up.log" || { cat "$WORK/up.log"; exit 1; }
+. benches/market/up.sh
+start_up info
 
 python3 - "$WORK/state.json" "$MINUTES" "$WORK/traffic.json" <<'PY'
 import json, random, socket, sys, time, base64
@@ -117,9 +100,7 @@ market = requests.get(f"{admin}/api/market", timeout=10).json()
 json.dump({"stats": stats, "failures": failures, "sessions": {k: sorted(v) for k, v in sessions.items()}, "market": market}, open(out, "w"))
 PY
 
-kill -INT "$UP_PID"
-for _ in $(seq 1 900); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-UP_PID=""
+stop_up
 python3 - "$WORK/traffic.json" "$WORK/up.log" "$MINUTES" <<'PY'
 import json, re, sys
 t = json.load(open(sys.argv[1])); log = open(sys.argv[2]).read(); minutes = sys.argv[3]
