@@ -24,6 +24,7 @@
 pub mod agent;
 pub mod config;
 pub mod exit;
+pub mod limits;
 pub mod meter;
 pub mod packet;
 pub mod policy;
@@ -34,6 +35,7 @@ use std::net::SocketAddr;
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus, run_agent};
 pub use config::{PeerConfig, PrivateKey, ProviderConfig, PublicKey};
 pub use exit::{ExitCounters, ProviderExit, ProviderHandle};
+pub use limits::Limits;
 pub use meter::{LogEntry, MeterSnapshot};
 pub use policy::{EgressPolicy, Protocol, Refusal};
 
