@@ -28,6 +28,7 @@ pub mod limits;
 pub mod meter;
 pub mod packet;
 pub mod policy;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ pub use exit::{ExitCounters, ProviderExit, ProviderHandle};
 pub use limits::Limits;
 pub use meter::{LogEntry, MeterSnapshot};
 pub use policy::{EgressPolicy, Protocol, Refusal};
+pub use status::ProviderStatus;
 
 /// What went wrong in the exit; variants name the key, address or peer at fault.
 #[derive(Debug, thiserror::Error)]
