@@ -44,7 +44,7 @@ fn d_flow_buffer() -> usize {
     ipsx_tunnel_pool::netstack::TCP_BUFFER
 }
 fn d_peer_queue() -> usize {
-    512
+    1024
 }
 fn d_peer_budget() -> usize {
     64
@@ -60,7 +60,7 @@ fn d_peer_budget() -> usize {
 /// idle_timeout = "5m"            # a relayed flow with no byte either way is reset
 /// bandwidth_per_deal = 1250000   # bytes/s per direction for all of a peer's flows (absent: none)
 /// flow_buffer = 131072           # bytes per direction of each flow's userspace socket
-/// peer_queue = 512               # datagrams queued per peer between driver turns
+/// peer_queue = 1024              # datagrams queued per peer between driver turns
 /// peer_budget = 64               # datagrams handled per peer per driver turn
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
