@@ -85,11 +85,18 @@ fn provider_status_cli_shows_the_deal(sys: &MarketSystem, exit_ip: &str) {
     assert_eq!(deal["stage"], "serving", "{v}");
     assert_eq!(deal["exit_address"], exit_ip);
     assert!(deal["bytes_down"].as_u64().unwrap() > 0, "{v}");
-    let paid: u128 = deal["paid"]["base_units"].as_str().unwrap().parse().unwrap();
+    let paid: u128 = deal["paid"]["base_units"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(paid > 0, "{v}");
     let table = run(&[]);
     assert!(table.contains("nat path: direct"), "{table}");
-    assert!(table.contains("serving") && table.contains(exit_ip), "{table}");
+    assert!(
+        table.contains("serving") && table.contains(exit_ip),
+        "{table}"
+    );
     // A wrong URL is an error naming it, not a panic.
     let bad = Command::new(env!("CARGO_BIN_EXE_ipsx"))
         .args(["provider", "status", "--url", "http://127.0.0.1:1"])

@@ -269,10 +269,7 @@ mod tests {
                 format!("{}\n[limits]\nmax_flows_per_peer = 0\n", base()),
                 "limits.max_flows_per_peer",
             ),
-            (
-                format!("{}\n[limits]\nmax_flow = 3\n", base()),
-                "max_flow",
-            ),
+            (format!("{}\n[limits]\nmax_flow = 3\n", base()), "max_flow"),
         ];
         for (text, key) in cases {
             let err = ProviderConfig::from_toml(&text).unwrap_err().to_string();

@@ -43,10 +43,10 @@ use crate::packet::{self, Transport};
 use crate::policy::{EgressPolicy, discover_own_addresses};
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Datagrams read from the socket per driver turn (into the per-peer queues).
+/// Datagrams read from the socket at most before each round (into the per-peer queues).
 const RX_READ: usize = 1024;
 /// Datagrams handled per driver turn (round-robin over the peers' queues).
-const RX_PROCESS: usize = 256;
+const RX_PROCESS: usize = 64;
 /// The queue key of handshake initiations (their peer is known only after the DH).
 const HANDSHAKE_QUEUE: u32 = u32::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -536,17 +536,20 @@ impl Driver {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
 
-            // Read what is waiting into the per-peer queues (cheap: no crypto), then
-            // handle a bounded number round-robin, so a flooding peer fills (and
-            // overflows) only its own queue.
-            for _ in 0..RX_READ {
-                let Ok((n, from)) = self.udp.try_recv_from(&mut rx_buf) else {
-                    break;
-                };
-                self.enqueue(&rx_buf[..n], from);
-            }
+            // Before each round, read what is waiting into the per-peer queues (cheap:
+            // no crypto), so the kernel's buffer keeps room and a flooding peer fills
+            // (and overflows) only its own queue; then handle one round-robin round.
             let mut handled = 0;
-            while handled < RX_PROCESS && !self.queue.is_empty() {
+            for _ in 0..RX_PROCESS {
+                for _ in 0..RX_READ {
+                    let Ok((n, from)) = self.udp.try_recv_from(&mut rx_buf) else {
+                        break;
+                    };
+                    self.enqueue(&rx_buf[..n], from);
+                }
+                if self.queue.is_empty() || handled >= RX_PROCESS {
+                    break;
+                }
                 self.queue.round(budget, &mut batch);
                 handled += batch.len();
                 for (_, (data, from)) in batch.drain(..) {

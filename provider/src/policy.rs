@@ -191,7 +191,11 @@ pub fn parse_fib_trie_locals(text: &str) -> Vec<Ipv4Addr> {
             leaf = None;
         } else if let Some(a) = leaf {
             let mut words = t.split_whitespace();
-            if words.next() == Some("/32") && words.next() == Some("host") && words.next() == Some("LOCAL") && !out.contains(&a) {
+            if words.next() == Some("/32")
+                && words.next() == Some("host")
+                && words.next() == Some("LOCAL")
+                && !out.contains(&a)
+            {
                 out.push(a);
             }
         }
@@ -322,7 +326,12 @@ mod tests {
                 assert!(own.contains(&IpAddr::V4(a)), "{a} missing from {own:?}");
             }
         }
-        let p = EgressPolicy::new(vec![Protocol::Any], vec![], own.clone(), "127.0.0.2".parse().unwrap());
+        let p = EgressPolicy::new(
+            vec![Protocol::Any],
+            vec![],
+            own.clone(),
+            "127.0.0.2".parse().unwrap(),
+        );
         for a in own {
             assert!(p.check(SocketAddr::new(a, 80)).is_err(), "{a} allowed");
         }

@@ -569,12 +569,16 @@ async fn hostile_status_requests(addr: SocketAddr) {
             "{:?}: expected{want}got {first:?}",
             String::from_utf8_lossy(&req[..req.len().min(60)])
         );
-        assert!(!got.contains("\"wallet\""), "no status without the token: {got}");
+        assert!(
+            !got.contains("\"wallet\""),
+            "no status without the token: {got}"
+        );
     }
     // Still serving.
     let ok = raw(
         addr,
-        format!("GET /api/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        format!("GET /api/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await;
     assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");

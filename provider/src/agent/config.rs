@@ -662,11 +662,7 @@ capacity = 2
                 "[limits]\nmax_flows_total = 1\nmax_flows_per_peer = 2\n[timings]",
                 "limits.max_flows_total",
             ),
-            (
-                "[timings]",
-                "[limits]\nflows = 1\n[timings]",
-                "limits",
-            ),
+            ("[timings]", "[limits]\nflows = 1\n[timings]", "limits"),
             (
                 "[timings]",
                 "[status]\nlisten = \"0.0.0.0:9901\"\n[timings]",

@@ -160,7 +160,11 @@ impl StatusView {
             .enumerate()
             .map(|(i, x)| {
                 let shown = st.exits.get(i);
-                let c = self.exits.get(i).map(ProviderHandle::counters).unwrap_or_default();
+                let c = self
+                    .exits
+                    .get(i)
+                    .map(ProviderHandle::counters)
+                    .unwrap_or_default();
                 OfferStatus {
                     exit_address: x.exit_address,
                     endpoint: shown.map_or(x.listen, |e| e.endpoint),
@@ -194,7 +198,10 @@ impl StatusView {
                 DealStatus {
                     id: d.id,
                     requester: d.requester.to_string(),
-                    exit_address: d.exit.and_then(|i| self.sections.get(i)).map(|x| x.exit_address),
+                    exit_address: d
+                        .exit
+                        .and_then(|i| self.sections.get(i))
+                        .map(|x| x.exit_address),
                     stage: stage_name(d.stage).to_owned(),
                     live: live(d),
                     started: d.start,
