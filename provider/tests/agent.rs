@@ -990,6 +990,18 @@ async fn bad_agent_configs_name_the_key() {
     .await
     .unwrap_err();
     assert!(matches!(&e, AgentError::Exit { index: 0, .. }), "{e}");
+    // A status listener address already taken: an explicit [status] must bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = start(good.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", taken.local_addr().unwrap()),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Config { key, .. } if key == "status.listen"),
+        "{e}"
+    );
     // Parse errors name the key.
     for (from, to, key) in [
         ("capacity = 1", "capacity = \"one\"", "exit[0].capacity"),

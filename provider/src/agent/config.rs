@@ -71,22 +71,6 @@ fn d_true() -> bool {
     true
 }
 
-/// A bearer token whose `Debug` prints nothing.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(pub String);
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
-
-impl<'de> Deserialize<'de> for Token {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Token)
-    }
-}
-
 /// `[status]`: the HTTP listener serving `GET /api/status` (docs/provider.md).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,21 +115,27 @@ pub struct ChainSection {
     pub deployment: PathBuf,
 }
 
-/// A hex private key whose `Debug` prints nothing.
+/// A secret string (a key, a token) whose `Debug` prints nothing.
 #[derive(Clone, PartialEq, Eq)]
-pub struct HexKey(pub String);
+pub struct Masked(pub String);
 
-impl fmt::Debug for HexKey {
+impl fmt::Debug for Masked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("HexKey(***)")
+        f.write_str("***")
     }
 }
 
-impl<'de> Deserialize<'de> for HexKey {
+impl<'de> Deserialize<'de> for Masked {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(HexKey)
+        String::deserialize(d).map(Masked)
     }
 }
+
+/// A hex private key, masked in `Debug`.
+pub type HexKey = Masked;
+
+/// A bearer token, masked in `Debug`.
+pub type Token = Masked;
 
 /// `[wallet]`: an encrypted keystore (with its password in an environment variable or a
 /// file), or, for demos and tests only, a hex `private_key` written in the file.

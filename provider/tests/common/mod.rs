@@ -10,22 +10,32 @@ use ipsx_tunnel_pool::{SecretKey, Tunnel, TunnelConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
-/// Echo server: writes back whatever it reads.
-pub async fn echo_server(bind: &str) -> SocketAddr {
+/// A TCP server on `bind` running `conn` for each connection (in its own task).
+pub async fn serve_each<F, Fut>(bind: &str, conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((s, _)) = l.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+            tokio::spawn(conn(s));
         }
     });
     addr
+}
+
+/// Echo server: writes back whatever it reads.
+pub async fn echo_server(bind: &str) -> SocketAddr {
+    serve_each(bind, |mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
 }
 
 /// HTTP server answering every request with the caller's IP address (keep-alive).
@@ -352,26 +362,17 @@ pub fn rss_bytes() -> u64 {
 
 /// A server that writes `n` bytes (a counter pattern) to each connection, then closes.
 pub async fn source_server(bind: &str, n: usize) -> SocketAddr {
-    let l = TcpListener::bind(bind).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
+    serve_each(bind, move |mut s| async move {
+        let chunk: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        while sent < n {
+            let k = chunk.len().min(n - sent);
+            if s.write_all(&chunk[..k]).await.is_err() {
                 return;
-            };
-            tokio::spawn(async move {
-                let chunk: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
-                let mut sent = 0;
-                while sent < n {
-                    let k = chunk.len().min(n - sent);
-                    if s.write_all(&chunk[..k]).await.is_err() {
-                        return;
-                    }
-                    sent += k;
-                }
-                let _ = s.shutdown().await;
-            });
+            }
+            sent += k;
         }
-    });
-    addr
+        let _ = s.shutdown().await;
+    })
+    .await
 }
