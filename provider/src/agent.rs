@@ -73,7 +73,17 @@ pub async fn run_agent(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let handle = Agent::start(cfg).await?;
+    run_agent_with_routes(cfg, None, shutdown).await
+}
+
+/// As [`run_agent`], the status listener also serving `extra` routes (e.g. the
+/// provider dashboard page at `/`; see [`crate::status::ExtraRoutes`]).
+pub async fn run_agent_with_routes(
+    cfg: AgentConfig,
+    extra: Option<crate::status::ExtraRoutes>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let handle = Agent::start_with_routes(cfg, extra).await?;
     for x in handle.status().exits {
         tracing::info!(exit = %x.exit_address, endpoint = %x.endpoint, public_key = %x.public_key, "exit serving");
     }

@@ -13,10 +13,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
+/// Re-exported so that callers adding [`ExtraRoutes`] need no HTTP crates of their own.
+pub use bytes::Bytes;
+/// Re-exported (response bodies of [`ExtraRoutes`]).
+pub use http_body_util::Full;
+use hyper::Request;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+/// Re-exported (requests and responses of [`ExtraRoutes`]).
+pub use hyper::{Method, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
