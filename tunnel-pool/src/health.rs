@@ -425,6 +425,22 @@ mod tests {
         (None, last_rx)
     }
 
+    /// A case proptest found: the exit dies while a probe answer is in flight, so its
+    /// last sign of life is `rtt` after the death; it is still found dead in time.
+    #[test]
+    fn a_death_with_an_answer_in_flight_is_found_in_time() {
+        let s = HealthSettings {
+            probe_after: Duration::from_secs(3),
+            busy_probe_after: Duration::from_millis(2001),
+            dead_after: Duration::from_secs(6),
+            handshake_deadline: Duration::from_secs(15),
+        };
+        let horizon = 120_000 + 1_501 + 9_000 + 1_000;
+        let (silent, last_rx) = simulate(&s, &[], &[83_001], 119_501, 1_501, horizon);
+        let silent = silent.expect("declared Silent");
+        assert!(silent <= last_rx + 9_000 + 250, "{silent} {last_rx}");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -447,7 +463,9 @@ mod tests {
                 dead_after: Duration::from_secs(dead_s),
                 handshake_deadline: Duration::from_secs(15),
             };
-            let horizon = 120_000 + (probe_s + dead_s) * 1_000 + 1_000;
+            // Room for a death at the last instant whose probe answer was already in
+            // flight (up to `rtt_ms` later), then a whole probe and dead period.
+            let horizon = 120_000 + rtt_ms + (probe_s + dead_s) * 1_000 + 1_000;
             // Never dies within the horizon: never Silent.
             let (silent, _) = simulate(&s, &ours, &sends, u64::MAX, rtt_ms, horizon);
             prop_assert_eq!(silent, None);
