@@ -1,0 +1,123 @@
+//! The web pages of ipsx: the gateway's operator dashboard and the provider's earnings
+//! page. Their sources are in `dashboard/web` (plain JS, bundled by esbuild); the built
+//! files in `dashboard/web/dist` are embedded at compile time, so the binary serves
+//! them with no network access and no files beside it.
+//!
+//! Owns: asset lookup by request path and content types. Does not own: routes, auth
+//! (the admin listener and the provider's status listener do that).
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/assets.rs"));
+}
+
+/// One embedded file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asset {
+    /// Its bytes.
+    pub body: &'static [u8],
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+}
+
+/// Why no asset answers a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// The assets were not built into this binary: [`NOT_BUILT_PAGE`] says how to.
+    NotBuilt,
+    /// No such file (including any path that is not a plain file name).
+    NotFound,
+}
+
+/// The HTML answered (with `503`) when the binary was compiled before the dashboard
+/// was built.
+pub const NOT_BUILT_PAGE: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ipsx: dashboard not built</title></head><body><h1>The dashboard was not built into this binary</h1><p>Build it with <code>bash scripts/install-dashboard.sh</code> (npm ci and npm run build in <code>dashboard/web</code>; <code>make up</code> and <code>make test</code> run it), then rebuild ipsx. The JSON API under <code>/api/</code> works without it.</p></body></html>\n";
+
+/// Whether the pages were built into this binary.
+pub fn built() -> bool {
+    generated::ASSETS.iter().any(|(name, _)| *name == "index.html")
+}
+
+/// The embedded file a request path names, relative to where the pages are mounted:
+/// `""` or `"/"` is `index.html` (the gateway dashboard), `"provider"` is
+/// `provider.html`. Only single file names made of `[A-Za-z0-9._-]`, not starting with
+/// a dot, are looked up, so no path can leave the asset set.
+pub fn asset(path: &str) -> Result<Asset, Missing> {
+    let name = path.trim_start_matches('/');
+    let name = match name {
+        "" | "index.html" => "index.html",
+        "provider" | "provider.html" => "provider.html",
+        other => other,
+    };
+    if !is_plain_name(name) {
+        return Err(Missing::NotFound);
+    }
+    if !built() {
+        return Err(Missing::NotBuilt);
+    }
+    generated::ASSETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, body)| Asset {
+            body,
+            content_type: content_type(n),
+        })
+        .ok_or(Missing::NotFound)
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The `Content-Type` of an asset by its extension.
+pub fn content_type(name: &str) -> &'static str {
+    match name.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn index_and_provider_pages_resolve_when_built() {
+        if built() {
+            assert_eq!(asset("/").unwrap().content_type, "text/html; charset=utf-8");
+            assert!(asset("/provider").is_ok());
+            assert!(asset("/app.js").is_ok());
+        } else {
+            assert_eq!(asset("/"), Err(Missing::NotBuilt));
+        }
+        assert_eq!(asset("/nope.js"), Err(if built() { Missing::NotFound } else { Missing::NotBuilt }));
+    }
+
+    #[test]
+    fn traversal_and_odd_names_are_not_found() {
+        for p in ["/../Cargo.toml", "/..", "/.env", "/a/b.js", "/%2e%2e/x", "/app.js%00", "//etc/passwd", "/\\x"] {
+            assert_eq!(asset(p), Err(Missing::NotFound), "{p}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn only_embedded_names_ever_resolve(path in "\\PC{0,80}") {
+            if let Ok(a) = asset(&path) {
+                prop_assert!(generated::ASSETS.iter().any(|(_, b)| std::ptr::eq(*b, a.body)));
+                let name = path.trim_start_matches('/');
+                prop_assert!(!name.contains('/') && !name.contains(".."));
+            }
+        }
+    }
+}
