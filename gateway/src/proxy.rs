@@ -125,7 +125,8 @@ pub(crate) fn count_request(protocol: &'static str, outcome: &'static str) {
 }
 
 /// Records one request in the gateway's request log (the dashboard's live view): the
-/// account (else the token's name), the target host and port, never a path or query.
+/// account the username names (else the token's name), the target host and port,
+/// never a path or query.
 pub(crate) fn log_request(
     gw: &Gateway,
     plan: &crate::pipeline::Plan,
@@ -134,7 +135,11 @@ pub(crate) fn log_request(
     status: u16,
     started: Instant,
 ) {
-    let account = plan.account.as_deref().unwrap_or(&plan.token);
+    let account = match (&plan.account, plan.user_account.as_str()) {
+        (Some(configured), _) => configured.as_str(),
+        (None, "") => plan.token.as_str(),
+        (None, named) => named,
+    };
     let host = format!("{}:{}", plan.domain, plan.port);
     let exit = exit.map(ToString::to_string);
     gw.requests
