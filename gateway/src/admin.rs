@@ -217,7 +217,26 @@ fn events_response(gw: &Gateway) -> Response<AdminBody> {
     r
 }
 
+/// Largest request head (target and headers) the admin listener answers; larger ones
+/// get `431`.
+pub const MAX_ADMIN_HEAD: usize = 16 * 1024;
+
+fn head_size<B>(req: &Request<B>) -> usize {
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    headers + req.uri().to_string().len()
+}
+
 async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Response<AdminBody> {
+    if head_size(&req) > MAX_ADMIN_HEAD {
+        return json_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            json!({ "error": format!("request head over {MAX_ADMIN_HEAD} bytes") }),
+        );
+    }
     let rt = gw.runtime();
     let admin_token = rt.config.listener.admin_token.as_ref().map(|t| t.expose());
     let authorization = req
