@@ -275,7 +275,12 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        panic!("{script}: still {v}");
+        let page = self
+            .eval("return document.getElementById('error')?.textContent")
+            .await;
+        self.screenshot("dashboard-failed.png").await;
+        let errors = self.console_errors().await;
+        panic!("{script}: still {v}; page error: {page}; console: {errors:?}");
     }
 
     /// The browser console's errors since the last call.
@@ -337,6 +342,10 @@ async fn dashboard_in_a_real_browser() {
         1,
     );
     sys.start_gateway().await;
+    let market = sys.market().clone();
+    sys.gw().gateway.set_market_status(std::sync::Arc::new(move || {
+        serde_json::to_value(market.status()).unwrap_or_default()
+    }));
     let gw = sys.gw.take().unwrap().with_admin().await;
     sys.gw = Some(gw);
     sys.wait_live(2, Duration::from_secs(60)).await;

@@ -327,13 +327,7 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
                 json!({ "error": "no [market] in the config" }),
             ),
         },
-        (&Method::GET, "/api/spend") => match spend.report(gw) {
-            Some(v) => json_response(StatusCode::OK, v),
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                json!({ "error": "no [market] in the config" }),
-            ),
-        },
+        (&Method::GET, "/api/spend") => json_response(StatusCode::OK, spend.report(gw)),
         (&Method::GET, "/api/config") => json_response(
             StatusCode::OK,
             crate::dashboard::masked_config(&rt.config),

@@ -52,9 +52,11 @@ impl SpendHistory {
     }
 
     /// `GET /api/spend`: the samples and the current point, with the budget caps;
-    /// `None` without a `[market]`.
-    pub fn report(&self, gw: &Gateway) -> Option<Value> {
-        let now = spend_point(gw)?;
+    /// `market: false` and no points without a `[market]`.
+    pub fn report(&self, gw: &Gateway) -> Value {
+        let Some(now) = spend_point(gw) else {
+            return json!({ "market": false, "interval_s": SPEND_SAMPLE.as_secs(), "caps": null, "points": [] });
+        };
         let mut points: Vec<Value> = self
             .points
             .lock()
@@ -71,7 +73,7 @@ impl SpendHistory {
                 "max_price_per_ip_second": m.max_price_per_ip_second.0.to_string(),
             })
         });
-        Some(json!({ "interval_s": SPEND_SAMPLE.as_secs(), "caps": caps, "points": points }))
+        json!({ "market": true, "interval_s": SPEND_SAMPLE.as_secs(), "caps": caps, "points": points })
     }
 }
 

@@ -96,15 +96,10 @@ function card(label, value) {
 }
 
 async function refreshSpend() {
-  let spend;
-  try {
-    spend = await getJson('/api/spend');
-  } catch (e) {
-    if (e.status === 404) {
-      document.getElementById('spend-summary').replaceChildren(el('p', 'No [market] in the config: nothing is rented.', { class: 'muted' }));
-      return;
-    }
-    throw e;
+  const spend = await getJson('/api/spend');
+  if (!spend.market) {
+    document.getElementById('spend-summary').replaceChildren(el('p', 'No [market] in the config: nothing is rented.', { class: 'muted' }));
+    return;
   }
   const caps = spend.caps || {};
   const last = spend.points.length ? spend.points[spend.points.length - 1] : {};
