@@ -5,7 +5,7 @@
 //! [`Input`]s (exchange events, results of its own actions, health, usage, the clock as
 //! unix milliseconds) and carries out the [`Action`]s it returns. The core reads no
 //! clock, does no I/O and never blocks, so every rule here is tested in memory, and a
-//! seeded simulation drives it through hours of virtual time (`tests/simulation.rs`).
+//! seeded simulation drives it through hours of virtual time (`tests/it/simulation.rs`).
 //!
 //! Money rules (`docs/market.md`):
 //! - a deal is paid ahead only as service is observed: a small first window

@@ -5,7 +5,7 @@
 //! (QUALITY.md case 17).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! concurrent requests still cannot share a balance.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use alloy_primitives::Address;
 use alloy_signer_local::PrivateKeySigner;

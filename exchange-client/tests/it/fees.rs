@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use alloy::primitives::{B256, U256};
 use common::{World, tokens};

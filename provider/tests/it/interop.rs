@@ -3,7 +3,7 @@
 //! (scripts/install-tunnel.sh); without them the tests fail, they do not skip.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider as _;
@@ -58,7 +58,7 @@ async fn token_has_fixed_supply_and_whitepaper_allocation() {
         );
     }
     // No mint function exists after deployment.
-    let artifact = include_str!("../../contracts/artifacts/IPSXToken.json");
+    let artifact = include_str!("../../../contracts/artifacts/IPSXToken.json");
     let abi: serde_json::Value = serde_json::from_str(artifact).unwrap();
     let names: Vec<&str> = abi["abi"]
         .as_array()

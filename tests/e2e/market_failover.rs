@@ -5,7 +5,7 @@
 //! their WireGuard exits, the gateway with its pool manager, curl.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! refused with a clear status (or SOCKS reply), and nothing reaches the target.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

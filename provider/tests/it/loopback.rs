@@ -1,7 +1,7 @@
 //! Gateway tunnel (tunnel-pool) -> our provider exit, all on loopback.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

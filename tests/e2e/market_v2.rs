@@ -12,7 +12,7 @@
 //!   nothing twice, and after SIGTERM posts no order and leaves no channel open.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

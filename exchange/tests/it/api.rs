@@ -2,7 +2,7 @@
 //! ratings, the OpenAPI document, TLS.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use alloy_primitives::{Address, B256};
 use alloy_signer_local::PrivateKeySigner;

@@ -7,7 +7,7 @@
 //! wait is bounded and asserts on what happened, not on how fast.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

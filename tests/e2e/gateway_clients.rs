@@ -1,7 +1,7 @@
 //! Acceptance of the gateway with real clients: curl and Python requests (PySocks).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;

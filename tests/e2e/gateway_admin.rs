@@ -3,7 +3,7 @@
 //! `ipsx gateway --check`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! test can record, replay and inject datagrams on the real path.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! sessions take effect. Also: accounts and tokens hold connection slots per request.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

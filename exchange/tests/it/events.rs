@@ -2,7 +2,7 @@
 //! (Last-Event-ID) and across a restart of the node; deadline events arrive by themselves.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

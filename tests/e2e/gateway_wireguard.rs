@@ -3,8 +3,8 @@
 //! resolved at the exit, exit-address verification, and a dead exit avoided.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-#[path = "../provider/tests/common/mod.rs"]
+use crate::common;
+#[path = "../../provider/tests/it/common/mod.rs"]
 mod provider_common;
 
 use std::collections::HashSet;

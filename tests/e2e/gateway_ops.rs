@@ -2,7 +2,7 @@
 //! load, graceful drain on SIGTERM, the admin API, rate limits, ban rules, sessions.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! acknowledged order, deal and status is there, with the same ids.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

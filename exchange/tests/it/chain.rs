@@ -9,7 +9,7 @@
 //! (set `ANVIL=/path/to/anvil` if it is not under `contracts/node_modules`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

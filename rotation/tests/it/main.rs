@@ -1,0 +1,5 @@
+//! All integration tests of this crate in one binary (one link instead of one per file).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod props;
+mod rotator;
