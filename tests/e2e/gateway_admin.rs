@@ -1,6 +1,8 @@
 //! Admin and open-proxy safety: the admin API's bearer token, and configs that would
 //! expose the admin API or an open proxy are refused, naming the key (also through
-//! `ipsx gateway --check`).
+//! `ipsx gateway --check`). The web dashboard in headless Chromium, and the admin
+//! listener's limits (event-stream listeners, slow consumers, oversize heads, asset
+//! paths).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::common;
