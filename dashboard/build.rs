@@ -8,7 +8,9 @@ use std::path::Path;
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist");
     println!("cargo:rerun-if-changed={}", dir.display());
-    let mut code = String::from("/// The built assets: (path under dist, bytes).\npub(crate) static ASSETS: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from(
+        "/// The built assets: (path under dist, bytes).\npub(crate) static ASSETS: &[(&str, &[u8])] = &[\n",
+    );
     if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut files: Vec<_> = entries
             .filter_map(Result::ok)
@@ -19,7 +21,11 @@ fn main() {
             let path = e.path();
             println!("cargo:rerun-if-changed={}", path.display());
             let name = e.file_name().to_string_lossy().into_owned();
-            let _ = writeln!(code, "    ({name:?}, include_bytes!({:?})),", path.display().to_string());
+            let _ = writeln!(
+                code,
+                "    ({name:?}, include_bytes!({:?})),",
+                path.display().to_string()
+            );
         }
     }
     code.push_str("];\n");

@@ -34,7 +34,9 @@ pub const NOT_BUILT_PAGE: &str = "<!doctype html><html lang=\"en\"><head><meta c
 
 /// Whether the pages were built into this binary.
 pub fn built() -> bool {
-    generated::ASSETS.iter().any(|(name, _)| *name == "index.html")
+    generated::ASSETS
+        .iter()
+        .any(|(name, _)| *name == "index.html")
 }
 
 /// The embedded file a request path names, relative to where the pages are mounted:
@@ -87,6 +89,7 @@ pub fn content_type(name: &str) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -100,12 +103,28 @@ mod tests {
         } else {
             assert_eq!(asset("/"), Err(Missing::NotBuilt));
         }
-        assert_eq!(asset("/nope.js"), Err(if built() { Missing::NotFound } else { Missing::NotBuilt }));
+        assert_eq!(
+            asset("/nope.js"),
+            Err(if built() {
+                Missing::NotFound
+            } else {
+                Missing::NotBuilt
+            })
+        );
     }
 
     #[test]
     fn traversal_and_odd_names_are_not_found() {
-        for p in ["/../Cargo.toml", "/..", "/.env", "/a/b.js", "/%2e%2e/x", "/app.js%00", "//etc/passwd", "/\\x"] {
+        for p in [
+            "/../Cargo.toml",
+            "/..",
+            "/.env",
+            "/a/b.js",
+            "/%2e%2e/x",
+            "/app.js%00",
+            "//etc/passwd",
+            "/\\x",
+        ] {
             assert_eq!(asset(p), Err(Missing::NotFound), "{p}");
         }
     }

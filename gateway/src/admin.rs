@@ -328,10 +328,9 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
             ),
         },
         (&Method::GET, "/api/spend") => json_response(StatusCode::OK, spend.report(gw)),
-        (&Method::GET, "/api/config") => json_response(
-            StatusCode::OK,
-            crate::dashboard::masked_config(&rt.config),
-        ),
+        (&Method::GET, "/api/config") => {
+            json_response(StatusCode::OK, crate::dashboard::masked_config(&rt.config))
+        }
         (&Method::GET, "/api/requests") => {
             json_response(StatusCode::OK, crate::dashboard::recent_requests(gw))
         }
@@ -364,10 +363,19 @@ mod tests {
         assert!(!admin_authorized(t, Some(b"Bearer")));
         assert!(!admin_authorized(t, Some(b"")));
         // A browser's Basic login: any user, the token as the password.
-        assert!(admin_authorized(t, Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==")));
+        assert!(admin_authorized(
+            t,
+            Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==")
+        ));
         assert!(admin_authorized(t, Some(b"Basic OjAxMjM0NTY3ODlhYmNkZWY=")));
-        assert!(!admin_authorized(t, Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlRg==")));
-        assert!(!admin_authorized(t, Some(b"Basic MDEyMzQ1Njc4OWFiY2RlZg==")));
+        assert!(!admin_authorized(
+            t,
+            Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlRg==")
+        ));
+        assert!(!admin_authorized(
+            t,
+            Some(b"Basic MDEyMzQ1Njc4OWFiY2RlZg==")
+        ));
         assert!(!admin_authorized(t, Some(b"Basic !!!")));
     }
 }

@@ -8,9 +8,9 @@
 
 pub mod admin;
 mod auth;
+pub mod dashboard;
 pub mod dest;
 pub mod dialect;
-pub mod dashboard;
 pub mod echo;
 pub mod error;
 pub mod events;

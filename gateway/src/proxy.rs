@@ -142,8 +142,14 @@ pub(crate) fn log_request(
     };
     let host = format!("{}:{}", plan.domain, plan.port);
     let exit = exit.map(ToString::to_string);
-    gw.requests
-        .record(account, protocol, &host, exit.as_deref(), status, started.elapsed());
+    gw.requests.record(
+        account,
+        protocol,
+        &host,
+        exit.as_deref(),
+        status,
+        started.elapsed(),
+    );
 }
 
 pub(crate) async fn run_relay(

@@ -198,10 +198,8 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let profile = std::env::temp_dir().join(format!(
-            "ipsx-chromium-{}-{port}",
-            std::process::id()
-        ));
+        let profile =
+            std::env::temp_dir().join(format!("ipsx-chromium-{}-{port}", std::process::id()));
         let binary = ["/usr/lib/chromium/chromium", "/usr/bin/chromium"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -345,9 +343,11 @@ async fn dashboard_in_a_real_browser() {
     );
     sys.start_gateway().await;
     let market = sys.market().clone();
-    sys.gw().gateway.set_market_status(std::sync::Arc::new(move || {
-        serde_json::to_value(market.status()).unwrap_or_default()
-    }));
+    sys.gw()
+        .gateway
+        .set_market_status(std::sync::Arc::new(move || {
+            serde_json::to_value(market.status()).unwrap_or_default()
+        }));
     let gw = sys.gw.take().unwrap().with_admin().await;
     sys.gw = Some(gw);
     sys.wait_live(2, Duration::from_secs(60)).await;
@@ -420,6 +420,15 @@ async fn dashboard_in_a_real_browser() {
         per_country,
         [("de".to_owned(), 5), ("us".to_owned(), 5)].into()
     );
+
+    // The pool table counts them per exit.
+    browser
+        .wait_for(
+            "return [...document.querySelectorAll('#exits tbody tr')].reduce((n, r) => n + Number(r.cells[6].textContent), 0)",
+            60,
+            |v| v.as_u64().is_some_and(|n| n >= 10),
+        )
+        .await;
 
     // Rules and limits: the config in force, secrets masked.
     let config = browser
@@ -506,7 +515,9 @@ async fn dashboard_refuses_bad_tokens_traversal_and_oversize() {
         "/dist/index.html",
         "//etc/passwd",
     ] {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+        );
         let text = admin_raw(&gw, req.as_bytes()).await;
         assert!(
             text.starts_with("HTTP/1.1 404") || text.starts_with("HTTP/1.1 400"),
@@ -533,8 +544,10 @@ async fn open_events(gw: &TestGateway, recv_buffer: Option<u32>) -> (TcpStream, 
     }
     let mut s = socket.connect(gw.admin_addr()).await.unwrap();
     s.write_all(
-        format!("GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -559,7 +572,10 @@ async fn event_stream_caps_listeners_and_drops_slow_ones() {
     let max = ipsx_gateway::events::MAX_SUBSCRIBERS;
     // A reading client sees a real request: account, host, exit, never the query.
     let (mut reader, head) = open_events(&gw, None).await;
-    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"),
+        "{head}"
+    );
     let url = format!("http://{}/ip?key=hunter2", echo.addr);
     let out = common::curl(&["-s", "-x", &gw.proxy("shop-country-fr"), &url]).await;
     assert!(out.status.success());
@@ -574,10 +590,19 @@ async fn event_stream_caps_listeners_and_drops_slow_ones() {
         seen.extend_from_slice(&buf[..n]);
     }
     let seen = String::from_utf8_lossy(&seen);
-    assert!(seen.contains("\"account\":\"shop\"") && seen.contains("\"exit\":\"fr-6\""), "{seen}");
-    assert!(!seen.contains("hunter2") && !seen.contains(common::TOKEN), "{seen}");
+    assert!(
+        seen.contains("\"account\":\"shop\"") && seen.contains("\"exit\":\"fr-6\""),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("hunter2") && !seen.contains(common::TOKEN),
+        "{seen}"
+    );
     let (_, recent) = admin_get(&gw, "/api/requests", Some(ADMIN_TOKEN)).await;
-    assert!(recent.contains("\"status\": 200") && !recent.contains("hunter2"), "{recent}");
+    assert!(
+        recent.contains("\"status\": 200") && !recent.contains("hunter2"),
+        "{recent}"
+    );
 
     // The cap: `max` listeners, then 503.
     let mut slow = Vec::new();
@@ -593,7 +618,14 @@ async fn event_stream_caps_listeners_and_drops_slow_ones() {
     // Nobody reads: a flood of events drops every listener, and their slots come back.
     let log = gw.gateway.request_log();
     for i in 0..20_000 {
-        log.record("flood", "http", "example.test:80", Some("fr-6"), 200, Duration::ZERO);
+        log.record(
+            "flood",
+            "http",
+            "example.test:80",
+            Some("fr-6"),
+            200,
+            Duration::ZERO,
+        );
         if i % 100 == 0 {
             tokio::task::yield_now().await;
         }

@@ -123,7 +123,7 @@ async function refreshSpend() {
   const box = document.getElementById('spend-chart');
   if (!chart || chart.series.length !== series.length) {
     if (chart) chart.destroy();
-    chart = new uPlot({ width: Math.max(320, Math.min(960, box.clientWidth || 960)), height: 260, series, axes: [{}, { label: 'tokens' }], points: { show: true } }, data, box);
+    chart = new uPlot({ width: Math.max(320, Math.min(960, box.clientWidth || 960)), height: 260, series, axes: [{}, { label: 'tokens', values: (u, vals) => vals.map((v) => +v.toPrecision(3)) }], points: { show: true } }, data, box);
   } else {
     chart.setData(data);
   }
