@@ -66,6 +66,17 @@ pub fn asset(path: &str) -> Result<Asset, Missing> {
         .ok_or(Missing::NotFound)
 }
 
+/// The provider's earnings page on the provider's status listener: `/` is
+/// `provider.html`, and its script and style by name. `None` for any other path (the
+/// listener answers those itself).
+pub fn provider_page(path: &str) -> Option<Result<Asset, Missing>> {
+    match path {
+        "/" | "/provider.html" => Some(asset("provider.html")),
+        "/provider.js" | "/style.css" => Some(asset(path)),
+        _ => None,
+    }
+}
+
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -111,6 +122,19 @@ mod tests {
                 Missing::NotBuilt
             })
         );
+    }
+
+    #[test]
+    fn provider_page_serves_only_its_own_files() {
+        assert!(provider_page("/api/status").is_none());
+        assert!(provider_page("/app.js").is_none());
+        assert!(provider_page("/../x").is_none());
+        let page = provider_page("/").unwrap();
+        if built() {
+            assert!(String::from_utf8_lossy(page.unwrap().body).contains("provider.js"));
+        } else {
+            assert_eq!(page, Err(Missing::NotBuilt));
+        }
     }
 
     #[test]

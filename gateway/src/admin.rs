@@ -350,6 +350,44 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
 #[cfg(test)]
 mod tests {
     use super::admin_authorized;
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    proptest! {
+        /// Any header value: no panic, and only a value that carries the token (as a
+        /// bearer token or a Basic password) is accepted.
+        #[test]
+        fn only_the_token_opens_the_api(value in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if admin_authorized(Some(TOKEN), Some(&value)) {
+                let text = String::from_utf8_lossy(&value);
+                let (scheme, rest) = text.split_once(' ').unwrap_or_default();
+                let carried = if scheme.eq_ignore_ascii_case("basic") {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(rest.trim())
+                        .is_ok_and(|d| d.ends_with(TOKEN.as_bytes()))
+                } else {
+                    rest.trim() == TOKEN
+                };
+                prop_assert!(carried, "{text}");
+            }
+        }
+
+        #[test]
+        fn basic_accepts_any_user_with_the_token(user in "[^:]{0,40}") {
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{TOKEN}"))
+            );
+            prop_assert!(admin_authorized(Some(TOKEN), Some(value.as_bytes())));
+            let wrong = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{TOKEN}x"))
+            );
+            prop_assert!(!admin_authorized(Some(TOKEN), Some(wrong.as_bytes())));
+        }
+    }
 
     #[test]
     fn bearer_token_is_required_when_configured() {

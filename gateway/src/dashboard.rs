@@ -330,3 +330,52 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_is_cut_at_the_write_deadline() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut io = WriteDeadline::new(server, WRITE_DEADLINE);
+        // The peer reads nothing: the 1 KiB pipe fills, then the deadline fails the write.
+        let err = io.write_all(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_peer_is_never_cut() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink)
+                .await
+                .unwrap();
+            sink.len()
+        });
+        let mut io = WriteDeadline::new(server, WRITE_DEADLINE);
+        io.write_all(&[0u8; 64 * 1024]).await.unwrap();
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(reader.await.unwrap(), 64 * 1024);
+    }
+
+    #[test]
+    fn masked_config_shows_no_secret() {
+        let toml = "[gateway]\nadmin_token = \"admin-secret-0123456789\"\n\n[[token]]\nname = \"t\"\nsecret = \"token-secret-1\"\n";
+        let c = GatewayConfig::from_toml(toml, "g.toml").unwrap();
+        let text = masked_config(&c).to_string();
+        assert!(
+            text.contains("\"secret\":\"***\"") && text.contains("\"admin_token\":\"***\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("admin-secret") && !text.contains("token-secret"),
+            "{text}"
+        );
+    }
+}
