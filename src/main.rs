@@ -50,9 +50,12 @@ enum Command {
     /// Run a provider exit: a userspace WireGuard server whose flows leave from the
     /// configured exit address.
     Provider {
+        /// What else to do (`status`); without one, run the exit or agent.
+        #[command(subcommand)]
+        action: Option<ProviderAction>,
         /// The provider config file (TOML).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Only validate the config.
         #[arg(long)]
         check: bool,
@@ -87,6 +90,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ProviderAction {
+    /// Show a running provider agent's offers, deals, bytes served, earnings and NAT
+    /// path (from its status listener; token from the config or IPSX_STATUS_TOKEN).
+    Status {
+        /// The agent's config file: read `[status] listen` and `token` from it.
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// The status listener's base URL (default http://127.0.0.1:9901).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IPSX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -118,7 +138,18 @@ fn main() -> ExitCode {
                 country_map,
                 fixed_body,
             } => echo::run(listen, country_map, fixed_body).await,
-            Command::Provider { config, check } => provider_cmd::run(&config, check).await,
+            Command::Provider {
+                action: Some(ProviderAction::Status { config, url, json }),
+                ..
+            } => provider_cmd::status(config.as_deref(), url, json).await,
+            Command::Provider {
+                config: Some(config),
+                check,
+                ..
+            } => provider_cmd::run(&config, check).await,
+            Command::Provider { config: None, .. } => {
+                Err("ipsx provider: give --config FILE (or a subcommand: status)".into())
+            }
             Command::Exchange { config, listen } => exchange_cmd::run(&config, listen).await,
             Command::Wallet(args) => ipsx_exchange_client::cli::run_wallet(args)
                 .await

@@ -1,4 +1,4 @@
-//! `ipsx provider` and `ipsx keygen`.
+//! `ipsx provider`, `ipsx provider status` and `ipsx keygen`.
 
 use std::path::Path;
 
@@ -45,6 +45,58 @@ pub(crate) async fn run(path: &Path, check: bool) -> Result<(), String> {
         _ = term.recv() => {}
     }
     handle.shutdown().await;
+    Ok(())
+}
+
+/// `ipsx provider status [--config F | --url U] [--json]`: reads the agent's status
+/// listener and prints a table (or the JSON).
+pub(crate) async fn status(
+    config: Option<&Path>,
+    url: Option<String>,
+    json: bool,
+) -> Result<(), String> {
+    let mut token = std::env::var("IPSX_STATUS_TOKEN").ok();
+    let base = match (config, url) {
+        (_, Some(u)) => u,
+        (Some(path), None) => {
+            let cfg = ipsx_provider::agent::AgentConfig::load(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let section = cfg.status.unwrap_or_default();
+            if !section.enabled {
+                return Err(format!(
+                    "{}: the status listener is disabled (status.enabled = false)",
+                    path.display()
+                ));
+            }
+            if let Some(t) = section.token {
+                token = Some(t.0);
+            }
+            let mut addr = section.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            if addr.port() == 0 {
+                return Err(format!(
+                    "{}: status.listen has port 0 (any free port); give --url",
+                    path.display()
+                ));
+            }
+            format!("http://{addr}")
+        }
+        (None, None) => format!(
+            "http://{}",
+            ipsx_provider::agent::config::DEFAULT_STATUS_LISTEN
+        ),
+    };
+    let status = ipsx_provider::status::fetch(&base, token.as_deref()).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", ipsx_provider::status::render(&status));
+    }
     Ok(())
 }
 

@@ -10,6 +10,11 @@
 //! allow_destinations = []           # test/dev only: ranges normally refused
 //! own_addresses = []                # extra addresses of this host to refuse
 //!
+//! [limits]                          # per-requester load; see crate::limits::Limits
+//! max_flows_per_peer = 256
+//! new_flows_per_second = 100
+//! idle_timeout = "5m"
+//!
 //! [[peers]]
 //! public_key = "base64..."
 //! inner_ip = "10.77.0.2"
@@ -21,6 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Deserializer};
 
 use crate::ProviderError;
+use crate::limits::Limits;
 use crate::policy::{Cidr, Protocol};
 
 /// A base64 WireGuard private key whose `Debug` prints nothing.
@@ -117,6 +123,9 @@ pub struct ProviderConfig {
     /// Inner MTU.
     #[serde(default = "default_mtu")]
     pub mtu: usize,
+    /// What one requester may cost the exit (`[limits]`).
+    #[serde(default)]
+    pub limits: Limits,
     /// Peers known at start.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -136,6 +145,7 @@ impl ProviderConfig {
             own_addresses: Vec::new(),
             handshake_rate_limit: default_rate(),
             mtu: default_mtu(),
+            limits: Limits::default(),
             peers: Vec::new(),
         }
     }
@@ -171,6 +181,7 @@ impl ProviderConfig {
         for a in &self.allow_destinations {
             Cidr::parse("allow_destinations", a)?;
         }
+        self.limits.validate("limits")?;
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if !seen.insert(p.public_key) {
@@ -250,6 +261,15 @@ mod tests {
                 ),
                 "extra",
             ),
+            (
+                format!("{}\n[limits]\nidle_timeout = \"1ms\"\n", base()),
+                "limits.idle_timeout",
+            ),
+            (
+                format!("{}\n[limits]\nmax_flows_per_peer = 0\n", base()),
+                "limits.max_flows_per_peer",
+            ),
+            (format!("{}\n[limits]\nmax_flow = 3\n", base()), "max_flow"),
         ];
         for (text, key) in cases {
             let err = ProviderConfig::from_toml(&text).unwrap_err().to_string();

@@ -9,14 +9,17 @@
 //! RST: the client fails fast and no byte reaches the destination. UDP to port 53 is
 //! forwarded to the configured resolver; other UDP, ICMP and other protocols are dropped
 //! and counted.
+//!
+//! Load is bounded per requester ([`crate::limits`]): datagrams wait in per-peer queues
+//! served round-robin, a SYN over the peer's flow cap, the exit's flow cap or the peer's
+//! flow rate gets a RST, each relay resets its flow after `idle_timeout` without a byte,
+//! and a deal's bytes per second can be capped.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipsx_tunnel_pool::boringtun::noise::handshake::parse_handshake_anon;
@@ -27,19 +30,25 @@ use ipsx_tunnel_pool::netstack::{Stack, StackStream};
 use ipsx_tunnel_pool::smoltcp::iface::SocketHandle;
 use ipsx_tunnel_pool::smoltcp::socket::tcp;
 use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::ProviderError;
 use crate::config::ProviderConfig;
+use crate::limits::{FairQueue, FlowLimiter, LimitRefusal, RELAY_BUFFER, TokenBucket};
 use crate::meter::{LogEntry, MeterSnapshot, PeerMeter};
 use crate::packet::{self, Transport};
 use crate::policy::{EgressPolicy, discover_own_addresses};
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
-const RX_BATCH: usize = 64;
+/// Datagrams read from the socket at most before each round (into the per-peer queues).
+const RX_READ: usize = 1024;
+/// Datagrams handled per driver turn (round-robin over the peers' queues).
+const RX_PROCESS: usize = 64;
+/// The queue key of handshake initiations (their peer is known only after the DH).
+const HANDSHAKE_QUEUE: u32 = u32::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,6 +71,10 @@ struct AtomicCounters {
     dns_forwarded: AtomicU64,
     dns_inflight: AtomicU64,
     flows: AtomicU64,
+    limited: AtomicU64,
+    rate_limited: AtomicU64,
+    idle_closed: AtomicU64,
+    datagrams_shed: AtomicU64,
 }
 
 /// A snapshot of the exit-wide counters.
@@ -88,6 +101,16 @@ pub struct ExitCounters {
     pub dns_forwarded: u64,
     /// Flows relayed.
     pub flows: u64,
+    /// Relayed flows open now (all peers).
+    pub flows_live: u64,
+    /// SYNs refused (RST) by `max_flows_per_peer` or `max_flows_total`.
+    pub limited: u64,
+    /// SYNs refused (RST) by `new_flows_per_second`.
+    pub rate_limited: u64,
+    /// Relayed flows reset after `idle_timeout` without a byte.
+    pub idle_closed: u64,
+    /// Datagrams dropped because their peer's queue (`peer_queue`) was full.
+    pub datagrams_shed: u64,
 }
 
 impl AtomicCounters {
@@ -104,6 +127,11 @@ impl AtomicCounters {
             dropped_other: g(&self.dropped_other),
             dns_forwarded: g(&self.dns_forwarded),
             flows: g(&self.flows),
+            flows_live: 0,
+            limited: g(&self.limited),
+            rate_limited: g(&self.rate_limited),
+            idle_closed: g(&self.idle_closed),
+            datagrams_shed: g(&self.datagrams_shed),
         }
     }
 }
@@ -126,6 +154,7 @@ struct Shared {
     policy: EgressPolicy,
     counters: AtomicCounters,
     meters: Mutex<HashMap<[u8; 32], Arc<PeerMeter>>>,
+    flow_limiter: Mutex<FlowLimiter<[u8; 32]>>,
     epoch: Instant,
     local_addr: SocketAddr,
     public_key: [u8; 32],
@@ -196,6 +225,7 @@ impl ProviderExit {
             policy,
             counters: AtomicCounters::default(),
             meters: Mutex::new(HashMap::new()),
+            flow_limiter: Mutex::new(FlowLimiter::new(cfg.limits)),
             epoch: Instant::now(),
             local_addr,
             public_key: public.to_bytes(),
@@ -214,6 +244,7 @@ impl ProviderExit {
             by_key: HashMap::new(),
             next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
             notify: Arc::new(Notify::new()),
+            queue: FairQueue::new(shared.cfg.limits.peer_queue),
         };
         for p in shared.cfg.peers.clone() {
             driver.add_peer(p.public_key.0, p.inner_ip)?;
@@ -308,7 +339,26 @@ impl ProviderHandle {
 
     /// Exit-wide counters.
     pub fn counters(&self) -> ExitCounters {
-        self.inner.shared.counters.snapshot()
+        let mut c = self.inner.shared.counters.snapshot();
+        c.flows_live = u64::from(self.inner.shared.limiter().total());
+        c
+    }
+
+    /// Every peer's meter (removed peers' too, for settlement), by public key.
+    pub fn meters(&self) -> Vec<([u8; 32], MeterSnapshot)> {
+        self.inner
+            .shared
+            .meters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, m)| (*k, m.snapshot()))
+            .collect()
+    }
+
+    /// The load limits this exit applies.
+    pub fn limits(&self) -> crate::limits::Limits {
+        self.inner.shared.cfg.limits
     }
 
     /// Stops the exit and waits for the driver to end.
@@ -338,6 +388,14 @@ struct Peer {
     inbound: Vec<Vec<u8>>,
     /// SYNs given a listening socket since the stack last ran: (source, destination).
     pending_syns: Vec<(SocketAddr, SocketAddr)>,
+    /// The deal's bandwidth buckets, shared by its relays (none: no cap).
+    bandwidth: Option<Arc<Bandwidth>>,
+}
+
+/// One deal's bytes-per-second buckets, one per direction.
+struct Bandwidth {
+    up: Mutex<TokenBucket>,
+    down: Mutex<TokenBucket>,
 }
 
 struct Driver {
@@ -350,6 +408,8 @@ struct Driver {
     by_key: HashMap<[u8; 32], u32>,
     next_index: u32,
     notify: Arc<Notify>,
+    /// Received datagrams waiting, per peer index (round-robin).
+    queue: FairQueue<u32, (Vec<u8>, SocketAddr)>,
 }
 
 impl Driver {
@@ -405,6 +465,13 @@ impl Driver {
                 meter,
                 inbound: Vec::new(),
                 pending_syns: Vec::new(),
+                bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
+                    let now = self.shared.now_ms();
+                    Arc::new(Bandwidth {
+                        up: Mutex::new(TokenBucket::new(rate, rate, now)),
+                        down: Mutex::new(TokenBucket::new(rate, rate, now)),
+                    })
+                }),
             },
         );
         self.by_key.insert(key, index);
@@ -417,6 +484,8 @@ impl Driver {
                 if let Some(p) = self.peers.remove(&idx) {
                     p.stack.close();
                 }
+                self.queue.remove(&idx);
+                self.shared.limiter().forget(*key);
                 true
             }
             None => false,
@@ -428,6 +497,8 @@ impl Driver {
         let mut rx_buf = vec![0u8; size];
         let mut out_buf = vec![0u8; size + 64];
         let mut outbound: Vec<Vec<u8>> = Vec::new();
+        let mut batch: Vec<(u32, (Vec<u8>, SocketAddr))> = Vec::new();
+        let budget = self.shared.cfg.limits.peer_budget;
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut poll_delay: Option<Duration> = None;
@@ -436,6 +507,9 @@ impl Driver {
             let mut wake_at = next_timer;
             if let Some(d) = poll_delay {
                 wake_at = wake_at.min(now + d);
+            }
+            if !self.queue.is_empty() {
+                wake_at = now;
             }
             tokio::select! {
                 biased;
@@ -462,12 +536,25 @@ impl Driver {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
 
-            for _ in 0..RX_BATCH {
-                let (n, from) = match self.udp.try_recv_from(&mut rx_buf) {
-                    Ok(x) => x,
-                    Err(_) => break,
-                };
-                self.on_datagram(&rx_buf[..n], from, &mut out_buf).await;
+            // Before each round, read what is waiting into the per-peer queues (cheap:
+            // no crypto), so the kernel's buffer keeps room and a flooding peer fills
+            // (and overflows) only its own queue; then handle one round-robin round.
+            let mut handled = 0;
+            for _ in 0..RX_PROCESS {
+                for _ in 0..RX_READ {
+                    let Ok((n, from)) = self.udp.try_recv_from(&mut rx_buf) else {
+                        break;
+                    };
+                    self.enqueue(&rx_buf[..n], from);
+                }
+                if self.queue.is_empty() || handled >= RX_PROCESS {
+                    break;
+                }
+                self.queue.round(budget, &mut batch);
+                handled += batch.len();
+                for (_, (data, from)) in batch.drain(..) {
+                    self.on_datagram(&data, from, &mut out_buf).await;
+                }
             }
 
             // Run every peer's stack; send what it produced.
@@ -513,6 +600,30 @@ impl Driver {
         }
         for p in self.peers.values() {
             p.stack.close();
+        }
+    }
+
+    /// Files a datagram under its peer (by the receiver index on the wire; handshake
+    /// initiations under one key of their own). Garbage and unknown peers are counted
+    /// and dropped here; a full queue drops (sheds) the datagram.
+    fn enqueue(&mut self, data: &[u8], from: SocketAddr) {
+        let c = &self.shared.counters;
+        let key = match Tunn::parse_incoming_packet(data) {
+            Ok(Packet::HandshakeInit(_)) => HANDSHAKE_QUEUE,
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Err(_) => {
+                c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if key != HANDSHAKE_QUEUE && !self.peers.contains_key(&key) {
+            c.unknown_peer.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !self.queue.push(key, (data.to_vec(), from)) {
+            c.datagrams_shed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -633,14 +744,43 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
                     );
                     // Fed to smoltcp anyway: no socket listens, so it answers RST.
                 }
-                Ok(()) => {
-                    if let Some(handle) = new_flow(peer, src, dst) {
-                        c.flows.fetch_add(1, Ordering::Relaxed);
-                        peer.meter.flows.fetch_add(1, Ordering::Relaxed);
-                        let stream = StackStream::new(peer.stack.clone(), handle);
-                        tokio::spawn(relay(shared.clone(), peer.meter.clone(), stream, dst));
+                Ok(()) if is_new_flow(peer, src, dst) => {
+                    let admitted = shared.limiter().admit(peer.key, shared.now_ms());
+                    match admitted {
+                        Err(why) => {
+                            let counter = match why {
+                                LimitRefusal::Rate => &c.rate_limited,
+                                LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            peer.meter.limited.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(
+                                peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
+                                %dst,
+                                reason = %why,
+                                "exit: flow over the limits"
+                            );
+                            // No listener: smoltcp answers the SYN with a RST.
+                        }
+                        Ok(()) => {
+                            let guard = FlowGuard::new(shared.clone(), peer);
+                            let buffer = shared.cfg.limits.flow_buffer;
+                            if let Some(handle) = listen_flow(peer, src, dst, buffer) {
+                                c.flows.fetch_add(1, Ordering::Relaxed);
+                                peer.meter.flows.fetch_add(1, Ordering::Relaxed);
+                                let stream = StackStream::new(peer.stack.clone(), handle);
+                                tokio::spawn(relay(
+                                    shared.clone(),
+                                    guard,
+                                    peer.bandwidth.clone(),
+                                    stream,
+                                    dst,
+                                ));
+                            }
+                        }
                     }
                 }
+                Ok(()) => {} // a retransmitted or duplicate SYN
             }
             peer.inbound.push(pkt);
         }
@@ -664,17 +804,14 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
     }
 }
 
-/// A listening socket for exactly `dst`, unless a socket already serves `src -> dst`.
-///
-/// Several SYNs to the same destination may arrive in one batch: each distinct source
-/// gets its own listener. smoltcp hands each SYN to the first free listener of that
-/// destination, which may not be "its" one, but listeners of one destination are
-/// interchangeable (the relay only needs the destination).
-fn new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> Option<SocketHandle> {
+/// Whether a SYN `src -> dst` starts a new flow: not a duplicate in this batch, and no
+/// socket serves that pair yet (a retransmitted SYN). The scan is bounded by the flow
+/// caps (the peer's live flows and its lingering closed ones).
+fn is_new_flow(peer: &Peer, src: SocketAddr, dst: SocketAddr) -> bool {
     if peer.pending_syns.contains(&(src, dst)) {
-        return None; // a duplicate SYN in this batch
+        return false;
     }
-    let mut core = peer.stack.lock();
+    let core = peer.stack.lock();
     let src_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(src);
     let dst_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(dst);
     let exists = core.sockets.iter().any(|(_, s)| match s {
@@ -686,10 +823,30 @@ fn new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> Option<SocketH
         #[allow(unreachable_patterns)]
         _ => false,
     });
-    if exists {
-        return None; // a retransmitted SYN
-    }
-    let h = core.new_tcp_socket();
+    !exists
+}
+
+/// A listening socket for exactly `dst` with `buffer` bytes each way.
+///
+/// Several SYNs to the same destination may arrive in one batch: each distinct source
+/// gets its own listener. smoltcp hands each SYN to the first free listener of that
+/// destination, which may not be "its" one, but listeners of one destination are
+/// interchangeable (the relay only needs the destination).
+fn listen_flow(
+    peer: &mut Peer,
+    src: SocketAddr,
+    dst: SocketAddr,
+    buffer: usize,
+) -> Option<SocketHandle> {
+    let mut core = peer.stack.lock();
+    let dst_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(dst);
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; buffer]),
+        tcp::SocketBuffer::new(vec![0; buffer]),
+    );
+    sock.set_nagle_enabled(false);
+    sock.set_ack_delay(None);
+    let h = core.sockets.add(sock);
     let listen = IpListenEndpoint {
         addr: Some(dst_ep.addr),
         port: dst_ep.port,
@@ -715,16 +872,59 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Relays one accepted flow to a real socket bound to the exit address.
-async fn relay(
+impl Shared {
+    fn limiter(&self) -> std::sync::MutexGuard<'_, FlowLimiter<[u8; 32]>> {
+        self.flow_limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Milliseconds since the exit started (the limits' clock; tokio's, so paused-time
+    /// tests drive it).
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// A flow's place in the limits, given back when its relay ends (however it ends).
+struct FlowGuard {
     shared: Arc<Shared>,
     meter: Arc<PeerMeter>,
-    mut inner: StackStream,
+    key: [u8; 32],
+}
+
+impl FlowGuard {
+    fn new(shared: Arc<Shared>, peer: &Peer) -> Self {
+        peer.meter.flows_live.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared,
+            meter: peer.meter.clone(),
+            key: peer.key,
+        }
+    }
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        self.meter.flows_live.fetch_sub(1, Ordering::Relaxed);
+        self.shared.limiter().release(self.key);
+    }
+}
+
+/// Relays one accepted flow to a real socket bound to the exit address, until both
+/// sides close, either fails, or no byte moved for `idle_timeout` (then both are reset).
+async fn relay(
+    shared: Arc<Shared>,
+    guard: FlowGuard,
+    bandwidth: Option<Arc<Bandwidth>>,
+    inner: StackStream,
     dst: SocketAddr,
 ) {
+    let meter = guard.meter.clone();
     let start_ms = unix_ms();
     let t0 = Instant::now();
     let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, inner.established()).await;
+    let mut inner = inner;
     if !matches!(accepted, Ok(Ok(()))) {
         inner.abort();
         return;
@@ -753,23 +953,35 @@ async fn relay(
         }
     };
     let _ = outer.set_nodelay(true);
-    let up = Arc::new(AtomicU64::new(0));
-    let down = Arc::new(AtomicU64::new(0));
-    let mut a = Counted {
-        io: inner,
-        flow: up.clone(),
-        meter: meter.clone(),
-        up: true,
-        epoch: shared.epoch,
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let last = AtomicU64::new(shared.now_ms());
+    let (mut inner_r, mut inner_w) = tokio::io::split(inner);
+    let (mut outer_r, mut outer_w) = outer.split();
+    let ctx = PumpCtx {
+        shared: &shared,
+        meter: &meter,
+        last: &last,
     };
-    let mut b = Counted {
-        io: &mut outer,
-        flow: down.clone(),
-        meter: meter.clone(),
-        up: false,
-        epoch: shared.epoch,
+    let idle = tokio::select! {
+        _ = async {
+            tokio::try_join!(
+                pump(&mut inner_r, &mut outer_w, &up, Dir::Up, bandwidth.as_deref().map(|b| &b.up), &ctx),
+                pump(&mut outer_r, &mut inner_w, &down, Dir::Down, bandwidth.as_deref().map(|b| &b.down), &ctx),
+            )
+        } => false,
+        () = idle_watch(&last, shared.cfg.limits.idle_timeout, &shared) => true,
     };
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await;
+    let mut inner = inner_r.unsplit(inner_w);
+    if idle {
+        inner.abort();
+        shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+        meter.idle_closed.fetch_add(1, Ordering::Relaxed);
+        // Dropping `outer` closes it; with nothing unread it is a FIN, which the
+        // destination sees as the end of an idle connection.
+    }
+    drop(inner);
+    drop(outer);
     meter.append(LogEntry {
         start_unix_ms: start_ms,
         dst,
@@ -777,53 +989,72 @@ async fn relay(
         bytes_down: down.load(Ordering::Relaxed),
         duration_ms: t0.elapsed().as_millis() as u64,
     });
+    drop(guard);
 }
 
-/// Counts bytes read through it into the flow's and the peer's meters.
-struct Counted<S> {
-    io: S,
-    flow: Arc<AtomicU64>,
-    meter: Arc<PeerMeter>,
-    up: bool,
-    epoch: Instant,
+#[derive(Clone, Copy)]
+enum Dir {
+    Up,
+    Down,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.flow.fetch_add(n, Ordering::Relaxed);
-            let total = if self.up {
-                &self.meter.bytes_up
-            } else {
-                &self.meter.bytes_down
-            };
-            total.fetch_add(n, Ordering::Relaxed);
-            self.meter.touch(self.epoch.elapsed().as_secs());
+struct PumpCtx<'a> {
+    shared: &'a Shared,
+    meter: &'a PeerMeter,
+    last: &'a AtomicU64,
+}
+
+/// Copies one direction until EOF (then shuts the writer: a half close), counting the
+/// bytes read into the flow's and the peer's meters, noting the time of each move in
+/// `last`, and waiting out the deal's bandwidth debt after each chunk.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    flow: &AtomicU64,
+    dir: Dir,
+    bucket: Option<&Mutex<TokenBucket>>,
+    ctx: &PumpCtx<'_>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
         }
-        r
+        let now = ctx.shared.now_ms();
+        ctx.last.store(now, Ordering::Relaxed);
+        flow.fetch_add(n as u64, Ordering::Relaxed);
+        let total = match dir {
+            Dir::Up => &ctx.meter.bytes_up,
+            Dir::Down => &ctx.meter.bytes_down,
+        };
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        ctx.meter.touch(now / 1000);
+        w.write_all(buf.get(..n).unwrap_or_default()).await?;
+        if let Some(b) = bucket {
+            let wait = b
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take_debt(n as u64, now);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        // Waiting for the bandwidth cap is not idleness.
+        ctx.last.store(ctx.shared.now_ms(), Ordering::Relaxed);
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+/// Completes once `last` (a `now_ms` time) is `idle` old.
+async fn idle_watch(last: &AtomicU64, idle: Duration, shared: &Shared) {
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let since = shared.now_ms().saturating_sub(last.load(Ordering::Relaxed));
+        if since >= idle_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(idle_ms - since)).await;
     }
 }
 

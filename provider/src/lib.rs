@@ -24,9 +24,11 @@
 pub mod agent;
 pub mod config;
 pub mod exit;
+pub mod limits;
 pub mod meter;
 pub mod packet;
 pub mod policy;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,8 +36,10 @@ use std::net::SocketAddr;
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus, run_agent};
 pub use config::{PeerConfig, PrivateKey, ProviderConfig, PublicKey};
 pub use exit::{ExitCounters, ProviderExit, ProviderHandle};
+pub use limits::Limits;
 pub use meter::{LogEntry, MeterSnapshot};
 pub use policy::{EgressPolicy, Protocol, Refusal};
+pub use status::ProviderStatus;
 
 /// What went wrong in the exit; variants name the key, address or peer at fault.
 #[derive(Debug, thiserror::Error)]

@@ -81,6 +81,12 @@ pub struct MeterSnapshot {
     pub flows: u64,
     /// Connections refused by the egress policy.
     pub refused: u64,
+    /// Connections refused by the load limits (flow caps, flow rate).
+    pub limited: u64,
+    /// Relayed flows open now.
+    pub flows_live: u64,
+    /// Relayed flows reset for being idle longer than `limits.idle_timeout`.
+    pub idle_closed: u64,
     /// Entries in the connection log (ever appended).
     pub log_entries: u64,
 }
@@ -94,6 +100,9 @@ pub struct PeerMeter {
     last_second: AtomicU64,
     pub(crate) flows: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) limited: AtomicU64,
+    pub(crate) flows_live: AtomicU64,
+    pub(crate) idle_closed: AtomicU64,
     log: Mutex<ConnLog>,
 }
 
@@ -114,6 +123,9 @@ impl PeerMeter {
             last_second: AtomicU64::new(u64::MAX),
             flows: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
+            flows_live: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
             log: Mutex::new(ConnLog {
                 hash: genesis(peer_public_key),
                 total: 0,
@@ -160,6 +172,9 @@ impl PeerMeter {
             seconds_active: g(&self.seconds_active),
             flows: g(&self.flows),
             refused: g(&self.refused),
+            limited: g(&self.limited),
+            flows_live: g(&self.flows_live),
+            idle_closed: g(&self.idle_closed),
             log_entries: self
                 .log
                 .lock()

@@ -136,10 +136,18 @@ impl EgressPolicy {
 
 use ipsx_egress::canonical;
 
-/// Addresses of this host that a flow must not reach: the source addresses the kernel
-/// would pick for the default routes (a connected UDP socket sends nothing).
+/// Addresses of this host that a flow must not reach: every address on every local
+/// interface (from `/proc/net/fib_trie` for IPv4, `/proc/net/if_inet6` for IPv6), and
+/// the source addresses the kernel would pick for the default routes (a connected UDP
+/// socket sends nothing), which also covers systems without `/proc`.
 pub fn discover_own_addresses() -> Vec<IpAddr> {
     let mut v = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") {
+        v.extend(parse_fib_trie_locals(&text).into_iter().map(IpAddr::V4));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+        v.extend(parse_if_inet6(&text).into_iter().map(IpAddr::V6));
+    }
     let probes: [(SocketAddr, SocketAddr); 2] = [
         (
             (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -165,7 +173,52 @@ pub fn discover_own_addresses() -> Vec<IpAddr> {
             v.push(local.ip());
         }
     }
+    v.sort();
+    v.dedup();
     v
+}
+
+/// The host's own IPv4 addresses in the text of `/proc/net/fib_trie`: each leaf
+/// (`|-- a.b.c.d`) followed by a `/32 host LOCAL` line. Malformed lines are skipped.
+pub fn parse_fib_trie_locals(text: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut leaf: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(addr) = t.strip_prefix("|-- ") {
+            leaf = addr.trim().parse().ok();
+        } else if t.starts_with('+') || t.ends_with(':') {
+            leaf = None;
+        } else if let Some(a) = leaf {
+            let mut words = t.split_whitespace();
+            if words.next() == Some("/32")
+                && words.next() == Some("host")
+                && words.next() == Some("LOCAL")
+                && !out.contains(&a)
+            {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// The host's IPv6 addresses in the text of `/proc/net/if_inet6` (first field of each
+/// line: 32 hex digits). Malformed lines are skipped.
+pub fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let hex = line.split_whitespace().next()?;
+            if hex.len() != 32 || !hex.is_ascii() {
+                return None;
+            }
+            let mut octets = [0u8; 16];
+            for (i, o) in octets.iter_mut().enumerate() {
+                *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(Ipv6Addr::from(octets))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -249,11 +302,76 @@ mod tests {
         assert!(err.contains("allow_destinations"));
     }
 
+    const FIB_TRIE: &str = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 127.0.0.0/8 2 0 2\n        +-- 127.0.0.0/31 1 0 0\n           |-- 127.0.0.0\n              /8 host LOCAL\n           |-- 127.0.0.1\n              /32 host LOCAL\n        |-- 127.255.255.255\n           /32 link BROADCAST\n     +-- 192.0.2.0/24 2 0 2\n        +-- 192.0.2.0/30 2 0 2\n           |-- 192.0.2.0\n              /24 link UNICAST\n           |-- 192.0.2.2\n              /32 host LOCAL\n     |-- 198.51.100.7\n        /32 host LOCAL\nLocal:\n  +-- 0.0.0.0/0 3 0 5\n           |-- 192.0.2.2\n              /32 host LOCAL\n";
+
+    #[test]
+    fn every_local_address_is_found() {
+        let v4 = parse_fib_trie_locals(FIB_TRIE);
+        let want: Vec<Ipv4Addr> = ["127.0.0.1", "192.0.2.2", "198.51.100.7"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(v4, want, "only /32 host LOCAL leaves, each once");
+        let v6 = parse_if_inet6(
+            "fd000000000000000000000000000002 04 40 00 82     eth0\n00000000000000000000000000000001 01 80 10 80       lo\nzz\n",
+        );
+        assert_eq!(
+            v6,
+            vec!["fd00::2".parse::<Ipv6Addr>().unwrap(), Ipv6Addr::LOCALHOST]
+        );
+        // On this host, every address the kernel lists is refused as the exit's own.
+        let own = discover_own_addresses();
+        if let Ok(t) = std::fs::read_to_string("/proc/net/fib_trie") {
+            for a in parse_fib_trie_locals(&t) {
+                assert!(own.contains(&IpAddr::V4(a)), "{a} missing from {own:?}");
+            }
+        }
+        let p = EgressPolicy::new(
+            vec![Protocol::Any],
+            vec![],
+            own.clone(),
+            "127.0.0.2".parse().unwrap(),
+        );
+        for a in own {
+            assert!(p.check(SocketAddr::new(a, 80)).is_err(), "{a} allowed");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_v4_check_is_total(a in proptest::num::u32::ANY, port in proptest::num::u16::ANY) {
             let p = policy(&["127.0.0.0/8"]);
             let _ = p.check(SocketAddr::from((Ipv4Addr::from(a), port)));
+        }
+
+        #[test]
+        fn proc_parsers_never_panic(s in "\\PC{0,400}") {
+            let _ = parse_fib_trie_locals(&s);
+            let _ = parse_if_inet6(&s);
+        }
+
+        #[test]
+        fn fib_trie_finds_generated_locals(addrs in proptest::collection::vec(proptest::num::u32::ANY, 0..20), other in proptest::collection::vec(proptest::num::u32::ANY, 0..20)) {
+            let mut text = String::from("Main:\n  +-- 0.0.0.0/0 3 0 5\n");
+            for a in &addrs {
+                text.push_str(&format!("     |-- {}\n        /32 host LOCAL\n", Ipv4Addr::from(*a)));
+            }
+            for a in &other {
+                text.push_str(&format!("     |-- {}\n        /24 link UNICAST\n        /32 link BROADCAST\n", Ipv4Addr::from(*a)));
+            }
+            let got = parse_fib_trie_locals(&text);
+            for a in &addrs {
+                proptest::prop_assert!(got.contains(&Ipv4Addr::from(*a)));
+            }
+            for g in &got {
+                proptest::prop_assert!(addrs.contains(&u32::from(*g)));
+            }
+        }
+
+        #[test]
+        fn if_inet6_round_trips(a in proptest::num::u128::ANY) {
+            let line = format!("{a:032x} 02 40 00 80 eth0\n");
+            proptest::prop_assert_eq!(parse_if_inet6(&line), vec![Ipv6Addr::from(a)]);
         }
 
         #[test]

@@ -52,7 +52,58 @@ async fn a_rented_exit_that_went_idle_after_traffic_stays_rented() {
     assert_eq!(d.len(), 1, "no deal ended or replaced: {status:?}");
     assert_eq!(d[0]["phase"], "serving", "{status:?}");
     assert_eq!(ip_of(&sys.get().await).as_deref(), Some(ip.as_str()));
+    provider_status_cli_shows_the_deal(&sys, &ip);
     sys.stop().await;
+}
+
+/// `ipsx provider status` against the serving agent's status listener: the JSON and
+/// the table show the live deal, its bytes and payment, and the NAT path.
+fn provider_status_cli_shows_the_deal(sys: &MarketSystem, exit_ip: &str) {
+    let agent = sys
+        .agents
+        .iter()
+        .find(|a| a.provider_status().totals.live_deals > 0)
+        .expect("one agent serves the deal");
+    let url = format!("http://{}", agent.status_addr().expect("status listener"));
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ipsx"))
+            .args(["provider", "status", "--url", &url])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    assert_eq!(v["nat_path"], "direct");
+    assert_eq!(v["totals"]["live_deals"], 1);
+    let deal = &v["deals"][0];
+    assert_eq!(deal["stage"], "serving", "{v}");
+    assert_eq!(deal["exit_address"], exit_ip);
+    assert!(deal["bytes_down"].as_u64().unwrap() > 0, "{v}");
+    let paid: u128 = deal["paid"]["base_units"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(paid > 0, "{v}");
+    let table = run(&[]);
+    assert!(table.contains("nat path: direct"), "{table}");
+    assert!(
+        table.contains("serving") && table.contains(exit_ip),
+        "{table}"
+    );
+    // A wrong URL is an error naming it, not a panic.
+    let bad = Command::new(env!("CARGO_BIN_EXE_ipsx"))
+        .args(["provider", "status", "--url", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("127.0.0.1:1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,49 @@ pub struct AgentConfig {
     /// One entry per exit address offered.
     #[serde(rename = "exit")]
     pub exits: Vec<ExitSection>,
+    /// What one requester may cost each exit (`[limits]`, see [`crate::limits::Limits`]).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
+    /// The local status listener (`[status]`). Absent: `127.0.0.1:9901` if that port
+    /// is free (a warning otherwise); present: its `listen` must bind.
+    #[serde(default)]
+    pub status: Option<StatusSection>,
+}
+
+/// The default status listener.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9901";
+
+fn d_status_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn d_true() -> bool {
+    true
+}
+
+/// `[status]`: the HTTP listener serving `GET /api/status` (docs/provider.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusSection {
+    /// Whether to serve it at all.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// TCP address (port 0: any free port).
+    #[serde(default = "d_status_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token every route but `/healthz` then needs; required (16+ characters)
+    /// when `listen` is not loopback.
+    #[serde(default)]
+    pub token: Option<Token>,
+}
+
+impl Default for StatusSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: d_status_listen(),
+            token: None,
+        }
+    }
 }
 
 /// `[exchange]`.
@@ -72,21 +115,27 @@ pub struct ChainSection {
     pub deployment: PathBuf,
 }
 
-/// A hex private key whose `Debug` prints nothing.
+/// A secret string (a key, a token) whose `Debug` prints nothing.
 #[derive(Clone, PartialEq, Eq)]
-pub struct HexKey(pub String);
+pub struct Masked(pub String);
 
-impl fmt::Debug for HexKey {
+impl fmt::Debug for Masked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("HexKey(***)")
+        f.write_str("***")
     }
 }
 
-impl<'de> Deserialize<'de> for HexKey {
+impl<'de> Deserialize<'de> for Masked {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(HexKey)
+        String::deserialize(d).map(Masked)
     }
 }
+
+/// A hex private key, masked in `Debug`.
+pub type HexKey = Masked;
+
+/// A bearer token, masked in `Debug`.
+pub type Token = Masked;
 
 /// `[wallet]`: an encrypted keystore (with its password in an environment variable or a
 /// file), or, for demos and tests only, a hex `private_key` written in the file.
@@ -342,6 +391,22 @@ impl AgentConfig {
         if t.poll < Duration::from_millis(50) || t.poll > Duration::from_secs(3600) {
             return Err(bad("timings.poll", "between 50ms and 1h"));
         }
+        self.limits.validate("limits").map_err(|e| match e {
+            crate::ProviderError::Config { key, reason } => bad(key, reason),
+            other => bad("limits", other.to_string()),
+        })?;
+        if let Some(st) = &self.status {
+            let token_ok = st.token.as_ref().is_some_and(|t| t.0.len() >= 16);
+            if st.token.is_some() && !token_ok {
+                return Err(bad("status.token", "must be at least 16 characters"));
+            }
+            if st.enabled && !st.listen.ip().is_loopback() && !token_ok {
+                return Err(bad(
+                    "status.token",
+                    "required (at least 16 characters) when `status.listen` is not loopback",
+                ));
+            }
+        }
         if t.claim_interval < Duration::from_secs(1) {
             return Err(bad("timings.claim_interval", "at least 1s"));
         }
@@ -577,6 +642,32 @@ capacity = 2
             ),
             ("[timings]", "[timings]\nfoo = \"1s\"", "timings"),
             ("[exchange]", "[exchangee]", "exchangee"),
+            (
+                "[timings]",
+                "[limits]\nidle_timeout = \"0s\"\n[timings]",
+                "limits.idle_timeout",
+            ),
+            (
+                "[timings]",
+                "[limits]\nmax_flows_total = 1\nmax_flows_per_peer = 2\n[timings]",
+                "limits.max_flows_total",
+            ),
+            ("[timings]", "[limits]\nflows = 1\n[timings]", "limits"),
+            (
+                "[timings]",
+                "[status]\nlisten = \"0.0.0.0:9901\"\n[timings]",
+                "status.token",
+            ),
+            (
+                "[timings]",
+                "[status]\ntoken = \"short\"\n[timings]",
+                "status.token",
+            ),
+            (
+                "[timings]",
+                "[status]\nlisten = \"here\"\n[timings]",
+                "status.listen",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(GOOD.contains(from), "fixture lacks {from}");

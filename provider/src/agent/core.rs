@@ -271,6 +271,10 @@ pub struct DealView {
     pub inner_ip: Ipv4Addr,
     /// Requester's WireGuard key.
     pub requester_wg_key: [u8; 32],
+    /// The requester's wallet.
+    pub requester: Address,
+    /// The deal's start, unix seconds.
+    pub start: u64,
     /// Latest verified cumulative amount.
     pub paid: u128,
     /// Claimed on chain so far.
@@ -409,6 +413,8 @@ impl DealState {
             peer_present: self.peer_present,
             inner_ip: inner_ip_for_deal(self.info.id),
             requester_wg_key: self.info.requester_wg_key,
+            requester: self.info.requester,
+            start: self.info.start,
             paid: self.paid(),
             claimed: self.claimed,
             closed: self.closed,

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alloy_primitives::{Address, B256, Bytes, U256};
@@ -27,11 +27,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::AgentError;
-use super::config::{AgentConfig, ExitSection, WalletSection};
+use super::config::{AgentConfig, DEFAULT_STATUS_LISTEN, ExitSection, WalletSection};
 use super::core::{
     Action, ChannelFacts, Core, DealInfo, DealView, ExitSlot, Failure, Observation, Settings,
 };
 use super::verify::check_proof;
+use crate::status::{
+    Amount, DealStatus, ExtraRoutes, OfferStatus, ProviderStatus, STATUS_VERSION, StatusSource,
+    Totals, stage_name,
+};
 use crate::{ProviderConfig, ProviderError, ProviderExit, ProviderHandle};
 
 /// How often the core's clocks are looked at (payment, deal ends, retries).
@@ -96,6 +100,11 @@ pub struct AgentStatus {
     pub last_event_id: u64,
     /// Successful deal-list polls.
     pub polls: u64,
+    /// Verified payments since the agent started (growth of every deal's latest
+    /// verified proof), base units.
+    pub earned_total: u128,
+    /// Claimed on chain since the agent started, base units.
+    pub claimed_total: u128,
 }
 
 impl AgentStatus {
@@ -117,9 +126,136 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
     exits: Vec<ProviderHandle>,
+    view: Arc<StatusView>,
+    status_addr: Option<SocketAddr>,
+    status_task: Option<JoinHandle<()>>,
+}
+
+/// What the status listener and [`AgentHandle::provider_status`] build from.
+#[derive(Debug)]
+struct StatusView {
+    sections: Vec<ExitSection>,
+    exits: Vec<ProviderHandle>,
+    status: watch::Receiver<AgentStatus>,
+}
+
+impl StatusView {
+    /// The NAT path requesters reach this provider by. Until NAT traversal lands this
+    /// is `direct`: the exits' endpoints are public or forwarded ports (config).
+    fn nat_path(&self) -> String {
+        "direct".to_owned()
+    }
+
+    fn build(&self) -> ProviderStatus {
+        let st = self.status.borrow();
+        let meters: Vec<std::collections::HashMap<[u8; 32], crate::MeterSnapshot>> = self
+            .exits
+            .iter()
+            .map(|h| h.meters().into_iter().collect())
+            .collect();
+        let live = |d: &DealView| matches!(d.stage, super::Stage::Accepted | super::Stage::Serving);
+        let offers = self
+            .sections
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let shown = st.exits.get(i);
+                let c = self
+                    .exits
+                    .get(i)
+                    .map(ProviderHandle::counters)
+                    .unwrap_or_default();
+                OfferStatus {
+                    exit_address: x.exit_address,
+                    endpoint: shown.map_or(x.listen, |e| e.endpoint),
+                    public_key: shown.map(|e| e.public_key.clone()).unwrap_or_default(),
+                    country: x.country.as_str().to_owned(),
+                    kind: x.kind.as_str().to_owned(),
+                    price_per_ip_second: Amount::new(x.price_per_ip_second.0),
+                    capacity: x.capacity,
+                    order_id: shown.and_then(|e| e.order_id),
+                    offers_posted: shown.map_or(0, |e| e.offers_posted),
+                    live_deals: st
+                        .deals
+                        .iter()
+                        .filter(|d| d.exit == Some(i) && live(d))
+                        .count() as u32,
+                    flows_live: c.flows_live,
+                    flows_limited: c.limited + c.rate_limited,
+                }
+            })
+            .collect();
+        let deals = st
+            .deals
+            .iter()
+            .map(|d| {
+                let m = d
+                    .exit
+                    .and_then(|i| meters.get(i))
+                    .and_then(|m| m.get(&d.requester_wg_key))
+                    .copied()
+                    .unwrap_or_default();
+                DealStatus {
+                    id: d.id,
+                    requester: d.requester.to_string(),
+                    exit_address: d
+                        .exit
+                        .and_then(|i| self.sections.get(i))
+                        .map(|x| x.exit_address),
+                    stage: stage_name(d.stage).to_owned(),
+                    live: live(d),
+                    started: d.start,
+                    ends: d.end,
+                    bytes_up: m.bytes_up,
+                    bytes_down: m.bytes_down,
+                    paid: Amount::new(d.paid),
+                    claimed: Amount::new(d.claimed),
+                    unclaimed: Amount::new(d.paid.saturating_sub(d.claimed)),
+                    end_reason: d.end_reason.clone(),
+                }
+            })
+            .collect();
+        let (mut up, mut down) = (0u64, 0u64);
+        for m in meters.iter().flat_map(|m| m.values()) {
+            up = up.saturating_add(m.bytes_up);
+            down = down.saturating_add(m.bytes_down);
+        }
+        ProviderStatus {
+            version: STATUS_VERSION,
+            wallet: st.wallet.to_string(),
+            nat_path: self.nat_path(),
+            generated_unix_ms: now_ms(),
+            offers,
+            deals,
+            totals: Totals {
+                bytes_up: up,
+                bytes_down: down,
+                earned: Amount::new(st.earned_total),
+                claimed: Amount::new(st.claimed_total),
+                unclaimed: Amount::new(st.earned_total.saturating_sub(st.claimed_total)),
+                live_deals: st.deals.iter().filter(|d| live(d)).count() as u64,
+            },
+        }
+    }
 }
 
 impl AgentHandle {
+    /// What `GET /api/status` answers now: offers, deals, bytes, earnings, NAT path.
+    pub fn provider_status(&self) -> ProviderStatus {
+        self.view.build()
+    }
+
+    /// The NAT path requesters reach this provider by (`direct`, `punched`,
+    /// `relayed`); `direct` until NAT traversal fills it.
+    pub fn nat_path(&self) -> String {
+        self.view.nat_path()
+    }
+
+    /// The address the status listener is bound to, if it runs.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
+    }
+
     /// The provider's wallet address.
     pub fn wallet(&self) -> Address {
         self.wallet
@@ -172,6 +308,9 @@ impl AgentHandle {
         };
         for x in &self.exits {
             x.shutdown().await;
+        }
+        if let Some(t) = &self.status_task {
+            t.abort();
         }
         r
     }
@@ -343,7 +482,17 @@ impl Agent {
     /// then (in the background) polls the deal list, follows the event stream and
     /// keeps the offers posted.
     pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+        Self::start_with_routes(cfg, None).await
+    }
+
+    /// As [`Agent::start`], the status listener also serving `extra` routes (the
+    /// provider dashboard page).
+    pub async fn start_with_routes(
+        cfg: AgentConfig,
+        extra: Option<ExtraRoutes>,
+    ) -> Result<AgentHandle, AgentError> {
         cfg.validate()?;
+        let status_listener = bind_status(&cfg).await?;
         let signer = load_wallet(&cfg.wallet)?;
         let wallet = signer.address();
         let deployment =
@@ -384,6 +533,7 @@ impl Agent {
             pc.protocols = x.protocols.clone();
             pc.allow_destinations = x.allow_destinations.clone();
             pc.own_addresses = x.own_addresses.clone();
+            pc.limits = cfg.limits;
             let handle = match ProviderExit::start(pc).await {
                 Ok(h) => h,
                 Err(source) => {
@@ -465,6 +615,31 @@ impl Agent {
             t.offer_ttl,
             stop_rx.clone(),
         ));
+        let view = Arc::new(StatusView {
+            sections: cfg.exits.clone(),
+            exits: exits.clone(),
+            status: status_rx.clone(),
+        });
+        let mut status_addr = None;
+        let mut status_task = None;
+        if let Some(listener) = status_listener {
+            status_addr = listener.local_addr().ok();
+            let token = cfg
+                .status
+                .as_ref()
+                .and_then(|s| s.token.as_ref())
+                .map(|t| t.0.clone());
+            let v = view.clone();
+            let source: StatusSource = Arc::new(move || v.build());
+            let mut stop = stop_rx.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tracing::info!(addr = ?status_addr, "provider status listening (GET /api/status)");
+            status_task = Some(tokio::spawn(crate::status::serve(
+                listener, source, token, extra, shutdown,
+            )));
+        }
         let task = tokio::spawn(rt.run(rx, stop_rx, offers));
         Ok(AgentHandle {
             wallet,
@@ -472,6 +647,9 @@ impl Agent {
             stop,
             task: Mutex::new(Some(task)),
             exits,
+            view,
+            status_addr,
+            status_task,
         })
     }
 }
@@ -623,8 +801,17 @@ impl Runtime {
                 }
                 self.core.report_done(id, status, r, now);
             }
-            Msg::Checked(id, r) => self.core.proof_checked(id, r, now),
+            Msg::Checked(id, r) => {
+                let before = self.core.deal(id).map_or(0, |d| d.paid);
+                self.core.proof_checked(id, r, now);
+                let after = self.core.deal(id).map_or(0, |d| d.paid);
+                self.status.earned_total = self
+                    .status
+                    .earned_total
+                    .saturating_add(after.saturating_sub(before));
+            }
             Msg::Claimed(id, amount, close, r) => {
+                let before = self.core.deal(id).map_or(0, |d| d.claimed);
                 let r = r.map(|(gone, record)| {
                     if let Some(rec) = record {
                         push_capped(&mut self.status.claims, rec);
@@ -632,6 +819,11 @@ impl Runtime {
                     gone
                 });
                 self.core.claim_done(id, amount, close, r, now);
+                let after = self.core.deal(id).map_or(0, |d| d.claimed);
+                self.status.claimed_total = self
+                    .status
+                    .claimed_total
+                    .saturating_add(after.saturating_sub(before));
             }
             Msg::Extended(id, new_end, r) => self.core.extend_done(id, new_end, r, now),
             Msg::Rated(id, score, r) => {
@@ -907,6 +1099,29 @@ async fn claim(
         }
         Err(e) if e.revert().is_some() => Err(Failure::Permanent(e.to_string())),
         Err(e) => Err(Failure::Transient(e.to_string())),
+    }
+}
+
+/// Binds the status listener: an explicit `[status]` must bind (error naming
+/// `status.listen`); without one the default address is tried and skipped with a
+/// warning when taken (several agents on one host).
+async fn bind_status(cfg: &AgentConfig) -> Result<Option<tokio::net::TcpListener>, AgentError> {
+    match &cfg.status {
+        Some(s) if !s.enabled => Ok(None),
+        Some(s) => tokio::net::TcpListener::bind(s.listen)
+            .await
+            .map(Some)
+            .map_err(|e| AgentError::Config {
+                key: "status.listen".into(),
+                reason: format!("binding {}: {e}", s.listen),
+            }),
+        None => match tokio::net::TcpListener::bind(DEFAULT_STATUS_LISTEN).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => {
+                tracing::warn!(addr = DEFAULT_STATUS_LISTEN, error = %e, "status listener not started (add [status] listen = \"127.0.0.1:0\" or another port)");
+                Ok(None)
+            }
+        },
     }
 }
 

@@ -33,6 +33,8 @@ const PRICE: u128 = 1_000_000_000_000; // base units per IP-second
 const WINDOW: Duration = Duration::from_secs(5);
 const EXIT_IP: &str = "127.0.0.2";
 const WAIT: Duration = Duration::from_secs(60);
+/// The status listener's bearer token in these tests.
+const STATUS_TOKEN: &str = "status-token-0123456789";
 
 /// The exchange node, restartable on the same address and journal.
 struct Exchange {
@@ -170,6 +172,10 @@ deployment = "{dep}"
 
 [wallet]
 private_key = "0x{key}"
+
+[status]
+listen = "127.0.0.1:0"
+token = "{STATUS_TOKEN}"
 
 [timings]
 offer_ttl = "1h"
@@ -406,6 +412,29 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     );
     r.report(PartyStatus::Active).await;
 
+    // What the provider sees while serving, over its status listener.
+    let base = format!("http://{}", agent.status_addr().unwrap());
+    let st = ipsx_provider::status::fetch(&base, Some(STATUS_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(st.nat_path, "direct");
+    assert_eq!(st.wallet, w.provider.address().to_string());
+    assert_eq!(st.offers.len(), 1);
+    assert_eq!(st.offers[0].country, "de");
+    assert_eq!(st.offers[0].exit_address.to_string(), EXIT_IP);
+    assert!(st.offers[0].order_id.is_some());
+    assert_eq!(st.offers[0].live_deals, 1);
+    let d = st.deals.iter().find(|d| d.id == id).unwrap();
+    assert_eq!((d.stage.as_str(), d.live), ("serving", true));
+    assert_eq!(d.requester, w.requester.address().to_string());
+    assert_eq!(d.ends, r.deal.terms.end);
+    assert!(d.bytes_down > 0 && d.bytes_up > 0, "{d:?}");
+    assert_eq!(d.paid.base_units, first);
+    assert!(st.totals.earned.base_units >= first);
+    assert_eq!(st.totals.live_deals, 1);
+    assert!(ipsx_provider::status::render(&st).contains("serving"));
+    hostile_status_requests(agent.status_addr().unwrap()).await;
+
     let paid = pay_until_end(&r, channel, served_from, first).await;
     r.report(PartyStatus::Completed).await;
     tunnel.shutdown().await;
@@ -432,6 +461,14 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         "claims never repeat an amount: {claims:?}"
     );
     assert_eq!(s.ratings, vec![(id, 5)], "paid in full");
+    let st = agent.provider_status();
+    let d = st.deals.iter().find(|d| d.id == id).unwrap();
+    assert_eq!((d.stage.as_str(), d.live), ("ended", false));
+    assert_eq!(d.claimed.base_units, paid);
+    assert_eq!(d.unclaimed.base_units, 0);
+    assert_eq!(st.totals.earned.base_units, paid);
+    assert_eq!(st.totals.claimed.base_units, paid);
+    assert_eq!(st.totals.unclaimed.base_units, 0);
 
     // On chain: the provider got the amount minus the fee, the treasury the fee.
     let fee_bps = provider_chain.fee_bps().await.unwrap();
@@ -481,6 +518,71 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     })
     .await;
     agent.shutdown().await.unwrap();
+}
+
+/// Raw requests to the status listener: refusals are answered, none is served
+/// without the token, and the listener keeps answering afterwards.
+async fn hostile_status_requests(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn raw(addr: SocketAddr, req: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(req).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let auth = format!("Authorization: Bearer {STATUS_TOKEN}\r\n");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), " 401 "),
+        (
+            b"GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token-0123456\r\nConnection: close\r\n\r\n".to_vec(),
+            " 401 ",
+        ),
+        (
+            format!("GET /nope HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").into_bytes(),
+            " 404 ",
+        ),
+        (
+            format!("GET /api/status/../../etc/passwd HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").into_bytes(),
+            " 404 ",
+        ),
+        (
+            format!("DELETE /api/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").into_bytes(),
+            " 405 ",
+        ),
+        (
+            format!(
+                "GET /api/status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n{auth}\r\n",
+                "a".repeat(64 * 1024)
+            )
+            .into_bytes(),
+            " 431 ",
+        ),
+        (b"\x16\x03\x01garbage\r\n\r\n".to_vec(), " 400 "),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), " 200 "),
+    ];
+    for (req, want) in cases {
+        let got = raw(addr, &req).await;
+        let first = got.lines().next().unwrap_or("").to_owned();
+        assert!(
+            first.contains(want),
+            "{:?}: expected{want}got {first:?}",
+            String::from_utf8_lossy(&req[..req.len().min(60)])
+        );
+        assert!(
+            !got.contains("\"wallet\""),
+            "no status without the token: {got}"
+        );
+    }
+    // Still serving.
+    let ok = raw(
+        addr,
+        format!("GET /api/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+    assert!(ok.contains("\"nat_path\""));
 }
 
 /// A deal being served: the renter, its channel, the first payment, when service
@@ -888,6 +990,18 @@ async fn bad_agent_configs_name_the_key() {
     .await
     .unwrap_err();
     assert!(matches!(&e, AgentError::Exit { index: 0, .. }), "{e}");
+    // A status listener address already taken: an explicit [status] must bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = start(good.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", taken.local_addr().unwrap()),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Config { key, .. } if key == "status.listen"),
+        "{e}"
+    );
     // Parse errors name the key.
     for (from, to, key) in [
         ("capacity = 1", "capacity = \"one\"", "exit[0].capacity"),

@@ -151,7 +151,7 @@ impl MarketSystem {
         let mut agents = Vec::new();
         for (i, (exit, country)) in opts.exits.iter().enumerate() {
             let toml = format!(
-                "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"1s\"\n{}\n[[exit]]\nexit_address = \"{exit}\"\nlisten = \"{exit}:0\"\ncountry = \"{country}\"\ntype = \"residential\"\nprotocols = [\"any\"]\nprice_per_ip_second = \"1000000000000\"\nallow_destinations = [\"127.0.0.0/8\"]\n",
+                "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n\n[timings]\npoll = \"1s\"\n{}\n[[exit]]\nexit_address = \"{exit}\"\nlisten = \"{exit}:0\"\ncountry = \"{country}\"\ntype = \"residential\"\nprotocols = [\"any\"]\nprice_per_ip_second = \"1000000000000\"\nallow_destinations = [\"127.0.0.0/8\"]\n",
                 anvil.endpoint(),
                 deployment_path.display(),
                 hex_key(&anvil.key(2 + i)),

@@ -10,22 +10,32 @@ use ipsx_tunnel_pool::{SecretKey, Tunnel, TunnelConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
-/// Echo server: writes back whatever it reads.
-pub async fn echo_server(bind: &str) -> SocketAddr {
+/// A TCP server on `bind` running `conn` for each connection (in its own task).
+pub async fn serve_each<F, Fut>(bind: &str, conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((s, _)) = l.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+            tokio::spawn(conn(s));
         }
     });
     addr
+}
+
+/// Echo server: writes back whatever it reads.
+pub async fn echo_server(bind: &str) -> SocketAddr {
+    serve_each(bind, |mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
 }
 
 /// HTTP server answering every request with the caller's IP address (keep-alive).
@@ -223,4 +233,146 @@ pub async fn get_body<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A bare WireGuard peer (boringtun, no TCP stack) that puts hand-made IP packets into
+/// a tunnel to an exit: the flood tests' requester. Answers from the exit are ignored.
+pub struct RawPeer {
+    tunn: ipsx_tunnel_pool::boringtun::noise::Tunn,
+    udp: UdpSocket,
+    pub public: [u8; 32],
+    pub inner: Ipv4Addr,
+    buf: Vec<u8>,
+}
+
+impl RawPeer {
+    /// Adds a fresh key as a peer of `exit` (inner address `inner`) and completes a
+    /// handshake with it.
+    pub async fn connect(exit: &ProviderHandle, inner: Ipv4Addr) -> Self {
+        use ipsx_tunnel_pool::boringtun::noise::{Tunn, TunnResult};
+        use ipsx_tunnel_pool::boringtun::x25519;
+        let key = SecretKey::generate();
+        let public = key.public_key();
+        exit.add_peer(public, IpAddr::V4(inner)).await.unwrap();
+        let mut tunn = Tunn::new(
+            x25519::StaticSecret::from(key.0),
+            x25519::PublicKey::from(exit.public_key()),
+            None,
+            None,
+            rand_index(),
+            None,
+        );
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp.connect(exit.local_addr()).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        let mut rx = vec![0u8; 2048];
+        for _ in 0..10 {
+            if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut buf, true)
+            {
+                udp.send(p).await.unwrap();
+            }
+            let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), udp.recv(&mut rx)).await
+            else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &rx[..n], &mut buf) {
+                udp.send(p).await.unwrap();
+                return Self {
+                    tunn,
+                    udp,
+                    public,
+                    inner,
+                    buf,
+                };
+            }
+        }
+        panic!("no handshake with the exit");
+    }
+
+    /// Encrypts one IP packet and sends it to the exit.
+    pub async fn send_ip(&mut self, pkt: &[u8]) {
+        use ipsx_tunnel_pool::boringtun::noise::TunnResult;
+        if let TunnResult::WriteToNetwork(p) = self.tunn.encapsulate(pkt, &mut self.buf) {
+            let _ = self.udp.send(p).await;
+        }
+    }
+
+    /// Discards whatever the exit sent back (RSTs, SYN-ACKs), so the socket's buffer
+    /// does not fill.
+    pub fn drain(&self) {
+        let mut b = [0u8; 2048];
+        for _ in 0..100_000 {
+            if self.udp.try_recv(&mut b).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn rand_index() -> u32 {
+    let k = SecretKey::generate();
+    u32::from_le_bytes([k.0[0], k.0[1], k.0[2], 0])
+}
+
+fn sum16(mut acc: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// An IPv4 TCP SYN `src:sport -> dst` with valid checksums.
+pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&(u32::from(sport) * 7919).to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut pseudo = sum16(0, &src.octets());
+    pseudo = sum16(pseudo, &dst.ip().octets());
+    pseudo += 6 + 20;
+    let ck = fold(sum16(pseudo, &tcp));
+    tcp[16..18].copy_from_slice(&ck.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let hck = fold(sum16(0, &ip));
+    ip[10..12].copy_from_slice(&hck.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// Resident memory of this process, bytes (Linux), or 0.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// A server that writes `n` bytes (a counter pattern) to each connection, then closes.
+pub async fn source_server(bind: &str, n: usize) -> SocketAddr {
+    serve_each(bind, move |mut s| async move {
+        let chunk: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        while sent < n {
+            let k = chunk.len().min(n - sent);
+            if s.write_all(&chunk[..k]).await.is_err() {
+                return;
+            }
+            sent += k;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await
 }
