@@ -3,8 +3,38 @@
 //! files in `dashboard/web/dist` are embedded at compile time, so the binary serves
 //! them with no network access and no files beside it.
 //!
-//! Owns: asset lookup by request path and content types. Does not own: routes, auth
-//! (the admin listener and the provider's status listener do that).
+//! Owns: asset lookup by request path and content types, and the token check both
+//! listeners share ([`authorized`]: a bearer token, or a browser's Basic login). Does
+//! not own: routes (the gateway's admin listener and the provider's status listener).
+
+use base64::Engine as _;
+use subtle::ConstantTimeEq;
+
+/// True when a request may use a listener guarded by `token`: none is configured, or
+/// its `Authorization` is `Bearer <token>`, or `Basic` with `<token>` as the password
+/// and any user name (what a browser's login prompt sends). Compared in constant time.
+pub fn authorized(token: Option<&str>, authorization: Option<&[u8]>) -> bool {
+    let Some(expected) = token else {
+        return true;
+    };
+    let Some(value) = authorization else {
+        return false;
+    };
+    let Some(i) = value.iter().position(|b| *b == b' ') else {
+        return false;
+    };
+    let (scheme, rest) = (&value[..i], value[i + 1..].trim_ascii());
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        return bool::from(expected.as_bytes().ct_eq(&decoded[colon + 1..]));
+    }
+    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(expected.as_bytes().ct_eq(rest))
+}
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/assets.rs"));

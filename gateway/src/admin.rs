@@ -26,7 +26,6 @@
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -35,7 +34,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::Gateway;
@@ -117,30 +115,7 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Admin
 /// `<admin_token>` as the password and any user name (a browser's login prompt).
 /// Compared in constant time.
 pub fn admin_authorized(admin_token: Option<&str>, authorization: Option<&[u8]>) -> bool {
-    let Some(expected) = admin_token else {
-        return true;
-    };
-    let Some(value) = authorization else {
-        return false;
-    };
-    let Some((scheme, token)) = value
-        .iter()
-        .position(|b| *b == b' ')
-        .map(|i| (&value[..i], &value[i + 1..]))
-    else {
-        return false;
-    };
-    let token = token.trim_ascii();
-    if scheme.eq_ignore_ascii_case(b"basic") {
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(token) else {
-            return false;
-        };
-        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
-            return false;
-        };
-        return bool::from(expected.as_bytes().ct_eq(&decoded[colon + 1..]));
-    }
-    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(expected.as_bytes().ct_eq(token))
+    ipsx_dashboard::authorized(admin_token, authorization)
 }
 
 fn unauthorized() -> Response<AdminBody> {

@@ -68,12 +68,13 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown` completes, then cancels its offers, claims what the
-/// latest proofs allow and stops the exits.
+/// latest proofs allow and stops the exits. Its status listener also serves the
+/// earnings page at `/` ([`crate::status::page_routes`]).
 pub async fn run_agent(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let handle = Agent::start(cfg).await?;
+    let handle = Agent::start_with_routes(cfg, Some(crate::status::page_routes())).await?;
     for x in handle.status().exits {
         tracing::info!(exit = %x.exit_address, endpoint = %x.endpoint, public_key = %x.public_key, "exit serving");
     }
