@@ -19,6 +19,16 @@ export function el(tag, text, attrs) {
   return e;
 }
 
+/** A labelled figure for a row of cards. */
+export function card(label, value) {
+  const d = el('div', null, { class: 'card' });
+  d.append(el('span', label, { class: 'muted' }), el('b', value));
+  return d;
+}
+
+/** uPlot axis tick labels with three significant digits (token amounts are small). */
+export const ticks = (u, vals) => vals.map((v) => +v.toPrecision(3));
+
 /** Replaces a table body's rows: `rows` is a list of lists of cells (text or {text, cls}). */
 export function fillTable(tbody, rows, rowAttrs) {
   const frag = document.createDocumentFragment();

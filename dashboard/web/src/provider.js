@@ -1,7 +1,7 @@
 // The provider's earnings page, served by `ipsx provider` on its status listener. Reads
 // only GET /api/status (ProviderStatus, docs/provider.md).
 import uPlot from 'uplot';
-import { getJson, el, fillTable, fmtSecs, every } from './common.js';
+import { getJson, card, fillTable, fmtSecs, every, ticks } from './common.js';
 
 const MAX_POINTS = 720; // an hour at 5 s
 const series = { t: [], earned: [], claimed: [], unclaimed: [] };
@@ -15,11 +15,6 @@ function bytes(n) {
   let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
-}
-function card(label, value) {
-  const d = el('div', null, { class: 'card' });
-  d.append(el('span', label, { class: 'muted' }), el('b', value));
-  return d;
 }
 
 async function refresh() {
@@ -46,7 +41,7 @@ async function refresh() {
       width: Math.max(320, Math.min(960, box.clientWidth || 960)),
       height: 240,
       series: [{}, { label: 'earned', stroke: '#2563eb', width: 2 }, { label: 'claimed', stroke: '#2e7d32', width: 2 }, { label: 'unclaimed', stroke: '#f59e0b', width: 2 }],
-      axes: [{}, { label: 'tokens', values: (u, vals) => vals.map((v) => +v.toPrecision(3)) }],
+      axes: [{}, { label: 'tokens', values: ticks }],
       points: { show: true },
     }, data, box);
   } else {
