@@ -454,7 +454,7 @@ async fn dashboard_in_a_real_browser() {
     browser.goto(&format!("http://{status}/")).await;
     let deals = browser
         .wait_for(
-            "return Number(document.getElementById('earnings-chart').dataset.points || 0) > 0 && !!document.querySelector('#earnings-chart canvas') && [...document.querySelectorAll('#deals tbody tr')].map(r => r.cells[3].textContent)",
+            "return Number(document.getElementById('earnings-chart').dataset.points || 0) > 1 && !!document.querySelector('#earnings-chart canvas') && [...document.querySelectorAll('#deals tbody tr')].map(r => r.cells[3].textContent)",
             120,
             |v| v.as_array().is_some_and(|a| !a.is_empty()),
         )

@@ -3,7 +3,7 @@
 // /api/spend, /api/requests, /api/events (SSE), /api/limits, /api/sessions, /api/config.
 import uPlot from 'uplot';
 import world from '../gen/world.json';
-import { getJson, el, card, fillTable, tokens, fmtTokens, fmtSecs, showError, every, ticks } from './common.js';
+import { getJson, el, card, fillTable, tokens, fmtTokens, fmtSecs, showError, every, ticks, timeScale } from './common.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
 const byCode = new Map(world.map((c) => [c.code, c]));
@@ -118,7 +118,7 @@ async function refreshSpend() {
   const box = document.getElementById('spend-chart');
   if (!chart || chart.series.length !== series.length) {
     if (chart) chart.destroy();
-    chart = new uPlot({ width: Math.max(320, Math.min(960, box.clientWidth || 960)), height: 260, series, axes: [{}, { label: 'tokens', values: ticks }], points: { show: true } }, data, box);
+    chart = new uPlot({ width: Math.max(320, Math.min(960, box.clientWidth || 960)), height: 260, series, axes: [{}, { label: 'tokens', values: ticks }], scales: { x: timeScale }, points: { show: true } }, data, box);
   } else {
     chart.setData(data);
   }

@@ -29,6 +29,9 @@ export function card(label, value) {
 /** uPlot axis tick labels with three significant digits (token amounts are small). */
 export const ticks = (u, vals) => vals.map((v) => +v.toPrecision(3));
 
+/** uPlot time scale: a lone sample shows the minute before it, not years around it. */
+export const timeScale = { time: true, range: (u, min, max) => (min === max ? [min - 60, max + 5] : [min, max]) };
+
 /** Replaces a table body's rows: `rows` is a list of lists of cells (text or {text, cls}). */
 export function fillTable(tbody, rows, rowAttrs) {
   const frag = document.createDocumentFragment();

@@ -1,7 +1,7 @@
 // The provider's earnings page, served by `ipsx provider` on its status listener. Reads
 // only GET /api/status (ProviderStatus, docs/provider.md).
 import uPlot from 'uplot';
-import { getJson, card, fillTable, fmtSecs, every, ticks } from './common.js';
+import { getJson, card, fillTable, fmtSecs, every, ticks, timeScale } from './common.js';
 
 const MAX_POINTS = 720; // an hour at 5 s
 const series = { t: [], earned: [], claimed: [], unclaimed: [] };
@@ -42,6 +42,7 @@ async function refresh() {
       height: 240,
       series: [{}, { label: 'earned', stroke: '#2563eb', width: 2 }, { label: 'claimed', stroke: '#2e7d32', width: 2 }, { label: 'unclaimed', stroke: '#f59e0b', width: 2 }],
       axes: [{}, { label: 'tokens', values: ticks }],
+      scales: { x: timeScale },
       points: { show: true },
     }, data, box);
   } else {
