@@ -1,35 +1,46 @@
-//! The admin listener: Prometheus `/metrics` and a small JSON API.
+//! The admin listener: the web dashboard, Prometheus `/metrics` and a small JSON API.
 //!
 //! | route | what |
 //! |---|---|
 //! | `GET /healthz` | `ok` |
+//! | `GET /` | the web dashboard (pool map, spend, live requests, rules); its files by name (`/app.js`, `/style.css`) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /api/status` | generation, open connections, requests, last reload error |
 //! | `GET /api/exits` | every exit: attributes, transport, health, load, latency, bans |
 //! | `GET /api/sessions` | sticky sessions and their remaining lifetime |
 //! | `GET /api/limits` | the rate limits in force, defaults and per rule and token |
 //! | `GET /api/market` | rented exits: deals, spend, demand groups, refusals |
+//! | `GET /api/spend` | the market's spend sampled over time, with the budget caps |
+//! | `GET /api/config` | the config in force, secrets masked |
+//! | `GET /api/requests` | the last requests (account, target host, exit, status, latency) |
+//! | `GET /api/events` | the same, live, as server-sent events (`event: request`) |
 //! | `POST /api/reload` | re-read the config file now; lists changed keys that need a restart (`listen`, `admin_listen`, `market`) |
 //!
 //! With `gateway.admin_token` set, every route but `/healthz` needs
-//! `Authorization: Bearer TOKEN` (Prometheus: `authorization: { credentials: TOKEN }`);
-//! without it or with another token the answer is `401` with `WWW-Authenticate: Bearer`.
-//! The token is required when `admin_listen` is not loopback (a config error otherwise).
+//! `Authorization: Bearer TOKEN` (Prometheus: `authorization: { credentials: TOKEN }`),
+//! or, for a browser, HTTP Basic with the token as the password (any user name);
+//! without it or with another token the answer is `401` with `WWW-Authenticate: Bearer`
+//! and `Basic` challenges. The token is required when `admin_listen` is not loopback
+//! (a config error otherwise).
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::Gateway;
+use crate::dashboard::{EventStream, SpendHistory, WRITE_DEADLINE, WriteDeadline};
+
+/// The admin API's response body: a whole body, or an event stream.
+pub type AdminBody = BoxBody<Bytes, Infallible>;
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -51,20 +62,31 @@ pub async fn serve_admin(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let _ = prometheus();
+    let spend = Arc::new(SpendHistory::default());
+    // Dropped on return: the sampler stops with the listener.
+    let (_stop_sampler, stop) = tokio::sync::oneshot::channel();
+    tokio::spawn(crate::dashboard::sample_spend(
+        gateway.clone(),
+        spend.clone(),
+        stop,
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let gw = gateway.clone();
+                let spend = spend.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let gw = gw.clone();
-                        async move { Ok::<_, Infallible>(route(&gw, req).await) }
+                        let spend = spend.clone();
+                        async move { Ok::<_, Infallible>(route(&gw, &spend, req).await) }
                     });
+                    let io = WriteDeadline::new(stream, WRITE_DEADLINE);
                     let _ = hyper::server::conn::http1::Builder::new()
                         .max_buf_size(64 * 1024)
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(io), service)
                         .await;
                 });
             }
@@ -73,9 +95,13 @@ pub async fn serve_admin(
     }
 }
 
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+fn full(body: impl Into<Bytes>) -> AdminBody {
+    Full::new(body.into()).boxed()
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<AdminBody> {
     let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -85,38 +111,107 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<
 }
 
 /// True when the request may use the admin API: no `admin_token` is configured, or
-/// it carries `Authorization: Bearer <admin_token>` (compared in constant time).
+/// it carries `Authorization: Bearer <admin_token>`, or `Authorization: Basic` with
+/// `<admin_token>` as the password and any user name (a browser's login prompt).
+/// Compared in constant time.
 pub fn admin_authorized(admin_token: Option<&str>, authorization: Option<&[u8]>) -> bool {
-    let Some(expected) = admin_token else {
-        return true;
-    };
-    let Some(value) = authorization else {
-        return false;
-    };
-    let Some((scheme, token)) = value
-        .iter()
-        .position(|b| *b == b' ')
-        .map(|i| (&value[..i], &value[i + 1..]))
-    else {
-        return false;
-    };
-    let token = token.trim_ascii();
-    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(expected.as_bytes().ct_eq(token))
+    ipsx_dashboard::authorized(admin_token, authorization)
 }
 
-fn unauthorized() -> Response<Full<Bytes>> {
+fn unauthorized() -> Response<AdminBody> {
     let mut r = json_response(
         StatusCode::UNAUTHORIZED,
         json!({ "error": "admin API: missing or wrong bearer token (gateway.admin_token)" }),
     );
-    r.headers_mut().insert(
-        http::header::WWW_AUTHENTICATE,
-        http::HeaderValue::from_static("Bearer realm=\"ipsx-admin\""),
+    for challenge in ["Bearer realm=\"ipsx-admin\"", "Basic realm=\"ipsx-admin\""] {
+        r.headers_mut().append(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(challenge),
+        );
+    }
+    r
+}
+
+/// An embedded dashboard file, or why there is none (`503` naming the missing build
+/// step, `404`).
+fn asset_response(path: &str) -> Response<AdminBody> {
+    let (status, content_type, body): (_, &'static str, Bytes) = match ipsx_dashboard::asset(path) {
+        Ok(a) => (StatusCode::OK, a.content_type, Bytes::from_static(a.body)),
+        Err(ipsx_dashboard::Missing::NotBuilt) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/html; charset=utf-8",
+            Bytes::from_static(ipsx_dashboard::NOT_BUILT_PAGE.as_bytes()),
+        ),
+        Err(ipsx_dashboard::Missing::NotFound) => {
+            return json_response(StatusCode::NOT_FOUND, json!({ "error": "no such route" }));
+        }
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
     );
     r
 }
 
-async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// `GET /api/events`: the live request stream, or `503` when
+/// [`crate::events::MAX_SUBSCRIBERS`] clients are listening.
+fn events_response(gw: &Gateway) -> Response<AdminBody> {
+    let Some(sub) = gw.request_log().subscribe() else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": format!("at most {} event-stream clients at once", crate::events::MAX_SUBSCRIBERS) }),
+        );
+    };
+    let mut r = Response::new(EventStream::start(sub).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+/// Largest request head (target and headers) the admin listener answers; larger ones
+/// get `431`.
+pub const MAX_ADMIN_HEAD: usize = 16 * 1024;
+
+fn head_size<B>(req: &Request<B>) -> usize {
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    headers + req.uri().to_string().len()
+}
+
+async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Response<AdminBody> {
+    if head_size(&req) > MAX_ADMIN_HEAD {
+        return json_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            json!({ "error": format!("request head over {MAX_ADMIN_HEAD} bytes") }),
+        );
+    }
     let rt = gw.runtime();
     let admin_token = rt.config.listener.admin_token.as_ref().map(|t| t.expose());
     let authorization = req
@@ -127,10 +222,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return unauthorized();
     }
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::GET, "/healthz") => Response::new(full(Bytes::from_static(b"ok\n"))),
         (&Method::GET, "/metrics") => {
             let text = prometheus().map(|h| h.render()).unwrap_or_default();
-            let mut r = Response::new(Full::new(Bytes::from(text)));
+            let mut r = Response::new(full(text));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -207,6 +302,15 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({ "error": "no [market] in the config" }),
             ),
         },
+        (&Method::GET, "/api/spend") => json_response(StatusCode::OK, spend.report(gw)),
+        (&Method::GET, "/api/config") => {
+            json_response(StatusCode::OK, crate::dashboard::masked_config(&rt.config))
+        }
+        (&Method::GET, "/api/requests") => {
+            json_response(StatusCode::OK, crate::dashboard::recent_requests(gw))
+        }
+        (&Method::GET, "/api/events") => events_response(gw),
+        (&Method::GET, path) if !path.starts_with("/api/") => asset_response(path),
         (&Method::POST, "/api/reload") => match gw.reload_report().await {
             Ok(r) => json_response(
                 StatusCode::OK,
@@ -221,6 +325,44 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::admin_authorized;
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    proptest! {
+        /// Any header value: no panic, and only a value that carries the token (as a
+        /// bearer token or a Basic password) is accepted.
+        #[test]
+        fn only_the_token_opens_the_api(value in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if admin_authorized(Some(TOKEN), Some(&value)) {
+                let text = String::from_utf8_lossy(&value);
+                let (scheme, rest) = text.split_once(' ').unwrap_or_default();
+                let carried = if scheme.eq_ignore_ascii_case("basic") {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(rest.trim())
+                        .is_ok_and(|d| d.ends_with(TOKEN.as_bytes()))
+                } else {
+                    rest.trim() == TOKEN
+                };
+                prop_assert!(carried, "{text}");
+            }
+        }
+
+        #[test]
+        fn basic_accepts_any_user_with_the_token(user in "[^:]{0,40}") {
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{TOKEN}"))
+            );
+            prop_assert!(admin_authorized(Some(TOKEN), Some(value.as_bytes())));
+            let wrong = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{TOKEN}x"))
+            );
+            prop_assert!(!admin_authorized(Some(TOKEN), Some(wrong.as_bytes())));
+        }
+    }
 
     #[test]
     fn bearer_token_is_required_when_configured() {
@@ -233,5 +375,20 @@ mod tests {
         assert!(!admin_authorized(t, Some(b"Basic 0123456789abcdef")));
         assert!(!admin_authorized(t, Some(b"Bearer")));
         assert!(!admin_authorized(t, Some(b"")));
+        // A browser's Basic login: any user, the token as the password.
+        assert!(admin_authorized(
+            t,
+            Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlZg==")
+        ));
+        assert!(admin_authorized(t, Some(b"Basic OjAxMjM0NTY3ODlhYmNkZWY=")));
+        assert!(!admin_authorized(
+            t,
+            Some(b"Basic YWRtaW46MDEyMzQ1Njc4OWFiY2RlRg==")
+        ));
+        assert!(!admin_authorized(
+            t,
+            Some(b"Basic MDEyMzQ1Njc4OWFiY2RlZg==")
+        ));
+        assert!(!admin_authorized(t, Some(b"Basic !!!")));
     }
 }

@@ -14,7 +14,7 @@ use crate::http1::{
     self, BodyFraming, ChunkEvent, ChunkedDecoder, HeadLimits, RequestHead, Target,
 };
 use crate::pipeline::{self, Plan};
-use crate::proxy::{ClientConn, count_request};
+use crate::proxy::{ClientConn, count_request, log_request};
 use crate::respond::{stream_response, write_error};
 use crate::response_head::ResponseHead;
 use crate::upstream::{
@@ -73,6 +73,7 @@ pub(crate) async fn forward(
     };
     let idle = listener.idle_timeout;
     let mut tried: Vec<ExitId> = Vec::new();
+    let began = Instant::now();
 
     'exits: loop {
         let exit = match pipeline::choose_exit(gw, rt, plan, &tried).await {
@@ -80,6 +81,7 @@ pub(crate) async fn forward(
             Err(e) => {
                 let close = has_body || head.close;
                 count_request("http", e.kind());
+                log_request(gw, plan, "http", None, e.status(), began);
                 let _ = write_error(&mut conn.stream, &e, close, None).await;
                 return !close;
             }
@@ -165,6 +167,7 @@ pub(crate) async fn forward(
             }
         }
         count_request("http", "ok");
+        log_request(gw, plan, "http", Some(&exit.id), response.status, began);
         let client_keep = !head.close && body_done;
         let watch_limit = listener.max_header_bytes;
         let streamed = stream_response(

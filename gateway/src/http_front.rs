@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::forward::forward;
 use crate::http1::{self, BodyFraming, HeadLimits, HeadScan, RequestHead, Target};
 use crate::pipeline::{self, Plan};
-use crate::proxy::{ClientConn, count_request, run_relay, targeting_for};
+use crate::proxy::{ClientConn, count_request, log_request, run_relay, targeting_for};
 use crate::respond::write_error;
 use crate::{Gateway, Runtime};
 
@@ -168,16 +168,19 @@ async fn handle_connect(
     plan: &Plan,
     host: &http1::Host,
 ) {
+    let began = Instant::now();
     let (exit, mut upstream) = match pipeline::dial_with_retries(gw, rt, plan, host).await {
         Ok(pair) => pair,
         Err(e) => {
             count_request("connect", e.kind());
+            log_request(gw, plan, "connect", None, e.status(), began);
             tracing::info!(peer = %conn.peer, target = %plan.domain, error = %e, "CONNECT refused");
             let _ = write_error(&mut conn.stream, &e, true, None).await;
             return;
         }
     };
     count_request("connect", "ok");
+    log_request(gw, plan, "connect", Some(&exit.id), 200, began);
     if conn
         .stream
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -8,10 +8,12 @@
 
 pub mod admin;
 mod auth;
+pub mod dashboard;
 pub mod dest;
 pub mod dialect;
 pub mod echo;
 pub mod error;
+pub mod events;
 pub mod exit;
 mod forward;
 pub mod http1;
@@ -97,6 +99,7 @@ pub struct Gateway {
     open_connections: AtomicUsize,
     waiters: AtomicUsize,
     requests_total: AtomicU64,
+    requests: events::RequestLog,
     shutdown: CancellationToken,
     /// The gateway's own listening sockets, never dialled (see [`dest::refused_local`]).
     own: OwnSockets,
@@ -146,6 +149,7 @@ impl Gateway {
             open_connections: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
             requests_total: AtomicU64::new(0),
+            requests: events::RequestLog::default(),
             shutdown: CancellationToken::new(),
             own,
         })
@@ -339,7 +343,12 @@ impl Gateway {
         self.open_connections.load(Ordering::Relaxed)
     }
 
-    /// Requests handled since start.
+    /// The recent requests and their live listeners (the dashboard's live view).
+    pub fn request_log(&self) -> &events::RequestLog {
+        &self.requests
+    }
+
+    /// Requests handled since start (all protocols, including refused ones).
     pub fn requests_total(&self) -> u64 {
         self.requests_total.load(Ordering::Relaxed)
     }

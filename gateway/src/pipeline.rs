@@ -33,6 +33,8 @@ pub(crate) struct Plan {
     /// Sessions and per-request memory are kept apart per token and account: two
     /// accounts using the same session id get two sessions.
     pub session_scope: String,
+    /// The account the username names (configured or not), for the request log.
+    pub user_account: String,
     pub port: u16,
 }
 
@@ -92,6 +94,7 @@ impl Plan {
                 // U+001F cannot appear in a token name from the config by accident.
                 format!("{}\u{1f}{}", authed.token_name(), authed.user.account)
             },
+            user_account: authed.user.account.clone(),
             port,
         }
     }

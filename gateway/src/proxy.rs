@@ -124,6 +124,34 @@ pub(crate) fn count_request(protocol: &'static str, outcome: &'static str) {
         .increment(1);
 }
 
+/// Records one request in the gateway's request log (the dashboard's live view): the
+/// account the username names (else the token's name), the target host and port,
+/// never a path or query.
+pub(crate) fn log_request(
+    gw: &Gateway,
+    plan: &crate::pipeline::Plan,
+    protocol: &'static str,
+    exit: Option<&ExitId>,
+    status: u16,
+    started: Instant,
+) {
+    let account = match (&plan.account, plan.user_account.as_str()) {
+        (Some(configured), _) => configured.as_str(),
+        (None, "") => plan.token.as_str(),
+        (None, named) => named,
+    };
+    let host = format!("{}:{}", plan.domain, plan.port);
+    let exit = exit.map(ToString::to_string);
+    gw.requests.record(
+        account,
+        protocol,
+        &host,
+        exit.as_deref(),
+        status,
+        started.elapsed(),
+    );
+}
+
 pub(crate) async fn run_relay(
     gw: &Arc<Gateway>,
     rt: &Runtime,

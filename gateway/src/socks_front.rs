@@ -12,7 +12,7 @@ use crate::Gateway;
 use crate::auth;
 use crate::error::ProxyError;
 use crate::pipeline::{self, Plan};
-use crate::proxy::{ClientConn, count_request, run_relay, targeting_for};
+use crate::proxy::{ClientConn, count_request, log_request, run_relay, targeting_for};
 use crate::socks5::{self, Reply};
 
 async fn read_socks<T>(
@@ -130,10 +130,12 @@ pub(crate) async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadli
         }
     };
     let plan = Plan::new(&rt, &authed, &targeting, &request.host, request.port);
+    let began = Instant::now();
     let (exit, upstream) = match pipeline::dial_with_retries(gw, &rt, &plan, &request.host).await {
         Ok(pair) => pair,
         Err(e) => {
             count_request("socks5", e.kind());
+            log_request(gw, &plan, "socks5", None, e.status(), began);
             tracing::info!(peer = %conn.peer, target = %plan.domain, error = %e, "socks5 connect refused");
             let _ = conn
                 .stream
@@ -143,6 +145,7 @@ pub(crate) async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadli
         }
     };
     count_request("socks5", "ok");
+    log_request(gw, &plan, "socks5", Some(&exit.id), 200, began);
     if conn
         .stream
         .write_all(&socks5::encode_reply(

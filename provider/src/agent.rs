@@ -68,12 +68,13 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown` completes, then cancels its offers, claims what the
-/// latest proofs allow and stops the exits.
+/// latest proofs allow and stops the exits. Its status listener also serves the
+/// earnings page at `/` ([`crate::status::page_routes`]).
 pub async fn run_agent(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    run_agent_with_routes(cfg, None, shutdown).await
+    run_agent_with_routes(cfg, Some(crate::status::page_routes()), shutdown).await
 }
 
 /// As [`run_agent`], the status listener also serving `extra` routes (e.g. the

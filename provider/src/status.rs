@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 pub use hyper::{Method, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::agent::Stage;
@@ -177,20 +176,48 @@ pub type ExtraRoutes =
 pub type StatusSource = Arc<dyn Fn() -> ProviderStatus + Send + Sync + 'static>;
 
 /// True when the request may use the listener: no token configured, or
-/// `Authorization: Bearer <token>` (compared in constant time).
+/// `Authorization: Bearer <token>`, or Basic with the token as the password (a
+/// browser opening the earnings page). Compared in constant time.
 pub fn authorized(token: Option<&str>, authorization: Option<&[u8]>) -> bool {
-    let Some(expected) = token else {
-        return true;
-    };
-    let Some(value) = authorization else {
-        return false;
-    };
-    let Some(i) = value.iter().position(|b| *b == b' ') else {
-        return false;
-    };
-    let (scheme, rest) = value.split_at(i);
-    let presented = rest.trim_ascii();
-    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(expected.as_bytes().ct_eq(presented))
+    ipsx_dashboard::authorized(token, authorization)
+}
+
+/// The provider's earnings page (`/`, with its script and style), for
+/// [`crate::Agent::start_with_routes`]; `ipsx provider` serves it. A binary built
+/// without the dashboard answers `/` with `503` and a page naming the build step.
+pub fn page_routes() -> ExtraRoutes {
+    Arc::new(|method, path| {
+        if method != Method::GET {
+            return None;
+        }
+        let (status, content_type, body) = match ipsx_dashboard::provider_page(path)? {
+            Ok(a) => (StatusCode::OK, a.content_type, a.body),
+            Err(ipsx_dashboard::Missing::NotBuilt) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/html; charset=utf-8",
+                ipsx_dashboard::NOT_BUILT_PAGE.as_bytes(),
+            ),
+            Err(ipsx_dashboard::Missing::NotFound) => return None,
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(body)));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(content_type),
+        );
+        h.insert(
+            hyper::header::CACHE_CONTROL,
+            hyper::header::HeaderValue::from_static("no-cache"),
+        );
+        h.insert(
+            hyper::header::CONTENT_SECURITY_POLICY,
+            hyper::header::HeaderValue::from_static(
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        );
+        Some(r)
+    })
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -229,10 +256,15 @@ pub fn route(
             StatusCode::UNAUTHORIZED,
             "status API: missing or wrong bearer token (status.token)",
         );
-        r.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static("Bearer realm=\"ipsx-provider\""),
-        );
+        for challenge in [
+            "Bearer realm=\"ipsx-provider\"",
+            "Basic realm=\"ipsx-provider\"",
+        ] {
+            r.headers_mut().append(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static(challenge),
+            );
+        }
         return r;
     }
     if path == "/api/status" {

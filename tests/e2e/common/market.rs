@@ -158,9 +158,12 @@ impl MarketSystem {
                 opts.agent_timings,
             );
             agents.push(
-                ipsx_provider::Agent::start(ipsx_provider::AgentConfig::from_toml(&toml).unwrap())
-                    .await
-                    .unwrap(),
+                ipsx_provider::Agent::start_with_routes(
+                    ipsx_provider::AgentConfig::from_toml(&toml).unwrap(),
+                    Some(ipsx_provider::status::page_routes()),
+                )
+                .await
+                .unwrap(),
             );
         }
         // The gateway's market reaches the chain through a forwarder the test can cut.
