@@ -128,7 +128,7 @@ fn main() {
                 orders: (0..100).map(|i| ps.sign(&offer(pk.address(), n + b * 100 + i)).unwrap()).collect(),
             })
             .collect();
-        let domain = ipsx_exchange::sign::exchange_domain(31337);
+        let domain = ipsx_exchange::sign::exchange_domain(31337, Address::ZERO);
         let t = Instant::now();
         for m in offers.iter().take(2000) {
             ipsx_exchange::sign::verify(&m.payload, &m.signature, &domain).unwrap();

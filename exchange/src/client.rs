@@ -46,7 +46,7 @@ impl Client {
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
-            domain: sign::exchange_domain(chain_id),
+            domain: sign::exchange_domain(chain_id, centralizer),
             proof_domain: sign::centralizer_domain(chain_id, centralizer),
             key: None,
         })

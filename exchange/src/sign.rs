@@ -1,9 +1,11 @@
 //! EIP-712 signatures: every order and report is signed by the wallet key, and the
 //! recovered signer is the identity.
 //!
-//! Exchange messages use the domain `("IPSX Exchange", "1", chainId)` with no verifying
-//! contract: the exchange is not a contract, and leaving the field out keeps one signed
-//! order valid across Centralizer redeployments on the same chain. Balance proofs are
+//! Exchange messages use the domain `("IPSX Exchange", "1", chainId, centralizer)`: the
+//! `verifyingContract` is the Centralizer the exchange node settles against, so an order
+//! signed for one exchange node is refused by a node of another Centralizer on the same
+//! chain (no cross-exchange replay). A node advertises its chain id and Centralizer at
+//! `GET /v1/info`; [`crate::openapi`] publishes the typed-data definitions. Balance proofs are
 //! the Centralizer's own `BalanceProof(bytes32 channelId,uint256 cumulativeAmount)` under
 //! the domain `("IPSX Centralizer", "1", chainId, centralizer)`, checked with the
 //! contract's rules (65 bytes, v 27/28, low s), so a stored proof is one the provider can
@@ -111,12 +113,14 @@ pub const DOMAIN_NAME: &str = "IPSX Exchange";
 /// EIP-712 domain version of exchange messages.
 pub const DOMAIN_VERSION: &str = "1";
 
-/// The domain of exchange messages on `chain_id`.
-pub fn exchange_domain(chain_id: u64) -> Eip712Domain {
+/// The domain of exchange messages of the node settling against `centralizer` on
+/// `chain_id`.
+pub fn exchange_domain(chain_id: u64, centralizer: Address) -> Eip712Domain {
     eip712_domain! {
         name: DOMAIN_NAME,
         version: DOMAIN_VERSION,
         chain_id: chain_id,
+        verifying_contract: centralizer,
     }
 }
 
@@ -414,7 +418,7 @@ mod tests {
     #[test]
     fn sign_then_verify_and_tampering_fails() {
         let key = PrivateKeySigner::random();
-        let d = exchange_domain(31337);
+        let d = exchange_domain(31337, Address::ZERO);
         let c = Cancel {
             wallet: key.address(),
             order_id: 5,
@@ -427,8 +431,12 @@ mod tests {
         other.order_id = 6;
         assert!(verify(&other, &sig, &d).is_err());
         assert!(
-            verify(&c, &sig, &exchange_domain(1)).is_err(),
+            verify(&c, &sig, &exchange_domain(1, Address::ZERO)).is_err(),
             "other chain"
+        );
+        assert!(
+            verify(&c, &sig, &exchange_domain(31337, Address::repeat_byte(1))).is_err(),
+            "other exchange (Centralizer) on the same chain"
         );
         for bad in ["", "0x", "zz", "0x00", &"0x".repeat(500)] {
             let e = verify(&c, bad, &d).unwrap_err();

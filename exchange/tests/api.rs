@@ -55,12 +55,12 @@ async fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
     let other = PrivateKeySigner::random();
     let forged = serde_json::to_vec(&SignedMessage {
         payload: good.clone(),
-        signature: sign::sign(&good, &other, &sign::exchange_domain(31337)).unwrap(),
+        signature: sign::sign(&good, &other, &sign::exchange_domain(31337, Address::ZERO)).unwrap(),
     })
     .unwrap();
     let wrong_chain = serde_json::to_vec(&SignedMessage {
         payload: good.clone(),
-        signature: sign::sign(&good, &key, &sign::exchange_domain(1)).unwrap(),
+        signature: sign::sign(&good, &key, &sign::exchange_domain(1, Address::ZERO)).unwrap(),
     })
     .unwrap();
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
