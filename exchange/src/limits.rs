@@ -25,6 +25,9 @@ use crate::error::ExchangeError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Most open orders in the whole book (a memory bound when many wallets and
+    /// addresses flood at once).
+    pub max_open_orders: usize,
     /// Most open orders (offers plus resting requests) one wallet may have in the book.
     pub max_open_orders_per_wallet: usize,
     /// Most unexpired nonces one wallet may hold (every accepted message holds its
@@ -47,6 +50,7 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
+            max_open_orders: 1_000_000,
             max_open_orders_per_wallet: 1000,
             max_nonces_per_wallet: 10_000,
             wallet_rate_per_s: 20,
@@ -63,6 +67,7 @@ impl LimitsConfig {
     /// Limits high enough never to bind (benchmarks and tests of other things).
     pub fn unlimited() -> Self {
         Self {
+            max_open_orders: usize::MAX,
             max_open_orders_per_wallet: usize::MAX,
             max_nonces_per_wallet: usize::MAX,
             wallet_rate_per_s: u32::MAX,
@@ -81,6 +86,7 @@ impl LimitsConfig {
             reason: "must be positive".into(),
         };
         for (key, v) in [
+            ("max_open_orders", self.max_open_orders),
             ("max_open_orders_per_wallet", self.max_open_orders_per_wallet),
             ("max_nonces_per_wallet", self.max_nonces_per_wallet),
             ("max_subscribers_per_wallet", self.max_subscribers_per_wallet),
@@ -227,6 +233,18 @@ impl Guard {
         Ok(())
     }
 
+    /// Refuses a new order when the book already holds `open` orders in total.
+    pub fn book_size(&self, open: usize) -> Result<(), ExchangeError> {
+        if open >= self.cfg.max_open_orders {
+            return Err(limited(
+                "max_open_orders",
+                format!("the book holds {open} open orders, at most {}", self.cfg.max_open_orders),
+                5,
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a new message of a wallet already holding `held` unexpired nonces.
     pub fn nonces(&self, wallet: Address, held: usize) -> Result<(), ExchangeError> {
         if held >= self.cfg.max_nonces_per_wallet {
@@ -325,6 +343,7 @@ mod tests {
     #[test]
     fn rates_caps_and_subscribers_refuse_with_the_key() {
         let cfg = LimitsConfig {
+            max_open_orders: 10,
             client_rate_per_s: 1,
             client_burst: 3,
             wallet_rate_per_s: 1,
@@ -356,6 +375,11 @@ mod tests {
         assert_eq!(
             g.open_orders(w, 2).unwrap_err().field().as_deref(),
             Some("limits.max_open_orders_per_wallet")
+        );
+        g.book_size(9).unwrap();
+        assert_eq!(
+            g.book_size(10).unwrap_err().field().as_deref(),
+            Some("limits.max_open_orders")
         );
         assert_eq!(
             g.nonces(w, 5).unwrap_err().field().as_deref(),

@@ -273,6 +273,8 @@ impl Node {
         self.guard.nonces(wallet, ex.nonces_held(&wallet))?;
         if order {
             self.guard.open_orders(wallet, ex.open_orders_of(&wallet))?;
+            self.guard
+                .book_size(ex.offers().len() + ex.requests().len())?;
         }
         Ok(())
     }

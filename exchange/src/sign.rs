@@ -375,10 +375,16 @@ pub fn verify<T: Signed>(
 ) -> Result<Address, ExchangeError> {
     let signer = recover(&msg.signing_hash(domain), signature, true)?;
     if signer != msg.author() {
+        // A valid signature under another domain recovers some other address: say which
+        // domain this node expects, the usual cause being another node or chain.
         return Err(bad(format!(
-            "signed by {signer}, but `{}` is {}",
+            "signed by {signer}, but `{}` is {}; this node verifies under the EIP-712 domain (\"{}\", \"{}\", chainId {}, verifyingContract {}) — was it signed for another exchange node or chain? (GET /v1/info)",
             msg.author_field(),
-            msg.author()
+            msg.author(),
+            domain.name.as_deref().unwrap_or(""),
+            domain.version.as_deref().unwrap_or(""),
+            domain.chain_id.unwrap_or_default(),
+            domain.verifying_contract.unwrap_or_default(),
         )));
     }
     Ok(signer)

@@ -1032,3 +1032,311 @@ async fn the_extension_route_refuses_hostile_bodies_and_writes_nothing() {
     );
     node.stop().await;
 }
+
+// === issue 11 part 4: an exchange strangers cannot flood ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_signed_for_another_exchange_node_is_refused() {
+    let (ca, cb) = (Address::repeat_byte(0xa1), Address::repeat_byte(0xb2));
+    let a = Node::start_configured(|c| c.centralizer = ca).await;
+    let b = Node::start_configured(|c| c.centralizer = cb).await;
+    let key = PrivateKeySigner::random();
+    // The client learns A's domain from A itself.
+    let for_a = ipsx_exchange::Client::connect(&a.url)
+        .await
+        .unwrap()
+        .with_key(key.clone());
+    let info = for_a.info().await.unwrap();
+    assert_eq!((info.chain_id, info.centralizer), (31337, ca));
+    assert_eq!(for_a.domain().verifying_contract, Some(ca));
+    let signed = for_a.sign(&offer(key.address(), 1, "de", 5, 1)).unwrap();
+
+    let to_b = b.anonymous();
+    let err = to_b
+        .post_json::<_, Outcome>("/v1/offers", &signed)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    let (status, code, field) = remote(err);
+    assert_eq!((status, code.as_str()), (401, "bad_signature"), "{msg}");
+    assert_eq!(field.as_deref(), Some("signature"));
+    assert!(msg.contains("another exchange node"), "{msg}");
+    assert!(msg.contains(&cb.to_string()), "names B's verifyingContract: {msg}");
+    // The very same bytes are good at A.
+    let out: Outcome = a.anonymous().post_json("/v1/offers", &signed).await.unwrap();
+    assert!(matches!(out, Outcome::OfferPosted { .. }), "{out:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Builds the `eth_signTypedData_v4` document of `payload` from the published
+/// definitions only (types, domain, member sources), as a wallet library would.
+fn typed_document(x: &Value, primary: &str, payload: &Value, chain_id: u64, vc: Address) -> Value {
+    use base64::Engine as _;
+    let spec = &x["messages"][primary];
+    let mut message = serde_json::Map::new();
+    for m in spec["members"].as_array().unwrap() {
+        let field = m["field"].as_str().unwrap();
+        let v = match payload.get(field) {
+            Some(v) if !v.is_null() => v.clone(),
+            _ => m
+                .get("default")
+                .cloned()
+                .unwrap_or_else(|| panic!("{primary}.{field} absent and no default")),
+        };
+        let v = match m["encoding"].as_str().unwrap() {
+            "base64_bytes32" => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str().unwrap())
+                    .unwrap();
+                json!(format!("0x{}", alloy_primitives::hex::encode(raw)))
+            }
+            "address" | "text" | "number" | "decimal" | "list" => v,
+            other => panic!("unknown encoding {other}"),
+        };
+        message.insert(m["member"].as_str().unwrap().to_owned(), v);
+    }
+    let mut types = serde_json::Map::new();
+    types.insert("EIP712Domain".into(), x["types"]["EIP712Domain"].clone());
+    types.insert(primary.into(), x["types"][primary].clone());
+    json!({
+        "types": types,
+        "primaryType": primary,
+        "domain": {
+            "name": x["domain"]["name"], "version": x["domain"]["version"],
+            "chainId": chain_id, "verifyingContract": vc.to_string()
+        },
+        "message": message,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_typed_data_hashes_as_the_rust_signer_does() {
+    use ipsx_exchange::sign::Signed;
+    let vc = Address::repeat_byte(0x5f);
+    let node = Node::start_configured(|c| c.centralizer = vc).await;
+    let doc = node.anonymous().openapi().await.unwrap();
+    let x = &doc["x-eip712"];
+    let domain = sign::exchange_domain(31337, vc);
+    let w = Address::repeat_byte(3);
+    let mut full = offer(w, 9, "fr", 12345, 3);
+    full.region = Some("idf".into());
+    let mut bare = offer(w, 9, "fr", 12345, 3);
+    bare.city = None;
+    bare.asn = None;
+    let mut req = request(w, 2, "de", 77, 600);
+    req.asns = vec![3320, 1];
+    req.exclude_providers = vec![Address::repeat_byte(9)];
+    let check = |primary: &str, payload: Value, rust: B256| {
+        let d = typed_document(x, primary, &payload, 31337, vc);
+        let typed: alloy_dyn_abi::TypedData = serde_json::from_value(d.clone())
+            .unwrap_or_else(|e| panic!("{primary}: {e}\n{d:#}"));
+        assert_eq!(typed.eip712_signing_hash().unwrap(), rust, "{primary}: {d:#}");
+    };
+    for o in [&full, &bare] {
+        check("Offer", serde_json::to_value(o).unwrap(), o.signing_hash(&domain));
+    }
+    for r in [&req, &request(w, 1, "us", 5, 60)] {
+        check("Request", serde_json::to_value(r).unwrap(), r.signing_hash(&domain));
+    }
+    let cancel = ipsx_exchange::Cancel { wallet: w, order_id: 4, expiry: 9, nonce: 2 };
+    check("Cancel", serde_json::to_value(&cancel).unwrap(), cancel.signing_hash(&domain));
+    for reason in ["", "exit unreachable"] {
+        let r = StatusReport {
+            wallet: w,
+            deal_id: 7,
+            status: PartyStatus::Failed,
+            reason: reason.into(),
+            expiry: 9,
+            nonce: 3,
+        };
+        check("StatusReport", serde_json::to_value(&r).unwrap(), r.signing_hash(&domain));
+    }
+    let e = Extend { wallet: w, deal_id: 7, new_end: 99, expiry: 9, nonce: 4 };
+    check("Extend", serde_json::to_value(&e).unwrap(), e.signing_hash(&domain));
+    let r = Rating { wallet: w, deal_id: 7, score: 5, expiry: 9, nonce: 5 };
+    check("Rating", serde_json::to_value(&r).unwrap(), r.signing_hash(&domain));
+    let p = ipsx_exchange::Preferences { wallet: w, min_counterparty_rating: 300, expiry: 9, nonce: 6 };
+    check("Preferences", serde_json::to_value(&p).unwrap(), p.signing_hash(&domain));
+    // Every primary type is documented with its route.
+    let primaries: Vec<&str> = x["primaryTypes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(primaries.len(), 7);
+    for p in primaries {
+        assert!(x["messages"][p]["route"].as_str().unwrap().starts_with("/v1/"), "{p}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_caps_rates_and_stream_caps_answer_429_naming_the_key() {
+    let node = Node::start_configured(|c| {
+        c.limits.max_open_orders_per_wallet = 3;
+        c.limits.max_nonces_per_wallet = 5;
+        c.limits.max_subscribers_per_wallet = 1;
+        c.limits.max_subscribers = 2;
+    })
+    .await;
+    let key = PrivateKeySigner::random();
+    let c = node.client(&key);
+    for i in 0..3 {
+        c.post_offer(&offer(key.address(), i + 1, "de", 5, 1)).await.unwrap();
+    }
+    let (status, code, field) = remote(
+        c.post_offer(&offer(key.address(), 4, "de", 5, 1))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, code.as_str()), (429, "limited"));
+    assert_eq!(field.as_deref(), Some("limits.max_open_orders_per_wallet"));
+    // Cancels hold nonces too: 3 offers + 2 cancels = 5 nonces, the 6th message is refused.
+    let book = c
+        .book(&ipsx_exchange::engine::BookQuery { wallet: Some(key.address()), ..Default::default() })
+        .await
+        .unwrap();
+    for o in book.offers.iter().take(2) {
+        c.cancel(o.order_id).await.unwrap();
+    }
+    let (status, _, field) = remote(
+        c.post_offer(&offer(key.address(), 5, "de", 5, 1))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, field.as_deref()), (429, Some("limits.max_nonces_per_wallet")));
+    let journal = node.journal_rows().await;
+
+    // Event streams: one per wallet, two in total.
+    let (w1, w2, w3) = (Address::repeat_byte(1), Address::repeat_byte(2), Address::repeat_byte(3));
+    let anon = node.anonymous();
+    let s1 = anon.events(w1, 0).await.unwrap();
+    let (status, _, field) = remote(anon.events(w1, 0).await.unwrap_err());
+    assert_eq!((status, field.as_deref()), (429, Some("limits.max_subscribers_per_wallet")));
+    let s2 = anon.events(w2, 0).await.unwrap();
+    let (_, _, field) = remote(anon.events(w3, 0).await.unwrap_err());
+    assert_eq!(field.as_deref(), Some("limits.max_subscribers"));
+    drop(s1);
+    // The slot frees when the server notices the stream is gone (bounded wait).
+    let mut reopened = None;
+    for _ in 0..100 {
+        match anon.events(w1, 0).await {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert!(reopened.is_some(), "a closed stream's slot is freed");
+    drop(s2);
+    assert_eq!(node.journal_rows().await, journal, "refusals write nothing");
+    node.stop().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// QUALITY.md case 29: 10^5 offers, each signed by a fresh key, sent as fast as the
+/// client can: the journal and memory stay bounded by the client address's rate, and
+/// an honest provider (another address) is still accepted. `IPSX_FLOOD_OFFERS` scales it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_offers_from_fresh_keys_stay_bounded() {
+    let n: usize = std::env::var("IPSX_FLOOD_OFFERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let node = Node::start_configured(|c| {
+        c.limits.client_rate_per_s = 1;
+        c.limits.client_burst = 2000;
+    })
+    .await;
+    let anon = node.anonymous();
+    let domain = sign::exchange_domain(31337, node.centralizer);
+    // Sign everything first (two threads), so the flood arrives at full speed.
+    let t0 = std::time::Instant::now();
+    let batches: Vec<ipsx_exchange::server::OfferBatch> = std::thread::scope(|s| {
+        let half = n / 2;
+        let parts: Vec<_> = [(0, half), (half, n)]
+            .into_iter()
+            .map(|(from, to)| {
+                let domain = domain.clone();
+                s.spawn(move || {
+                    (from..to)
+                        .map(|i| {
+                            let key = PrivateKeySigner::random();
+                            let o = offer(key.address(), (i % 250) as u8 + 1, "de", 5, 1);
+                            SignedMessage {
+                                signature: sign::sign(&o, &key, &domain).unwrap(),
+                                payload: o,
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<_> = parts.into_iter().flat_map(|p| p.join().unwrap()).collect();
+        all.chunks(1000)
+            .map(|c| ipsx_exchange::server::OfferBatch { orders: c.to_vec() })
+            .collect()
+    });
+    let signing = t0.elapsed();
+    let rss_before = rss_kib();
+    let t1 = std::time::Instant::now();
+    let (mut accepted, mut refused_calls) = (0usize, 0usize);
+    for b in &batches {
+        match anon
+            .post_json::<_, Vec<BatchItem>>("/v1/offers/batch", b)
+            .await
+        {
+            Ok(items) => {
+                accepted += items.iter().filter(|i| matches!(i, BatchItem::Ok(_))).count()
+            }
+            Err(e) => {
+                let (status, _, field) = remote(e);
+                assert_eq!(status, 429);
+                assert!(field.unwrap().starts_with("limits.client_"));
+                refused_calls += 1;
+            }
+        }
+    }
+    let flood = t1.elapsed();
+    drop(batches);
+    let rss_after = rss_kib();
+    let rows = node.journal_rows().await;
+    let book = node
+        .anonymous()
+        .book(&ipsx_exchange::engine::BookQuery { limit: Some(1000), ..Default::default() })
+        .await
+        .unwrap();
+    println!(
+        "flood: {n} offers from fresh keys (signed in {signing:?}) sent in {flood:?}: \
+         {accepted} accepted, {refused_calls} batch calls refused 429; journal rows {rows}; \
+         RSS {rss_before} KiB -> {rss_after} KiB"
+    );
+    // The bound is the client's burst plus its rate over the flood's duration.
+    let bound = 2000 + flood.as_secs() as usize + 2;
+    assert!(accepted <= bound, "{accepted} accepted > {bound}");
+    assert!(rows <= bound + 16, "journal rows {rows} > {bound}");
+    assert!(book.offers.len() <= bound);
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "RSS grew {rss_before} -> {rss_after} KiB"
+    );
+
+    // An honest provider from another address is served.
+    let http = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let honest = PrivateKeySigner::random();
+    let c = node.client(&honest).with_http(http);
+    let out = c.post_offer(&offer(honest.address(), 1, "fr", 5, 1)).await.unwrap();
+    assert!(matches!(out, Outcome::OfferPosted { .. }), "{out:?}");
+    node.stop().await;
+}
