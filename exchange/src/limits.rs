@@ -87,9 +87,15 @@ impl LimitsConfig {
         };
         for (key, v) in [
             ("max_open_orders", self.max_open_orders),
-            ("max_open_orders_per_wallet", self.max_open_orders_per_wallet),
+            (
+                "max_open_orders_per_wallet",
+                self.max_open_orders_per_wallet,
+            ),
             ("max_nonces_per_wallet", self.max_nonces_per_wallet),
-            ("max_subscribers_per_wallet", self.max_subscribers_per_wallet),
+            (
+                "max_subscribers_per_wallet",
+                self.max_subscribers_per_wallet,
+            ),
             ("max_subscribers", self.max_subscribers),
         ] {
             if v == 0 {
@@ -206,7 +212,10 @@ impl Guard {
                 let wait = not_until.wait_time_from(self.clock.now());
                 Err(limited(
                     &format!("{what}_rate_per_s"),
-                    format!("{what} {who} is over its rate; retry in {} ms", wait.as_millis()),
+                    format!(
+                        "{what} {who} is over its rate; retry in {} ms",
+                        wait.as_millis()
+                    ),
                     wait.as_secs() + 1,
                 ))
             }
@@ -238,7 +247,10 @@ impl Guard {
         if open >= self.cfg.max_open_orders {
             return Err(limited(
                 "max_open_orders",
-                format!("the book holds {open} open orders, at most {}", self.cfg.max_open_orders),
+                format!(
+                    "the book holds {open} open orders, at most {}",
+                    self.cfg.max_open_orders
+                ),
                 5,
             ));
         }
@@ -269,7 +281,10 @@ impl Guard {
         if s.total >= self.cfg.max_subscribers {
             return Err(limited(
                 "max_subscribers",
-                format!("{} event streams open, at most {}", s.total, self.cfg.max_subscribers),
+                format!(
+                    "{} event streams open, at most {}",
+                    s.total, self.cfg.max_subscribers
+                ),
                 1,
             ));
         }

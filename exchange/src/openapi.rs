@@ -10,7 +10,13 @@ use crate::sign::{self, typed};
 /// Every route: (method, path, summary, request body schema, success status).
 pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ("get", "/v1/health", "Liveness: `ok`.", None, 200),
-    ("get", "/v1/openapi.json", "This document; `x-eip712` holds the typed-data definitions every signed message uses.", None, 200),
+    (
+        "get",
+        "/v1/openapi.json",
+        "This document; `x-eip712` holds the typed-data definitions every signed message uses.",
+        None,
+        200,
+    ),
     (
         "get",
         "/v1/info",
@@ -249,12 +255,24 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
     ("Offer", "asn", "asn", "0", "number"),
     ("Offer", "exitType", "type", "", "text"),
     ("Offer", "protocols", "protocols", "", "list"),
-    ("Offer", "pricePerIpSecond", "price_per_ip_second", "", "decimal"),
+    (
+        "Offer",
+        "pricePerIpSecond",
+        "price_per_ip_second",
+        "",
+        "decimal",
+    ),
     ("Offer", "minDurationS", "min_duration_s", "", "number"),
     ("Offer", "maxDurationS", "max_duration_s", "", "number"),
     ("Offer", "capacity", "capacity", "", "number"),
     ("Offer", "wgEndpoint", "wg_endpoint", "", "text"),
-    ("Offer", "wgPublicKey", "wg_public_key", "", "base64_bytes32"),
+    (
+        "Offer",
+        "wgPublicKey",
+        "wg_public_key",
+        "",
+        "base64_bytes32",
+    ),
     ("Offer", "expiry", "expiry", "", "number"),
     ("Offer", "nonce", "nonce", "", "number"),
     ("Request", "requester", "requester", "", "address"),
@@ -267,10 +285,28 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
     ("Request", "protocols", "protocols", "[]", "list"),
     ("Request", "minRating", "min_rating", "0", "number"),
     ("Request", "diversity", "diversity", "\"none\"", "text"),
-    ("Request", "excludeProviders", "exclude_providers", "[]", "list"),
+    (
+        "Request",
+        "excludeProviders",
+        "exclude_providers",
+        "[]",
+        "list",
+    ),
     ("Request", "durationS", "duration_s", "", "number"),
-    ("Request", "maxPricePerIpSecond", "max_price_per_ip_second", "", "decimal"),
-    ("Request", "wgPublicKey", "wg_public_key", "", "base64_bytes32"),
+    (
+        "Request",
+        "maxPricePerIpSecond",
+        "max_price_per_ip_second",
+        "",
+        "decimal",
+    ),
+    (
+        "Request",
+        "wgPublicKey",
+        "wg_public_key",
+        "",
+        "base64_bytes32",
+    ),
     ("Request", "expiry", "expiry", "", "number"),
     ("Request", "nonce", "nonce", "", "number"),
     ("Cancel", "wallet", "wallet", "", "address"),
@@ -294,7 +330,13 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
     ("Rating", "expiry", "expiry", "", "number"),
     ("Rating", "nonce", "nonce", "", "number"),
     ("Preferences", "wallet", "wallet", "", "address"),
-    ("Preferences", "minCounterpartyRating", "min_counterparty_rating", "0", "number"),
+    (
+        "Preferences",
+        "minCounterpartyRating",
+        "min_counterparty_rating",
+        "0",
+        "number",
+    ),
     ("Preferences", "expiry", "expiry", "", "number"),
     ("Preferences", "nonce", "nonce", "", "number"),
 ];
@@ -305,13 +347,41 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
 /// is filled from the JSON payload (field, default when absent, encoding).
 pub fn typed_data() -> Value {
     let structs: [(&str, String, &str); 7] = [
-        ("Offer", typed::Offer::eip712_root_type().into_owned(), "/v1/offers"),
-        ("Request", typed::Request::eip712_root_type().into_owned(), "/v1/requests"),
-        ("Cancel", typed::Cancel::eip712_root_type().into_owned(), "/v1/cancel"),
-        ("StatusReport", typed::StatusReport::eip712_root_type().into_owned(), "/v1/reports"),
-        ("Extend", typed::Extend::eip712_root_type().into_owned(), "/v1/extensions"),
-        ("Rating", typed::Rating::eip712_root_type().into_owned(), "/v1/ratings"),
-        ("Preferences", typed::Preferences::eip712_root_type().into_owned(), "/v1/preferences"),
+        (
+            "Offer",
+            typed::Offer::eip712_root_type().into_owned(),
+            "/v1/offers",
+        ),
+        (
+            "Request",
+            typed::Request::eip712_root_type().into_owned(),
+            "/v1/requests",
+        ),
+        (
+            "Cancel",
+            typed::Cancel::eip712_root_type().into_owned(),
+            "/v1/cancel",
+        ),
+        (
+            "StatusReport",
+            typed::StatusReport::eip712_root_type().into_owned(),
+            "/v1/reports",
+        ),
+        (
+            "Extend",
+            typed::Extend::eip712_root_type().into_owned(),
+            "/v1/extensions",
+        ),
+        (
+            "Rating",
+            typed::Rating::eip712_root_type().into_owned(),
+            "/v1/ratings",
+        ),
+        (
+            "Preferences",
+            typed::Preferences::eip712_root_type().into_owned(),
+            "/v1/preferences",
+        ),
     ];
     let mut types = serde_json::Map::new();
     types.insert(

@@ -23,8 +23,8 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -524,8 +524,8 @@ async fn run(
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| ExchangeError::Storage(format!("server: {e}"))),
+        .await
+        .map_err(|e| ExchangeError::Storage(format!("server: {e}"))),
         Some(tls) => crate::tls::serve_tls(listener, app, tls, shutdown).await,
     };
     ticker.abort();
@@ -579,11 +579,7 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
 }
 
 /// Charges every call to its client address before anything else is done with it.
-async fn client_rate(
-    State(node): State<Arc<Node>>,
-    mut req: HttpRequest,
-    next: Next,
-) -> Response {
+async fn client_rate(State(node): State<Arc<Node>>, mut req: HttpRequest, next: Next) -> Response {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -653,7 +649,8 @@ async fn post_offer_batch(
     }
     // Each offer counts against the client's rate (the call itself was charged one).
     if let Some(ip) = peer {
-        node.guard.client(ip, batch.orders.len().saturating_sub(1))?;
+        node.guard
+            .client(ip, batch.orders.len().saturating_sub(1))?;
     }
     let now = unix_now();
     let cmds: Vec<Result<Command, ExchangeError>> = batch

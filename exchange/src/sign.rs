@@ -144,31 +144,31 @@ pub trait Signed {
     fn author_field(&self) -> &'static str;
 }
 
+/// An offer as the typed struct it is signed as.
+pub fn typed_offer(o: &Offer) -> typed::Offer {
+    typed::Offer {
+        provider: o.provider,
+        exitAddress: o.exit_address.to_string(),
+        country: o.country.to_string(),
+        region: o.region.clone().unwrap_or_default(),
+        city: o.city.clone().unwrap_or_default(),
+        asn: o.asn.unwrap_or(0),
+        exitType: o.kind.as_str().to_owned(),
+        protocols: o.protocols.iter().map(|p| p.as_str().to_owned()).collect(),
+        pricePerIpSecond: U256::from(o.price_per_ip_second),
+        minDurationS: o.min_duration_s,
+        maxDurationS: o.max_duration_s,
+        capacity: o.capacity,
+        wgEndpoint: o.wg_endpoint.to_string(),
+        wgPublicKey: B256::from(o.wg_public_key.0),
+        expiry: o.expiry,
+        nonce: o.nonce,
+    }
+}
+
 impl Signed for Offer {
     fn signing_hash(&self, domain: &Eip712Domain) -> B256 {
-        typed::Offer {
-            provider: self.provider,
-            exitAddress: self.exit_address.to_string(),
-            country: self.country.to_string(),
-            region: self.region.clone().unwrap_or_default(),
-            city: self.city.clone().unwrap_or_default(),
-            asn: self.asn.unwrap_or(0),
-            exitType: self.kind.as_str().to_owned(),
-            protocols: self
-                .protocols
-                .iter()
-                .map(|p| p.as_str().to_owned())
-                .collect(),
-            pricePerIpSecond: U256::from(self.price_per_ip_second),
-            minDurationS: self.min_duration_s,
-            maxDurationS: self.max_duration_s,
-            capacity: self.capacity,
-            wgEndpoint: self.wg_endpoint.to_string(),
-            wgPublicKey: B256::from(self.wg_public_key.0),
-            expiry: self.expiry,
-            nonce: self.nonce,
-        }
-        .eip712_signing_hash(domain)
+        typed_offer(self).eip712_signing_hash(domain)
     }
     fn author(&self) -> Address {
         self.provider

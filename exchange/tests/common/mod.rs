@@ -80,7 +80,14 @@ impl Node {
         database: &str,
         balances: MemoryBalances,
     ) -> Node {
-        Node::start_full(listener, database, balances, EngineConfig::default(), |_| {}).await
+        Node::start_full(
+            listener,
+            database,
+            balances,
+            EngineConfig::default(),
+            |_| {},
+        )
+        .await
     }
 
     async fn start_full(
