@@ -1385,15 +1385,14 @@ async fn a_hundred_thousand_offers_from_fresh_keys_stay_bounded() {
         data.extend_from_slice(wallet.as_slice());
         data.extend_from_slice(&encoded[32..]);
         let struct_hash = alloy_primitives::keccak256(&data);
-        let digest = alloy_primitives::keccak256(
+        alloy_primitives::keccak256(
             [
                 &[0x19u8, 0x01][..],
                 separator.as_slice(),
                 struct_hash.as_slice(),
             ]
             .concat(),
-        );
-        digest
+        )
     };
     // Sign everything first (two threads), so the flood arrives at full speed.
     let t0 = std::time::Instant::now();

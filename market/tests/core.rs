@@ -571,7 +571,8 @@ fn serving_exits_are_reverified_periodically_and_a_misplaced_one_ends_the_deal()
     now += 10_000;
     let a = core.tick(now);
     assert_eq!(reverifies(&a), 1, "{a:?}");
-    let Some(Action::Reverify { terms, .. }) = a.iter().find(|a| matches!(a, Action::Reverify { .. }))
+    let Some(Action::Reverify { terms, .. }) =
+        a.iter().find(|a| matches!(a, Action::Reverify { .. }))
     else {
         unreachable!()
     };
