@@ -441,8 +441,7 @@ async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice()
 /// which the exchange shows in the deal's history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exit_the_geoip_database_places_elsewhere_ends_its_deal_as_misplaced() {
-    let geo = tempfile::tempdir().unwrap();
-    let db = geo.path().join("country.mmdb");
+    let db = std::env::temp_dir().join(format!("ipsx-geo-{}-country.mmdb", std::process::id()));
     std::fs::write(&db, ipsx_exchange::geo::DEMO_COUNTRY_MMDB).unwrap();
     let sys = MarketSystem::start(MarketOpts {
         exits: vec![("127.0.0.40", "de")],
@@ -492,4 +491,5 @@ async fn an_exit_the_geoip_database_places_elsewhere_ends_its_deal_as_misplaced(
     // Never in rotation: no request was served through the misplaced exit.
     assert_eq!(sys.live_exits(), 0);
     sys.stop().await;
+    let _ = std::fs::remove_file(&db);
 }
