@@ -310,6 +310,40 @@ mod tests {
         );
     }
 
+    /// The database `scripts/install-geo.sh` installs (run by `make test`), read with
+    /// the same code: well-known addresses land where they are; the ASN database only
+    /// when built (`IPSX_GEO_ASN=1`).
+    #[test]
+    fn the_installed_ip_location_db_database_reads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../geo");
+        let country = dir.join("geolite2-country.mmdb");
+        assert!(
+            country.is_file(),
+            "{} missing: run scripts/install-geo.sh",
+            country.display()
+        );
+        let asn = dir.join("asn.mmdb");
+        let db = GeoDb::open(Some(&country), asn.is_file().then_some(asn.as_path())).unwrap();
+        let google: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(db.lookup(google).country, Some(cc("us")));
+        assert!(
+            db.lookup("2a00:1450:4001::1".parse().unwrap())
+                .country
+                .is_some()
+        );
+        assert_eq!(db.lookup("127.0.0.1".parse().unwrap()).country, None);
+        assert!(matches!(
+            db.check(google, cc("fr"), None),
+            Err(Mismatch {
+                field: "country",
+                ..
+            })
+        ));
+        if asn.is_file() {
+            assert_eq!(db.lookup("1.1.1.1".parse().unwrap()).asn, Some(13335));
+        }
+    }
+
     #[test]
     fn a_file_that_is_not_a_database_names_the_key() {
         let e = GeoDb::from_bytes(None, Some(b"not a db".to_vec())).unwrap_err();
