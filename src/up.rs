@@ -111,12 +111,20 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // The demo GeoIP databases place each 127.0.0.x exit in its demo country, so offers
+    // are verified as on a real node; 127.0.0.x needs the dev flag.
+    let (geo_country, geo_asn) = (dir.join("geo-country.mmdb"), dir.join("geo-asn.mmdb"));
+    std::fs::write(&geo_country, ipsx_exchange::geo::DEMO_COUNTRY_MMDB)
+        .and_then(|()| std::fs::write(&geo_asn, ipsx_exchange::geo::DEMO_ASN_MMDB))
+        .map_err(|e| format!("demo GeoIP databases: {e}"))?;
     let exchange_toml = format!(
-        "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\n",
+        "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\nallow_private_addresses = true\ngeoip_country = \"{}\"\ngeoip_asn = \"{}\"\n",
         deployment.chain_id,
         dir.join("exchange.db").display(),
         anvil.endpoint(),
-        deployment.centralizer
+        deployment.centralizer,
+        geo_country.display(),
+        geo_asn.display()
     );
     let exchange_config = ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml)
         .map_err(|e| format!("exchange config: {e}"))?;

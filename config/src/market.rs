@@ -155,6 +155,18 @@ pub struct MarketConfig {
     /// The local store of deals and channels (SQLite), relative to the config file.
     #[serde(default = "default_state_file")]
     pub state_file: String,
+    /// A serving rented exit's address is verified again this often (with `verify_url`)
+    /// and checked against the GeoIP databases.
+    #[serde(default = "default_reverify", with = "humantime_serde")]
+    pub reverify_every: Duration,
+    /// Country database (MaxMind format, relative to the config file) a rented exit's
+    /// address is checked against; a contradiction ends the deal as `misplaced`.
+    #[serde(default)]
+    pub geoip_country: Option<String>,
+    /// ASN database (MaxMind format, relative to the config file), checked where the
+    /// deal names an ASN.
+    #[serde(default)]
+    pub geoip_asn: Option<String>,
 }
 
 impl MarketConfig {
@@ -171,6 +183,9 @@ impl MarketConfig {
         }
         if self.serve_timeout < Duration::from_secs(1) {
             return Err(("serve_timeout", "must be at least 1s"));
+        }
+        if self.reverify_every < Duration::from_secs(1) {
+            return Err(("reverify_every", "must be at least 1s"));
         }
         if self.state_file.trim().is_empty() {
             return Err(("state_file", "must name a file"));
@@ -211,6 +226,9 @@ fn default_avoid() -> Duration {
 }
 fn default_close_grace() -> Duration {
     Duration::from_secs(60)
+}
+fn default_reverify() -> Duration {
+    Duration::from_secs(180)
 }
 fn default_state_file() -> String {
     "market-state.db".into()

@@ -101,7 +101,9 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let cfg = ExchangeConfig::for_tests(format!("sqlite://{}/journal.db", dir.path().display()), Default::default());
+        let mut cfg = ExchangeConfig::for_tests(format!("sqlite://{}/journal.db", dir.path().display()), Default::default());
+        // Throughput of the API itself, not of its flood limits.
+        cfg.limits = ipsx_exchange::limits::LimitsConfig::unlimited();
         let balances = MemoryBalances::new();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let b: Arc<dyn ipsx_exchange::BalanceSource> = Arc::new(balances.clone());
@@ -128,7 +130,7 @@ fn main() {
                 orders: (0..100).map(|i| ps.sign(&offer(pk.address(), n + b * 100 + i)).unwrap()).collect(),
             })
             .collect();
-        let domain = ipsx_exchange::sign::exchange_domain(31337);
+        let domain = ipsx_exchange::sign::exchange_domain(31337, Address::ZERO);
         let t = Instant::now();
         for m in offers.iter().take(2000) {
             ipsx_exchange::sign::verify(&m.payload, &m.signature, &domain).unwrap();

@@ -207,6 +207,11 @@ impl OfferBook {
         ids
     }
 
+    /// How many offers a provider has in the book (O(1)).
+    pub fn count_of(&self, provider: &Address) -> usize {
+        self.by_provider.get(provider).map_or(0, HashSet::len)
+    }
+
     fn index(&mut self, o: &BookOffer) {
         let key = o.key();
         self.all.insert(key);
@@ -697,6 +702,7 @@ pub struct RequestBook {
     requests: BTreeMap<u64, BookRequest>,
     by_country: HashMap<CountryCode, BTreeSet<u64>>,
     any_country: BTreeSet<u64>,
+    by_requester: HashMap<Address, usize>,
 }
 
 impl RequestBook {
@@ -725,8 +731,16 @@ impl RequestBook {
         self.requests.values()
     }
 
+    /// How many requests a wallet has resting in the book.
+    pub fn count_of(&self, requester: &Address) -> usize {
+        self.by_requester.get(requester).copied().unwrap_or(0)
+    }
+
     /// Puts a request in the book.
     pub fn insert(&mut self, r: BookRequest) {
+        // Re-inserting an id replaces it (keeps the per-wallet count exact).
+        self.remove(r.id);
+        *self.by_requester.entry(r.request.requester).or_default() += 1;
         if r.request.countries.is_empty() {
             self.any_country.insert(r.id);
         } else {
@@ -740,6 +754,12 @@ impl RequestBook {
     /// Takes a request out of the book.
     pub fn remove(&mut self, id: u64) -> Option<BookRequest> {
         let r = self.requests.remove(&id)?;
+        if let Some(n) = self.by_requester.get_mut(&r.request.requester) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_requester.remove(&r.request.requester);
+            }
+        }
         self.any_country.remove(&id);
         for c in &r.request.countries {
             if let Some(s) = self.by_country.get_mut(c) {

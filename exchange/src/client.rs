@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::engine::{BookQuery, BookView, Deal, DealEvent, Outcome};
 use crate::error::ExchangeError;
-use crate::server::{BatchItem, ErrorEnvelope, OfferBatch, ProfileView, SignedMessage};
+use crate::server::{BatchItem, ErrorEnvelope, NodeInfo, OfferBatch, ProfileView, SignedMessage};
 use crate::sign::{self, Signed};
 use crate::types::{
     BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
@@ -46,10 +46,33 @@ impl Client {
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
-            domain: sign::exchange_domain(chain_id),
+            domain: sign::exchange_domain(chain_id, centralizer),
             proof_domain: sign::centralizer_domain(chain_id, centralizer),
             key: None,
         })
+    }
+
+    /// A client of the node at `base_url` with the domain the node advertises at
+    /// `GET /v1/info` (its chain id and Centralizer).
+    pub async fn connect(base_url: &str) -> Result<Self, ExchangeError> {
+        let probe = Self::new(base_url, 0, Address::ZERO)?;
+        let info = probe.info().await?;
+        Ok(Self {
+            domain: sign::exchange_domain(info.chain_id, info.centralizer),
+            proof_domain: sign::centralizer_domain(info.chain_id, info.centralizer),
+            ..probe
+        })
+    }
+
+    /// The same client sending through `http` (e.g. one bound to a local address).
+    pub fn with_http(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// The EIP-712 domain this client signs exchange messages under.
+    pub fn domain(&self) -> &Eip712Domain {
+        &self.domain
     }
 
     /// The same client signing with `key`.
@@ -263,6 +286,11 @@ impl Client {
     /// The OpenAPI document.
     pub async fn openapi(&self) -> Result<serde_json::Value, ExchangeError> {
         self.get("/v1/openapi.json").await
+    }
+
+    /// The node's chain id, Centralizer (its EIP-712 domain) and limits.
+    pub async fn info(&self) -> Result<NodeInfo, ExchangeError> {
+        self.get("/v1/info").await
     }
 
     /// Opens the wallet's deal-event stream after event `last_id` (0: from the start).

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 use crate::error::ExchangeError;
+use crate::limits::LimitsConfig;
 
 /// Everything `ipsx exchange --config FILE` reads.
 ///
@@ -22,6 +23,15 @@ use crate::error::ExchangeError;
 /// settle_window_s = 300
 /// commission_bps = 250
 /// max_ttl_s = 2678400
+///
+/// # GeoIP databases (scripts/install-geo.sh); offers are checked against them.
+/// geoip_country = "geo/geolite2-country.mmdb"
+/// geoip_asn = "geo/asn.mmdb"
+/// # allow_private_addresses = true   # dev/test only: 127.0.0.x, 10/8, ... endpoints
+///
+/// [limits]
+/// max_open_orders_per_wallet = 1000
+/// client_rate_per_s = 50
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +63,19 @@ pub struct ExchangeConfig {
     /// Most offers in one batch.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Flood protection: caps and rate limits per wallet and client address.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Country database (MaxMind format) offers' exit addresses are checked against.
+    #[serde(default)]
+    pub geoip_country: Option<PathBuf>,
+    /// ASN database (MaxMind format) checked where an offer names its ASN.
+    #[serde(default)]
+    pub geoip_asn: Option<PathBuf>,
+    /// Dev and tests only: accept offers whose exit address or WireGuard endpoint is
+    /// loopback, private, link-local, a documentation range, ... (refused otherwise).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
 }
 
 /// TLS certificate chain and key, PEM.
@@ -76,7 +99,8 @@ fn default_max_batch() -> usize {
 }
 
 impl ExchangeConfig {
-    /// A config for tests: in-memory balances, the given database URL.
+    /// A config for tests: in-memory balances, the given database URL, default limits,
+    /// no GeoIP database, and loopback/private addresses allowed (tests use 127.0.0.x).
     pub fn for_tests(database: impl Into<String>, balances: BTreeMap<Address, String>) -> Self {
         Self {
             chain_id: 31337,
@@ -88,6 +112,10 @@ impl ExchangeConfig {
             tls: None,
             max_body_bytes: default_max_body(),
             max_batch: default_max_batch(),
+            limits: LimitsConfig::default(),
+            geoip_country: None,
+            geoip_asn: None,
+            allow_private_addresses: true,
         }
     }
 
@@ -153,6 +181,7 @@ impl ExchangeConfig {
         if self.engine.max_ttl_s == 0 {
             return Err(err("engine.max_ttl_s", "must be positive"));
         }
+        self.limits.check()?;
         if self.max_batch == 0 || self.max_body_bytes < 1024 {
             return Err(err(
                 "max_batch",
@@ -175,14 +204,21 @@ chain_id = 31337
 database = "sqlite:///tmp/x.db"
 rpc_url = "http://127.0.0.1:8545"
 centralizer = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+geoip_country = "geo/geolite2-country.mmdb"
+geoip_asn = "geo/asn.mmdb"
 [engine]
 accept_window_s = 30
 settle_window_s = 300
 commission_bps = 250
 max_ttl_s = 2678400
+[limits]
+max_open_orders_per_wallet = 1000
+client_rate_per_s = 50
 "#;
         let c = ExchangeConfig::from_toml(text).unwrap();
         assert_eq!(c.engine.commission_bps, 250);
+        assert_eq!(c.limits.client_rate_per_s, 50);
+        assert!(!c.allow_private_addresses, "refused by default");
     }
 
     #[test]
@@ -202,6 +238,14 @@ max_ttl_s = 2678400
             (
                 "chain_id = 1\nrpc_url = \"http://x\"\n[engine]\ncommission_bps = 10001",
                 "engine.commission_bps",
+            ),
+            (
+                "chain_id = 1\nrpc_url = \"http://x\"\n[limits]\nclient_burst = 0",
+                "limits.client_burst",
+            ),
+            (
+                "chain_id = 1\nrpc_url = \"http://x\"\n[limits]\nbogus = 0",
+                "line 4",
             ),
         ] {
             let e = ExchangeConfig::from_toml(text).unwrap_err();

@@ -481,6 +481,10 @@ pub struct BookOfferView {
     pub rating: u16,
     /// The offer.
     pub offer: Offer,
+    /// Whether the node's GeoIP database confirms the offer's country (and ASN), filled
+    /// by the API; `unverified` when the database does not know the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo: Option<crate::geo::GeoStatus>,
 }
 
 /// A resting request as the book shows it.
@@ -512,6 +516,8 @@ pub struct Exchange {
     nonces: HashSet<(Address, u64)>,
     /// expiry -> (wallet, nonce) pairs to forget then (keyed by time only: cheap).
     nonce_expiries: BTreeMap<u64, Vec<(Address, u64)>>,
+    /// How many unexpired nonces each wallet holds (for the per-wallet cap).
+    nonces_held: HashMap<Address, usize>,
     events: Vec<DealEvent>,
     wallet_events: HashMap<Address, Vec<u64>>,
     /// Wallets with a non-zero `min_counterparty_rating`.
@@ -577,6 +583,22 @@ impl Exchange {
             .unwrap_or_default()
     }
 
+    /// How many open orders (offers and resting requests) a wallet has in the book.
+    pub fn open_orders_of(&self, wallet: &Address) -> usize {
+        self.offers.count_of(wallet) + self.requests.count_of(wallet)
+    }
+
+    /// How many unexpired nonces a wallet holds (each accepted message holds its nonce
+    /// until the message's expiry).
+    pub fn nonces_held(&self, wallet: &Address) -> usize {
+        self.nonces_held.get(wallet).copied().unwrap_or(0)
+    }
+
+    /// Whether `(wallet, nonce)` is still held by an accepted message.
+    pub fn nonce_used(&self, wallet: &Address, nonce: u64) -> bool {
+        self.nonces.contains(&(*wallet, nonce))
+    }
+
     /// A wallet's profile (default when never seen).
     pub fn profile(&self, wallet: &Address) -> Profile {
         self.profiles.get(wallet).cloned().unwrap_or_default()
@@ -618,6 +640,7 @@ impl Exchange {
             remaining: o.remaining,
             rating: o.rating,
             offer: o.offer.clone(),
+            geo: None,
         };
         let offers = match q.wallet {
             Some(w) => self
@@ -696,7 +719,14 @@ impl Exchange {
                 .map(|(_, v)| v)
                 .unwrap_or_default()
             {
-                self.nonces.remove(&key);
+                if self.nonces.remove(&key)
+                    && let Some(n) = self.nonces_held.get_mut(&key.0)
+                {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.nonces_held.remove(&key.0);
+                    }
+                }
             }
         }
         changed
@@ -815,7 +845,9 @@ impl Exchange {
     }
 
     fn use_nonce(&mut self, wallet: Address, nonce: u64, expiry: u64) {
-        self.nonces.insert((wallet, nonce));
+        if self.nonces.insert((wallet, nonce)) {
+            *self.nonces_held.entry(wallet).or_default() += 1;
+        }
         self.nonce_expiries
             .entry(expiry)
             .or_default()

@@ -103,6 +103,24 @@ pub enum ExchangeError {
     /// The client could not reach the exchange or read its answer.
     #[error("transport: {0}")]
     Transport(String),
+    /// A flood limit refused the call (rate or cap); the limit is the config key.
+    #[error("limit `{limit}`: {reason}")]
+    Limited {
+        /// The config key of the limit (`limits.client_rate_per_s`, ...).
+        limit: String,
+        /// What was exceeded.
+        reason: String,
+        /// Seconds after which a retry may pass (0: not before something changes).
+        retry_after_s: u64,
+    },
+    /// An offer's place does not match what the GeoIP database says of its address.
+    #[error("field `{field}`: {reason}")]
+    Geo {
+        /// `country` or `asn`.
+        field: &'static str,
+        /// What the offer claims and what the database says.
+        reason: String,
+    },
     /// The configuration is invalid.
     #[error("config `{key}`: {reason}")]
     Config {
@@ -139,6 +157,8 @@ impl ExchangeError {
             Self::NotParty { .. } => 403,
             Self::UnknownOrder(_) | Self::UnknownDeal(_) => 404,
             Self::Replay { .. } | Self::Conflict { .. } => 409,
+            Self::Geo { .. } => 422,
+            Self::Limited { .. } => 429,
             Self::Chain(_) | Self::Storage(_) | Self::Transport(_) => 503,
             Self::Remote { status, .. } => *status,
             Self::Config { .. } => 500,
@@ -158,6 +178,8 @@ impl ExchangeError {
             Self::UnknownDeal(_) => "unknown_deal",
             Self::NotParty { .. } => "not_party",
             Self::Conflict { .. } => "conflict",
+            Self::Limited { .. } => "limited",
+            Self::Geo { .. } => "geo_mismatch",
             Self::Chain(_) => "chain",
             Self::Storage(_) => "storage",
             Self::Config { .. } => "config",
@@ -179,6 +201,8 @@ impl ExchangeError {
             Self::UnknownDeal(_) => Some("deal_id".into()),
             Self::NotParty { .. } => Some("wallet".into()),
             Self::Config { key, .. } => Some(key.clone()),
+            Self::Limited { limit, .. } => Some(limit.clone()),
+            Self::Geo { field, .. } => Some((*field).to_owned()),
             Self::Remote { field, .. } => field.clone(),
             Self::Chain(_) | Self::Storage(_) | Self::Transport(_) => None,
         }

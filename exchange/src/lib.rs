@@ -15,6 +15,8 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod geo;
+pub mod limits;
 pub mod openapi;
 pub mod server;
 pub mod sign;

@@ -2,12 +2,28 @@
 //! that every documented route is served and that the message schemas list exactly the
 //! fields the server accepts.
 
+use alloy_sol_types::SolStruct;
 use serde_json::{Value, json};
+
+use crate::sign::{self, typed};
 
 /// Every route: (method, path, summary, request body schema, success status).
 pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ("get", "/v1/health", "Liveness: `ok`.", None, 200),
-    ("get", "/v1/openapi.json", "This document.", None, 200),
+    (
+        "get",
+        "/v1/openapi.json",
+        "This document; `x-eip712` holds the typed-data definitions every signed message uses.",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/v1/info",
+        "The node's chain id and Centralizer (the EIP-712 domain's chainId and verifyingContract), its flood limits and GeoIP checks.",
+        None,
+        200,
+    ),
     (
         "post",
         "/v1/offers",
@@ -140,7 +156,7 @@ fn signed(schema: &str) -> Value {
         &["payload", "signature"],
         json!({
             "payload": { "$ref": format!("#/components/schemas/{schema}") },
-            "signature": { "type": "string", "description": "EIP-712 signature, 0x-hex r||s||v (65 bytes), domain (\"IPSX Exchange\", \"1\", chainId)" }
+            "signature": { "type": "string", "description": "EIP-712 signature, 0x-hex r||s||v (65 bytes) of the payload as the typed struct `x-eip712.types` names, domain (\"IPSX Exchange\", \"1\", chainId, verifyingContract = the node's Centralizer; see GET /v1/info)" }
         }),
     )
 }
@@ -212,6 +228,204 @@ pub fn schemas() -> Value {
     })
 }
 
+/// `(type, name)` of each member of a typed struct, from its EIP-712 root type string
+/// (`Cancel(address wallet,uint64 orderId,...)`).
+fn members(root: &str) -> Vec<Value> {
+    let inner = root
+        .split_once('(')
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or_default();
+    inner
+        .split(',')
+        .filter_map(|m| m.split_once(' '))
+        .map(|(ty, name)| json!({ "name": name, "type": ty }))
+        .collect()
+}
+
+/// Where each typed member comes from in the JSON payload, and its value when the
+/// payload leaves the field out: `(struct, member, payload field, default, encoding)`.
+/// Encodings: `text` (the JSON string as is), `number`, `decimal` (a decimal string,
+/// for uint256), `address`, `base64_bytes32` (the 32 decoded bytes), `list`.
+pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
+    ("Offer", "provider", "provider", "", "address"),
+    ("Offer", "exitAddress", "exit_address", "", "text"),
+    ("Offer", "country", "country", "", "text"),
+    ("Offer", "region", "region", "\"\"", "text"),
+    ("Offer", "city", "city", "\"\"", "text"),
+    ("Offer", "asn", "asn", "0", "number"),
+    ("Offer", "exitType", "type", "", "text"),
+    ("Offer", "protocols", "protocols", "", "list"),
+    (
+        "Offer",
+        "pricePerIpSecond",
+        "price_per_ip_second",
+        "",
+        "decimal",
+    ),
+    ("Offer", "minDurationS", "min_duration_s", "", "number"),
+    ("Offer", "maxDurationS", "max_duration_s", "", "number"),
+    ("Offer", "capacity", "capacity", "", "number"),
+    ("Offer", "wgEndpoint", "wg_endpoint", "", "text"),
+    (
+        "Offer",
+        "wgPublicKey",
+        "wg_public_key",
+        "",
+        "base64_bytes32",
+    ),
+    ("Offer", "expiry", "expiry", "", "number"),
+    ("Offer", "nonce", "nonce", "", "number"),
+    ("Request", "requester", "requester", "", "address"),
+    ("Request", "count", "count", "", "number"),
+    ("Request", "countries", "countries", "[]", "list"),
+    ("Request", "regions", "regions", "[]", "list"),
+    ("Request", "cities", "cities", "[]", "list"),
+    ("Request", "asns", "asns", "[]", "list"),
+    ("Request", "types", "types", "[]", "list"),
+    ("Request", "protocols", "protocols", "[]", "list"),
+    ("Request", "minRating", "min_rating", "0", "number"),
+    ("Request", "diversity", "diversity", "\"none\"", "text"),
+    (
+        "Request",
+        "excludeProviders",
+        "exclude_providers",
+        "[]",
+        "list",
+    ),
+    ("Request", "durationS", "duration_s", "", "number"),
+    (
+        "Request",
+        "maxPricePerIpSecond",
+        "max_price_per_ip_second",
+        "",
+        "decimal",
+    ),
+    (
+        "Request",
+        "wgPublicKey",
+        "wg_public_key",
+        "",
+        "base64_bytes32",
+    ),
+    ("Request", "expiry", "expiry", "", "number"),
+    ("Request", "nonce", "nonce", "", "number"),
+    ("Cancel", "wallet", "wallet", "", "address"),
+    ("Cancel", "orderId", "order_id", "", "number"),
+    ("Cancel", "expiry", "expiry", "", "number"),
+    ("Cancel", "nonce", "nonce", "", "number"),
+    ("StatusReport", "wallet", "wallet", "", "address"),
+    ("StatusReport", "dealId", "deal_id", "", "number"),
+    ("StatusReport", "status", "status", "", "text"),
+    ("StatusReport", "reason", "reason", "\"\"", "text"),
+    ("StatusReport", "expiry", "expiry", "", "number"),
+    ("StatusReport", "nonce", "nonce", "", "number"),
+    ("Extend", "wallet", "wallet", "", "address"),
+    ("Extend", "dealId", "deal_id", "", "number"),
+    ("Extend", "newEnd", "new_end", "", "number"),
+    ("Extend", "expiry", "expiry", "", "number"),
+    ("Extend", "nonce", "nonce", "", "number"),
+    ("Rating", "wallet", "wallet", "", "address"),
+    ("Rating", "dealId", "deal_id", "", "number"),
+    ("Rating", "score", "score", "", "number"),
+    ("Rating", "expiry", "expiry", "", "number"),
+    ("Rating", "nonce", "nonce", "", "number"),
+    ("Preferences", "wallet", "wallet", "", "address"),
+    (
+        "Preferences",
+        "minCounterpartyRating",
+        "min_counterparty_rating",
+        "0",
+        "number",
+    ),
+    ("Preferences", "expiry", "expiry", "", "number"),
+    ("Preferences", "nonce", "nonce", "", "number"),
+];
+
+/// The typed-data definitions of every signed message (EIP-712), for wallet libraries:
+/// the domain (chainId and verifyingContract come from `GET /v1/info`), the types as
+/// `eth_signTypedData_v4` takes them, which API route carries each, and how each member
+/// is filled from the JSON payload (field, default when absent, encoding).
+pub fn typed_data() -> Value {
+    let structs: [(&str, String, &str); 7] = [
+        (
+            "Offer",
+            typed::Offer::eip712_root_type().into_owned(),
+            "/v1/offers",
+        ),
+        (
+            "Request",
+            typed::Request::eip712_root_type().into_owned(),
+            "/v1/requests",
+        ),
+        (
+            "Cancel",
+            typed::Cancel::eip712_root_type().into_owned(),
+            "/v1/cancel",
+        ),
+        (
+            "StatusReport",
+            typed::StatusReport::eip712_root_type().into_owned(),
+            "/v1/reports",
+        ),
+        (
+            "Extend",
+            typed::Extend::eip712_root_type().into_owned(),
+            "/v1/extensions",
+        ),
+        (
+            "Rating",
+            typed::Rating::eip712_root_type().into_owned(),
+            "/v1/ratings",
+        ),
+        (
+            "Preferences",
+            typed::Preferences::eip712_root_type().into_owned(),
+            "/v1/preferences",
+        ),
+    ];
+    let mut types = serde_json::Map::new();
+    types.insert(
+        "EIP712Domain".into(),
+        json!([
+            { "name": "name", "type": "string" },
+            { "name": "version", "type": "string" },
+            { "name": "chainId", "type": "uint256" },
+            { "name": "verifyingContract", "type": "address" }
+        ]),
+    );
+    let mut messages = serde_json::Map::new();
+    for (name, root, route) in &structs {
+        types.insert((*name).into(), Value::Array(members(root)));
+        let sources: Vec<Value> = MEMBER_SOURCES
+            .iter()
+            .filter(|(s, ..)| s == name)
+            .map(|(_, member, field, default, encoding)| {
+                let mut v = json!({ "member": member, "field": field, "encoding": encoding });
+                if !default.is_empty() {
+                    v["default"] = serde_json::from_str(default).unwrap_or(Value::Null);
+                }
+                v
+            })
+            .collect();
+        messages.insert(
+            (*name).into(),
+            json!({ "route": route, "encodeType": root, "members": sources }),
+        );
+    }
+    json!({
+        "domain": {
+            "name": sign::DOMAIN_NAME,
+            "version": sign::DOMAIN_VERSION,
+            "chainId": "GET /v1/info -> chain_id",
+            "verifyingContract": "GET /v1/info -> centralizer"
+        },
+        "primaryTypes": structs.iter().map(|(n, ..)| *n).collect::<Vec<_>>(),
+        "types": types,
+        "messages": messages,
+        "signature": "secp256k1 over the EIP-712 digest, 0x-hex r||s||v, v 27 or 28, low s"
+    })
+}
+
 /// The whole document.
 pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
@@ -234,6 +448,7 @@ pub fn document() -> Value {
         "openapi": "3.1.0",
         "info": { "title": "ipsx exchange", "version": "1", "description": "Order book, matching, deal book and agreement protocol of the IP Sharing Exchange. Writes are EIP-712 signed by the wallet; the signer is the identity." },
         "paths": paths,
-        "components": { "schemas": schemas() }
+        "components": { "schemas": schemas() },
+        "x-eip712": typed_data()
     })
 }

@@ -1,14 +1,18 @@
 //! The exchange node's HTTP JSON API (axum), its per-wallet event stream (SSE), the
 //! journal writer and the deadline ticker: thin tokio glue around [`Exchange`].
 //!
-//! Flow of a write: parse the body (errors name the JSON path), verify the EIP-712
-//! signature (the signer is the identity), read the chain balance for requests, then
-//! under one lock: apply to the engine and queue the journal row. The answer waits until
-//! that row is committed. Lock order is the journal order, so replay is exact.
+//! Flow of a write: the body size limit, the client address's rate ([`crate::limits`]),
+//! parse the body (errors name the JSON path), verify the EIP-712 signature (the signer
+//! is the identity), the wallet's rate, the offer's addresses and geography
+//! ([`crate::geo`]), the wallet's caps and the message's own checks, and only then read
+//! the chain balance for requests; then under one lock: apply to the engine and queue
+//! the journal row. The answer waits until that row is committed. Lock order is the
+//! journal order, so replay is exact.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,8 +21,9 @@ use alloy_primitives::{Address, U256};
 use alloy_sol_types::Eip712Domain;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,6 +38,8 @@ use crate::chain::{BalanceSource, ChainBalances, MemoryBalances};
 use crate::config::ExchangeConfig;
 use crate::engine::{BookQuery, BookView, Command, Deal, DealEvent, Exchange, Outcome, Profile};
 use crate::error::ExchangeError;
+use crate::geo::{self, GeoDb, GeoStatus};
+use crate::limits::{Guard, LimitsConfig, Subscription};
 use crate::sign::{self, Signed};
 use crate::store::Store;
 use crate::types::{
@@ -108,14 +115,43 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
+        let mut resp = (
             status,
             Json(ErrorEnvelope {
                 error: ErrorBody::from(&self.0),
             }),
         )
-            .into_response()
+            .into_response();
+        if let ExchangeError::Limited { retry_after_s, .. } = &self.0
+            && *retry_after_s > 0
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        resp
     }
+}
+
+/// What a node tells clients about itself at `GET /v1/info`: the EIP-712 domain every
+/// signed message must use, and the limits it enforces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// EIP-155 chain id (`domain.chainId`).
+    pub chain_id: u64,
+    /// The Centralizer this node settles against (`domain.verifyingContract`).
+    pub centralizer: Address,
+    /// EIP-712 domain name of exchange messages.
+    pub domain_name: String,
+    /// EIP-712 domain version of exchange messages.
+    pub domain_version: String,
+    /// The flood limits in force.
+    pub limits: LimitsConfig,
+    /// Whether offers' exit countries are checked against a GeoIP database (and ASNs).
+    pub geoip_country: bool,
+    /// Whether an ASN database is loaded.
+    pub geoip_asn: bool,
+    /// Whether loopback/private addresses are accepted (dev flag).
+    pub allow_private_addresses: bool,
 }
 
 /// Parses a JSON body; errors carry the path of the offending field.
@@ -162,6 +198,9 @@ struct Node {
     proof_domain: Eip712Domain,
     balances: Arc<dyn BalanceSource>,
     max_batch: usize,
+    guard: Arc<Guard>,
+    geo: GeoDb,
+    info: NodeInfo,
 }
 
 fn lock(m: &Mutex<Core>) -> Result<MutexGuard<'_, Core>, ExchangeError> {
@@ -210,9 +249,59 @@ impl Node {
             // Deadline effects happen now, before the command, in the journal too.
             drop(self.journal(core, &Command::Tick { now })?);
         }
+        self.caps(&core.ex, cmd)?;
         let out = core.ex.apply(cmd)?;
         let rx = self.journal(core, cmd)?;
         Ok((out, rx))
+    }
+
+    /// The per-wallet caps (open orders, nonces held) a command must pass.
+    fn caps(&self, ex: &Exchange, cmd: &Command) -> Result<(), ExchangeError> {
+        let (wallet, nonce, order) = match cmd {
+            Command::PostOffer { offer, .. } => (offer.provider, offer.nonce, true),
+            Command::PostRequest { request, .. } => (request.requester, request.nonce, true),
+            Command::Cancel { cancel, .. } => (cancel.wallet, cancel.nonce, false),
+            Command::Report { report, .. } => (report.wallet, report.nonce, false),
+            Command::Rate { rating, .. } => (rating.wallet, rating.nonce, false),
+            Command::Extend { extend, .. } => (extend.wallet, extend.nonce, false),
+            Command::Prefs { prefs, .. } => (prefs.wallet, prefs.nonce, false),
+            Command::Tick { .. } | Command::Proof { .. } => return Ok(()),
+        };
+        if ex.nonce_used(&wallet, nonce) {
+            return Err(ExchangeError::Replay { wallet, nonce });
+        }
+        self.guard.nonces(wallet, ex.nonces_held(&wallet))?;
+        if order {
+            self.guard.open_orders(wallet, ex.open_orders_of(&wallet))?;
+            self.guard
+                .book_size(ex.offers().len() + ex.requests().len())?;
+        }
+        Ok(())
+    }
+
+    /// Every check of `cmd` that needs no chain read (caps, replay, field checks),
+    /// without applying it: run before a balance read so strangers cost no RPC call.
+    fn precheck(&self, cmd: &Command) -> Result<(), ExchangeError> {
+        let core = lock(&self.core)?;
+        self.caps(&core.ex, cmd)?;
+        let now = cmd.now().max(core.ex.now());
+        let ttl = core.ex.config().max_ttl_s;
+        match cmd {
+            Command::PostRequest { request, .. } => request.clone().check(now, ttl),
+            Command::Extend { extend, .. } => extend.check(now, ttl),
+            _ => Ok(()),
+        }
+    }
+
+    /// The offer's addresses and geography: refused when special (unless the dev flag)
+    /// or contradicted by the GeoIP database.
+    fn admit_offer(&self, offer: &Offer) -> Result<GeoStatus, ExchangeError> {
+        let allow = self.info.allow_private_addresses;
+        geo::check_public("exit_address", offer.exit_address, allow)?;
+        geo::check_public("wg_endpoint", offer.wg_endpoint.ip(), allow)?;
+        Ok(self
+            .geo
+            .check(offer.exit_address, offer.country, offer.asn)?)
     }
 
     async fn submit(&self, cmd: Command) -> Result<Outcome, ExchangeError> {
@@ -360,6 +449,7 @@ async fn run(
     ready: Option<oneshot::Sender<()>>,
 ) -> Result<(), ExchangeError> {
     config.check()?;
+    let geo = GeoDb::open(config.geoip_country.as_deref(), config.geoip_asn.as_deref())?;
     let store = Store::open(&config.database).await?;
     let mut ex = Exchange::new(config.engine);
     let rows = store.load().await?;
@@ -387,18 +477,33 @@ async fn run(
         failed,
         committed: committed_rx,
         closing: closing_rx,
-        domain: sign::exchange_domain(config.chain_id),
+        domain: sign::exchange_domain(config.chain_id, config.centralizer),
         proof_domain: sign::centralizer_domain(config.chain_id, config.centralizer),
         balances,
         max_batch: config.max_batch,
+        guard: Arc::new(Guard::new(config.limits)),
+        info: NodeInfo {
+            chain_id: config.chain_id,
+            centralizer: config.centralizer,
+            domain_name: sign::DOMAIN_NAME.into(),
+            domain_version: sign::DOMAIN_VERSION.into(),
+            limits: config.limits,
+            geoip_country: config.geoip_country.is_some(),
+            geoip_asn: config.geoip_asn.is_some(),
+            allow_private_addresses: config.allow_private_addresses,
+        },
+        geo,
     });
     let ticker = {
         let node = node.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for n in 0u64.. {
                 every.tick().await;
+                if n % 60 == 59 {
+                    node.guard.sweep();
+                }
                 if let Err(e) = node.tick(unix_now()) {
                     tracing::warn!("tick: {e}");
                 }
@@ -414,10 +519,13 @@ async fn run(
         let _ = closing_tx.send(true);
     };
     let served = match &config.tls {
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| ExchangeError::Storage(format!("server: {e}"))),
+        None => axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| ExchangeError::Storage(format!("server: {e}"))),
         Some(tls) => crate::tls::serve_tls(listener, app, tls, shutdown).await,
     };
     ticker.abort();
@@ -434,6 +542,7 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/info", get(info))
         .route("/v1/offers", post(post_offer))
         .route("/v1/offers/batch", post(post_offer_batch))
         .route("/v1/requests", post(post_request))
@@ -461,9 +570,32 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
                 }),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            client_rate,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(node)
 }
+
+/// Charges every call to its client address before anything else is done with it.
+async fn client_rate(State(node): State<Arc<Node>>, mut req: HttpRequest, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip());
+    if let Some(ip) = peer
+        && let Err(e) = node.guard.client(ip, 1)
+    {
+        return ApiError(e).into_response();
+    }
+    req.extensions_mut().insert(ClientAddr(peer));
+    next.run(req).await
+}
+
+/// The client address of a call, when the server knows it (set by [`client_rate`]).
+#[derive(Debug, Clone, Copy)]
+struct ClientAddr(Option<std::net::IpAddr>);
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -475,9 +607,15 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
+async fn info(State(node): State<Arc<Node>>) -> Json<NodeInfo> {
+    Json(node.info.clone())
+}
+
+/// Parses and verifies a signed message, then charges its wallet's rate.
 fn verified<T: Signed + DeserializeOwned>(node: &Node, body: &[u8]) -> Result<T, ExchangeError> {
     let m: SignedMessage<T> = parse_json(body)?;
     sign::verify(&m.payload, &m.signature, &node.domain)?;
+    node.guard.wallet(m.payload.author(), 1)?;
     Ok(m.payload)
 }
 
@@ -486,6 +624,7 @@ async fn post_offer(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Outcome>)> {
     let offer: Offer = verified(&node, &body)?;
+    node.admit_offer(&offer)?;
     let out = node
         .submit(Command::PostOffer {
             offer,
@@ -497,6 +636,7 @@ async fn post_offer(
 
 async fn post_offer_batch(
     State(node): State<Arc<Node>>,
+    axum::Extension(ClientAddr(peer)): axum::Extension<ClientAddr>,
     body: Bytes,
 ) -> ApiResult<Json<Vec<BatchItem>>> {
     let batch: OfferBatch = parse_json(&body)?;
@@ -507,12 +647,19 @@ async fn post_offer_batch(
         )
         .into());
     }
+    // Each offer counts against the client's rate (the call itself was charged one).
+    if let Some(ip) = peer {
+        node.guard
+            .client(ip, batch.orders.len().saturating_sub(1))?;
+    }
     let now = unix_now();
     let cmds: Vec<Result<Command, ExchangeError>> = batch
         .orders
         .into_iter()
         .map(|m| {
             sign::verify(&m.payload, &m.signature, &node.domain)?;
+            node.guard.wallet(m.payload.provider, 1)?;
+            node.admit_offer(&m.payload)?;
             Ok(Command::PostOffer {
                 offer: m.payload,
                 now,
@@ -544,15 +691,20 @@ async fn post_request(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Outcome>)> {
     let request: Request = verified(&node, &body)?;
-    let balance = node.balances.balance(request.requester).await?;
-    let balance = u128::try_from(balance).unwrap_or(u128::MAX);
-    let out = node
-        .submit(Command::PostRequest {
-            request,
-            balance,
-            now: unix_now(),
-        })
-        .await?;
+    let mut cmd = Command::PostRequest {
+        request,
+        balance: 0,
+        now: unix_now(),
+    };
+    node.precheck(&cmd)?;
+    if let Command::PostRequest {
+        request, balance, ..
+    } = &mut cmd
+    {
+        let b = node.balances.balance(request.requester).await?;
+        *balance = u128::try_from(b).unwrap_or(u128::MAX);
+    }
+    let out = node.submit(cmd).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -580,6 +732,11 @@ async fn post_report(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Js
 
 async fn post_extension(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Json<Outcome>> {
     let extend: Extend = verified(&node, &body)?;
+    node.precheck(&Command::Extend {
+        extend: extend.clone(),
+        balance: 0,
+        now: unix_now(),
+    })?;
     // Only the requester's proposal commits funds, so only it needs a balance read.
     let requester = node.read(|ex| ex.deal(extend.deal_id).map(|d| d.requester))?;
     let balance = if requester == Some(extend.wallet) {
@@ -658,7 +815,16 @@ async fn get_book(
         path: "query".into(),
         reason: e.body_text(),
     })?;
-    Ok(Json(node.read(|ex| ex.book(&q))??))
+    let mut view = node.read(|ex| ex.book(&q))??;
+    // What the GeoIP database says now (offers it contradicted were refused).
+    for o in &mut view.offers {
+        o.geo = Some(
+            node.geo
+                .check(o.offer.exit_address, o.offer.country, o.offer.asn)
+                .unwrap_or(GeoStatus::Unverified),
+        );
+    }
+    Ok(Json(view))
 }
 
 async fn get_deal(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<Json<Deal>> {
@@ -726,6 +892,7 @@ struct EventsQuery {
 }
 
 struct StreamState {
+    _slot: Subscription,
     node: Arc<Node>,
     wallet: Address,
     last: u64,
@@ -755,7 +922,9 @@ async fn get_events(
             })?,
         None => q.after.unwrap_or(0),
     };
+    let slot = node.guard.subscribe(wallet)?;
     let st = StreamState {
+        _slot: slot,
         committed: node.committed.clone(),
         closing: node.closing.clone(),
         node,

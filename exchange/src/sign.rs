@@ -1,9 +1,11 @@
 //! EIP-712 signatures: every order and report is signed by the wallet key, and the
 //! recovered signer is the identity.
 //!
-//! Exchange messages use the domain `("IPSX Exchange", "1", chainId)` with no verifying
-//! contract: the exchange is not a contract, and leaving the field out keeps one signed
-//! order valid across Centralizer redeployments on the same chain. Balance proofs are
+//! Exchange messages use the domain `("IPSX Exchange", "1", chainId, centralizer)`: the
+//! `verifyingContract` is the Centralizer the exchange node settles against, so an order
+//! signed for one exchange node is refused by a node of another Centralizer on the same
+//! chain (no cross-exchange replay). A node advertises its chain id and Centralizer at
+//! `GET /v1/info`; [`crate::openapi`] publishes the typed-data definitions. Balance proofs are
 //! the Centralizer's own `BalanceProof(bytes32 channelId,uint256 cumulativeAmount)` under
 //! the domain `("IPSX Centralizer", "1", chainId, centralizer)`, checked with the
 //! contract's rules (65 bytes, v 27/28, low s), so a stored proof is one the provider can
@@ -111,12 +113,14 @@ pub const DOMAIN_NAME: &str = "IPSX Exchange";
 /// EIP-712 domain version of exchange messages.
 pub const DOMAIN_VERSION: &str = "1";
 
-/// The domain of exchange messages on `chain_id`.
-pub fn exchange_domain(chain_id: u64) -> Eip712Domain {
+/// The domain of exchange messages of the node settling against `centralizer` on
+/// `chain_id`.
+pub fn exchange_domain(chain_id: u64, centralizer: Address) -> Eip712Domain {
     eip712_domain! {
         name: DOMAIN_NAME,
         version: DOMAIN_VERSION,
         chain_id: chain_id,
+        verifying_contract: centralizer,
     }
 }
 
@@ -140,31 +144,31 @@ pub trait Signed {
     fn author_field(&self) -> &'static str;
 }
 
+/// An offer as the typed struct it is signed as.
+pub fn typed_offer(o: &Offer) -> typed::Offer {
+    typed::Offer {
+        provider: o.provider,
+        exitAddress: o.exit_address.to_string(),
+        country: o.country.to_string(),
+        region: o.region.clone().unwrap_or_default(),
+        city: o.city.clone().unwrap_or_default(),
+        asn: o.asn.unwrap_or(0),
+        exitType: o.kind.as_str().to_owned(),
+        protocols: o.protocols.iter().map(|p| p.as_str().to_owned()).collect(),
+        pricePerIpSecond: U256::from(o.price_per_ip_second),
+        minDurationS: o.min_duration_s,
+        maxDurationS: o.max_duration_s,
+        capacity: o.capacity,
+        wgEndpoint: o.wg_endpoint.to_string(),
+        wgPublicKey: B256::from(o.wg_public_key.0),
+        expiry: o.expiry,
+        nonce: o.nonce,
+    }
+}
+
 impl Signed for Offer {
     fn signing_hash(&self, domain: &Eip712Domain) -> B256 {
-        typed::Offer {
-            provider: self.provider,
-            exitAddress: self.exit_address.to_string(),
-            country: self.country.to_string(),
-            region: self.region.clone().unwrap_or_default(),
-            city: self.city.clone().unwrap_or_default(),
-            asn: self.asn.unwrap_or(0),
-            exitType: self.kind.as_str().to_owned(),
-            protocols: self
-                .protocols
-                .iter()
-                .map(|p| p.as_str().to_owned())
-                .collect(),
-            pricePerIpSecond: U256::from(self.price_per_ip_second),
-            minDurationS: self.min_duration_s,
-            maxDurationS: self.max_duration_s,
-            capacity: self.capacity,
-            wgEndpoint: self.wg_endpoint.to_string(),
-            wgPublicKey: B256::from(self.wg_public_key.0),
-            expiry: self.expiry,
-            nonce: self.nonce,
-        }
-        .eip712_signing_hash(domain)
+        typed_offer(self).eip712_signing_hash(domain)
     }
     fn author(&self) -> Address {
         self.provider
@@ -371,10 +375,16 @@ pub fn verify<T: Signed>(
 ) -> Result<Address, ExchangeError> {
     let signer = recover(&msg.signing_hash(domain), signature, true)?;
     if signer != msg.author() {
+        // A valid signature under another domain recovers some other address: say which
+        // domain this node expects, the usual cause being another node or chain.
         return Err(bad(format!(
-            "signed by {signer}, but `{}` is {}",
+            "signed by {signer}, but `{}` is {}; this node verifies under the EIP-712 domain (\"{}\", \"{}\", chainId {}, verifyingContract {}) — was it signed for another exchange node or chain? (GET /v1/info)",
             msg.author_field(),
-            msg.author()
+            msg.author(),
+            domain.name.as_deref().unwrap_or(""),
+            domain.version.as_deref().unwrap_or(""),
+            domain.chain_id.unwrap_or_default(),
+            domain.verifying_contract.unwrap_or_default(),
         )));
     }
     Ok(signer)
@@ -414,7 +424,7 @@ mod tests {
     #[test]
     fn sign_then_verify_and_tampering_fails() {
         let key = PrivateKeySigner::random();
-        let d = exchange_domain(31337);
+        let d = exchange_domain(31337, Address::ZERO);
         let c = Cancel {
             wallet: key.address(),
             order_id: 5,
@@ -427,8 +437,12 @@ mod tests {
         other.order_id = 6;
         assert!(verify(&other, &sig, &d).is_err());
         assert!(
-            verify(&c, &sig, &exchange_domain(1)).is_err(),
+            verify(&c, &sig, &exchange_domain(1, Address::ZERO)).is_err(),
             "other chain"
+        );
+        assert!(
+            verify(&c, &sig, &exchange_domain(31337, Address::repeat_byte(1))).is_err(),
+            "other exchange (Centralizer) on the same chain"
         );
         for bad in ["", "0x", "zz", "0x00", &"0x".repeat(500)] {
             let e = verify(&c, bad, &d).unwrap_err();

@@ -63,8 +63,11 @@ pub(crate) async fn serve_tls(
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
-                let (acceptor, app, mut stop) = (acceptor.clone(), app.clone(), stop_rx.clone());
+                let Ok((tcp, peer)) = accepted else { continue };
+                // The client address, for the per-address rate limit (as axum::serve's
+                // connect info does on plain HTTP).
+                let app = app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+                let (acceptor, mut stop) = (acceptor.clone(), stop_rx.clone());
                 tasks.spawn(async move {
                     let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
                         return;

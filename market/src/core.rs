@@ -74,6 +74,9 @@ pub struct Settings {
     pub challenge_period: Duration,
     /// How long a posted request may rest in the book.
     pub request_ttl: Duration,
+    /// A serving exit's address (and its country/ASN against the GeoIP database) is
+    /// verified again this often.
+    pub reverify_every: Duration,
 }
 
 impl Default for Settings {
@@ -95,6 +98,7 @@ impl Default for Settings {
             close_grace: Duration::from_secs(60),
             challenge_period: Duration::from_secs(3600),
             request_ttl: Duration::from_secs(30),
+            reverify_every: Duration::from_secs(180),
         }
     }
 }
@@ -133,6 +137,9 @@ pub enum Outcome {
     ExitBroken,
     /// The tunnel stopped answering while serving.
     Unhealthy,
+    /// The exit's address is not where the offer said: the GeoIP database places it in
+    /// another country or ASN.
+    Misplaced,
 }
 
 impl Outcome {
@@ -141,9 +148,11 @@ impl Outcome {
         match self {
             Self::Completed | Self::ProviderEnded => PartyStatus::Completed,
             Self::Rejected => PartyStatus::Rejected,
-            Self::PaymentFailed | Self::NeverServed | Self::ExitBroken | Self::Unhealthy => {
-                PartyStatus::Failed
-            }
+            Self::PaymentFailed
+            | Self::NeverServed
+            | Self::ExitBroken
+            | Self::Unhealthy
+            | Self::Misplaced => PartyStatus::Failed,
         }
     }
 
@@ -154,13 +163,16 @@ impl Outcome {
             Self::Completed | Self::ProviderEnded if served => Some(5),
             Self::Completed | Self::ProviderEnded | Self::Rejected | Self::PaymentFailed => None,
             Self::Unhealthy => Some(2),
-            Self::NeverServed | Self::ExitBroken => Some(1),
+            Self::NeverServed | Self::ExitBroken | Self::Misplaced => Some(1),
         }
     }
 
     /// Whether the provider is left out of our requests for a while.
     pub fn avoid(self) -> bool {
-        matches!(self, Self::NeverServed | Self::ExitBroken | Self::Unhealthy)
+        matches!(
+            self,
+            Self::NeverServed | Self::ExitBroken | Self::Unhealthy | Self::Misplaced
+        )
     }
 
     /// The lower-case name.
@@ -173,6 +185,7 @@ impl Outcome {
             Self::NeverServed => "never_served",
             Self::ExitBroken => "exit_broken",
             Self::Unhealthy => "unhealthy",
+            Self::Misplaced => "misplaced",
         }
     }
 }
@@ -238,6 +251,9 @@ pub struct Deal {
     pub paid_at: Option<Millis>,
     /// When the exit went live for us (unix ms): service is counted from then.
     pub serving_since: Option<Millis>,
+    /// When the exit's address and place were last (re)verified (unix ms).
+    #[serde(default)]
+    pub verified_at: Option<Millis>,
     /// When service ended (unix ms).
     pub ended_at: Option<Millis>,
     /// The payment channel, once opened.
@@ -447,6 +463,14 @@ pub enum Input {
         /// Deal id.
         deal: u64,
     },
+    /// The exit's address is placed by the GeoIP database in another country or ASN
+    /// than the deal's terms (at connect or at a periodic re-verification).
+    ExitMisplaced {
+        /// Deal id.
+        deal: u64,
+        /// What the terms say and what the database says.
+        reason: String,
+    },
     /// Requests counted through the deal's exit so far.
     Usage {
         /// Deal id.
@@ -549,6 +573,15 @@ pub enum Action {
         /// Deal id.
         deal: u64,
         /// Terms.
+        terms: Box<DealTerms>,
+    },
+    /// Verify again that the serving exit leaves from the deal's address and that the
+    /// GeoIP database places that address where the terms say; answer with
+    /// [`Input::ExitFailed`] or [`Input::ExitMisplaced`] when not (nothing when it is).
+    Reverify {
+        /// Deal id.
+        deal: u64,
+        /// Terms (address, country, ASN).
         terms: Box<DealTerms>,
     },
     /// Take the deal's exit out of rotation and shut its tunnel.
@@ -975,6 +1008,7 @@ impl Core {
                     if d.serving_since.is_none() {
                         d.serving_since = Some(now);
                     }
+                    d.verified_at = Some(now);
                     d.note = "serving".into();
                     d.requests_seen = 0;
                     out.push(Action::Report {
@@ -990,6 +1024,21 @@ impl Core {
             }
             Input::ExitFailed { deal, reason } => {
                 self.end(deal, Outcome::ExitBroken, &reason, now, &mut out);
+            }
+            Input::ExitMisplaced { deal, reason } => {
+                if self
+                    .deals
+                    .get(&deal)
+                    .is_some_and(|d| matches!(d.phase, Phase::Connecting | Phase::Serving))
+                {
+                    self.end(
+                        deal,
+                        Outcome::Misplaced,
+                        &format!("exit misplaced: {reason}"),
+                        now,
+                        &mut out,
+                    );
+                }
             }
             Input::ExitUnhealthy { deal } => {
                 if self
@@ -1169,6 +1218,7 @@ impl Core {
             matched_at: now,
             paid_at: None,
             serving_since: None,
+            verified_at: None,
             ended_at: None,
             channel: None,
             paid: 0,
@@ -1279,6 +1329,23 @@ impl Core {
         self.start_channel_close(id, now, out);
     }
 
+    /// Asks for a re-verification of a serving exit once `reverify_every` has passed
+    /// since the last one.
+    fn maybe_reverify(&mut self, id: u64, now: Millis, out: &mut Vec<Action>) {
+        let every = ms(self.s.reverify_every);
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        let last = d.verified_at.or(d.serving_since).unwrap_or(now);
+        if d.phase == Phase::Serving && every > 0 && now.saturating_sub(last) >= every {
+            d.verified_at = Some(now);
+            out.push(Action::Reverify {
+                deal: id,
+                terms: Box::new(d.terms.clone()),
+            });
+        }
+    }
+
     /// After a deal ended: give the provider `close_grace` to close the channel with
     /// its final claim (at once for a provider that never served), then close it.
     fn start_channel_close(&mut self, id: u64, now: Millis, out: &mut Vec<Action>) {
@@ -1367,6 +1434,7 @@ impl Core {
                     }
                     self.maybe_extend(id, now, &mut out);
                     self.top_up_if_needed(id, &mut out);
+                    self.maybe_reverify(id, now, &mut out);
                 }
             }
             let d = &self.deals[&id];

@@ -13,6 +13,7 @@ use alloy::signers::local::PrivateKeySigner;
 use ipsx_config::{ExitConfig, ExitTransport, MarketConfig, Protocol};
 use ipsx_exchange::client::{Client, fresh};
 use ipsx_exchange::engine::{Actor, EventKind, Outcome as ExchangeOutcome};
+use ipsx_exchange::geo::GeoDb;
 use ipsx_exchange::types::{Extend, PartyStatus, Rating, Request, StatusReport, WgKey};
 use ipsx_exchange_client::chain::{ChainClient, Deployment};
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, inner_ip_for_deal};
@@ -121,6 +122,7 @@ pub fn settings_of(cfg: &MarketConfig, challenge_period: Duration) -> Settings {
         close_grace: cfg.close_grace,
         challenge_period,
         request_ttl: Duration::from_secs(30),
+        reverify_every: cfg.reverify_every,
     }
 }
 
@@ -128,6 +130,8 @@ struct Inner {
     gw: Arc<Gateway>,
     cfg: MarketConfig,
     verify_url: Option<String>,
+    /// GeoIP databases rented exits' addresses are checked against (may be empty).
+    geo: GeoDb,
     exchange: Client,
     chain: ChainClient,
     wallet: Address,
@@ -193,6 +197,19 @@ impl PoolManager {
         )
         .map_err(|e| MarketError::Exchange(e.to_string()))?
         .with_key(signer);
+        let geo_path = |p: &Option<String>| p.as_ref().map(|p| base_dir.join(p));
+        let geo = GeoDb::open(
+            geo_path(&cfg.geoip_country).as_deref(),
+            geo_path(&cfg.geoip_asn).as_deref(),
+        )
+        .map_err(|e| MarketError::Config {
+            key: if e.field().as_deref() == Some("geoip_asn") {
+                "geoip_asn"
+            } else {
+                "geoip_country"
+            },
+            message: e.to_string(),
+        })?;
         let store = Store::open(&base_dir.join(&cfg.state_file), wallet).await?;
         let wg_key = match &cfg.wg_private_key {
             Some(k) => SecretKey::from_base64("wg_private_key", k.expose()).map_err(|e| {
@@ -238,6 +255,7 @@ impl PoolManager {
             gw: gw.clone(),
             cfg,
             verify_url,
+            geo,
             exchange,
             chain,
             wallet,
@@ -804,6 +822,7 @@ impl PoolManager {
                 }),
             },
             Action::Connect { deal, terms } => Some(self.connect(deal, *terms).await),
+            Action::Reverify { deal, terms } => self.reverify(deal, &terms).await,
             Action::Disconnect { deal } => {
                 self.inner.gw.remove_exit(&exit_name(deal));
                 let tunnel = self
@@ -906,6 +925,38 @@ impl PoolManager {
         self.inner.wake.notify_one();
     }
 
+    /// What the GeoIP databases say against the deal's country/ASN, if anything.
+    fn misplaced(&self, terms: &ipsx_exchange::engine::DealTerms) -> Option<String> {
+        self.inner
+            .geo
+            .check(terms.exit_address, terms.country, terms.asn)
+            .err()
+            .map(|m| m.to_string())
+    }
+
+    /// Verifies a serving exit again: it still leaves from the deal's address (with
+    /// `verify_url`) and the GeoIP databases place that address as the terms say.
+    async fn reverify(&self, id: u64, terms: &ipsx_exchange::engine::DealTerms) -> Option<Input> {
+        let tunnel = self
+            .inner
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let (Some(url), Some(t)) = (&self.inner.verify_url, tunnel)
+            && let Err(e) = t.verify_exit(url, terms.exit_address).await
+        {
+            return Some(Input::ExitFailed {
+                deal: id,
+                reason: format!("exit address not verified again: {e}"),
+            });
+        }
+        let reason = self.misplaced(terms)?;
+        tracing::warn!(deal = id, %reason, "rented exit misplaced");
+        Some(Input::ExitMisplaced { deal: id, reason })
+    }
+
     /// Brings a deal's tunnel up, verifies the exit, and puts it in rotation.
     async fn connect(&self, id: u64, terms: ipsx_exchange::engine::DealTerms) -> Input {
         let mut cfg = TunnelConfig::new(
@@ -938,6 +989,10 @@ impl PoolManager {
                 deal: id,
                 reason: format!("exit address not verified: {e}"),
             };
+        }
+        if let Some(reason) = self.misplaced(&terms) {
+            tunnel.shutdown().await;
+            return Input::ExitMisplaced { deal: id, reason };
         }
         let still_wanted = self
             .core()

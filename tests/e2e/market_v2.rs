@@ -486,3 +486,61 @@ async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice()
     drop(gw);
     sys.stop().await;
 }
+
+/// Issue 11 part 3: the provider's offer says `de`, but its exit (127.0.0.40) is in
+/// Brazil in the gateway's GeoIP database: the deal ends as `misplaced` with the reason,
+/// which the exchange shows in the deal's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_the_geoip_database_places_elsewhere_ends_its_deal_as_misplaced() {
+    let db = std::env::temp_dir().join(format!("ipsx-geo-{}-country.mmdb", std::process::id()));
+    std::fs::write(&db, ipsx_exchange::geo::DEMO_COUNTRY_MMDB).unwrap();
+    let sys = MarketSystem::start(MarketOpts {
+        exits: vec![("127.0.0.40", "de")],
+        market: format!(
+            "deal_duration = \"5m\"\nproof_interval = \"1s\"\ndead_after = \"2s\"\nrent_on_demand = false\nreverify_every = \"2s\"\ngeoip_country = \"{}\"\n",
+            db.display()
+        ),
+        ..MarketOpts::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let ended = loop {
+        let status = sys.market().status();
+        if let Some(d) = deals(&status)
+            .into_iter()
+            .find(|d| d["outcome"] == "misplaced")
+        {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no misplaced deal: {status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let id = ended["deal"].as_u64().unwrap();
+    let exchange = Client::new(
+        &sys.exchange_url,
+        sys.deployment.chain_id,
+        sys.deployment.centralizer,
+    )
+    .unwrap();
+    // The report reaches the exchange (bounded wait): the reason is in the history.
+    let mut shown = None;
+    for _ in 0..60 {
+        let deal = exchange.deal(id).await.unwrap();
+        if let Some(h) = deal
+            .history
+            .iter()
+            .find(|h| h.what.contains("reported failed: exit misplaced"))
+        {
+            shown = Some(h.what.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let what = shown.expect("the exchange shows the misplaced report");
+    assert!(what.contains("`country` claims de"), "{what}");
+    assert!(what.contains("in br"), "{what}");
+    // Never in rotation: no request was served through the misplaced exit.
+    assert_eq!(sys.live_exits(), 0);
+    sys.stop().await;
+    let _ = std::fs::remove_file(&db);
+}

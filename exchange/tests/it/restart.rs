@@ -62,7 +62,7 @@ async fn kill_9_loses_no_acknowledged_order_deal_or_status() {
     std::fs::write(
         &config,
         format!(
-            "chain_id = 31337\ndatabase = \"sqlite://{}/journal.db\"\n[static_balances]\n\"{}\" = \"1000000000\"\n",
+            "chain_id = 31337\ndatabase = \"sqlite://{}/journal.db\"\nallow_private_addresses = true\n[static_balances]\n\"{}\" = \"1000000000\"\n",
             dir.path().display(),
             r.address()
         ),

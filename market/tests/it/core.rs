@@ -547,3 +547,74 @@ fn restore_resumes_serving_deals_without_paying_twice() {
     assert!(amount > paid, "cumulative proofs only grow");
     assert!(amount <= PRICE * (6 + 30));
 }
+
+#[test]
+fn serving_exits_are_reverified_periodically_and_a_misplaced_one_ends_the_deal() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    let reverifies = |a: &[Action]| {
+        a.iter()
+            .filter(|a| matches!(a, Action::Reverify { deal: 7, .. }))
+            .count()
+    };
+    // Not before `reverify_every` (180 s by default) after the exit went live.
+    for _ in 0..17 {
+        now += 10_000;
+        let a = core.tick(now);
+        assert_eq!(reverifies(&a), 0, "{a:?}");
+        for act in a {
+            if let Action::PostProof { amount, .. } = act {
+                core.handle(Input::ProofPosted { deal: 7, amount }, now);
+            }
+        }
+    }
+    now += 10_000;
+    let a = core.tick(now);
+    assert_eq!(reverifies(&a), 1, "{a:?}");
+    let Some(Action::Reverify { terms, .. }) =
+        a.iter().find(|a| matches!(a, Action::Reverify { .. }))
+    else {
+        unreachable!()
+    };
+    assert_eq!(terms.country, "de".parse().unwrap());
+    // Once per interval, not on every tick.
+    now += 1_000;
+    assert_eq!(reverifies(&core.tick(now)), 0);
+
+    let reason = "`country` claims de but the GeoIP database places the address in br";
+    let a = core.handle(
+        Input::ExitMisplaced {
+            deal: 7,
+            reason: reason.into(),
+        },
+        now,
+    );
+    assert!(a.contains(&Action::Disconnect { deal: 7 }), "{a:?}");
+    assert!(
+        a.contains(&Action::Report {
+            deal: 7,
+            status: PartyStatus::Failed,
+            reason: format!("exit misplaced: {reason}"),
+        }),
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::Rate { deal: 7, score: 1 }));
+    assert_eq!(core.deal(7).unwrap().outcome, Some(Outcome::Misplaced));
+    assert_eq!(Outcome::Misplaced.as_str(), "misplaced");
+    // A late answer for an ended deal changes nothing; the provider is avoided.
+    assert!(
+        core.handle(
+            Input::ExitMisplaced {
+                deal: 7,
+                reason: reason.into()
+            },
+            now
+        )
+        .is_empty()
+    );
+    let req = core.tick(now).into_iter().find_map(|a| match a {
+        Action::PostRequest { exclude, .. } => Some(exclude),
+        _ => None,
+    });
+    assert_eq!(req, Some(vec![provider(9)]));
+}

@@ -89,6 +89,7 @@ fn settings() -> Settings {
         close_grace: Duration::from_secs(60),
         challenge_period: Duration::from_secs(600),
         request_ttl: Duration::from_secs(30),
+        reverify_every: Duration::from_secs(120),
     }
 }
 
@@ -435,6 +436,19 @@ impl World {
                 }
             }
             Action::Disconnect { .. } => {}
+            Action::Reverify { deal, .. } => {
+                // Now and then the database places a serving exit elsewhere.
+                if self.rng.random_range(0..20) == 0 {
+                    let d = self.delay();
+                    self.at(
+                        d,
+                        Input::ExitMisplaced {
+                            deal,
+                            reason: "`country` claims de but the GeoIP database places the address in br".into(),
+                        },
+                    );
+                }
+            }
             Action::Extend { deal, new_end } => {
                 assert!(!shut, "extension after shutdown");
                 if self.rng.random_range(0..4) == 0 {

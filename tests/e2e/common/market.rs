@@ -132,7 +132,7 @@ impl MarketSystem {
             .unwrap();
 
         let exchange_toml = format!(
-            "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\n",
+            "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\nallow_private_addresses = true\n",
             deployment.chain_id,
             dir.join("exchange.db").display(),
             anvil.endpoint(),

@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 
 pub struct Node {
     pub addr: SocketAddr,
+    /// The Centralizer in the node's config (its EIP-712 verifyingContract).
+    pub centralizer: Address,
     pub url: String,
     pub database: String,
     pub balances: MemoryBalances,
@@ -51,7 +53,25 @@ impl Node {
         engine: EngineConfig,
     ) -> Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Node::start_full(listener, database, balances, engine).await
+        Node::start_full(listener, database, balances, engine, |_| {}).await
+    }
+
+    /// A node on a fresh SQLite file whose config `configure` adjusts (limits,
+    /// centralizer, GeoIP databases, ...).
+    pub async fn start_configured(configure: impl FnOnce(&mut ExchangeConfig)) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}/journal.db", dir.path().display());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut n = Node::start_full(
+            listener,
+            &db,
+            MemoryBalances::new(),
+            EngineConfig::default(),
+            configure,
+        )
+        .await;
+        n._dir = Some(dir);
+        n
     }
 
     /// A node on an already bound listener.
@@ -60,7 +80,14 @@ impl Node {
         database: &str,
         balances: MemoryBalances,
     ) -> Node {
-        Node::start_full(listener, database, balances, EngineConfig::default()).await
+        Node::start_full(
+            listener,
+            database,
+            balances,
+            EngineConfig::default(),
+            |_| {},
+        )
+        .await
     }
 
     async fn start_full(
@@ -68,10 +95,13 @@ impl Node {
         database: &str,
         balances: MemoryBalances,
         engine: EngineConfig,
+        configure: impl FnOnce(&mut ExchangeConfig),
     ) -> Node {
         let addr = listener.local_addr().unwrap();
         let mut cfg = ExchangeConfig::for_tests(database, Default::default());
         cfg.engine = engine;
+        configure(&mut cfg);
+        let centralizer = cfg.centralizer;
         let (stop, stopped) = oneshot::channel::<()>();
         let b: Arc<dyn ipsx_exchange::BalanceSource> = Arc::new(balances.clone());
         let task = tokio::spawn(async move {
@@ -92,6 +122,7 @@ impl Node {
         }
         Node {
             addr,
+            centralizer,
             url,
             database: database.to_owned(),
             balances,
@@ -102,7 +133,7 @@ impl Node {
     }
 
     pub fn client(&self, key: &PrivateKeySigner) -> Client {
-        Client::new(&self.url, 31337, Address::ZERO)
+        Client::new(&self.url, 31337, self.centralizer)
             .unwrap()
             .with_key(key.clone())
     }
