@@ -13,6 +13,14 @@
 //! [[peers]]
 //! public_key = "base64..."
 //! inner_ip = "10.77.0.2"
+//! endpoint = "198.51.100.4:40000"   # optional: the exit sends first (NAT, relay)
+//!
+//! [nat]                             # optional: behind a NAT (docs/tunnel.md)
+//! stun = ["192.0.2.1:3478"]         # two servers also detect a symmetric NAT
+//! turn = "192.0.2.1:3478"           # relay when symmetric (or `relay = "always"`)
+//! turn_username = "ipsx"
+//! turn_password = "..."
+//! relay = "auto"                    # auto | always | never
 //! ```
 
 use std::fmt;
@@ -70,6 +78,64 @@ pub struct PeerConfig {
     /// The requester's address inside the tunnel; packets from any other source are
     /// dropped.
     pub inner_ip: IpAddr,
+    /// The requester's public WireGuard endpoint, when known: the exit sends the first
+    /// handshake there (opening its NAT) and, when relaying, lets it through the relay.
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// NAT traversal of the exit's WireGuard socket (`[nat]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// STUN servers asked for the exit's public mapping.
+    #[serde(default)]
+    pub stun: Vec<SocketAddr>,
+    /// TURN server relaying when the NAT is symmetric.
+    #[serde(default)]
+    pub turn: Option<SocketAddr>,
+    /// TURN user name.
+    #[serde(default)]
+    pub turn_username: String,
+    /// TURN password.
+    #[serde(default)]
+    pub turn_password: String,
+    /// `auto` (relay behind a symmetric NAT), `always` or `never`.
+    #[serde(default)]
+    pub relay: Option<String>,
+    /// How long discovery may take at start, seconds (default 5).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+impl NatSection {
+    /// The traversal settings; errors name the key (`nat.relay`, `nat.turn_password`, ...).
+    pub fn settings(&self) -> Result<ipsx_tunnel_pool::NatSettings, ProviderError> {
+        let bad = |key: &str, reason: String| ProviderError::Config {
+            key: format!("nat.{key}"),
+            reason,
+        };
+        let relay = match &self.relay {
+            Some(r) => r.parse().map_err(|e| bad("relay", e))?,
+            None => ipsx_tunnel_pool::RelayMode::Auto,
+        };
+        let turn = self.turn.map(|addr| ipsx_tunnel_pool::TurnServer {
+            addr,
+            username: self.turn_username.clone(),
+            password: self.turn_password.clone(),
+        });
+        if turn.is_none() && !(self.turn_username.is_empty() && self.turn_password.is_empty()) {
+            return Err(bad("turn", "credentials given without a `turn` server".into()));
+        }
+        let s = ipsx_tunnel_pool::NatSettings {
+            stun: self.stun.clone(),
+            turn,
+            relay,
+            timeout: std::time::Duration::from_secs(self.timeout_s.unwrap_or(5)),
+        };
+        s.validate().map_err(|(k, r)| bad(k, r))?;
+        Ok(s)
+    }
 }
 
 fn default_inner() -> Ipv4Addr {
@@ -120,6 +186,9 @@ pub struct ProviderConfig {
     /// Peers known at start.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// NAT traversal (none by default: the listen address is reachable).
+    #[serde(default)]
+    pub nat: NatSection,
 }
 
 impl ProviderConfig {
@@ -137,6 +206,7 @@ impl ProviderConfig {
             handshake_rate_limit: default_rate(),
             mtu: default_mtu(),
             peers: Vec::new(),
+            nat: NatSection::default(),
         }
     }
 
@@ -171,6 +241,7 @@ impl ProviderConfig {
         for a in &self.allow_destinations {
             Cidr::parse("allow_destinations", a)?;
         }
+        self.nat.settings()?;
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if !seen.insert(p.public_key) {
@@ -249,6 +320,29 @@ mod tests {
                     "inner_ip = \"10.77.0.2\"\nextra = 1",
                 ),
                 "extra",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nrelay = \"sometimes\"\n[[peers]]"),
+                "nat.relay",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nrelay = \"always\"\n[[peers]]"),
+                "nat.relay",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nturn_password = \"x\"\n[[peers]]"),
+                "nat.turn",
+            ),
+            (
+                base().replace(
+                    "[[peers]]",
+                    "[nat]\nturn = \"192.0.2.1:3478\"\nturn_username = \"u\"\n[[peers]]",
+                ),
+                "nat.turn_password",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nstun = [\"0.0.0.0:3478\"]\n[[peers]]"),
+                "nat.stun",
             ),
         ];
         for (text, key) in cases {

@@ -28,6 +28,7 @@ use ipsx_tunnel_pool::smoltcp::iface::SocketHandle;
 use ipsx_tunnel_pool::smoltcp::socket::tcp;
 use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ipsx_tunnel_pool::{NatPath, NatSocket};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -112,6 +113,7 @@ enum Command {
     Add {
         key: [u8; 32],
         inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
         reply: oneshot::Sender<Result<(), ProviderError>>,
     },
     Remove {
@@ -129,6 +131,8 @@ struct Shared {
     epoch: Instant,
     local_addr: SocketAddr,
     public_key: [u8; 32],
+    nat_path: NatPath,
+    public_endpoint: Option<SocketAddr>,
 }
 
 /// A running exit. Dropping the last clone stops it.
@@ -178,6 +182,19 @@ impl ProviderExit {
             addr: cfg.listen,
             source: e,
         })?;
+        // Learn the public mapping (and relay, behind a symmetric NAT) from the
+        // WireGuard socket itself, before any peer is served.
+        let udp = NatSocket::discover(udp, cfg.nat.settings()?)
+            .await
+            .map_err(|e| ProviderError::Bind {
+                addr: cfg.listen,
+                source: e,
+            })?;
+        let nat_path = udp.path();
+        let public_endpoint = udp.public_endpoint();
+        if let Some(e) = udp.turn_error() {
+            tracing::warn!(error = %e, "exit: TURN relay unavailable");
+        }
         let mut own = cfg.own_addresses.clone();
         own.extend(discover_own_addresses());
         if !local_addr.ip().is_unspecified() {
@@ -199,6 +216,8 @@ impl ProviderExit {
             epoch: Instant::now(),
             local_addr,
             public_key: public.to_bytes(),
+            nat_path,
+            public_endpoint,
             cfg,
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -214,9 +233,10 @@ impl ProviderExit {
             by_key: HashMap::new(),
             next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
             notify: Arc::new(Notify::new()),
+            initiate: Vec::new(),
         };
         for p in shared.cfg.peers.clone() {
-            driver.add_peer(p.public_key.0, p.inner_ip)?;
+            driver.add_peer(p.public_key.0, p.inner_ip, p.endpoint)?;
         }
         let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
         Ok(ProviderHandle {
@@ -243,11 +263,35 @@ impl ProviderHandle {
         self.inner.shared.public_key
     }
 
+    /// How requesters reach this exit: `direct` (its own address), `punched` (a cone
+    /// NAT's mapping, learned by STUN) or `relayed` (a TURN allocation).
+    pub fn nat_path(&self) -> NatPath {
+        self.inner.shared.nat_path
+    }
+
+    /// The endpoint NAT traversal found to advertise (TURN relayed address or STUN
+    /// mapping); `None` without traversal.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.inner.shared.public_endpoint
+    }
+
     /// Accepts a requester's key (a new deal); its packets must come from `inner_ip`.
     pub async fn add_peer(
         &self,
         public_key: [u8; 32],
         inner_ip: IpAddr,
+    ) -> Result<(), ProviderError> {
+        self.add_peer_at(public_key, inner_ip, None).await
+    }
+
+    /// As [`ProviderHandle::add_peer`], with the requester's public endpoint when known:
+    /// the exit sends the first handshake there (opening its own NAT, punching through
+    /// the requester's) and lets it through the TURN relay when relaying.
+    pub async fn add_peer_at(
+        &self,
+        public_key: [u8; 32],
+        inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
     ) -> Result<(), ProviderError> {
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -255,6 +299,7 @@ impl ProviderHandle {
             .send(Command::Add {
                 key: public_key,
                 inner_ip,
+                endpoint,
                 reply,
             })
             .await
@@ -342,7 +387,7 @@ struct Peer {
 
 struct Driver {
     shared: Arc<Shared>,
-    udp: UdpSocket,
+    udp: NatSocket,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
@@ -350,10 +395,17 @@ struct Driver {
     by_key: HashMap<[u8; 32], u32>,
     next_index: u32,
     notify: Arc<Notify>,
+    /// Peers with a known endpoint whose first handshake we send.
+    initiate: Vec<u32>,
 }
 
 impl Driver {
-    fn add_peer(&mut self, key: [u8; 32], inner_ip: IpAddr) -> Result<(), ProviderError> {
+    fn add_peer(
+        &mut self,
+        key: [u8; 32],
+        inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<(), ProviderError> {
         if self.by_key.contains_key(&key) {
             return Err(ProviderError::PeerExists(ipsx_tunnel_pool::key_to_base64(
                 &key,
@@ -377,7 +429,8 @@ impl Driver {
             self.secret.clone(),
             x25519::PublicKey::from(key),
             None,
-            None,
+            // Keep our NAT mapping open toward a peer we reached first.
+            endpoint.filter(|_| self.shared.nat_path != NatPath::Direct).map(|_| 25),
             index,
             Some(self.limiter.clone()),
         );
@@ -400,7 +453,7 @@ impl Driver {
                 key,
                 inner_ip,
                 tunn,
-                endpoint: None,
+                endpoint,
                 stack,
                 meter,
                 inbound: Vec::new(),
@@ -408,6 +461,10 @@ impl Driver {
             },
         );
         self.by_key.insert(key, index);
+        if let Some(ep) = endpoint {
+            self.udp.permit(ep);
+            self.initiate.push(index);
+        }
         Ok(())
     }
 
@@ -431,6 +488,7 @@ impl Driver {
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut poll_delay: Option<Duration> = None;
+        let mut nat_next = self.udp.service().await;
         loop {
             let now = Instant::now();
             let mut wake_at = next_timer;
@@ -445,8 +503,8 @@ impl Driver {
                     }
                 }
                 cmd = cmds.recv() => match cmd {
-                    Some(Command::Add { key, inner_ip, reply }) => {
-                        let _ = reply.send(self.add_peer(key, inner_ip));
+                    Some(Command::Add { key, inner_ip, endpoint, reply }) => {
+                        let _ = reply.send(self.add_peer(key, inner_ip, endpoint));
                     }
                     Some(Command::Remove { key, reply }) => {
                         let _ = reply.send(self.remove_peer(&key));
@@ -459,15 +517,31 @@ impl Driver {
                     }
                 }
                 _ = self.notify.notified() => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = tokio::time::sleep_until(wake_at.min(self.udp.instant_of(nat_next))) => {}
             }
 
             for _ in 0..RX_BATCH {
                 let (n, from) = match self.udp.try_recv_from(&mut rx_buf) {
-                    Ok(x) => x,
-                    Err(_) => break,
+                    Ok(Some(x)) => x,
+                    Ok(None) | Err(_) => break,
                 };
                 self.on_datagram(&rx_buf[..n], from, &mut out_buf).await;
+            }
+            // STUN/TURN refreshes and retransmissions.
+            if Instant::now() >= self.udp.instant_of(nat_next) {
+                nat_next = self.udp.service().await;
+            }
+            // First handshakes toward peers whose endpoint we were given.
+            for idx in std::mem::take(&mut self.initiate) {
+                let Some(peer) = self.peers.get_mut(&idx) else {
+                    continue;
+                };
+                if let (TunnResult::WriteToNetwork(p), Some(ep)) = (
+                    peer.tunn.format_handshake_initiation(&mut out_buf, false),
+                    peer.endpoint,
+                ) {
+                    send(&self.udp, ep, p).await;
+                }
             }
 
             // Run every peer's stack; send what it produced.
@@ -592,18 +666,8 @@ impl Driver {
     }
 }
 
-async fn send(udp: &UdpSocket, ep: SocketAddr, p: &[u8]) {
-    for _ in 0..8 {
-        match udp.try_send_to(p, ep) {
-            Ok(_) => return,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if udp.writable().await.is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
-    }
+async fn send(udp: &NatSocket, ep: SocketAddr, p: &[u8]) {
+    udp.send_to(ep, p).await;
 }
 
 /// One decrypted IP packet from a peer.

@@ -367,7 +367,8 @@ impl Traversal {
         if !self.is_server(from) {
             return Received::Wireguard;
         }
-        if let Some(turn) = self.turn.as_mut().filter(|_| self.is_turn_server(from)) {
+        let from_turn = self.is_turn_server(from);
+        if let Some(turn) = self.turn.as_mut().filter(|_| from_turn) {
             let t = Transmit::new(data, TransportType::Udp, from, self.local);
             match turn.recv(t, instant(now)) {
                 TurnRecvRet::Handled => {
@@ -401,7 +402,7 @@ impl Traversal {
         let Some(pos) = self.outstanding.iter().position(|(t, _)| *t == tid) else {
             return;
         };
-        if !self.stun.handle_stun_message(&msg, from) {
+        if !self.stun.handle_stun_message_with_time(&msg, from, instant(now)) {
             return;
         }
         let (_, server) = self.outstanding.swap_remove(pos);
@@ -484,16 +485,19 @@ impl Traversal {
 
     /// How to send `data` to `to`.
     pub fn route(&mut self, to: SocketAddr, data: &[u8], now: Duration) -> Route {
-        let Some(turn) = self.turn.as_mut() else {
-            return Route::Direct;
-        };
         if self.relayed.is_none() || self.is_server(to) {
             return Route::Direct;
         }
+        let Some(turn) = self.turn.as_mut() else {
+            return Route::Direct;
+        };
         if !turn.have_permission(TransportType::Udp, to.ip()) {
             self.permit(to, now);
             return Route::Dropped;
         }
+        let Some(turn) = self.turn.as_mut() else {
+            return Route::Direct;
+        };
         match turn.send_to(TransportType::Udp, to, data, instant(now)) {
             Ok(Some(t)) => {
                 let t = t.build();
