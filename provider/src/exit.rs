@@ -667,7 +667,8 @@ impl Driver {
 }
 
 async fn send(udp: &NatSocket, ep: SocketAddr, p: &[u8]) {
-    udp.send_to(ep, p).await;
+    // UDP semantics: a datagram that cannot be sent is lost, WireGuard retransmits.
+    let _ = udp.send_to(ep, p).await;
 }
 
 /// One decrypted IP packet from a peer.

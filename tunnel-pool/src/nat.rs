@@ -703,7 +703,7 @@ impl NatSocket {
             let Some((to, data)) = self.with(|t| t.poll_transmit(now)).flatten() else {
                 break;
             };
-            self.send_raw(to, &data).await;
+            let _ = self.send_raw(to, &data).await;
         }
         next
     }
@@ -740,28 +740,26 @@ impl NatSocket {
         Ok(None)
     }
 
-    /// Sends `data` to `to` (through the relay when relaying); errors other than a full
-    /// buffer drop the datagram, as UDP would.
-    pub async fn send_to(&self, to: SocketAddr, data: &[u8]) {
+    /// Sends `data` to `to` (through the relay when relaying); returns the bytes put
+    /// on the wire (0: dropped until the relay permits the peer). A full buffer is
+    /// waited for (a few times), other errors are returned.
+    pub async fn send_to(&self, to: SocketAddr, data: &[u8]) -> io::Result<usize> {
         let now = self.now();
         match self.with(|t| t.route(to, data, now)) {
             None | Some(Route::Direct) => self.send_raw(to, data).await,
             Some(Route::Wrapped { to, data }) => self.send_raw(to, &data).await,
-            Some(Route::Dropped) => {}
+            Some(Route::Dropped) => Ok(0),
         }
     }
 
-    async fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+    async fn send_raw(&self, to: SocketAddr, data: &[u8]) -> io::Result<usize> {
         for _ in 0..8 {
             match self.udp.try_send_to(data, to) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.udp.writable().await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.udp.writable().await?,
+                Err(e) => return Err(e),
             }
         }
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
