@@ -139,3 +139,115 @@ async fn wireguard_go_client_through_our_exit() {
 
     exit.shutdown().await;
 }
+
+// === NAT traversal (issue 11): namespaces with NAT routers, coturn, real tunnels ===
+
+mod nat {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use super::common::natlab::{Host, Lab, Nat, TURN_PASSWORD, TURN_USER};
+    use super::common::{exit_config, get_body, whoami_server};
+    use ipsx_provider::ProviderExit;
+    use ipsx_provider::config::NatSection;
+    use ipsx_tunnel_pool::{NatPath, RelayMode, SecretKey, Tunnel, TunnelConfig};
+
+    /// Starts coturn, the echo target (public side), an exit in `prov` and a tunnel in
+    /// `req`; both learn their mappings from coturn, the requester's endpoint is given
+    /// to the exit (as a deal carries it) and a GET through the tunnel must reach the
+    /// target from the provider's public (NAT) address over path `want`.
+    async fn through(lab: &mut Lab, prov: &Host, req: &Host, want: NatPath, want_req: NatPath) {
+        lab.start_turnserver();
+        let public = lab.public_ns.clone();
+        let pub_rt = lab.runtime(&public);
+        let target = lab.target_ip();
+        let who = pub_rt
+            .spawn(async move { whoami_server(&format!("{target}:0")).await })
+            .await
+            .unwrap();
+
+        let mut cfg = exit_config(&prov.ip.to_string(), &[&format!("{target}/32")]);
+        cfg.listen = "0.0.0.0:0".parse().unwrap();
+        cfg.nat = NatSection {
+            stun: vec![lab.turn_addr(), lab.stun2_addr()],
+            turn: Some(lab.turn_addr()),
+            turn_username: TURN_USER.into(),
+            turn_password: TURN_PASSWORD.into(),
+            relay: Some("auto".into()),
+            timeout_s: Some(3),
+        };
+        let prov_rt = lab.runtime(&prov.ns);
+        let exit = prov_rt
+            .spawn(ProviderExit::start(cfg))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.nat_path(), want, "exit's path");
+        let ep = exit.public_endpoint().expect("exit found no public endpoint");
+        match want {
+            NatPath::Relayed => assert_eq!(ep.ip(), lab.turn_addr().ip(), "relayed address"),
+            _ => assert_eq!(ep.ip(), IpAddr::V4(prov.public_ip), "exit's mapping"),
+        }
+
+        let client = SecretKey::generate();
+        let client_pub = client.public_key();
+        let mut tcfg = TunnelConfig::new(client, exit.public_key(), ep, Ipv4Addr::new(10, 77, 0, 2));
+        tcfg.nat = lab.nat_settings();
+        tcfg.nat.relay = RelayMode::Never;
+        let req_rt = lab.runtime(&req.ns);
+        let tunnel = req_rt.spawn(Tunnel::start(tcfg)).await.unwrap().unwrap();
+        assert_eq!(tunnel.nat_path(), want_req, "requester's path");
+        let req_ep = tunnel.public_endpoint().expect("requester found no mapping");
+        assert_eq!(req_ep.ip(), IpAddr::V4(req.public_ip), "requester's mapping");
+
+        // The deal hands the requester's endpoint to the exit, which sends first.
+        exit.add_peer_at(client_pub, "10.77.0.2".parse().unwrap(), Some(req_ep))
+            .await
+            .unwrap();
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(25),
+            tunnel.connect_tcp(SocketAddr::new(IpAddr::V4(target), who.port())),
+        )
+        .await
+        .expect("no connection through the tunnel")
+        .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(25), get_body(&mut s))
+            .await
+            .expect("no answer through the tunnel");
+        assert_eq!(body, prov.public_ip.to_string(), "the target saw the NAT address");
+        drop(s);
+        assert!(tunnel.health().counters.handshakes >= 1);
+        tunnel.shutdown().await;
+        exit.shutdown().await;
+    }
+
+    /// (a) Provider behind a port-restricted cone NAT, requester public: the exit
+    /// advertises its STUN mapping and opens it by sending the first handshake.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_behind_cone_nat() {
+        let mut lab = Lab::new();
+        let prov = lab.host_behind(Nat::Cone);
+        let req = lab.public_host();
+        through(&mut lab, &prov, &req, NatPath::Punched, NatPath::Direct).await;
+    }
+
+    /// (b) Both behind cone NATs: both learn their mappings, both send first (hole
+    /// punching).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_behind_cone_nats() {
+        let mut lab = Lab::new();
+        let prov = lab.host_behind(Nat::Cone);
+        let req = lab.host_behind(Nat::Cone);
+        through(&mut lab, &prov, &req, NatPath::Punched, NatPath::Punched).await;
+    }
+
+    /// (c) Provider behind a symmetric NAT (`--random-fully`): STUN sees two mappings,
+    /// the exit relays through a TURN allocation on coturn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_behind_symmetric_nat_relays() {
+        let mut lab = Lab::new();
+        let prov = lab.host_behind(Nat::Symmetric);
+        let req = lab.public_host();
+        through(&mut lab, &prov, &req, NatPath::Relayed, NatPath::Direct).await;
+    }
+}
