@@ -125,7 +125,10 @@ impl NatSection {
             password: self.turn_password.clone(),
         });
         if turn.is_none() && !(self.turn_username.is_empty() && self.turn_password.is_empty()) {
-            return Err(bad("turn", "credentials given without a `turn` server".into()));
+            return Err(bad(
+                "turn",
+                "credentials given without a `turn` server".into(),
+            ));
         }
         let s = ipsx_tunnel_pool::NatSettings {
             stun: self.stun.clone(),

@@ -27,8 +27,8 @@ use ipsx_tunnel_pool::netstack::{Stack, StackStream};
 use ipsx_tunnel_pool::smoltcp::iface::SocketHandle;
 use ipsx_tunnel_pool::smoltcp::socket::tcp;
 use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ipsx_tunnel_pool::{NatPath, NatSocket};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -430,7 +430,9 @@ impl Driver {
             x25519::PublicKey::from(key),
             None,
             // Keep our NAT mapping open toward a peer we reached first.
-            endpoint.filter(|_| self.shared.nat_path != NatPath::Direct).map(|_| 25),
+            endpoint
+                .filter(|_| self.shared.nat_path != NatPath::Direct)
+                .map(|_| 25),
             index,
             Some(self.limiter.clone()),
         );
@@ -528,7 +530,7 @@ impl Driver {
                 self.on_datagram(&rx_buf[..n], from, &mut out_buf).await;
             }
             // STUN/TURN refreshes and retransmissions.
-            if Instant::now() >= self.udp.instant_of(nat_next) {
+            if self.udp.due(nat_next) {
                 nat_next = self.udp.service().await;
             }
             // First handshakes toward peers whose endpoint we were given.

@@ -183,7 +183,9 @@ mod nat {
             .unwrap()
             .unwrap();
         assert_eq!(exit.nat_path(), want, "exit's path");
-        let ep = exit.public_endpoint().expect("exit found no public endpoint");
+        let ep = exit
+            .public_endpoint()
+            .expect("exit found no public endpoint");
         match want {
             NatPath::Relayed => assert_eq!(ep.ip(), lab.turn_addr().ip(), "relayed address"),
             _ => assert_eq!(ep.ip(), IpAddr::V4(prov.public_ip), "exit's mapping"),
@@ -191,14 +193,21 @@ mod nat {
 
         let client = SecretKey::generate();
         let client_pub = client.public_key();
-        let mut tcfg = TunnelConfig::new(client, exit.public_key(), ep, Ipv4Addr::new(10, 77, 0, 2));
+        let mut tcfg =
+            TunnelConfig::new(client, exit.public_key(), ep, Ipv4Addr::new(10, 77, 0, 2));
         tcfg.nat = lab.nat_settings();
         tcfg.nat.relay = RelayMode::Never;
         let req_rt = lab.runtime(&req.ns);
         let tunnel = req_rt.spawn(Tunnel::start(tcfg)).await.unwrap().unwrap();
         assert_eq!(tunnel.nat_path(), want_req, "requester's path");
-        let req_ep = tunnel.public_endpoint().expect("requester found no mapping");
-        assert_eq!(req_ep.ip(), IpAddr::V4(req.public_ip), "requester's mapping");
+        let req_ep = tunnel
+            .public_endpoint()
+            .expect("requester found no mapping");
+        assert_eq!(
+            req_ep.ip(),
+            IpAddr::V4(req.public_ip),
+            "requester's mapping"
+        );
 
         // The deal hands the requester's endpoint to the exit, which sends first.
         exit.add_peer_at(client_pub, "10.77.0.2".parse().unwrap(), Some(req_ep))
@@ -210,11 +219,21 @@ mod nat {
         )
         .await
         .expect("no connection through the tunnel")
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect: {e}; tunnel {:?}; exit {:?}",
+                tunnel.health(),
+                exit.counters()
+            )
+        });
         let body = tokio::time::timeout(Duration::from_secs(25), get_body(&mut s))
             .await
             .expect("no answer through the tunnel");
-        assert_eq!(body, prov.public_ip.to_string(), "the target saw the NAT address");
+        assert_eq!(
+            body,
+            prov.public_ip.to_string(),
+            "the target saw the NAT address"
+        );
         drop(s);
         assert!(tunnel.health().counters.handshakes >= 1);
         tunnel.shutdown().await;

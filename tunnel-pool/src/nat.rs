@@ -21,6 +21,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -402,7 +403,10 @@ impl Traversal {
         let Some(pos) = self.outstanding.iter().position(|(t, _)| *t == tid) else {
             return;
         };
-        if !self.stun.handle_stun_message_with_time(&msg, from, instant(now)) {
+        if !self
+            .stun
+            .handle_stun_message_with_time(&msg, from, instant(now))
+        {
             return;
         }
         let (_, server) = self.outstanding.swap_remove(pos);
@@ -587,6 +591,8 @@ pub struct NatSocket {
     udp: UdpSocket,
     nat: Option<Mutex<Traversal>>,
     epoch: std::time::Instant,
+    /// Set when the traversal queued a message (a permission) to send now.
+    urgent: AtomicBool,
 }
 
 impl NatSocket {
@@ -596,6 +602,7 @@ impl NatSocket {
             udp,
             nat: None,
             epoch: std::time::Instant::now(),
+            urgent: AtomicBool::new(false),
         }
     }
 
@@ -622,6 +629,7 @@ impl NatSocket {
             udp,
             nat: None,
             epoch: std::time::Instant::now(),
+            urgent: AtomicBool::new(false),
         };
         let me = Self {
             nat: Some(Mutex::new(Traversal::new(settings, local, me.now()))),
@@ -685,6 +693,13 @@ impl NatSocket {
     pub fn permit(&self, peer: SocketAddr) {
         let now = self.now();
         self.with(|t| t.permit(peer, now));
+        self.urgent.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`NatSocket::service`] should run now: `next` (its last answer) has come,
+    /// or a message was queued since.
+    pub fn due(&self, next: Duration) -> bool {
+        self.urgent.swap(false, Ordering::Relaxed) || self.now() >= next
     }
 
     /// Waits until the socket may be readable.
@@ -705,7 +720,9 @@ impl NatSocket {
             };
             let _ = self.send_raw(to, &data).await;
         }
-        next
+        // Refreshes are minutes apart, but answers to requests may need a retransmit
+        // soon; a second is cheap.
+        next.min(now + Duration::from_secs(1))
     }
 
     /// When [`NatSocket::service`] wants to run next, as a tokio instant.
@@ -748,7 +765,10 @@ impl NatSocket {
         match self.with(|t| t.route(to, data, now)) {
             None | Some(Route::Direct) => self.send_raw(to, data).await,
             Some(Route::Wrapped { to, data }) => self.send_raw(to, &data).await,
-            Some(Route::Dropped) => Ok(0),
+            Some(Route::Dropped) => {
+                self.urgent.store(true, Ordering::Relaxed);
+                Ok(0)
+            }
         }
     }
 

@@ -674,7 +674,7 @@ async fn drive(
             _ = shared.stack.notify.notified() => {}
             _ = tokio::time::sleep_until(wake_at.min(udp.instant_of(nat_next))) => {}
         }
-        if Instant::now() >= udp.instant_of(nat_next) {
+        if udp.due(nat_next) {
             nat_next = udp.service().await;
         }
 

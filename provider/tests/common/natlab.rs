@@ -70,7 +70,9 @@ impl Lab {
         let id = (std::process::id() * 7 + k) % 250 + 1;
         let tag = format!("{}x{k}", std::process::id() % 100_000);
         let public_ns = format!("nlp{tag}");
-        let _ = Command::new("ip").args(["netns", "del", &public_ns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &public_ns])
+            .output();
         run(&["ip", "netns", "add", &public_ns]);
         let me = Self {
             id,
@@ -126,13 +128,42 @@ impl Lab {
         let i = self.namespaces.len();
         let (a, b) = (format!("nb{}x{i}", self.id), format!("nu{}x{i}", self.id));
         run(&[
-            "ip", "-n", &self.public_ns, "link", "add", &a, "type", "veth", "peer", "name", &b,
-            "netns", ns,
+            "ip",
+            "-n",
+            &self.public_ns,
+            "link",
+            "add",
+            &a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            ns,
         ]);
-        run(&["ip", "-n", &self.public_ns, "link", "set", &a, "master", "br0"]);
+        run(&[
+            "ip",
+            "-n",
+            &self.public_ns,
+            "link",
+            "set",
+            &a,
+            "master",
+            "br0",
+        ]);
         run(&["ip", "-n", &self.public_ns, "link", "set", &a, "up"]);
         let ip = self.public_ip(last);
-        run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", &b]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &b,
+        ]);
         run(&["ip", "-n", ns, "link", "set", &b, "up"]);
         ip
     }
@@ -164,26 +195,93 @@ impl Lab {
         ]);
         let inside_r = Ipv4Addr::new(10, 203, r, 1);
         let ip = Ipv4Addr::new(10, 203, r, 2);
-        run(&["ip", "-n", &router, "addr", "add", &format!("{inside_r}/24"), "dev", &a]);
+        run(&[
+            "ip",
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("{inside_r}/24"),
+            "dev",
+            &a,
+        ]);
         run(&["ip", "-n", &router, "link", "set", &a, "up"]);
-        run(&["ip", "-n", &host, "addr", "add", &format!("{ip}/24"), "dev", &b]);
+        run(&[
+            "ip",
+            "-n",
+            &host,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &b,
+        ]);
         run(&["ip", "-n", &host, "link", "set", &b, "up"]);
         run(&[
-            "ip", "-n", &host, "route", "add", "default", "via", &inside_r.to_string(),
+            "ip",
+            "-n",
+            &host,
+            "route",
+            "add",
+            "default",
+            "via",
+            &inside_r.to_string(),
         ]);
         run(&[
-            "ip", "netns", "exec", &router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
         ]);
         let uplink = format!("nu{}x{}", self.id, i - 1);
         let mut rule = vec![
-            "ip", "netns", "exec", &router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o",
-            &uplink, "-j", "MASQUERADE",
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            &uplink,
+            "-j",
+            "MASQUERADE",
         ];
         if nat == Nat::Symmetric {
             rule.push("--random-fully");
         }
         run(&rule);
-        Host { ns: host, ip, public_ip }
+        // Like a home router, accept nothing new addressed to the router itself: an
+        // unsolicited datagram is dropped before conntrack keeps it (a kept one would
+        // take the mapping's port and make the NAT pick another for our own send).
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-i",
+            &uplink,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW,INVALID",
+            "-j",
+            "DROP",
+        ]);
+        Host {
+            ns: host,
+            ip,
+            public_ip,
+        }
     }
 
     /// Starts coturn in the public namespace on both server addresses; waits until it
