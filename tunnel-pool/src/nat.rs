@@ -551,10 +551,10 @@ impl Traversal {
         if let Some(turn) = self.turn.as_mut() {
             match turn.poll(instant(now)) {
                 turn_client_proto::api::TurnPollRet::WaitUntil(at) => next = next.min(since(at)),
-                turn_client_proto::api::TurnPollRet::Closed => {
-                    if self.turn_error.is_none() && self.relayed.is_none() {
-                        self.turn_error = Some("TURN client closed".into());
-                    }
+                turn_client_proto::api::TurnPollRet::Closed
+                    if self.turn_error.is_none() && self.relayed.is_none() =>
+                {
+                    self.turn_error = Some("TURN client closed".into());
                 }
                 _ => {}
             }
@@ -781,5 +781,125 @@ impl NatSocket {
             }
         }
         Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn settings() -> NatSettings {
+        NatSettings {
+            stun: vec!["192.0.2.1:3478".parse().unwrap()],
+            turn: Some(TurnServer {
+                addr: "192.0.2.1:3478".parse().unwrap(),
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            relay: RelayMode::Always,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn local() -> SocketAddr {
+        "198.51.100.7:40000".parse().unwrap()
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for p in NatPath::ALL {
+            assert_eq!(p.as_str().parse::<NatPath>().unwrap(), p);
+        }
+        assert!(
+            "sideways"
+                .parse::<NatPath>()
+                .unwrap_err()
+                .contains("sideways")
+        );
+        assert_eq!("never".parse::<RelayMode>().unwrap(), RelayMode::Never);
+        assert!("x".parse::<RelayMode>().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut s = settings();
+        s.turn = None;
+        assert_eq!(s.validate().unwrap_err().0, "relay");
+        let mut s = settings();
+        s.stun = vec!["0.0.0.0:3478".parse().unwrap()];
+        assert_eq!(s.validate().unwrap_err().0, "stun");
+        let mut s = settings();
+        if let Some(t) = s.turn.as_mut() {
+            t.password.clear();
+        }
+        assert_eq!(s.validate().unwrap_err().0, "turn_password");
+        assert!(settings().validate().is_ok());
+        assert!(!format!("{:?}", settings()).contains("\"p\""));
+    }
+
+    #[test]
+    fn sends_one_binding_request_per_server_then_settles_on_timeout() {
+        let mut t = Traversal::new(settings(), local(), Duration::ZERO);
+        let (to, data) = t.poll_transmit(Duration::ZERO).unwrap();
+        assert_eq!(to, settings().stun[0]);
+        assert!(
+            Message::from_bytes(&data)
+                .unwrap()
+                .has_class(MessageClass::Request)
+        );
+        assert_eq!(t.mapping(), Mapping::Pending);
+        // Nobody answers: the mapping is unknown, and `always` starts an allocation.
+        t.poll(Duration::from_secs(2));
+        assert_eq!(t.mapping(), Mapping::Unknown);
+        let (to, _) = t.poll_transmit(Duration::from_secs(2)).unwrap();
+        assert_eq!(to, settings().turn.unwrap().addr);
+        // No allocation either: relaying is given up with a reason, traffic goes direct.
+        t.poll(Duration::from_secs(5));
+        assert!(t.is_settled());
+        assert!(t.turn_error().is_some());
+        assert_eq!(t.path(), NatPath::Direct);
+        let peer: SocketAddr = "203.0.113.9:51820".parse().unwrap();
+        assert_eq!(t.route(peer, b"x", Duration::from_secs(5)), Route::Direct);
+    }
+
+    #[test]
+    fn datagrams_from_peers_are_not_ours() {
+        let mut t = Traversal::new(settings(), local(), Duration::ZERO);
+        let peer: SocketAddr = "203.0.113.9:51820".parse().unwrap();
+        assert_eq!(
+            t.recv(peer, &[1, 0, 0, 0], Duration::ZERO),
+            Received::Wireguard
+        );
+    }
+
+    proptest::proptest! {
+        /// A hostile or broken STUN/TURN server: whatever it sends is consumed
+        /// (counted as garbage when it is not STUN), never a panic, never handed to
+        /// WireGuard as a peer's datagram.
+        #[test]
+        fn hostile_server_input_is_consumed(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..200), 1..8),
+            cookie in proptest::bool::ANY,
+        ) {
+            let mut t = Traversal::new(settings(), local(), Duration::ZERO);
+            let _ = t.poll_transmit(Duration::ZERO);
+            let server = settings().stun[0];
+            for (i, mut f) in frames.into_iter().enumerate() {
+                if cookie && f.len() >= 20 {
+                    // Make some frames look like STUN (type, length, magic cookie).
+                    f[0] = 0x01;
+                    f[1] = 0x01;
+                    let len = u16::try_from(f.len() - 20).unwrap_or(0);
+                    f[2..4].copy_from_slice(&len.to_be_bytes());
+                    f[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+                }
+                let now = Duration::from_millis(i as u64 * 300);
+                let r = t.recv(server, &f, now);
+                proptest::prop_assert_eq!(r, Received::Consumed);
+                t.poll(now);
+                while t.poll_transmit(now).is_some() {}
+            }
+        }
     }
 }

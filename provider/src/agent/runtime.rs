@@ -52,6 +52,9 @@ pub struct ExitStatus {
     pub endpoint: SocketAddr,
     /// The exit's WireGuard public key (base64).
     pub public_key: String,
+    /// How requesters reach the exit (`direct`, `punched`, `relayed`), as NAT traversal
+    /// found at start.
+    pub nat_path: ipsx_tunnel_pool::NatPath,
     /// The offer currently in the book, if any.
     pub order_id: Option<u64>,
     /// Offers posted so far (refreshes included).
@@ -133,6 +136,12 @@ impl AgentHandle {
     /// Exit `i`'s WireGuard server (meters, log hashes).
     pub fn exit(&self, i: usize) -> Option<&ProviderHandle> {
         self.exits.get(i)
+    }
+
+    /// How requesters reach exit `i` (`direct`, `punched` behind a cone NAT, `relayed`
+    /// through TURN); `None` for no such exit.
+    pub fn nat_path(&self, i: usize) -> Option<ipsx_tunnel_pool::NatPath> {
+        self.exits.get(i).map(ProviderHandle::nat_path)
     }
 
     /// Waits (at most `timeout`) until `pred` holds for a status snapshot; returns it.
@@ -384,6 +393,7 @@ impl Agent {
             pc.protocols = x.protocols.clone();
             pc.allow_destinations = x.allow_destinations.clone();
             pc.own_addresses = x.own_addresses.clone();
+            pc.nat = x.nat.clone();
             let handle = match ProviderExit::start(pc).await {
                 Ok(h) => h,
                 Err(source) => {
@@ -394,7 +404,7 @@ impl Agent {
                 }
             };
             let bound = handle.local_addr();
-            let endpoint = x.endpoint.unwrap_or_else(|| {
+            let endpoint = x.endpoint.or(handle.public_endpoint()).unwrap_or_else(|| {
                 let ip = if bound.ip().is_unspecified() {
                     x.exit_address
                 } else {
@@ -416,6 +426,7 @@ impl Agent {
                 exit_address: x.exit_address,
                 endpoint,
                 public_key: ipsx_tunnel_pool::key_to_base64(&handle.public_key()),
+                nat_path: handle.nat_path(),
                 order_id: None,
                 offers_posted: 0,
             });
