@@ -66,6 +66,13 @@ pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "post",
+        "/v1/endpoints",
+        "A side's signed WireGuard endpoint for a deal (NAT traversal): recorded on the deal (requester_endpoint; the provider's report sets path = direct|punched|relayed) and sent to both parties as an `endpoint` event.",
+        Some("SignedEndpointReport"),
+        200,
+    ),
+    (
+        "post",
         "/v1/proofs",
         "A requester's balance proof for a deal's payment channel (Centralizer EIP-712 domain).",
         Some("BalanceProof"),
@@ -183,6 +190,12 @@ pub fn schemas() -> Value {
             "status": { "enum": ["accepted", "active", "completed", "failed", "rejected"] },
             "reason": s("string"), "expiry": s("integer"), "nonce": s("integer")
         })),
+        "EndpointReport": object(&["wallet", "deal_id", "endpoint", "path", "expiry", "nonce"], json!({
+            "wallet": address(), "deal_id": s("integer"),
+            "endpoint": { "type": "string", "description": "ip:port ([ip]:port for IPv6); signed as that string" },
+            "path": { "enum": ["direct", "punched", "relayed"] },
+            "expiry": s("integer"), "nonce": s("integer")
+        })),
         "Extend": object(&["wallet", "deal_id", "new_end", "expiry", "nonce"], json!({
             "wallet": address(), "deal_id": s("integer"), "new_end": s("integer"),
             "expiry": s("integer"), "nonce": s("integer")
@@ -204,6 +217,7 @@ pub fn schemas() -> Value {
         "SignedStatusReport": signed("StatusReport"),
         "SignedRating": signed("Rating"),
         "SignedExtend": signed("Extend"),
+        "SignedEndpointReport": signed("EndpointReport"),
         "SignedPreferences": signed("Preferences"),
         "OfferBatch": object(&["orders"], json!({ "orders": { "type": "array", "items": { "$ref": "#/components/schemas/SignedOffer" } } })),
         "Error": object(&["error"], json!({ "error": object(&["code", "message"], json!({

@@ -36,7 +36,7 @@ use crate::error::ExchangeError;
 use crate::sign::{self, Signed};
 use crate::store::Store;
 use crate::types::{
-    BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
+    BalanceProof, Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
 };
 
 /// A signed message as the API carries it.
@@ -442,6 +442,7 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
         .route("/v1/deals/{id}", get(get_deal))
         .route("/v1/deals/{id}/proof", get(get_proof))
         .route("/v1/reports", post(post_report))
+        .route("/v1/endpoints", post(post_endpoint))
         .route("/v1/proofs", post(post_proof))
         .route("/v1/extensions", post(post_extension))
         .route("/v1/ratings", post(post_rating))
@@ -571,6 +572,17 @@ async fn post_report(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Js
     let report: StatusReport = verified(&node, &body)?;
     Ok(Json(
         node.submit(Command::Report {
+            report,
+            now: unix_now(),
+        })
+        .await?,
+    ))
+}
+
+async fn post_endpoint(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Json<Outcome>> {
+    let report: EndpointReport = verified(&node, &body)?;
+    Ok(Json(
+        node.submit(Command::Endpoint {
             report,
             now: unix_now(),
         })
