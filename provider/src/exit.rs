@@ -120,6 +120,11 @@ enum Command {
         key: [u8; 32],
         reply: oneshot::Sender<bool>,
     },
+    Endpoint {
+        key: [u8; 32],
+        endpoint: SocketAddr,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What the handle and the relays share.
@@ -305,6 +310,26 @@ impl ProviderHandle {
             .await
             .map_err(|_| ProviderError::Stopped)?;
         rx.await.map_err(|_| ProviderError::Stopped)?
+    }
+
+    /// Points a served requester at a new public endpoint (it reported one after it
+    /// was added) and sends it a handshake; false when the key is not served.
+    pub async fn set_peer_endpoint(&self, public_key: &[u8; 32], endpoint: SocketAddr) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .cmd
+            .send(Command::Endpoint {
+                key: *public_key,
+                endpoint,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Stops serving a requester at once (its flows are reset). Its meter and log stay
@@ -510,6 +535,17 @@ impl Driver {
                     }
                     Some(Command::Remove { key, reply }) => {
                         let _ = reply.send(self.remove_peer(&key));
+                    }
+                    Some(Command::Endpoint { key, endpoint, reply }) => {
+                        let known = self.by_key.get(&key).copied();
+                        if let Some(idx) = known
+                            && let Some(p) = self.peers.get_mut(&idx)
+                        {
+                            p.endpoint = Some(endpoint);
+                            self.udp.permit(endpoint);
+                            self.initiate.push(idx);
+                        }
+                        let _ = reply.send(known.is_some());
                     }
                     None => {}
                 },

@@ -17,7 +17,8 @@ use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::EventKind;
 use ipsx_exchange::engine::Outcome;
 use ipsx_exchange::{
-    Client, Deal, DealEvent, ExchangeError, Extend, Offer, PartyStatus, Rating, StatusReport, WgKey,
+    Client, Deal, DealEvent, DealPath, EndpointReport, ExchangeError, Extend, Offer, PartyStatus,
+    Rating, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::{
     BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment,
@@ -273,6 +274,7 @@ fn observation(d: &Deal) -> Observation {
         rated_by_provider: d.rated_by_provider,
         provider_new_end: d.provider_new_end,
         requester_new_end: d.requester_new_end,
+        requester_endpoint: d.requester_endpoint,
     }
 }
 
@@ -608,6 +610,12 @@ impl Runtime {
                         let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
                         self.core.party_reported(id, provider, party_status, now);
                     }
+                    EventKind::Endpoint {
+                        actor: ipsx_exchange::engine::Actor::Requester,
+                        endpoint,
+                        ..
+                    } => self.core.requester_endpoint(id, endpoint, now),
+                    EventKind::Endpoint { .. } => {}
                     EventKind::StatusChanged => self.core.status_changed(id, ev.status, now),
                     EventKind::Proof { amount } => self.core.proof_posted(id, amount),
                     EventKind::ExtendProposed { actor, new_end } => {
@@ -669,13 +677,52 @@ impl Runtime {
             }
             let mut local = false;
             for a in actions {
-                local |= matches!(a, Action::AddPeer { .. } | Action::RemovePeer { .. });
+                local |= matches!(
+                    a,
+                    Action::AddPeer { .. }
+                        | Action::RemovePeer { .. }
+                        | Action::PeerEndpoint { .. }
+                );
                 self.execute(a).await;
             }
             if !local {
                 return;
             }
         }
+    }
+
+    /// Tells the exchange how the deal's exit is reached (recorded as the deal's
+    /// path); best effort, a few tries.
+    fn report_path(&self, deal_id: u64, exit: usize) {
+        let (Some(h), Some(x)) = (self.exits.get(exit), self.status.exits.get(exit)) else {
+            return;
+        };
+        let path = match h.nat_path() {
+            ipsx_tunnel_pool::NatPath::Direct => DealPath::Direct,
+            ipsx_tunnel_pool::NatPath::Punched => DealPath::Punched,
+            ipsx_tunnel_pool::NatPath::Relayed => DealPath::Relayed,
+        };
+        let endpoint = x.endpoint;
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            for attempt in 0..3u32 {
+                let r = EndpointReport {
+                    wallet: net.wallet,
+                    deal_id,
+                    endpoint,
+                    path,
+                    expiry: unix_s() + 600,
+                    nonce: next_nonce(),
+                };
+                match net.client.report_endpoint(&r).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(deal = deal_id, error = %e, "endpoint report refused");
+                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    }
+                }
+            }
+        });
     }
 
     async fn execute(&mut self, a: Action) {
@@ -686,9 +733,10 @@ impl Runtime {
                 exit,
                 key,
                 inner_ip,
+                endpoint,
             } => {
                 let r = match self.exits.get(exit) {
-                    Some(h) => h.add_peer(key, IpAddr::V4(inner_ip)).await,
+                    Some(h) => h.add_peer_at(key, IpAddr::V4(inner_ip), endpoint).await,
                     None => Err(ProviderError::Stopped),
                 };
                 let r = r.map_err(|e| match e {
@@ -696,9 +744,23 @@ impl Runtime {
                     e => Failure::Permanent(e.to_string()),
                 });
                 if r.is_ok() {
-                    tracing::info!(deal = deal_id, %inner_ip, "serving requester");
+                    tracing::info!(deal = deal_id, %inner_ip, ?endpoint, "serving requester");
+                    self.report_path(deal_id, exit);
                 }
                 self.core.peer_done(deal_id, true, r, now_ms());
+            }
+            Action::PeerEndpoint {
+                deal_id,
+                exit,
+                key,
+                endpoint,
+            } => {
+                let known = match self.exits.get(exit) {
+                    Some(h) => h.set_peer_endpoint(&key, endpoint).await,
+                    None => false,
+                };
+                tracing::info!(deal = deal_id, %endpoint, known, "requester endpoint");
+                self.core.peer_done(deal_id, true, Ok(()), now_ms());
             }
             Action::RemovePeer { deal_id, exit, key } => {
                 if let Some(h) = self.exits.get(exit) {
