@@ -155,6 +155,12 @@ pub struct MarketConfig {
     /// The local store of deals and channels (SQLite), relative to the config file.
     #[serde(default = "default_state_file")]
     pub state_file: String,
+    /// NAT traversal of the rented tunnels (`[market.nat]`: `stun`, `turn`,
+    /// `turn_username`, `turn_password`, `relay`, `timeout_s`): each tunnel learns its
+    /// public mapping and reports it to the exchange, so an exit behind a NAT can send
+    /// first.
+    #[serde(default)]
+    pub nat: ipsx_tunnel_pool::nat::NatSection,
 }
 
 impl MarketConfig {

@@ -906,6 +906,33 @@ impl PoolManager {
         self.inner.wake.notify_one();
     }
 
+    /// Posts our tunnel's public endpoint for deal `id` (the exchange relays it to the
+    /// provider); a refusal is logged, the tunnel may still work without it.
+    async fn report_endpoint(
+        &self,
+        id: u64,
+        endpoint: std::net::SocketAddr,
+        path: ipsx_tunnel_pool::NatPath,
+    ) {
+        let path = match path {
+            ipsx_tunnel_pool::NatPath::Direct => ipsx_exchange::DealPath::Direct,
+            ipsx_tunnel_pool::NatPath::Punched => ipsx_exchange::DealPath::Punched,
+            ipsx_tunnel_pool::NatPath::Relayed => ipsx_exchange::DealPath::Relayed,
+        };
+        let (expiry, nonce) = fresh();
+        let r = ipsx_exchange::EndpointReport {
+            wallet: self.inner.wallet,
+            deal_id: id,
+            endpoint,
+            path,
+            expiry,
+            nonce,
+        };
+        if let Err(e) = self.inner.exchange.report_endpoint(&r).await {
+            tracing::warn!(deal = id, error = %e, "endpoint report refused");
+        }
+    }
+
     /// Brings a deal's tunnel up, verifies the exit, and puts it in rotation.
     async fn connect(&self, id: u64, terms: ipsx_exchange::engine::DealTerms) -> Input {
         let mut cfg = TunnelConfig::new(
@@ -921,6 +948,8 @@ impl PoolManager {
         // initiation stays unanswered for `dead_after` (`docs/tunnel.md`).
         cfg.health.probe_after = Duration::from_secs(5);
         cfg.health.dead_after = self.inner.cfg.dead_after;
+        // Validated with the config (`market.nat.*`).
+        cfg.nat = self.inner.cfg.nat.settings().unwrap_or_default();
         let tunnel = match Tunnel::start(cfg.clone()).await {
             Ok(t) => t,
             Err(e) => {
@@ -930,6 +959,10 @@ impl PoolManager {
                 };
             }
         };
+        // NAT traversal: tell the exit where we are, so one behind a NAT sends first.
+        if let Some(endpoint) = tunnel.public_endpoint() {
+            self.report_endpoint(id, endpoint, tunnel.nat_path()).await;
+        }
         if let Some(url) = &self.inner.verify_url
             && let Err(e) = tunnel.verify_exit(url, terms.exit_address).await
         {

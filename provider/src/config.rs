@@ -84,62 +84,7 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
 }
 
-/// NAT traversal of the exit's WireGuard socket (`[nat]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatSection {
-    /// STUN servers asked for the exit's public mapping.
-    #[serde(default)]
-    pub stun: Vec<SocketAddr>,
-    /// TURN server relaying when the NAT is symmetric.
-    #[serde(default)]
-    pub turn: Option<SocketAddr>,
-    /// TURN user name.
-    #[serde(default)]
-    pub turn_username: String,
-    /// TURN password.
-    #[serde(default)]
-    pub turn_password: String,
-    /// `auto` (relay behind a symmetric NAT), `always` or `never`.
-    #[serde(default)]
-    pub relay: Option<String>,
-    /// How long discovery may take at start, seconds (default 5).
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
-}
-
-impl NatSection {
-    /// The traversal settings; errors name the key (`nat.relay`, `nat.turn_password`, ...).
-    pub fn settings(&self) -> Result<ipsx_tunnel_pool::NatSettings, ProviderError> {
-        let bad = |key: &str, reason: String| ProviderError::Config {
-            key: format!("nat.{key}"),
-            reason,
-        };
-        let relay = match &self.relay {
-            Some(r) => r.parse().map_err(|e| bad("relay", e))?,
-            None => ipsx_tunnel_pool::RelayMode::Auto,
-        };
-        let turn = self.turn.map(|addr| ipsx_tunnel_pool::TurnServer {
-            addr,
-            username: self.turn_username.clone(),
-            password: self.turn_password.clone(),
-        });
-        if turn.is_none() && !(self.turn_username.is_empty() && self.turn_password.is_empty()) {
-            return Err(bad(
-                "turn",
-                "credentials given without a `turn` server".into(),
-            ));
-        }
-        let s = ipsx_tunnel_pool::NatSettings {
-            stun: self.stun.clone(),
-            turn,
-            relay,
-            timeout: std::time::Duration::from_secs(self.timeout_s.unwrap_or(5)),
-        };
-        s.validate().map_err(|(k, r)| bad(k, r))?;
-        Ok(s)
-    }
-}
+pub use ipsx_tunnel_pool::nat::NatSection;
 
 fn default_inner() -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 1)
@@ -244,7 +189,12 @@ impl ProviderConfig {
         for a in &self.allow_destinations {
             Cidr::parse("allow_destinations", a)?;
         }
-        self.nat.settings()?;
+        self.nat
+            .settings()
+            .map_err(|(key, reason)| ProviderError::Config {
+                key: format!("nat.{key}"),
+                reason,
+            })?;
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if !seen.insert(p.public_key) {

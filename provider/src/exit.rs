@@ -189,7 +189,14 @@ impl ProviderExit {
         })?;
         // Learn the public mapping (and relay, behind a symmetric NAT) from the
         // WireGuard socket itself, before any peer is served.
-        let udp = NatSocket::discover(udp, cfg.nat.settings()?)
+        let settings = cfg
+            .nat
+            .settings()
+            .map_err(|(key, reason)| ProviderError::Config {
+                key: format!("nat.{key}"),
+                reason,
+            })?;
+        let udp = NatSocket::discover(udp, settings)
             .await
             .map_err(|e| ProviderError::Bind {
                 addr: cfg.listen,

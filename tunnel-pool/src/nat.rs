@@ -186,6 +186,62 @@ impl NatSettings {
     }
 }
 
+/// NAT traversal settings as written in a config file (`[nat]` of the provider exit,
+/// `[exit.nat]` of the agent, `[market.nat]` of the gateway).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// STUN servers asked for the exit's public mapping.
+    #[serde(default)]
+    pub stun: Vec<SocketAddr>,
+    /// TURN server relaying when the NAT is symmetric.
+    #[serde(default)]
+    pub turn: Option<SocketAddr>,
+    /// TURN user name.
+    #[serde(default)]
+    pub turn_username: String,
+    /// TURN password.
+    #[serde(default)]
+    pub turn_password: String,
+    /// `auto` (relay behind a symmetric NAT), `always` or `never`.
+    #[serde(default)]
+    pub relay: Option<String>,
+    /// How long discovery may take at start, seconds (default 5).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+impl NatSection {
+    /// The traversal settings; errors name the key within the section (`relay`,
+    /// `turn_password`, ...).
+    pub fn settings(&self) -> Result<NatSettings, (&'static str, String)> {
+        let bad = |key: &'static str, reason: String| (key, reason);
+        let relay = match &self.relay {
+            Some(r) => r.parse().map_err(|e| bad("relay", e))?,
+            None => RelayMode::Auto,
+        };
+        let turn = self.turn.map(|addr| TurnServer {
+            addr,
+            username: self.turn_username.clone(),
+            password: self.turn_password.clone(),
+        });
+        if turn.is_none() && !(self.turn_username.is_empty() && self.turn_password.is_empty()) {
+            return Err(bad(
+                "turn",
+                "credentials given without a `turn` server".into(),
+            ));
+        }
+        let s = NatSettings {
+            stun: self.stun.clone(),
+            turn,
+            relay,
+            timeout: std::time::Duration::from_secs(self.timeout_s.unwrap_or(5)),
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
 /// What STUN showed about the NAT in front of the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {

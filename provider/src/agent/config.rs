@@ -370,8 +370,8 @@ impl AgentConfig {
             {
                 return Err(bad(k("endpoint"), "needs a routable address and a port"));
             }
-            if let Err(crate::ProviderError::Config { key, reason }) = x.nat.settings() {
-                return Err(bad(k(&key), reason));
+            if let Err((key, reason)) = x.nat.settings() {
+                return Err(bad(k(&format!("nat.{key}")), reason));
             }
             if let Some(r) = &x.region {
                 parse_place("region", r).map_err(|e| bad(k("region"), e.to_string()))?;
