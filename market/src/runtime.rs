@@ -134,6 +134,8 @@ struct Inner {
     wg_key: SecretKey,
     core: Mutex<Core>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
+    /// How each deal's exit is reached, as its provider reported (NAT traversal).
+    paths: Mutex<HashMap<u64, ipsx_exchange::DealPath>>,
     store: Store,
     /// Serializes store writes so a later snapshot never lands before an earlier one.
     store_lock: tokio::sync::Mutex<()>,
@@ -244,6 +246,7 @@ impl PoolManager {
             wg_key,
             core: Mutex::new(core),
             tunnels: Mutex::new(HashMap::new()),
+            paths: Mutex::new(HashMap::new()),
             store,
             store_lock: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
@@ -279,6 +282,12 @@ impl PoolManager {
     /// A snapshot for the admin API.
     pub fn status(&self) -> MarketStatus {
         let now = unix_ms();
+        let paths = self
+            .inner
+            .paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let core = self.core();
         let unix = now / 1000;
         let deals: Vec<serde_json::Value> = core
@@ -307,6 +316,7 @@ impl PoolManager {
                         "state": c.phase,
                     })),
                     "ends_in_s": d.terms.end.saturating_sub(unix),
+                    "path": paths.get(&d.id).map(|p| p.as_str()),
                     "note": d.note,
                 })
             })
@@ -603,6 +613,20 @@ impl PoolManager {
                     deal,
                     status: party_status,
                 })
+            }
+            EventKind::Endpoint {
+                actor: Actor::Provider,
+                path,
+                ..
+            } => {
+                metrics::counter!("ipsx_market_deal_paths_total", "path" => path.as_str())
+                    .increment(1);
+                let mut paths = self.inner.paths.lock().unwrap_or_else(|p| p.into_inner());
+                if paths.len() >= 10_000 {
+                    paths.clear();
+                }
+                paths.insert(deal, path);
+                None
             }
             EventKind::Extended { terms } => Some(Input::Extended {
                 deal,

@@ -358,6 +358,64 @@ impl Lab {
     }
 }
 
+/// A coturn on 127.0.0.1 (STUN only is used: no NAT on loopback); killed on drop.
+pub struct LoopbackStun {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl LoopbackStun {
+    pub fn start() -> Self {
+        // coturn has no port 0: take a free one and hand it over.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("ipsx-stun-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("turnserver.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listening-ip=127.0.0.1\nlistening-port={port}\nrelay-ip=127.0.0.1\n\
+                 fingerprint\nlt-cred-mech\nuser={TURN_USER}:{TURN_PASSWORD}\nrealm=ipsx.test\n\
+                 no-tls\nno-dtls\nno-cli\nno-rfc5780\nlog-file=stdout\nsimple-log\npidfile={}\n",
+                dir.join("pid").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("turnserver")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnserver not installed: run scripts/install-tunnel.sh");
+        let me = Self {
+            addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            child,
+            dir,
+        };
+        for _ in 0..100 {
+            if run(&["ss", "-Hlun"]).contains(&format!("127.0.0.1:{port}")) {
+                return me;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("turnserver did not start listening on 127.0.0.1:{port}");
+    }
+}
+
+impl Drop for LoopbackStun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for rt in self.runtimes.drain(..) {
