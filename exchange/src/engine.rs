@@ -1110,14 +1110,15 @@ impl Exchange {
         }
     }
 
-    fn check_report(&self, rep: &StatusReport) -> Result<Actor, ExchangeError> {
+    /// A deal still open and `wallet`'s side in it.
+    fn open_deal_of(&self, deal_id: u64, wallet: Address) -> Result<(&Deal, Actor), ExchangeError> {
         let d = self
             .deals
-            .get(&rep.deal_id)
-            .ok_or(ExchangeError::UnknownDeal(rep.deal_id))?;
-        let actor = d.actor_of(&rep.wallet).ok_or(ExchangeError::NotParty {
-            wallet: rep.wallet,
-            what: format!("deal {}", rep.deal_id),
+            .get(&deal_id)
+            .ok_or(ExchangeError::UnknownDeal(deal_id))?;
+        let actor = d.actor_of(&wallet).ok_or(ExchangeError::NotParty {
+            wallet,
+            what: format!("deal {deal_id}"),
         })?;
         if d.status.is_final() {
             return Err(ExchangeError::conflict(
@@ -1125,6 +1126,11 @@ impl Exchange {
                 format!("deal {} is already {}", d.id, d.status.as_str()),
             ));
         }
+        Ok((d, actor))
+    }
+
+    fn check_report(&self, rep: &StatusReport) -> Result<Actor, ExchangeError> {
+        let (d, actor) = self.open_deal_of(rep.deal_id, rep.wallet)?;
         let current = match actor {
             Actor::Provider => d.provider_status,
             _ => d.requester_status,
@@ -1143,21 +1149,7 @@ impl Exchange {
     }
 
     fn check_endpoint(&self, rep: &EndpointReport) -> Result<Actor, ExchangeError> {
-        let d = self
-            .deals
-            .get(&rep.deal_id)
-            .ok_or(ExchangeError::UnknownDeal(rep.deal_id))?;
-        let actor = d.actor_of(&rep.wallet).ok_or(ExchangeError::NotParty {
-            wallet: rep.wallet,
-            what: format!("deal {}", rep.deal_id),
-        })?;
-        if d.status.is_final() {
-            return Err(ExchangeError::conflict(
-                "deal_id",
-                format!("deal {} is already {}", d.id, d.status.as_str()),
-            ));
-        }
-        Ok(actor)
+        self.open_deal_of(rep.deal_id, rep.wallet).map(|(_, a)| a)
     }
 
     fn endpoint(&mut self, rep: &EndpointReport, actor: Actor) -> Outcome {
