@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+#[path = "common/natlab.rs"]
+mod natlab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -1157,7 +1159,7 @@ async fn chain_outage_keeps_serving_and_claims_after_recovery() {
 /// in namespaces (`interop.rs`, module `nat`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_requester_endpoint_and_the_path_travel_through_the_exchange() {
-    let stun = common::natlab::LoopbackStun::start();
+    let stun = natlab::LoopbackStun::start();
     let w = World::new().await;
     let extra = format!("[exit.nat]\nstun = [\"{}\"]\ntimeout_s = 3\n", stun.addr);
     let cfg = AgentConfig::from_toml(&w.agent_toml_with(1, &extra)).unwrap();

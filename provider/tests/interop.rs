@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/natlab.rs"]
+mod natlab;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -146,8 +148,8 @@ mod nat {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
-    use super::common::natlab::{Host, Lab, Nat, TURN_PASSWORD, TURN_USER};
     use super::common::{exit_config, get_body, whoami_server};
+    use super::natlab::{Host, Lab, Nat, TURN_PASSWORD, TURN_USER};
     use ipsx_provider::ProviderExit;
     use ipsx_provider::config::NatSection;
     use ipsx_tunnel_pool::{NatPath, RelayMode, SecretKey, Tunnel, TunnelConfig};
