@@ -158,6 +158,17 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         .collect();
     tokio::spawn(ipsx_gateway::echo::serve_echo(echo, countries));
 
+    // NAT traversal runs in the demo too: a coturn on loopback (when installed) is the
+    // STUN server of every exit and rented tunnel (no NAT here, so paths are `direct`).
+    let stun = Stun::start(&dir);
+    let (exit_nat, market_nat) = match &stun {
+        Some(s) => (
+            format!("[exit.nat]\nstun = [\"{}\"]\ntimeout_s = 2\n\n", s.addr),
+            format!("[market.nat]\nstun = [\"{}\"]\ntimeout_s = 2\n\n", s.addr),
+        ),
+        None => (String::new(), String::new()),
+    };
+
     // 5. Providers: two exits each.
     let mut providers = Vec::new();
     for (i, key) in provider_keys.iter().enumerate() {
@@ -169,7 +180,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         );
         for (last, cc, city, kind) in &EXITS[i * 2..i * 2 + 2] {
             toml.push_str(&format!(
-                "[[exit]]\nexit_address = \"127.0.0.{last}\"\nlisten = \"127.0.0.{last}:0\"\ncountry = \"{cc}\"\ncity = \"{city}\"\ntype = \"{kind}\"\nprice_per_ip_second = \"{PRICE}\"\nprotocols = [\"any\"]\nallow_destinations = [\"127.0.0.0/8\"]\n\n"
+                "[[exit]]\nexit_address = \"127.0.0.{last}\"\nlisten = \"127.0.0.{last}:0\"\ncountry = \"{cc}\"\ncity = \"{city}\"\ntype = \"{kind}\"\nprice_per_ip_second = \"{PRICE}\"\nprotocols = [\"any\"]\nallow_destinations = [\"127.0.0.0/8\"]\n\n{exit_nat}"
             ));
         }
         let path = dir.join(format!("provider-{i}.toml"));
@@ -198,6 +209,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         hex_key(&requester),
         PRICE * 2,
     );
+    gateway_toml.push_str(&market_nat);
     for cc in ["de", "us", "fr", "jp"] {
         gateway_toml.push_str(&format!(
             "[[market.demand]]\nname = \"{cc}\"\ntarget = {{ country = \"{cc}\" }}\ncount = 1\n\n"
@@ -275,6 +287,15 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     );
     println!("  echo target: {echo_url}");
     println!("  admin API:   {}/api/market", state.admin);
+    match &stun {
+        Some(s) => println!(
+            "  NAT:         STUN via coturn (turnserver) on {}; each deal's path in /api/market",
+            s.addr
+        ),
+        None => {
+            println!("  NAT:         off (turnserver not installed: scripts/install-tunnel.sh)")
+        }
+    }
     println!("try:");
     println!("  curl -x http://demo-country-de-session-s1:demo-token@{proxy} {echo_url}");
     println!("  curl --socks5-hostname demo-country-us:demo-token@{proxy} {echo_url}");
@@ -299,9 +320,64 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         Err(e) => println!("settlement not checked: {e}"),
     }
     drop(anvil);
+    drop(stun);
     let _ = std::fs::remove_dir_all(&dir);
     println!("stopped.");
     Ok(())
+}
+
+/// coturn as the demo's STUN server on a free loopback port; killed on drop.
+struct Stun {
+    addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl Stun {
+    /// `None` when `turnserver` is not installed or does not start.
+    fn start(dir: &std::path::Path) -> Option<Self> {
+        // coturn takes no port 0: take a free one and hand it over.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let conf = dir.join("turnserver.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listening-ip=127.0.0.1\nlistening-port={port}\nrelay-ip=127.0.0.1\nno-auth\n\
+                 no-tls\nno-dtls\nno-cli\nno-rfc5780\nlog-file=stdout\nsimple-log\npidfile={}\n",
+                dir.join("turnserver.pid").display()
+            ),
+        )
+        .ok()?;
+        let child = std::process::Command::new("turnserver")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        // Wait (bounded) until it holds the port.
+        let mut me = Self { addr, child };
+        for _ in 0..50 {
+            if std::net::UdpSocket::bind(addr).is_err() {
+                return Some(me);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = me.child.kill();
+        let _ = me.child.wait();
+        None
+    }
+}
+
+impl Drop for Stun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {

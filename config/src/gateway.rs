@@ -744,6 +744,9 @@ impl GatewayConfig {
             if let Err((key, why)) = market.check() {
                 return Err(check.invalid(m.span(), format!("market.{key}"), why));
             }
+            if let Err((key, why)) = market.nat.settings() {
+                return Err(check.invalid(m.span(), format!("market.nat.{key}"), why));
+            }
             for (i, d) in market.demand.iter().enumerate() {
                 if d.count == 0 || d.count > 1000 {
                     return Err(check.invalid(

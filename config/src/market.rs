@@ -167,6 +167,12 @@ pub struct MarketConfig {
     /// deal names an ASN.
     #[serde(default)]
     pub geoip_asn: Option<String>,
+    /// NAT traversal of the rented tunnels (`[market.nat]`: `stun`, `turn`,
+    /// `turn_username`, `turn_password`, `relay`, `timeout_s`): each tunnel learns its
+    /// public mapping and reports it to the exchange, so an exit behind a NAT can send
+    /// first.
+    #[serde(default)]
+    pub nat: ipsx_tunnel_pool::nat::NatSection,
 }
 
 impl MarketConfig {

@@ -18,7 +18,7 @@ use crate::error::ExchangeError;
 use crate::server::{BatchItem, ErrorEnvelope, NodeInfo, OfferBatch, ProfileView, SignedMessage};
 use crate::sign::{self, Signed};
 use crate::types::{
-    BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
+    BalanceProof, Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
 };
 
 fn transport(e: impl std::fmt::Display) -> ExchangeError {
@@ -203,6 +203,12 @@ impl Client {
     /// Signs and posts a status report.
     pub async fn report(&self, report: &StatusReport) -> Result<Outcome, ExchangeError> {
         self.post_json("/v1/reports", &self.sign(report)?).await
+    }
+
+    /// Signs and posts a side's WireGuard endpoint for a deal
+    /// ([`Outcome::EndpointStored`]; the other side sees it as an `endpoint` event).
+    pub async fn report_endpoint(&self, r: &EndpointReport) -> Result<Outcome, ExchangeError> {
+        self.post_json("/v1/endpoints", &self.sign(r)?).await
     }
 
     /// Signs and posts a proposal to extend a deal to `e.new_end`

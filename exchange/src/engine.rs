@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use alloy_primitives::map::{HashMap, HashSet};
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use alloy_primitives::{Address, U256};
@@ -22,8 +22,8 @@ use crate::agreement::{Deadlines, DealStatus, deal_status};
 use crate::book::{BookOffer, BookRequest, Counterparties, OfferBook, RequestBook};
 use crate::error::ExchangeError;
 use crate::types::{
-    BalanceProof, Cancel, Extend, MAX_DURATION_S, Offer, PartyStatus, Preferences, Protocol,
-    Rating, Request, StatusReport, WgKey, amount, commission,
+    BalanceProof, Cancel, DealPath, EndpointReport, Extend, MAX_DURATION_S, Offer, PartyStatus,
+    Preferences, Protocol, Rating, Request, StatusReport, WgKey, amount, commission,
 };
 
 /// Rules of the engine that come from configuration.
@@ -100,6 +100,13 @@ pub enum Command {
         /// Unix seconds.
         now: u64,
     },
+    /// A signed endpoint report (NAT traversal).
+    Endpoint {
+        /// The message.
+        report: EndpointReport,
+        /// Unix seconds.
+        now: u64,
+    },
     /// A signed rating.
     Rate {
         /// The message.
@@ -136,6 +143,7 @@ impl Command {
             | Self::PostRequest { now, .. }
             | Self::Cancel { now, .. }
             | Self::Report { now, .. }
+            | Self::Endpoint { now, .. }
             | Self::Proof { now, .. }
             | Self::Rate { now, .. }
             | Self::Prefs { now, .. }
@@ -205,6 +213,11 @@ pub enum Outcome {
     },
     /// Preferences were stored.
     PrefsStored,
+    /// An endpoint report was recorded on the deal.
+    EndpointStored {
+        /// The deal.
+        deal_id: u64,
+    },
     /// An extension proposal was recorded; `extended` when it matched the other
     /// party's, so the deal now ends at `new_end`.
     Extend {
@@ -322,6 +335,12 @@ pub struct Deal {
     /// The requester's pending proposal of a new end; its added value is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requester_new_end: Option<u64>,
+    /// The requester's WireGuard endpoint, as it last reported (NAT traversal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_endpoint: Option<SocketAddr>,
+    /// How the exit is reached, as the provider last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<DealPath>,
 }
 
 impl Deal {
@@ -368,6 +387,15 @@ pub enum EventKind {
         actor: Actor,
         /// The proposed end, unix seconds.
         new_end: u64,
+    },
+    /// A side reported its WireGuard endpoint (and path).
+    Endpoint {
+        /// Who.
+        actor: Actor,
+        /// The endpoint.
+        endpoint: SocketAddr,
+        /// How that side is reached.
+        path: DealPath,
     },
     /// Both sides proposed the same end: the deal now runs to `terms.end`.
     Extended {
@@ -792,6 +820,13 @@ impl Exchange {
                 self.use_nonce(report.wallet, report.nonce, report.expiry);
                 Ok(self.report(report, actor))
             }
+            Command::Endpoint { report, .. } => {
+                report.check(now, ttl)?;
+                self.check_nonce(report.wallet, report.nonce)?;
+                let actor = self.check_endpoint(report)?;
+                self.use_nonce(report.wallet, report.nonce, report.expiry);
+                Ok(self.endpoint(report, actor))
+            }
             Command::Proof { proof, signer, .. } => {
                 proof.check()?;
                 self.check_proof(proof, signer)?;
@@ -1026,6 +1061,8 @@ impl Exchange {
             rated_by_requester: false,
             provider_new_end: None,
             requester_new_end: None,
+            requester_endpoint: None,
+            path: None,
         };
         if let Some(t) = deadlines.next_after(now) {
             self.deal_timers.insert((t, id));
@@ -1105,14 +1142,15 @@ impl Exchange {
         }
     }
 
-    fn check_report(&self, rep: &StatusReport) -> Result<Actor, ExchangeError> {
+    /// A deal still open and `wallet`'s side in it.
+    fn open_deal_of(&self, deal_id: u64, wallet: Address) -> Result<(&Deal, Actor), ExchangeError> {
         let d = self
             .deals
-            .get(&rep.deal_id)
-            .ok_or(ExchangeError::UnknownDeal(rep.deal_id))?;
-        let actor = d.actor_of(&rep.wallet).ok_or(ExchangeError::NotParty {
-            wallet: rep.wallet,
-            what: format!("deal {}", rep.deal_id),
+            .get(&deal_id)
+            .ok_or(ExchangeError::UnknownDeal(deal_id))?;
+        let actor = d.actor_of(&wallet).ok_or(ExchangeError::NotParty {
+            wallet,
+            what: format!("deal {deal_id}"),
         })?;
         if d.status.is_final() {
             return Err(ExchangeError::conflict(
@@ -1120,6 +1158,11 @@ impl Exchange {
                 format!("deal {} is already {}", d.id, d.status.as_str()),
             ));
         }
+        Ok((d, actor))
+    }
+
+    fn check_report(&self, rep: &StatusReport) -> Result<Actor, ExchangeError> {
+        let (d, actor) = self.open_deal_of(rep.deal_id, rep.wallet)?;
         let current = match actor {
             Actor::Provider => d.provider_status,
             _ => d.requester_status,
@@ -1135,6 +1178,30 @@ impl Exchange {
             ));
         }
         Ok(actor)
+    }
+
+    fn check_endpoint(&self, rep: &EndpointReport) -> Result<Actor, ExchangeError> {
+        self.open_deal_of(rep.deal_id, rep.wallet).map(|(_, a)| a)
+    }
+
+    fn endpoint(&mut self, rep: &EndpointReport, actor: Actor) -> Outcome {
+        if let Some(d) = self.deals.get_mut(&rep.deal_id) {
+            match actor {
+                Actor::Provider => d.path = Some(rep.path),
+                _ => d.requester_endpoint = Some(rep.endpoint),
+            }
+        }
+        self.emit(
+            rep.deal_id,
+            EventKind::Endpoint {
+                actor,
+                endpoint: rep.endpoint,
+                path: rep.path,
+            },
+        );
+        Outcome::EndpointStored {
+            deal_id: rep.deal_id,
+        }
     }
 
     fn report(&mut self, rep: &StatusReport, actor: Actor) -> Outcome {

@@ -32,6 +32,6 @@ pub use engine::{Command, Deal, DealEvent, EngineConfig, Exchange, Outcome, Prof
 pub use error::ExchangeError;
 pub use server::{serve, serve_with};
 pub use types::{
-    BalanceProof, Cancel, Diversity, Extend, Offer, PartyStatus, Preferences, Protocol, Rating,
-    Request, StatusReport, WgKey,
+    BalanceProof, Cancel, DealPath, Diversity, EndpointReport, Extend, Offer, PartyStatus,
+    Preferences, Protocol, Rating, Request, StatusReport, WgKey,
 };

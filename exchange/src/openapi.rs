@@ -82,6 +82,13 @@ pub const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "post",
+        "/v1/endpoints",
+        "A side's signed WireGuard endpoint for a deal (NAT traversal): recorded on the deal (requester_endpoint; the provider's report sets path = direct|punched|relayed) and sent to both parties as an `endpoint` event.",
+        Some("SignedEndpointReport"),
+        200,
+    ),
+    (
+        "post",
         "/v1/proofs",
         "A requester's balance proof for a deal's payment channel (Centralizer EIP-712 domain).",
         Some("BalanceProof"),
@@ -199,6 +206,12 @@ pub fn schemas() -> Value {
             "status": { "enum": ["accepted", "active", "completed", "failed", "rejected"] },
             "reason": s("string"), "expiry": s("integer"), "nonce": s("integer")
         })),
+        "EndpointReport": object(&["wallet", "deal_id", "endpoint", "path", "expiry", "nonce"], json!({
+            "wallet": address(), "deal_id": s("integer"),
+            "endpoint": { "type": "string", "description": "ip:port ([ip]:port for IPv6); signed as that string" },
+            "path": { "enum": ["direct", "punched", "relayed"] },
+            "expiry": s("integer"), "nonce": s("integer")
+        })),
         "Extend": object(&["wallet", "deal_id", "new_end", "expiry", "nonce"], json!({
             "wallet": address(), "deal_id": s("integer"), "new_end": s("integer"),
             "expiry": s("integer"), "nonce": s("integer")
@@ -220,6 +233,7 @@ pub fn schemas() -> Value {
         "SignedStatusReport": signed("StatusReport"),
         "SignedRating": signed("Rating"),
         "SignedExtend": signed("Extend"),
+        "SignedEndpointReport": signed("EndpointReport"),
         "SignedPreferences": signed("Preferences"),
         "OfferBatch": object(&["orders"], json!({ "orders": { "type": "array", "items": { "$ref": "#/components/schemas/SignedOffer" } } })),
         "Error": object(&["error"], json!({ "error": object(&["code", "message"], json!({
@@ -319,6 +333,12 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
     ("StatusReport", "reason", "reason", "\"\"", "text"),
     ("StatusReport", "expiry", "expiry", "", "number"),
     ("StatusReport", "nonce", "nonce", "", "number"),
+    ("EndpointReport", "wallet", "wallet", "", "address"),
+    ("EndpointReport", "dealId", "deal_id", "", "number"),
+    ("EndpointReport", "endpoint", "endpoint", "", "text"),
+    ("EndpointReport", "path", "path", "", "text"),
+    ("EndpointReport", "expiry", "expiry", "", "number"),
+    ("EndpointReport", "nonce", "nonce", "", "number"),
     ("Extend", "wallet", "wallet", "", "address"),
     ("Extend", "dealId", "deal_id", "", "number"),
     ("Extend", "newEnd", "new_end", "", "number"),
@@ -346,7 +366,7 @@ pub const MEMBER_SOURCES: &[(&str, &str, &str, &str, &str)] = &[
 /// `eth_signTypedData_v4` takes them, which API route carries each, and how each member
 /// is filled from the JSON payload (field, default when absent, encoding).
 pub fn typed_data() -> Value {
-    let structs: [(&str, String, &str); 7] = [
+    let structs: [(&str, String, &str); 8] = [
         (
             "Offer",
             typed::Offer::eip712_root_type().into_owned(),
@@ -366,6 +386,11 @@ pub fn typed_data() -> Value {
             "StatusReport",
             typed::StatusReport::eip712_root_type().into_owned(),
             "/v1/reports",
+        ),
+        (
+            "EndpointReport",
+            typed::EndpointReport::eip712_root_type().into_owned(),
+            "/v1/endpoints",
         ),
         (
             "Extend",

@@ -43,7 +43,7 @@ use crate::limits::{Guard, LimitsConfig, Subscription};
 use crate::sign::{self, Signed};
 use crate::store::Store;
 use crate::types::{
-    BalanceProof, Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport,
+    BalanceProof, Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
 };
 
 /// A signed message as the API carries it.
@@ -262,6 +262,7 @@ impl Node {
             Command::PostRequest { request, .. } => (request.requester, request.nonce, true),
             Command::Cancel { cancel, .. } => (cancel.wallet, cancel.nonce, false),
             Command::Report { report, .. } => (report.wallet, report.nonce, false),
+            Command::Endpoint { report, .. } => (report.wallet, report.nonce, false),
             Command::Rate { rating, .. } => (rating.wallet, rating.nonce, false),
             Command::Extend { extend, .. } => (extend.wallet, extend.nonce, false),
             Command::Prefs { prefs, .. } => (prefs.wallet, prefs.nonce, false),
@@ -551,6 +552,7 @@ fn router(node: Arc<Node>, max_body: usize) -> Router {
         .route("/v1/deals/{id}", get(get_deal))
         .route("/v1/deals/{id}/proof", get(get_proof))
         .route("/v1/reports", post(post_report))
+        .route("/v1/endpoints", post(post_endpoint))
         .route("/v1/proofs", post(post_proof))
         .route("/v1/extensions", post(post_extension))
         .route("/v1/ratings", post(post_rating))
@@ -723,6 +725,17 @@ async fn post_report(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Js
     let report: StatusReport = verified(&node, &body)?;
     Ok(Json(
         node.submit(Command::Report {
+            report,
+            now: unix_now(),
+        })
+        .await?,
+    ))
+}
+
+async fn post_endpoint(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Json<Outcome>> {
+    let report: EndpointReport = verified(&node, &body)?;
+    Ok(Json(
+        node.submit(Command::Endpoint {
             report,
             now: unix_now(),
         })

@@ -17,7 +17,9 @@ use alloy_signer_local::PrivateKeySigner;
 use alloy_sol_types::{Eip712Domain, SolStruct, eip712_domain};
 
 use crate::error::ExchangeError;
-use crate::types::{Cancel, Extend, Offer, Preferences, Rating, Request, StatusReport};
+use crate::types::{
+    Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
+};
 
 /// The typed structs as signed (EIP-712 type names and field names).
 #[allow(missing_docs, unreachable_pub)]
@@ -82,6 +84,15 @@ pub mod typed {
             uint64 dealId;
             string status;
             string reason;
+            uint64 expiry;
+            uint64 nonce;
+        }
+        /// A side's WireGuard endpoint for a deal (NAT traversal).
+        struct EndpointReport {
+            address wallet;
+            uint64 dealId;
+            string endpoint;
+            string path;
             uint64 expiry;
             uint64 nonce;
         }
@@ -256,6 +267,26 @@ impl Signed for StatusReport {
             dealId: self.deal_id,
             status: self.status.as_str().to_owned(),
             reason: self.reason.clone(),
+            expiry: self.expiry,
+            nonce: self.nonce,
+        }
+        .eip712_signing_hash(domain)
+    }
+    fn author(&self) -> Address {
+        self.wallet
+    }
+    fn author_field(&self) -> &'static str {
+        "wallet"
+    }
+}
+
+impl Signed for EndpointReport {
+    fn signing_hash(&self, domain: &Eip712Domain) -> B256 {
+        typed::EndpointReport {
+            wallet: self.wallet,
+            dealId: self.deal_id,
+            endpoint: self.endpoint.to_string(),
+            path: self.path.as_str().to_owned(),
             expiry: self.expiry,
             nonce: self.nonce,
         }

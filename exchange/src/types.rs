@@ -383,6 +383,62 @@ pub struct StatusReport {
     pub nonce: u64,
 }
 
+/// How a deal's WireGuard traffic crosses NATs (docs/tunnel.md, "NAT traversal").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DealPath {
+    /// The exit's own address is reachable.
+    Direct,
+    /// A cone NAT's mapping, opened by sending first (hole punching).
+    Punched,
+    /// Through a TURN relay.
+    Relayed,
+}
+
+impl DealPath {
+    /// Every value.
+    pub const ALL: [DealPath; 3] = [Self::Direct, Self::Punched, Self::Relayed];
+
+    /// The lowercase name (API, metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Punched => "punched",
+            Self::Relayed => "relayed",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Result<Self, ExchangeError> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| ExchangeError::invalid("path", "not one of direct, punched, relayed"))
+    }
+}
+
+/// A party's WireGuard endpoint for a deal, which the exchange records on the deal and
+/// relays to the other party on its event stream (NAT traversal: an exit behind a NAT
+/// sends the first handshake to the requester's endpoint). The provider's report also
+/// records the deal's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointReport {
+    /// The reporting side; must be the signer and a party of the deal.
+    pub wallet: Address,
+    /// The deal.
+    pub deal_id: u64,
+    /// Where the side's WireGuard socket is reached (its STUN mapping, relayed address
+    /// or own address).
+    pub endpoint: SocketAddr,
+    /// How the side is reached.
+    pub path: DealPath,
+    /// The message is refused after this time.
+    pub expiry: u64,
+    /// Unique per wallet among unexpired messages.
+    pub nonce: u64,
+}
+
 /// A party's proposal to extend a running deal to `new_end` (same exit, same price).
 /// The deal is extended when both parties proposed the same `new_end`; a party's later
 /// proposal replaces its earlier one.
@@ -680,6 +736,21 @@ impl Request {
             && (self.types.is_empty() || self.types.contains(&offer.kind))
             && offer.supports(&self.protocols)
             && (offer.min_duration_s..=offer.max_duration_s).contains(&self.duration_s)
+    }
+}
+
+impl EndpointReport {
+    /// Checks the message fields.
+    pub fn check(&self, now: u64, max_ttl: u64) -> Result<(), ExchangeError> {
+        check_expiry(self.expiry, now, max_ttl)?;
+        let ip = self.endpoint.ip();
+        if self.endpoint.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+            return Err(ExchangeError::invalid(
+                "endpoint",
+                "needs a unicast address and a port",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -138,6 +138,8 @@ struct Inner {
     wg_key: SecretKey,
     core: Mutex<Core>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
+    /// How each deal's exit is reached, as its provider reported (NAT traversal).
+    paths: Mutex<HashMap<u64, ipsx_exchange::DealPath>>,
     store: Store,
     /// Serializes store writes so a later snapshot never lands before an earlier one.
     store_lock: tokio::sync::Mutex<()>,
@@ -262,6 +264,7 @@ impl PoolManager {
             wg_key,
             core: Mutex::new(core),
             tunnels: Mutex::new(HashMap::new()),
+            paths: Mutex::new(HashMap::new()),
             store,
             store_lock: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
@@ -297,6 +300,12 @@ impl PoolManager {
     /// A snapshot for the admin API.
     pub fn status(&self) -> MarketStatus {
         let now = unix_ms();
+        let paths = self
+            .inner
+            .paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let core = self.core();
         let unix = now / 1000;
         let deals: Vec<serde_json::Value> = core
@@ -325,6 +334,7 @@ impl PoolManager {
                         "state": c.phase,
                     })),
                     "ends_in_s": d.terms.end.saturating_sub(unix),
+                    "path": paths.get(&d.id).map(|p| p.as_str()),
                     "note": d.note,
                 })
             })
@@ -621,6 +631,20 @@ impl PoolManager {
                     deal,
                     status: party_status,
                 })
+            }
+            EventKind::Endpoint {
+                actor: Actor::Provider,
+                path,
+                ..
+            } => {
+                metrics::counter!("ipsx_market_deal_paths_total", "path" => path.as_str())
+                    .increment(1);
+                let mut paths = self.inner.paths.lock().unwrap_or_else(|p| p.into_inner());
+                if paths.len() >= 10_000 {
+                    paths.clear();
+                }
+                paths.insert(deal, path);
+                None
             }
             EventKind::Extended { terms } => Some(Input::Extended {
                 deal,
@@ -957,6 +981,33 @@ impl PoolManager {
         Some(Input::ExitMisplaced { deal: id, reason })
     }
 
+    /// Posts our tunnel's public endpoint for deal `id` (the exchange relays it to the
+    /// provider); a refusal is logged, the tunnel may still work without it.
+    async fn report_endpoint(
+        &self,
+        id: u64,
+        endpoint: std::net::SocketAddr,
+        path: ipsx_tunnel_pool::NatPath,
+    ) {
+        let path = match path {
+            ipsx_tunnel_pool::NatPath::Direct => ipsx_exchange::DealPath::Direct,
+            ipsx_tunnel_pool::NatPath::Punched => ipsx_exchange::DealPath::Punched,
+            ipsx_tunnel_pool::NatPath::Relayed => ipsx_exchange::DealPath::Relayed,
+        };
+        let (expiry, nonce) = fresh();
+        let r = ipsx_exchange::EndpointReport {
+            wallet: self.inner.wallet,
+            deal_id: id,
+            endpoint,
+            path,
+            expiry,
+            nonce,
+        };
+        if let Err(e) = self.inner.exchange.report_endpoint(&r).await {
+            tracing::warn!(deal = id, error = %e, "endpoint report refused");
+        }
+    }
+
     /// Brings a deal's tunnel up, verifies the exit, and puts it in rotation.
     async fn connect(&self, id: u64, terms: ipsx_exchange::engine::DealTerms) -> Input {
         let mut cfg = TunnelConfig::new(
@@ -972,6 +1023,8 @@ impl PoolManager {
         // initiation stays unanswered for `dead_after` (`docs/tunnel.md`).
         cfg.health.probe_after = Duration::from_secs(5);
         cfg.health.dead_after = self.inner.cfg.dead_after;
+        // Validated with the config (`market.nat.*`).
+        cfg.nat = self.inner.cfg.nat.settings().unwrap_or_default();
         let tunnel = match Tunnel::start(cfg.clone()).await {
             Ok(t) => t,
             Err(e) => {
@@ -981,6 +1034,10 @@ impl PoolManager {
                 };
             }
         };
+        // NAT traversal: tell the exit where we are, so one behind a NAT sends first.
+        if let Some(endpoint) = tunnel.public_endpoint() {
+            self.report_endpoint(id, endpoint, tunnel.nat_path()).await;
+        }
         if let Some(url) = &self.inner.verify_url
             && let Err(e) = tunnel.verify_exit(url, terms.exit_address).await
         {

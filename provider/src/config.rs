@@ -18,6 +18,14 @@
 //! [[peers]]
 //! public_key = "base64..."
 //! inner_ip = "10.77.0.2"
+//! endpoint = "198.51.100.4:40000"   # optional: the exit sends first (NAT, relay)
+//!
+//! [nat]                             # optional: behind a NAT (docs/tunnel.md)
+//! stun = ["192.0.2.1:3478"]         # two servers also detect a symmetric NAT
+//! turn = "192.0.2.1:3478"           # relay when symmetric (or `relay = "always"`)
+//! turn_username = "ipsx"
+//! turn_password = "..."
+//! relay = "auto"                    # auto | always | never
 //! ```
 
 use std::fmt;
@@ -76,7 +84,13 @@ pub struct PeerConfig {
     /// The requester's address inside the tunnel; packets from any other source are
     /// dropped.
     pub inner_ip: IpAddr,
+    /// The requester's public WireGuard endpoint, when known: the exit sends the first
+    /// handshake there (opening its NAT) and, when relaying, lets it through the relay.
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
 }
+
+pub use ipsx_tunnel_pool::nat::NatSection;
 
 fn default_inner() -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 1)
@@ -129,6 +143,9 @@ pub struct ProviderConfig {
     /// Peers known at start.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// NAT traversal (none by default: the listen address is reachable).
+    #[serde(default)]
+    pub nat: NatSection,
 }
 
 impl ProviderConfig {
@@ -147,6 +164,7 @@ impl ProviderConfig {
             mtu: default_mtu(),
             limits: Limits::default(),
             peers: Vec::new(),
+            nat: NatSection::default(),
         }
     }
 
@@ -182,6 +200,12 @@ impl ProviderConfig {
             Cidr::parse("allow_destinations", a)?;
         }
         self.limits.validate("limits")?;
+        self.nat
+            .settings()
+            .map_err(|(key, reason)| ProviderError::Config {
+                key: format!("nat.{key}"),
+                reason,
+            })?;
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if !seen.insert(p.public_key) {
@@ -270,6 +294,29 @@ mod tests {
                 "limits.max_flows_per_peer",
             ),
             (format!("{}\n[limits]\nmax_flow = 3\n", base()), "max_flow"),
+            (
+                base().replace("[[peers]]", "[nat]\nrelay = \"sometimes\"\n[[peers]]"),
+                "nat.relay",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nrelay = \"always\"\n[[peers]]"),
+                "nat.relay",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nturn_password = \"x\"\n[[peers]]"),
+                "nat.turn",
+            ),
+            (
+                base().replace(
+                    "[[peers]]",
+                    "[nat]\nturn = \"192.0.2.1:3478\"\nturn_username = \"u\"\n[[peers]]",
+                ),
+                "nat.turn_password",
+            ),
+            (
+                base().replace("[[peers]]", "[nat]\nstun = [\"0.0.0.0:3478\"]\n[[peers]]"),
+                "nat.stun",
+            ),
         ];
         for (text, key) in cases {
             let err = ProviderConfig::from_toml(&text).unwrap_err().to_string();

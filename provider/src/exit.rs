@@ -30,6 +30,7 @@ use ipsx_tunnel_pool::netstack::{Stack, StackStream};
 use ipsx_tunnel_pool::smoltcp::iface::SocketHandle;
 use ipsx_tunnel_pool::smoltcp::socket::tcp;
 use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
+use ipsx_tunnel_pool::{NatPath, NatSocket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -140,10 +141,16 @@ enum Command {
     Add {
         key: [u8; 32],
         inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
         reply: oneshot::Sender<Result<(), ProviderError>>,
     },
     Remove {
         key: [u8; 32],
+        reply: oneshot::Sender<bool>,
+    },
+    Endpoint {
+        key: [u8; 32],
+        endpoint: SocketAddr,
         reply: oneshot::Sender<bool>,
     },
 }
@@ -158,6 +165,8 @@ struct Shared {
     epoch: Instant,
     local_addr: SocketAddr,
     public_key: [u8; 32],
+    nat_path: NatPath,
+    public_endpoint: Option<SocketAddr>,
 }
 
 /// A running exit. Dropping the last clone stops it.
@@ -207,6 +216,26 @@ impl ProviderExit {
             addr: cfg.listen,
             source: e,
         })?;
+        // Learn the public mapping (and relay, behind a symmetric NAT) from the
+        // WireGuard socket itself, before any peer is served.
+        let settings = cfg
+            .nat
+            .settings()
+            .map_err(|(key, reason)| ProviderError::Config {
+                key: format!("nat.{key}"),
+                reason,
+            })?;
+        let udp = NatSocket::discover(udp, settings)
+            .await
+            .map_err(|e| ProviderError::Bind {
+                addr: cfg.listen,
+                source: e,
+            })?;
+        let nat_path = udp.path();
+        let public_endpoint = udp.public_endpoint();
+        if let Some(e) = udp.turn_error() {
+            tracing::warn!(error = %e, "exit: TURN relay unavailable");
+        }
         let mut own = cfg.own_addresses.clone();
         own.extend(discover_own_addresses());
         if !local_addr.ip().is_unspecified() {
@@ -229,6 +258,8 @@ impl ProviderExit {
             epoch: Instant::now(),
             local_addr,
             public_key: public.to_bytes(),
+            nat_path,
+            public_endpoint,
             cfg,
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -245,9 +276,10 @@ impl ProviderExit {
             next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
             notify: Arc::new(Notify::new()),
             queue: FairQueue::new(shared.cfg.limits.peer_queue),
+            initiate: Vec::new(),
         };
         for p in shared.cfg.peers.clone() {
-            driver.add_peer(p.public_key.0, p.inner_ip)?;
+            driver.add_peer(p.public_key.0, p.inner_ip, p.endpoint)?;
         }
         let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
         Ok(ProviderHandle {
@@ -274,11 +306,35 @@ impl ProviderHandle {
         self.inner.shared.public_key
     }
 
+    /// How requesters reach this exit: `direct` (its own address), `punched` (a cone
+    /// NAT's mapping, learned by STUN) or `relayed` (a TURN allocation).
+    pub fn nat_path(&self) -> NatPath {
+        self.inner.shared.nat_path
+    }
+
+    /// The endpoint NAT traversal found to advertise (TURN relayed address or STUN
+    /// mapping); `None` without traversal.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.inner.shared.public_endpoint
+    }
+
     /// Accepts a requester's key (a new deal); its packets must come from `inner_ip`.
     pub async fn add_peer(
         &self,
         public_key: [u8; 32],
         inner_ip: IpAddr,
+    ) -> Result<(), ProviderError> {
+        self.add_peer_at(public_key, inner_ip, None).await
+    }
+
+    /// As [`ProviderHandle::add_peer`], with the requester's public endpoint when known:
+    /// the exit sends the first handshake there (opening its own NAT, punching through
+    /// the requester's) and lets it through the TURN relay when relaying.
+    pub async fn add_peer_at(
+        &self,
+        public_key: [u8; 32],
+        inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
     ) -> Result<(), ProviderError> {
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -286,11 +342,32 @@ impl ProviderHandle {
             .send(Command::Add {
                 key: public_key,
                 inner_ip,
+                endpoint,
                 reply,
             })
             .await
             .map_err(|_| ProviderError::Stopped)?;
         rx.await.map_err(|_| ProviderError::Stopped)?
+    }
+
+    /// Points a served requester at a new public endpoint (it reported one after it
+    /// was added) and sends it a handshake; false when the key is not served.
+    pub async fn set_peer_endpoint(&self, public_key: &[u8; 32], endpoint: SocketAddr) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .cmd
+            .send(Command::Endpoint {
+                key: *public_key,
+                endpoint,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Stops serving a requester at once (its flows are reset). Its meter and log stay
@@ -400,7 +477,7 @@ struct Bandwidth {
 
 struct Driver {
     shared: Arc<Shared>,
-    udp: UdpSocket,
+    udp: NatSocket,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
@@ -410,10 +487,17 @@ struct Driver {
     notify: Arc<Notify>,
     /// Received datagrams waiting, per peer index (round-robin).
     queue: FairQueue<u32, (Vec<u8>, SocketAddr)>,
+    /// Peers with a known endpoint whose first handshake we send.
+    initiate: Vec<u32>,
 }
 
 impl Driver {
-    fn add_peer(&mut self, key: [u8; 32], inner_ip: IpAddr) -> Result<(), ProviderError> {
+    fn add_peer(
+        &mut self,
+        key: [u8; 32],
+        inner_ip: IpAddr,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<(), ProviderError> {
         if self.by_key.contains_key(&key) {
             return Err(ProviderError::PeerExists(ipsx_tunnel_pool::key_to_base64(
                 &key,
@@ -437,7 +521,10 @@ impl Driver {
             self.secret.clone(),
             x25519::PublicKey::from(key),
             None,
-            None,
+            // Keep our NAT mapping open toward a peer we reached first.
+            endpoint
+                .filter(|_| self.shared.nat_path != NatPath::Direct)
+                .map(|_| 25),
             index,
             Some(self.limiter.clone()),
         );
@@ -460,7 +547,7 @@ impl Driver {
                 key,
                 inner_ip,
                 tunn,
-                endpoint: None,
+                endpoint,
                 stack,
                 meter,
                 inbound: Vec::new(),
@@ -475,6 +562,10 @@ impl Driver {
             },
         );
         self.by_key.insert(key, index);
+        if let Some(ep) = endpoint {
+            self.udp.permit(ep);
+            self.initiate.push(index);
+        }
         Ok(())
     }
 
@@ -502,6 +593,7 @@ impl Driver {
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut poll_delay: Option<Duration> = None;
+        let mut nat_next = self.udp.service().await;
         loop {
             let now = Instant::now();
             let mut wake_at = next_timer;
@@ -519,11 +611,22 @@ impl Driver {
                     }
                 }
                 cmd = cmds.recv() => match cmd {
-                    Some(Command::Add { key, inner_ip, reply }) => {
-                        let _ = reply.send(self.add_peer(key, inner_ip));
+                    Some(Command::Add { key, inner_ip, endpoint, reply }) => {
+                        let _ = reply.send(self.add_peer(key, inner_ip, endpoint));
                     }
                     Some(Command::Remove { key, reply }) => {
                         let _ = reply.send(self.remove_peer(&key));
+                    }
+                    Some(Command::Endpoint { key, endpoint, reply }) => {
+                        let known = self.by_key.get(&key).copied();
+                        if let Some(idx) = known
+                            && let Some(p) = self.peers.get_mut(&idx)
+                        {
+                            p.endpoint = Some(endpoint);
+                            self.udp.permit(endpoint);
+                            self.initiate.push(idx);
+                        }
+                        let _ = reply.send(known.is_some());
                     }
                     None => {}
                 },
@@ -533,7 +636,7 @@ impl Driver {
                     }
                 }
                 _ = self.notify.notified() => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = tokio::time::sleep_until(wake_at.min(self.udp.instant_of(nat_next))) => {}
             }
 
             // Before each round, read what is waiting into the per-peer queues (cheap:
@@ -542,7 +645,7 @@ impl Driver {
             let mut handled = 0;
             for _ in 0..RX_PROCESS {
                 for _ in 0..RX_READ {
-                    let Ok((n, from)) = self.udp.try_recv_from(&mut rx_buf) else {
+                    let Ok(Some((n, from))) = self.udp.try_recv_from(&mut rx_buf) else {
                         break;
                     };
                     self.enqueue(&rx_buf[..n], from);
@@ -554,6 +657,22 @@ impl Driver {
                 handled += batch.len();
                 for (_, (data, from)) in batch.drain(..) {
                     self.on_datagram(&data, from, &mut out_buf).await;
+                }
+            }
+            // STUN/TURN refreshes and retransmissions.
+            if self.udp.due(nat_next) {
+                nat_next = self.udp.service().await;
+            }
+            // First handshakes toward peers whose endpoint we were given.
+            for idx in std::mem::take(&mut self.initiate) {
+                let Some(peer) = self.peers.get_mut(&idx) else {
+                    continue;
+                };
+                if let (TunnResult::WriteToNetwork(p), Some(ep)) = (
+                    peer.tunn.format_handshake_initiation(&mut out_buf, false),
+                    peer.endpoint,
+                ) {
+                    send(&self.udp, ep, p).await;
                 }
             }
 
@@ -703,18 +822,9 @@ impl Driver {
     }
 }
 
-async fn send(udp: &UdpSocket, ep: SocketAddr, p: &[u8]) {
-    for _ in 0..8 {
-        match udp.try_send_to(p, ep) {
-            Ok(_) => return,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if udp.writable().await.is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
-    }
+async fn send(udp: &NatSocket, ep: SocketAddr, p: &[u8]) {
+    // UDP semantics: a datagram that cannot be sent is lost, WireGuard retransmits.
+    let _ = udp.send_to(ep, p).await;
 }
 
 /// One decrypted IP packet from a peer.

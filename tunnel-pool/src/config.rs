@@ -120,6 +120,12 @@ pub struct TunnelConfig {
     pub mtu: usize,
     /// Health-check timing.
     pub health: HealthSettings,
+    /// Local UDP port to bind (wg-quick `ListenPort`; none: any free port). A fixed
+    /// port lets an exit behind a NAT send the first handshake to us.
+    pub listen_port: Option<u16>,
+    /// NAT traversal of the tunnel's socket (STUN mapping, TURN relay); none by
+    /// default.
+    pub nat: crate::nat::NatSettings,
 }
 
 impl TunnelConfig {
@@ -141,6 +147,8 @@ impl TunnelConfig {
             persistent_keepalive: None,
             mtu: DEFAULT_MTU,
             health: HealthSettings::default(),
+            listen_port: None,
+            nat: crate::nat::NatSettings::default(),
         }
     }
 }
@@ -240,6 +248,7 @@ struct Iface {
     v6: Option<Ipv6Addr>,
     dns: Vec<IpAddr>,
     mtu: Option<usize>,
+    listen_port: Option<u16>,
     seen: Vec<String>,
 }
 
@@ -367,8 +376,14 @@ pub fn parse_wg_quick(text: &str) -> Result<TunnelConfig, WgConfError> {
                         }
                         iface.mtu = Some(mtu);
                     }
-                    "listenport" | "fwmark" => {
-                        // Harmless for a client: we always bind an ephemeral port.
+                    "listenport" => {
+                        let port: u16 = value
+                            .parse()
+                            .map_err(|_| bad("ListenPort must be a port number"))?;
+                        iface.listen_port = (port != 0).then_some(port);
+                    }
+                    "fwmark" => {
+                        // Harmless for a userspace client.
                     }
                     "table" | "preup" | "postup" | "predown" | "postdown" | "saveconfig" => {
                         return Err(WgConfError::UnknownKey {
@@ -475,6 +490,8 @@ pub fn parse_wg_quick(text: &str) -> Result<TunnelConfig, WgConfError> {
         persistent_keepalive: peer.keepalive,
         mtu: iface.mtu.unwrap_or(DEFAULT_MTU),
         health: HealthSettings::default(),
+        listen_port: iface.listen_port,
+        nat: crate::nat::NatSettings::default(),
     })
 }
 

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod dns;
 pub mod health;
+pub mod nat;
 pub mod netstack;
 pub mod pool;
 pub mod tunnel;
@@ -26,6 +27,7 @@ pub use config::{
     HealthSettings, SecretKey, TunnelConfig, WgConfError, key_to_base64, parse_key, parse_wg_quick,
 };
 pub use health::{Counters, HealthState, TunnelHealth};
+pub use nat::{NatPath, NatSettings, NatSocket, RelayMode, TurnServer};
 pub use pool::{PoolEntry, TunnelPool};
 pub use tunnel::{Tunnel, TunnelStream};
 

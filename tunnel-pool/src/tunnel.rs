@@ -20,7 +20,6 @@ use boringtun::noise::{Tunn, TunnResult};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -28,6 +27,7 @@ use crate::TunnelError;
 use crate::config::TunnelConfig;
 use crate::dns::{self, DnsCache};
 use crate::health::{Counters, HealthMonitor, HealthState, TunnelHealth};
+use crate::nat::NatSocket;
 use crate::netstack::{SCRATCH, Stack, StackStream};
 
 /// A TCP stream through a tunnel: `AsyncRead + AsyncWrite + Unpin + Send + 'static`.
@@ -86,6 +86,8 @@ struct Shared {
     health: Mutex<HealthCell>,
     dns: Mutex<DnsCache>,
     local_addr: SocketAddr,
+    nat_path: crate::nat::NatPath,
+    public_endpoint: Option<SocketAddr>,
 }
 
 impl Shared {
@@ -143,14 +145,25 @@ impl Tunnel {
                 reason: "needs an address and a non-zero port".into(),
             });
         }
+        if let Err((field, reason)) = cfg.nat.validate() {
+            return Err(TunnelError::BadConfig { field, reason });
+        }
+        let port = cfg.listen_port.unwrap_or(0);
         let bind: SocketAddr = if cfg.endpoint.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
         };
         let udp = crate::netstack::bind_udp(bind, crate::netstack::UDP_SOCKET_BUFFER)
             .map_err(TunnelError::Bind)?;
         let local_addr = udp.local_addr().map_err(TunnelError::Bind)?;
+        // Our public mapping (what an exit behind a NAT must send to), learned from
+        // this socket; bounded by the NAT settings' timeout.
+        let udp = NatSocket::discover(udp, cfg.nat.clone())
+            .await
+            .map_err(TunnelError::Bind)?;
+        let nat_path = udp.path();
+        let public_endpoint = udp.public_endpoint();
         let index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
         // Boxed: `Tunn` is 11 KB and an async fn would otherwise carry it twice.
         let tunn = Box::new(Tunn::new(
@@ -188,6 +201,8 @@ impl Tunnel {
             dns: Mutex::new(DnsCache::new(4096)),
             cfg,
             local_addr,
+            nat_path,
+            public_endpoint,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(drive(shared.clone(), udp, tunn, stop_rx));
@@ -208,6 +223,18 @@ impl Tunnel {
     /// The local UDP address the tunnel sends from.
     pub fn local_addr(&self) -> SocketAddr {
         self.h.shared.local_addr
+    }
+
+    /// How the exit reaches this tunnel's socket (`direct`, `punched` behind a cone
+    /// NAT, `relayed`), as NAT traversal found at start.
+    pub fn nat_path(&self) -> crate::nat::NatPath {
+        self.h.shared.nat_path
+    }
+
+    /// The endpoint to tell the exit (STUN mapping or TURN relayed address); `None`
+    /// without NAT settings or when no server answered.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.h.shared.public_endpoint
     }
 
     /// Opens a TCP connection to `dst` through the tunnel (the exit dials it).
@@ -576,7 +603,7 @@ const MSG_DATA: u8 = 4;
 const KEEPALIVE_LEN: usize = 32;
 
 async fn send_datagram(
-    udp: &UdpSocket,
+    udp: &NatSocket,
     ep: SocketAddr,
     pkt: &[u8],
     shared: &Shared,
@@ -591,29 +618,22 @@ async fn send_datagram(
     }
     // Bounded retries: a full socket buffer makes us wait (backpressure), a real
     // error is counted and the packet dropped (TCP inside will retransmit).
-    for _ in 0..8 {
-        match udp.try_send_to(pkt, ep) {
-            Ok(n) => {
-                shared
-                    .counters
-                    .bytes_sent
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                return;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if udp.writable().await.is_err() {
-                    break;
-                }
-            }
-            Err(_) => break,
+    match udp.send_to(ep, pkt).await {
+        Ok(n) => {
+            shared
+                .counters
+                .bytes_sent
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(_) => {
+            shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
-    shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
 async fn drive(
     shared: Arc<Shared>,
-    udp: UdpSocket,
+    udp: NatSocket,
     mut tunn: Box<Tunn>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -624,6 +644,7 @@ async fn drive(
     let mut poll_delay: Option<Duration> = None;
 
     let mut turn = Turn::default();
+    let mut nat_next = udp.service().await;
     let mut out_buf = SCRATCH.take();
     if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut out_buf.buf, false)
     {
@@ -651,7 +672,10 @@ async fn drive(
                 }
             }
             _ = shared.stack.notify.notified() => {}
-            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = tokio::time::sleep_until(wake_at.min(udp.instant_of(nat_next))) => {}
+        }
+        if udp.due(nat_next) {
+            nat_next = udp.service().await;
         }
 
         // Scratch space for this turn only (given back before sleeping). Larger
@@ -664,8 +688,8 @@ async fn drive(
         // 1. A bounded batch of datagrams.
         for _ in 0..RX_BATCH {
             let (n, from) = match udp.try_recv_from(rx_buf) {
-                Ok(x) => x,
-                Err(_) => break,
+                Ok(Some(x)) => x,
+                Ok(None) | Err(_) => break,
             };
             if from != ep {
                 shared

@@ -1184,6 +1184,24 @@ async fn the_published_typed_data_hashes_as_the_rust_signer_does() {
             r.signing_hash(&domain),
         );
     }
+    for path in [
+        ipsx_exchange::DealPath::Direct,
+        ipsx_exchange::DealPath::Relayed,
+    ] {
+        let r = ipsx_exchange::EndpointReport {
+            wallet: w,
+            deal_id: 7,
+            endpoint: "203.0.113.7:51820".parse().unwrap(),
+            path,
+            expiry: 9,
+            nonce: 3,
+        };
+        check(
+            "EndpointReport",
+            serde_json::to_value(&r).unwrap(),
+            r.signing_hash(&domain),
+        );
+    }
     let e = Extend {
         wallet: w,
         deal_id: 7,
@@ -1226,7 +1244,7 @@ async fn the_published_typed_data_hashes_as_the_rust_signer_does() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(primaries.len(), 7);
+    assert_eq!(primaries.len(), 8);
     for p in primaries {
         assert!(
             x["messages"][p]["route"]

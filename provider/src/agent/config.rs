@@ -254,6 +254,11 @@ pub struct ExitSection {
     /// unspecified) with the bound port.
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+    /// NAT traversal of this exit's WireGuard socket (`[exit.nat]`: `stun`, `turn`,
+    /// `turn_username`, `turn_password`, `relay`, `timeout_s`). Without `endpoint`,
+    /// the offer advertises what traversal found (STUN mapping or TURN relay).
+    #[serde(default)]
+    pub nat: crate::config::NatSection,
     /// WireGuard private key (base64). Generated at start when absent, in which case
     /// deals made before a restart cannot be served again.
     #[serde(default)]
@@ -429,6 +434,9 @@ impl AgentConfig {
                 && (e.port() == 0 || e.ip().is_unspecified())
             {
                 return Err(bad(k("endpoint"), "needs a routable address and a port"));
+            }
+            if let Err((key, reason)) = x.nat.settings() {
+                return Err(bad(k(&format!("nat.{key}")), reason));
             }
             if let Some(r) = &x.region {
                 parse_place("region", r).map_err(|e| bad(k("region"), e.to_string()))?;

@@ -18,7 +18,7 @@
 //! window (then no chain transaction at all); rate the requester once the deal is final.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use alloy_primitives::{Address, B256};
@@ -70,6 +70,8 @@ pub struct Observation {
     pub provider_new_end: Option<u64>,
     /// The requester's pending proposal of a new end.
     pub requester_new_end: Option<u64>,
+    /// The requester's WireGuard endpoint, if it reported one (NAT traversal).
+    pub requester_endpoint: Option<SocketAddr>,
 }
 
 /// A payment channel as read from the chain.
@@ -131,6 +133,21 @@ pub enum Action {
         key: [u8; 32],
         /// Requester's inner address (`inner_ip_for_deal`).
         inner_ip: Ipv4Addr,
+        /// The requester's endpoint, when known: the exit sends the first handshake
+        /// there (NAT traversal).
+        endpoint: Option<SocketAddr>,
+    },
+    /// The requester of a served deal reported a (new) endpoint: point the peer there
+    /// and send a handshake. Its result goes to [`Core::peer_done`] (`added = true`).
+    PeerEndpoint {
+        /// Deal.
+        deal_id: u64,
+        /// Index of the exit.
+        exit: usize,
+        /// Requester's WireGuard key.
+        key: [u8; 32],
+        /// The endpoint.
+        endpoint: SocketAddr,
     },
     /// Stop serving the requester.
     RemovePeer {
@@ -324,6 +341,10 @@ struct DealState {
     extend_to: Option<u64>,
     /// The end we proposed, as the exchange confirmed it.
     extend_sent: Option<u64>,
+    /// The requester's endpoint as the exchange showed it.
+    requester_endpoint: Option<SocketAddr>,
+    /// The endpoint the exit was given with the peer.
+    peer_endpoint: Option<SocketAddr>,
     slots: [Slot; 6],
 }
 
@@ -521,6 +542,9 @@ impl Core {
             d.proof_seen = d.proof_seen.max(obs.proof_amount.unwrap_or(0));
             d.rated |= obs.rated_by_provider;
             d.extend_terms(obs.info.end, obs.info.value);
+            if obs.requester_endpoint.is_some() {
+                d.requester_endpoint = obs.requester_endpoint;
+            }
             if obs.provider_new_end.is_some() {
                 d.extend_sent = obs.provider_new_end;
             }
@@ -562,6 +586,8 @@ impl Core {
             end_reason: None,
             extend_to: None,
             extend_sent: obs.provider_new_end,
+            requester_endpoint: obs.requester_endpoint,
+            peer_endpoint: None,
             slots: Default::default(),
             info: obs.info,
         };
@@ -641,6 +667,14 @@ impl Core {
             } else {
                 d.requester = later(d.requester, status);
             }
+            self.react(deal_id, now);
+        }
+    }
+
+    /// The requester reported its WireGuard endpoint (event stream).
+    pub fn requester_endpoint(&mut self, deal_id: u64, endpoint: SocketAddr, now: Millis) {
+        if let Some(d) = self.deals.get_mut(&deal_id) {
+            d.requester_endpoint = Some(endpoint);
             self.react(deal_id, now);
         }
     }
@@ -823,14 +857,33 @@ impl Core {
             // Peer.
             if let Some(exit) = d.exit {
                 let want_peer = d.stage == Stage::Serving;
-                if want_peer != d.peer_present && d.ready(Kind::Peer, now) {
+                let moved = want_peer
+                    && d.peer_present
+                    && d.requester_endpoint.is_some()
+                    && d.requester_endpoint != d.peer_endpoint;
+                if moved && d.ready(Kind::Peer, now) {
                     d.start(Kind::Peer);
+                    d.peer_endpoint = d.requester_endpoint;
+                    if let Some(endpoint) = d.requester_endpoint {
+                        out.push(Action::PeerEndpoint {
+                            deal_id: id,
+                            exit,
+                            key: d.info.requester_wg_key,
+                            endpoint,
+                        });
+                    }
+                } else if want_peer != d.peer_present && d.ready(Kind::Peer, now) {
+                    d.start(Kind::Peer);
+                    if want_peer {
+                        d.peer_endpoint = d.requester_endpoint;
+                    }
                     out.push(if want_peer {
                         Action::AddPeer {
                             deal_id: id,
                             exit,
                             key: d.info.requester_wg_key,
                             inner_ip: inner_ip_for_deal(id),
+                            endpoint: d.requester_endpoint,
                         }
                     } else {
                         Action::RemovePeer {
@@ -1154,6 +1207,7 @@ mod tests {
             rated_by_provider: false,
             provider_new_end: None,
             requester_new_end: None,
+            requester_endpoint: None,
         }
     }
 
@@ -1184,7 +1238,9 @@ mod tests {
                 Action::Report {
                     deal_id, status, ..
                 } => c.report_done(*deal_id, *status, Ok(()), now),
-                Action::AddPeer { deal_id, .. } => c.peer_done(*deal_id, true, Ok(()), now),
+                Action::AddPeer { deal_id, .. } | Action::PeerEndpoint { deal_id, .. } => {
+                    c.peer_done(*deal_id, true, Ok(()), now)
+                }
                 Action::RemovePeer { deal_id, .. } => c.peer_done(*deal_id, false, Ok(()), now),
                 Action::Claim {
                     deal_id,
@@ -1209,6 +1265,61 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// NAT traversal: an endpoint known before service goes with the peer; one
+    /// reported while served (or changed) re-points the peer, once per change.
+    #[test]
+    fn requester_endpoint_goes_to_the_exit() {
+        let ep: SocketAddr = "198.51.100.4:40000".parse().unwrap();
+        let ep2: SocketAddr = "198.51.100.4:40001".parse().unwrap();
+        let serve = |c: &mut Core, id: u64| {
+            settle(c, T0);
+            c.proof_posted(id, 50);
+            settle(c, T0 + 100);
+            c.proof_checked(id, Ok(proof(id as u8, 50)), T0 + 100);
+            settle(c, T0 + 100)
+        };
+        let mut c = core(2);
+        let mut o = obs(7, 20);
+        o.requester_endpoint = Some(ep);
+        c.observe(o, T0);
+        let a = serve(&mut c, 7);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::AddPeer { endpoint: Some(e), .. } if *e == ep)),
+            "{a:?}"
+        );
+        assert!(
+            !settle(&mut c, T0 + 200)
+                .iter()
+                .any(|a| matches!(a, Action::PeerEndpoint { .. }))
+        );
+
+        c.observe(obs(8, 20), T0);
+        let a = serve(&mut c, 8);
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::AddPeer {
+                deal_id: 8,
+                endpoint: None,
+                ..
+            }
+        )));
+        c.requester_endpoint(8, ep2, T0 + 300);
+        let a = settle(&mut c, T0 + 300);
+        assert!(
+            a.iter().any(
+                |a| matches!(a, Action::PeerEndpoint { deal_id: 8, endpoint, .. } if *endpoint == ep2)
+            ),
+            "{a:?}"
+        );
+        c.requester_endpoint(8, ep2, T0 + 400);
+        assert!(
+            !settle(&mut c, T0 + 400)
+                .iter()
+                .any(|a| matches!(a, Action::PeerEndpoint { .. }))
+        );
     }
 
     #[test]
@@ -1795,9 +1906,9 @@ mod tests {
         fn kind(a: &Action) -> (u64, Kind) {
             match a {
                 Action::Report { deal_id, .. } => (*deal_id, Kind::Report),
-                Action::AddPeer { deal_id, .. } | Action::RemovePeer { deal_id, .. } => {
-                    (*deal_id, Kind::Peer)
-                }
+                Action::AddPeer { deal_id, .. }
+                | Action::RemovePeer { deal_id, .. }
+                | Action::PeerEndpoint { deal_id, .. } => (*deal_id, Kind::Peer),
                 Action::CheckProof { deal_id, .. } => (*deal_id, Kind::CheckProof),
                 Action::Claim { deal_id, .. } => (*deal_id, Kind::Claim),
                 Action::Rate { deal_id, .. } => (*deal_id, Kind::Rate),
@@ -1855,7 +1966,7 @@ mod tests {
                                     }
                                     c.report_done(deal_id, status, fail.map_or(Ok(()), Err), now);
                                 }
-                                Action::AddPeer { deal_id, .. } => c.peer_done(deal_id, true, fail.map_or(Ok(()), Err), now),
+                                Action::AddPeer { deal_id, .. } | Action::PeerEndpoint { deal_id, .. } => c.peer_done(deal_id, true, fail.map_or(Ok(()), Err), now),
                                 Action::RemovePeer { deal_id, .. } => c.peer_done(deal_id, false, fail.map_or(Ok(()), Err), now),
                                 Action::CheckProof { deal_id, .. } => {
                                     let r = match fail {

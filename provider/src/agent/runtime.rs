@@ -17,7 +17,8 @@ use alloy_signer_local::PrivateKeySigner;
 use ipsx_exchange::engine::EventKind;
 use ipsx_exchange::engine::Outcome;
 use ipsx_exchange::{
-    Client, Deal, DealEvent, ExchangeError, Extend, Offer, PartyStatus, Rating, StatusReport, WgKey,
+    Client, Deal, DealEvent, DealPath, EndpointReport, ExchangeError, Extend, Offer, PartyStatus,
+    Rating, StatusReport, WgKey,
 };
 use ipsx_exchange_client::chain::{
     BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment,
@@ -56,6 +57,9 @@ pub struct ExitStatus {
     pub endpoint: SocketAddr,
     /// The exit's WireGuard public key (base64).
     pub public_key: String,
+    /// How requesters reach the exit (`direct`, `punched`, `relayed`), as NAT traversal
+    /// found at start.
+    pub nat_path: ipsx_tunnel_pool::NatPath,
     /// The offer currently in the book, if any.
     pub order_id: Option<u64>,
     /// Offers posted so far (refreshes included).
@@ -140,10 +144,20 @@ struct StatusView {
 }
 
 impl StatusView {
-    /// The NAT path requesters reach this provider by. Until NAT traversal lands this
-    /// is `direct`: the exits' endpoints are public or forwarded ports (config).
+    /// The NAT paths requesters reach this provider's exits by (`direct`, `punched`,
+    /// `relayed`), each once, in exit order (`direct, relayed` for a mixed agent).
     fn nat_path(&self) -> String {
-        "direct".to_owned()
+        let mut paths: Vec<&'static str> = Vec::new();
+        for p in self.exits.iter().map(|h| h.nat_path().as_str()) {
+            if !paths.contains(&p) {
+                paths.push(p);
+            }
+        }
+        if paths.is_empty() {
+            "direct".to_owned()
+        } else {
+            paths.join(", ")
+        }
     }
 
     fn build(&self) -> ProviderStatus {
@@ -245,9 +259,9 @@ impl AgentHandle {
         self.view.build()
     }
 
-    /// The NAT path requesters reach this provider by (`direct`, `punched`,
-    /// `relayed`); `direct` until NAT traversal fills it.
-    pub fn nat_path(&self) -> String {
+    /// The NAT paths requesters reach this provider's exits by, as the status shows
+    /// them (`direct`, `punched`, `relayed`; `direct, relayed` for a mixed agent).
+    pub fn nat_paths(&self) -> String {
         self.view.nat_path()
     }
 
@@ -269,6 +283,12 @@ impl AgentHandle {
     /// Exit `i`'s WireGuard server (meters, log hashes).
     pub fn exit(&self, i: usize) -> Option<&ProviderHandle> {
         self.exits.get(i)
+    }
+
+    /// How requesters reach exit `i` (`direct`, `punched` behind a cone NAT, `relayed`
+    /// through TURN); `None` for no such exit.
+    pub fn nat_path(&self, i: usize) -> Option<ipsx_tunnel_pool::NatPath> {
+        self.exits.get(i).map(ProviderHandle::nat_path)
     }
 
     /// Waits (at most `timeout`) until `pred` holds for a status snapshot; returns it.
@@ -403,6 +423,7 @@ fn observation(d: &Deal) -> Observation {
         rated_by_provider: d.rated_by_provider,
         provider_new_end: d.provider_new_end,
         requester_new_end: d.requester_new_end,
+        requester_endpoint: d.requester_endpoint,
     }
 }
 
@@ -534,6 +555,7 @@ impl Agent {
             pc.allow_destinations = x.allow_destinations.clone();
             pc.own_addresses = x.own_addresses.clone();
             pc.limits = cfg.limits;
+            pc.nat = x.nat.clone();
             let handle = match ProviderExit::start(pc).await {
                 Ok(h) => h,
                 Err(source) => {
@@ -544,7 +566,7 @@ impl Agent {
                 }
             };
             let bound = handle.local_addr();
-            let endpoint = x.endpoint.unwrap_or_else(|| {
+            let endpoint = x.endpoint.or(handle.public_endpoint()).unwrap_or_else(|| {
                 let ip = if bound.ip().is_unspecified() {
                     x.exit_address
                 } else {
@@ -566,6 +588,7 @@ impl Agent {
                 exit_address: x.exit_address,
                 endpoint,
                 public_key: ipsx_tunnel_pool::key_to_base64(&handle.public_key()),
+                nat_path: handle.nat_path(),
                 order_id: None,
                 offers_posted: 0,
             });
@@ -775,6 +798,12 @@ impl Runtime {
                         let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
                         self.core.party_reported(id, provider, party_status, now);
                     }
+                    EventKind::Endpoint {
+                        actor: ipsx_exchange::engine::Actor::Requester,
+                        endpoint,
+                        ..
+                    } => self.core.requester_endpoint(id, endpoint, now),
+                    EventKind::Endpoint { .. } => {}
                     EventKind::StatusChanged => self.core.status_changed(id, ev.status, now),
                     EventKind::Proof { amount } => self.core.proof_posted(id, amount),
                     EventKind::ExtendProposed { actor, new_end } => {
@@ -850,13 +879,52 @@ impl Runtime {
             }
             let mut local = false;
             for a in actions {
-                local |= matches!(a, Action::AddPeer { .. } | Action::RemovePeer { .. });
+                local |= matches!(
+                    a,
+                    Action::AddPeer { .. }
+                        | Action::RemovePeer { .. }
+                        | Action::PeerEndpoint { .. }
+                );
                 self.execute(a).await;
             }
             if !local {
                 return;
             }
         }
+    }
+
+    /// Tells the exchange how the deal's exit is reached (recorded as the deal's
+    /// path); best effort, a few tries.
+    fn report_path(&self, deal_id: u64, exit: usize) {
+        let (Some(h), Some(x)) = (self.exits.get(exit), self.status.exits.get(exit)) else {
+            return;
+        };
+        let path = match h.nat_path() {
+            ipsx_tunnel_pool::NatPath::Direct => DealPath::Direct,
+            ipsx_tunnel_pool::NatPath::Punched => DealPath::Punched,
+            ipsx_tunnel_pool::NatPath::Relayed => DealPath::Relayed,
+        };
+        let endpoint = x.endpoint;
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            for attempt in 0..3u32 {
+                let r = EndpointReport {
+                    wallet: net.wallet,
+                    deal_id,
+                    endpoint,
+                    path,
+                    expiry: unix_s() + 600,
+                    nonce: next_nonce(),
+                };
+                match net.client.report_endpoint(&r).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(deal = deal_id, error = %e, "endpoint report refused");
+                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    }
+                }
+            }
+        });
     }
 
     async fn execute(&mut self, a: Action) {
@@ -867,9 +935,10 @@ impl Runtime {
                 exit,
                 key,
                 inner_ip,
+                endpoint,
             } => {
                 let r = match self.exits.get(exit) {
-                    Some(h) => h.add_peer(key, IpAddr::V4(inner_ip)).await,
+                    Some(h) => h.add_peer_at(key, IpAddr::V4(inner_ip), endpoint).await,
                     None => Err(ProviderError::Stopped),
                 };
                 let r = r.map_err(|e| match e {
@@ -877,9 +946,23 @@ impl Runtime {
                     e => Failure::Permanent(e.to_string()),
                 });
                 if r.is_ok() {
-                    tracing::info!(deal = deal_id, %inner_ip, "serving requester");
+                    tracing::info!(deal = deal_id, %inner_ip, ?endpoint, "serving requester");
+                    self.report_path(deal_id, exit);
                 }
                 self.core.peer_done(deal_id, true, r, now_ms());
+            }
+            Action::PeerEndpoint {
+                deal_id,
+                exit,
+                key,
+                endpoint,
+            } => {
+                let known = match self.exits.get(exit) {
+                    Some(h) => h.set_peer_endpoint(&key, endpoint).await,
+                    None => false,
+                };
+                tracing::info!(deal = deal_id, %endpoint, known, "requester endpoint");
+                self.core.peer_done(deal_id, true, Ok(()), now_ms());
             }
             Action::RemovePeer { deal_id, exit, key } => {
                 if let Some(h) = self.exits.get(exit) {

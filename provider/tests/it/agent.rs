@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::common;
+use crate::natlab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -161,6 +162,11 @@ impl World {
     }
 
     fn agent_toml(&self, capacity: u32) -> String {
+        self.agent_toml_with(capacity, "")
+    }
+
+    /// The agent's config with `extra` appended to its `[[exit]]`.
+    fn agent_toml_with(&self, capacity: u32, extra: &str) -> String {
         format!(
             r#"
 [exchange]
@@ -196,6 +202,7 @@ min_duration = "5s"
 max_duration = "1h"
 capacity = {capacity}
 allow_destinations = ["127.0.0.0/8"]
+{extra}
 "#,
             url = self.exchange.url(),
             rpc = self.anvil.endpoint(),
@@ -1254,6 +1261,84 @@ async fn chain_outage_keeps_serving_and_claims_after_recovery() {
         .map(|(e, _)| e.paid)
         .fold(U256::ZERO, |a, b| a + b);
     assert_eq!(total, U256::from(paid));
+    tunnel.shutdown().await;
+    agent.shutdown().await.unwrap();
+}
+
+/// NAT traversal through the deal protocol: the exit learns its mapping from a STUN
+/// server (coturn), the requester's tunnel learns its own and reports it to the
+/// exchange, the agent hands it to the exit with the peer and reports the deal's path.
+/// On loopback nothing is translated, so the path is `direct`; the NAT cases proper run
+/// in namespaces (`interop.rs`, module `nat`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requester_endpoint_and_the_path_travel_through_the_exchange() {
+    let stun = natlab::LoopbackStun::start();
+    let w = World::new().await;
+    let extra = format!("[exit.nat]\nstun = [\"{}\"]\ntimeout_s = 3\n", stun.addr);
+    let cfg = AgentConfig::from_toml(&w.agent_toml_with(1, &extra)).unwrap();
+    let agent = Agent::start(cfg).await.unwrap();
+    let s = agent
+        .wait_until(WAIT, |s| s.exits[0].order_id.is_some())
+        .await
+        .expect("the offer is posted");
+    assert_eq!(s.exits[0].nat_path, ipsx_tunnel_pool::NatPath::Direct);
+    assert_eq!(agent.nat_path(0), Some(ipsx_tunnel_pool::NatPath::Direct));
+    let target = common::whoami_server("127.0.0.1:0").await;
+    let r = Renter::rent(&w, 12).await;
+    let id = r.id();
+    // The offer advertised what STUN saw: the exit's own loopback address and port.
+    assert_eq!(
+        r.deal.terms.wg_endpoint,
+        agent.exit(0).unwrap().public_endpoint().unwrap()
+    );
+
+    let mut cfg = TunnelConfig::new(
+        SecretKey(r.wg.0),
+        r.deal.terms.provider_wg_key.0,
+        r.deal.terms.wg_endpoint,
+        inner_ip_for_deal(id),
+    );
+    cfg.dns = vec![EXIT_INNER_ADDR.into()];
+    cfg.nat.stun = vec![stun.addr];
+    let tunnel = Tunnel::start(cfg).await.unwrap();
+    let ep = tunnel.public_endpoint().expect("the tunnel's mapping");
+    assert_eq!(ep.port(), tunnel.local_addr().port());
+    let (expiry, nonce) = ipsx_exchange::client::fresh();
+    r.client
+        .report_endpoint(&ipsx_exchange::EndpointReport {
+            wallet: w.requester.address(),
+            deal_id: id,
+            endpoint: ep,
+            path: ipsx_exchange::DealPath::Direct,
+            expiry,
+            nonce,
+        })
+        .await
+        .unwrap();
+
+    let channel = r
+        .open_channel(w.provider.address(), r.deal.terms.value)
+        .await;
+    r.client
+        .post_proof(id, channel, r.due(Duration::ZERO))
+        .await
+        .unwrap();
+    agent
+        .wait_until(WAIT, |s| s.deal(id).is_some_and(|d| d.peer_present))
+        .await
+        .expect("served after the first proof");
+    assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
+    // The exchange recorded both: the requester's endpoint and the provider's path.
+    let mut deal = r.client.deal(id).await.unwrap();
+    for _ in 0..100 {
+        if deal.path.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        deal = r.client.deal(id).await.unwrap();
+    }
+    assert_eq!(deal.requester_endpoint, Some(ep));
+    assert_eq!(deal.path, Some(ipsx_exchange::DealPath::Direct));
     tunnel.shutdown().await;
     agent.shutdown().await.unwrap();
 }

@@ -7,3 +7,6 @@ mod faults;
 mod health;
 mod interop;
 mod loopback;
+// Not in common/: the root crate's tests share common/ and do not depend on nix.
+#[path = "common/natlab.rs"]
+mod natlab;
