@@ -6,7 +6,7 @@
 //! | `GET /` | the web dashboard (pool map, spend, live requests, rules); its files by name (`/app.js`, `/style.css`) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /api/status` | generation, open connections, requests, last reload error |
-//! | `GET /api/exits` | every exit: attributes, transport, health, load, latency, bans |
+//! | `GET /api/exits` | every exit: attributes, transport, NAT `path` of a rented exit (`direct`, `punched`, `relayed`), health, load, latency, bans |
 //! | `GET /api/sessions` | sticky sessions and their remaining lifetime |
 //! | `GET /api/limits` | the rate limits in force, defaults and per rule and token |
 //! | `GET /api/market` | rented exits: deals, spend, demand groups, refusals |
@@ -243,6 +243,7 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
             }),
         ),
         (&Method::GET, "/api/exits") => {
+            let paths = market_paths(gw.market_status());
             let exits: Vec<serde_json::Value> = gw
                 .rotator()
                 .exits()
@@ -252,9 +253,11 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
                         .exits
                         .get(&snap.id)
                         .map(|e| format!("{:?}", e.config.transport));
+                    let path = paths.get(snap.id.as_str()).cloned();
                     let mut v = serde_json::to_value(&snap).unwrap_or_default();
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("transport".into(), json!(transport));
+                        obj.insert("path".into(), json!(path));
                     }
                     v
                 })
@@ -320,6 +323,30 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
         },
         _ => json_response(StatusCode::NOT_FOUND, json!({ "error": "no such route" })),
     }
+}
+
+/// Each rented exit's NAT path (`direct`, `punched`, `relayed`) as its deal recorded
+/// it, by exit name, from the market's status (`/api/market` `deals[].exit`/`path`).
+fn market_paths(market: Option<serde_json::Value>) -> std::collections::HashMap<String, String> {
+    let mut paths = std::collections::HashMap::new();
+    let Some(deals) = market
+        .as_ref()
+        .and_then(|m| m.get("deals"))
+        .and_then(|d| d.as_array())
+    else {
+        return paths;
+    };
+    for d in deals {
+        if let (Some(exit), Some(path)) = (
+            d.get("exit").and_then(|v| v.as_str()),
+            d.get("path").and_then(|v| v.as_str()),
+        ) {
+            paths
+                .entry(exit.to_owned())
+                .or_insert_with(|| path.to_owned());
+        }
+    }
+    paths
 }
 
 #[cfg(test)]
@@ -390,5 +417,21 @@ mod tests {
             Some(b"Basic MDEyMzQ1Njc4OWFiY2RlZg==")
         ));
         assert!(!admin_authorized(t, Some(b"Basic !!!")));
+    }
+
+    #[test]
+    fn market_paths_reads_each_rented_exits_path_and_skips_malformed_deals() {
+        let m = serde_json::json!({"deals": [
+            {"exit": "deal-1", "path": "relayed"},
+            {"exit": "deal-2", "path": null},
+            {"exit": 7, "path": "direct"},
+            {"path": "punched"},
+            "garbage",
+        ]});
+        let p = super::market_paths(Some(m));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.get("deal-1").map(String::as_str), Some("relayed"));
+        assert!(super::market_paths(None).is_empty());
+        assert!(super::market_paths(Some(serde_json::json!({"deals": 3}))).is_empty());
     }
 }

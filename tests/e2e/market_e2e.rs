@@ -142,6 +142,30 @@ async fn the_gateway_rents_its_exits_and_pays_for_them() {
         "a DE exit: {ips:?}"
     );
 
+    // /api/exits shows each rented exit's NAT path as its deal recorded it (on one
+    // machine every provider is reached directly).
+    let admin = up.state["admin"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let paths = loop {
+        let out = curl(&["-s", "--max-time", "5", &format!("{admin}/api/exits")]).await;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let paths: Vec<String> = v["exits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["id"].as_str().is_some_and(|id| id.starts_with("deal-")))
+            .map(|x| x["path"].as_str().unwrap_or("none").to_owned())
+            .collect();
+        if (paths.len() >= 4 && paths.iter().all(|p| p == "direct")) || Instant::now() > deadline {
+            break paths;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        paths.len() >= 4 && paths.iter().all(|p| p == "direct"),
+        "rented exits and their paths: {paths:?}"
+    );
+
     // Without a session, requests rotate across the rented exits (4 countries live).
     let socks = proxy_with(&up, "demo").replace("http://", "socks5h://");
     let mut args = vec![

@@ -69,7 +69,7 @@ async function refreshPool() {
       x.id,
       country(x).toUpperCase(),
       (x.attrs && x.attrs.type) || '',
-      x.transport || '',
+      x.path ? `tunnel (${x.path})` : x.transport || '',
       x.healthy ? { text: 'healthy', cls: 'ok' } : { text: 'down', cls: 'bad' },
       x.latency_ewma_ms ? `${Math.round(x.latency_ewma_ms)} ms` : '',
       x.requests,
