@@ -1474,14 +1474,30 @@ async fn a_hundred_thousand_offers_from_fresh_keys_stay_bounded() {
     drop(batches);
     let rss_after = rss_kib();
     let rows = node.journal_rows().await;
-    let book = node
-        .anonymous()
-        .book(&ipsx_exchange::engine::BookQuery {
-            limit: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // The flood spent this client address's burst: wait for its rate to allow a read.
+    let mut tries = 0;
+    let book = loop {
+        match node
+            .anonymous()
+            .book(&ipsx_exchange::engine::BookQuery {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(b) => break b,
+            Err(e) if tries < 20 => {
+                let (status, _, field) = remote(e);
+                assert_eq!(
+                    (status, field.as_deref()),
+                    (429, Some("limits.client_rate_per_s"))
+                );
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("book after the flood: {e}"),
+        }
+    };
     println!(
         "flood: {n} offers from fresh keys (signed in {signing:?}) sent in {flood:?}: \
          {accepted} accepted, {refused_calls} batch calls refused 429; journal rows {rows}; \
