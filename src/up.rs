@@ -48,6 +48,9 @@ struct State {
     deployment: PathBuf,
     requester: String,
     providers: Vec<String>,
+    /// Each provider agent's status listener: its earnings page at `/`, JSON at
+    /// `/api/status` (what `ipsx provider status --url` reads).
+    provider_status: Vec<String>,
     treasury: String,
     token: String,
     centralizer: String,
@@ -171,9 +174,17 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
 
     // 5. Providers: two exits each.
     let mut providers = Vec::new();
+    let mut provider_status = Vec::new();
     for (i, key) in provider_keys.iter().enumerate() {
+        // Each agent's status listener (earnings page, `ipsx provider status`) on its
+        // own port: after the gateway's two when a port was asked for, else any.
+        let status_port = if port == 0 {
+            0
+        } else {
+            port.saturating_add(2 + i as u16)
+        };
         let mut toml = format!(
-            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\nclaim_interval = \"10s\"\n\n",
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\nclaim_interval = \"10s\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
             anvil.endpoint(),
             deployment_path.display(),
             hex_key(key)
@@ -187,10 +198,16 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         std::fs::write(&path, &toml).map_err(|e| e.to_string())?;
         let cfg = ipsx_provider::agent::AgentConfig::from_toml(&toml)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        providers.push(tokio::spawn(ipsx_provider::agent::run_agent(
+        let agent = ipsx_provider::Agent::start_with_routes(
             cfg,
-            stopped(stop_rx.clone()),
-        )));
+            Some(ipsx_provider::status::page_routes()),
+        )
+        .await
+        .map_err(|e| format!("provider {i}: {e}"))?;
+        if let Some(a) = agent.status_addr() {
+            provider_status.push(format!("http://{a}"));
+        }
+        providers.push(agent);
     }
     step(
         5,
@@ -202,12 +219,14 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
 
     // 6. Gateway, renting one exit per country to start with, more on demand.
     let mut gateway_toml = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"15s\"\nproof_interval = \"3s\"\nrent_wait = \"10s\"\n\n",
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"15s\"\nproof_interval = \"3s\"\nrent_wait = \"10s\"\nreverify_every = \"1m\"\ngeoip_country = \"{}\"\ngeoip_asn = \"{}\"\n\n",
         if port == 0 { 0 } else { port.saturating_add(1) },
         anvil.endpoint(),
         deployment_path.display(),
         hex_key(&requester),
         PRICE * 2,
+        geo_country.display(),
+        geo_asn.display(),
     );
     gateway_toml.push_str(&market_nat);
     for cc in ["de", "us", "fr", "jp"] {
@@ -270,6 +289,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             .iter()
             .map(|k| format!("{:#x}", k.address()))
             .collect(),
+        provider_status: provider_status.clone(),
         treasury: format!("{:#x}", treasury.address()),
         token: format!("{:#x}", deployment.token),
         centralizer: format!("{:#x}", deployment.centralizer),
@@ -286,7 +306,13 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
         state.proxy
     );
     println!("  echo target: {echo_url}");
-    println!("  admin API:   {}/api/market", state.admin);
+    println!(
+        "  dashboard:   {}/   (JSON: /api/market, /api/exits)",
+        state.admin
+    );
+    for (i, url) in provider_status.iter().enumerate() {
+        println!("  provider {i}:  {url}/   (ipsx provider status --url {url})");
+    }
     match &stun {
         Some(s) => println!(
             "  NAT:         STUN via coturn (turnserver) on {}; each deal's path in /api/market",
@@ -309,7 +335,11 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = stop_tx.send(true);
     for p in providers {
-        let _ = tokio::time::timeout(Duration::from_secs(10), p).await;
+        match tokio::time::timeout(Duration::from_secs(10), p.shutdown()).await {
+            Ok(Err(e)) => println!("provider shutdown: {e}"),
+            Err(_) => println!("provider shutdown: still settling after 10 s"),
+            Ok(Ok(())) => {}
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), exchange).await;
     // What the requester paid, and whether every channel it opened is closed.
