@@ -13,5 +13,5 @@ cd "$(dirname "$0")/../.."
 bash scripts/install-tunnel.sh
 PROFILE=()
 if [ "${IPSX_BENCH_PROFILE:-dev}" = release ]; then PROFILE=(--release); fi
-cargo test -q "${PROFILE[@]}" -p ipsx-provider --test interop nat::bench_paths \
+cargo test -q "${PROFILE[@]}" -p ipsx-provider --test it interop::nat::bench_paths \
   -- --ignored --nocapture --exact 2>&1 | grep -E '^(path|direct|punched|relayed) '
