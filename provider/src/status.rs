@@ -437,6 +437,7 @@ pub fn render(s: &ProviderStatus) -> String {
         "{:>6} {:<14} {:<16} {:<9} {:>11} {:>11} {:>10} {:>10} {:>22} {:>22}",
         "ID", "REQUESTER", "EXIT", "STAGE", "STARTED", "ENDS", "UP", "DOWN", "PAID", "UNCLAIMED"
     );
+    let now = s.generated_unix_ms / 1000;
     for d in &s.deals {
         let _ = writeln!(
             o,
@@ -445,8 +446,8 @@ pub fn render(s: &ProviderStatus) -> String {
             short(&d.requester),
             d.exit_address.map_or_else(|| "-".into(), |a| a.to_string()),
             d.stage,
-            d.started,
-            d.ends,
+            relative(d.started, now),
+            relative(d.ends, now),
             bytes_h(d.bytes_up),
             bytes_h(d.bytes_down),
             d.paid.tokens,
@@ -456,9 +457,35 @@ pub fn render(s: &ProviderStatus) -> String {
     o
 }
 
+/// `at` (unix seconds) against `now`, for a table: `3m12s ago`, `in 6m48s`, `now`.
+fn relative(at: u64, now: u64) -> String {
+    let span = |s: u64| {
+        let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+        match (h, m) {
+            (0, 0) => format!("{s}s"),
+            (0, _) => format!("{m}m{s:02}s"),
+            _ => format!("{h}h{m:02}m"),
+        }
+    };
+    match at.cmp(&now) {
+        std::cmp::Ordering::Less => format!("{} ago", span(now - at)),
+        std::cmp::Ordering::Greater => format!("in {}", span(at - now)),
+        std::cmp::Ordering::Equal => "now".into(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn times_show_relative_to_the_status() {
+        assert_eq!(super::relative(100, 100), "now");
+        assert_eq!(super::relative(88, 100), "12s ago");
+        assert_eq!(super::relative(100 + 408, 100), "in 6m48s");
+        assert_eq!(super::relative(0, 7_500), "2h05m ago");
+        assert!(super::relative(u64::MAX, 0).starts_with("in "));
+    }
+
     use super::*;
 
     fn sample() -> ProviderStatus {
