@@ -381,13 +381,18 @@ impl Stun {
             ),
         )
         .ok()?;
-        let child = std::process::Command::new("turnserver")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
+        // Its own process group, so a terminal's Ctrl-C (sent to the whole foreground
+        // group) reaches only `ipsx up`, which stops it after the settlement.
+        let child = std::os::unix::process::CommandExt::process_group(
+            std::process::Command::new("turnserver")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+            0,
+        )
+        .spawn()
+        .ok()?;
         let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         // Wait (bounded) until it holds the port.
         let mut me = Self { addr, child };

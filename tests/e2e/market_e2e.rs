@@ -16,6 +16,28 @@ struct Up {
     child: Child,
     state: serde_json::Value,
     dir: std::path::PathBuf,
+    /// Everything `ipsx up` printed after "ipsx is up."
+    output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Up {
+    /// Ctrl-C as a terminal sends it: SIGINT to the whole process group (`ipsx up` runs
+    /// in its own), then waits up to 90 s for it to settle and exit; returns its output.
+    fn interrupt_like_a_terminal(&mut self) -> String {
+        let pgid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-INT", "--", &format!("-{pgid}")])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        self.output.lock().unwrap().join("\n")
+    }
 }
 
 impl Drop for Up {
@@ -55,14 +77,18 @@ fn start_up() -> Up {
     let dir = std::env::temp_dir().join(format!("ipsx-e2e-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let state_path = dir.join("state.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ipsx"))
-        .args(["up", "--port", "0", "--state"])
-        .arg(&state_path)
-        .env("IPSX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    // Its own process group, as a shell job in a terminal is.
+    let mut child = std::os::unix::process::CommandExt::process_group(
+        Command::new(env!("CARGO_BIN_EXE_ipsx"))
+            .args(["up", "--port", "0", "--state"])
+            .arg(&state_path)
+            .env("IPSX_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+        0,
+    )
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     loop {
@@ -81,10 +107,21 @@ fn start_up() -> Up {
         }
     }
     // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = output.clone();
+    std::thread::spawn(move || {
+        for line in lines.by_ref().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
-    Up { child, state, dir }
+    Up {
+        child,
+        state,
+        dir,
+        output,
+    }
 }
 
 fn proxy_with(up: &Up, user: &str) -> String {
@@ -201,4 +238,13 @@ async fn the_gateway_rents_its_exits_and_pays_for_them() {
     }
     assert!(paid, "a provider was paid on chain");
     assert!(fee, "the treasury got the platform fee");
+
+    // Ctrl-C in a terminal reaches the whole process group: the chain and the STUN
+    // server must outlive it long enough for every channel to settle.
+    let mut up = up;
+    let out = up.interrupt_like_a_terminal();
+    assert!(
+        out.contains("settled: requester paid") && out.contains(" 0 left open"),
+        "after Ctrl-C to the process group:\n{out}"
+    );
 }

@@ -151,16 +151,22 @@ impl Anvil {
 
     /// Starts the given anvil binary.
     pub fn spawn_binary(bin: &Path, extra: &[&str]) -> Result<Self, ChainError> {
-        let mut child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| ChainError::AnvilStart {
-                reason: format!("{}: {e}", bin.display()),
-            })?;
+        // Its own process group: a terminal's Ctrl-C goes to the whole foreground group,
+        // and the chain must outlive its owner's shutdown (channels settle on it); the
+        // owner kills it on drop.
+        let mut child = std::os::unix::process::CommandExt::process_group(
+            Command::new(bin)
+                .args(["--host", "127.0.0.1", "--port", "0"])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+            0,
+        )
+        .spawn()
+        .map_err(|e| ChainError::AnvilStart {
+            reason: format!("{}: {e}", bin.display()),
+        })?;
         // From here on, `guard` kills the child on every early return.
         let stdout = child.stdout.take();
         let mut guard = Self {
