@@ -24,6 +24,7 @@ up: install
 # reuses that build (no cargo lock held), and the lint result is printed afterwards.
 test: install
 	$(CARGO) fmt --all --check
+	@mkdir -p target
 	$(CARGO) nextest list --workspace --locked --list-type binaries-only \
 		--message-format json > target/nextest-binaries.json
 	$(CARGO) metadata --format-version 1 --all-features --no-deps --locked \
