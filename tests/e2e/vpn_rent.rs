@@ -1,0 +1,403 @@
+//! A rented exit as a VPN for a standard WireGuard client (issue 13), all real
+//! components: anvil, the exchange, a provider agent with its exit, `ipsx rent` as a
+//! child process, and wireguard-go + `wg` in a network namespace the test creates, with
+//! no ipsx code on the client side.
+//!
+//! Topology (namespaces and veth pairs the test creates and removes):
+//! - `cli`: wireguard-go; its only way out is the veth to the provider's WireGuard
+//!   endpoint (root side `10.231.N.1`), and its default route is the tunnel;
+//! - `tgt`: the targets (HTTP whoami, UDP echo, DNS on 53) at `10.232.N.2`; the
+//!   provider's exit address is the root side `10.232.N.1`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::U256;
+
+use crate::common::market::{MarketOpts, MarketSystem, hex_key};
+
+/// Runs a command to its end (blocking; the test's runtime keeps the other worker).
+fn sh(args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| Command::new(args[0]).args(&args[1..]).output().unwrap())
+}
+
+fn must(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The targets in `tgt`: HTTP answering the caller's address on 8080, UDP echo on 7,
+/// DNS on 53 answering every A query with 192.0.2.53. Prints `ready` once bound.
+const TARGETS_PY: &str = r#"
+import socket, sys, threading
+ip = sys.argv[1]
+h = socket.socket(); h.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); h.bind((ip, 8080)); h.listen(64)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 7))
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.bind((ip, 53))
+def http():
+    while True:
+        c, a = h.accept()
+        try:
+            c.recv(4096)
+            body = a[0].encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        finally:
+            c.close()
+def echo():
+    while True:
+        m, a = u.recvfrom(65535)
+        u.sendto(b"echo " + a[0].encode() + b" " + m, a)
+def dns():
+    while True:
+        q, a = d.recvfrom(512)
+        if len(q) < 12: continue
+        end = q.index(b"\0", 12) + 5
+        r = q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x01\x00\x00\x00\x00" + q[12:end]
+        r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 53])
+        d.sendto(r, a)
+for f in (http, echo, dns):
+    threading.Thread(target=f, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// A UDP client in `cli`: sends argv[3] to argv[1]:argv[2] (up to 5 tries), prints the reply.
+const UDP_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+for _ in range(5):
+    s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recvfrom(65535)[0].decode(errors="replace")); break
+    except socket.timeout:
+        pass
+"#;
+
+/// A DNS client in `cli`: asks argv[1]:53 for the A record of argv[2], prints the address.
+const DNS_PY: &str = r#"
+import socket, sys
+q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+for label in sys.argv[2].split("."):
+    q += bytes([len(label)]) + label.encode()
+q += b"\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+for _ in range(5):
+    s.sendto(q, (sys.argv[1], 53))
+    try:
+        r = s.recvfrom(512)[0]
+        if r[:2] == b"\x12\x34" and r[7] >= 1:
+            print(".".join(str(b) for b in r[-4:])); break
+    except socket.timeout:
+        pass
+"#;
+
+/// Namespaces, links and child processes; all removed on drop (even on failure).
+struct Lab {
+    n: u8,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    fn ns(&self, role: &str) -> String {
+        format!("ipsxv{}{role}", self.n)
+    }
+    fn cli_gw(&self) -> String {
+        format!("10.231.{}.1", self.n)
+    }
+    fn exit_ip(&self) -> String {
+        format!("10.232.{}.1", self.n)
+    }
+    fn target_ip(&self) -> String {
+        format!("10.232.{}.2", self.n)
+    }
+
+    fn new() -> Self {
+        let n = (std::process::id() % 200) as u8 + 1;
+        let lab = Self {
+            n,
+            children: Vec::new(),
+        };
+        lab.cleanup();
+        for (role, net) in [("c", 231), ("t", 232)] {
+            let ns = lab.ns(role);
+            let (a, b) = (format!("ipsxv{n}{role}a"), format!("ipsxv{n}{role}b"));
+            must(&["ip", "netns", "add", &ns]);
+            must(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+            must(&["ip", "link", "set", &b, "netns", &ns]);
+            must(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.{net}.{n}.1/30"),
+                "dev",
+                &a,
+            ]);
+            must(&["ip", "link", "set", &a, "up"]);
+            must(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.{net}.{n}.2/30"),
+                "dev",
+                &b,
+            ]);
+            must(&["ip", "-n", &ns, "link", "set", &b, "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        lab
+    }
+
+    fn exec(&self, role: &str, args: &[&str]) -> std::process::Output {
+        let ns = self.ns(role);
+        let mut v = vec!["ip", "netns", "exec", ns.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    fn spawn(&mut self, role: &str, args: &[&str]) -> &mut Child {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.last_mut().unwrap()
+    }
+
+    fn cleanup(&self) {
+        for role in ["c", "t"] {
+            let _ = sh(&["ip", "netns", "del", &self.ns(role)]);
+            let _ = sh(&["ip", "link", "del", &format!("ipsxv{}{role}a", self.n)]);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cleanup();
+    }
+}
+
+/// `wg-quick strip`, done here: the file without wg-quick's own keys.
+fn strip(conf: &str) -> String {
+    conf.lines()
+        .filter(|l| {
+            let k = l.split('=').next().unwrap_or("").trim();
+            !matches!(k, "Address" | "DNS" | "MTU") && !l.starts_with('#')
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn conf_value(conf: &str, key: &str) -> Option<String> {
+    conf.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_owned())
+    })
+}
+
+/// Reads JSON lines from `ipsx rent` until one has `event == want` (bounded).
+fn until_event(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    seen: &mut Vec<serde_json::Value>,
+    want: &str,
+) -> serde_json::Value {
+    for _ in 0..10_000 {
+        let Some(line) = tokio::task::block_in_place(|| lines.next()) else {
+            break;
+        };
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        seen.push(v.clone());
+        if v["event"] == want {
+            return v;
+        }
+    }
+    panic!("`ipsx rent` ended before `{want}`: {seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
+    let mut lab = Lab::new();
+    // The targets, in their own namespace.
+    let target_ip = lab.target_ip();
+    {
+        let t = lab.spawn("t", &["python3", "-c", TARGETS_PY, &target_ip]);
+        let mut line = String::new();
+        BufReader::new(t.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    let sys = MarketSystem::start(MarketOpts {
+        exits: vec![],
+        demand: String::new(),
+        gateway: false,
+        ..MarketOpts::default()
+    })
+    .await;
+    // The provider: WireGuard on the client's veth, flows out of the target's veth.
+    let toml = format!(
+        "[exchange]\nurl = \"{}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"1s\"\n\n[[exit]]\nexit_address = \"{}\"\nlisten = \"{}:0\"\ncountry = \"de\"\ntype = \"residential\"\nprotocols = [\"any\"]\nprice_per_ip_second = \"1000000000000\"\nallow_destinations = [\"{target_ip}/32\"]\ndns_upstream = \"{target_ip}:53\"\n",
+        sys.exchange_url,
+        sys.anvil.endpoint(),
+        sys.deployment_path.display(),
+        hex_key(&sys.anvil.key(2)),
+        lab.exit_ip(),
+        lab.cli_gw(),
+    );
+    let agent = ipsx_provider::Agent::start(ipsx_provider::AgentConfig::from_toml(&toml).unwrap())
+        .await
+        .unwrap();
+    // A listener on the exit's own address: the policy must keep the client off it.
+    let own = std::net::TcpListener::bind(format!("{}:0", lab.exit_ip())).unwrap();
+    own.set_nonblocking(true).unwrap();
+    let own_port = own.local_addr().unwrap().port();
+
+    // `ipsx rent`, configured by the gateway's [market] section.
+    let cfg_path = sys.dir.join("rent.toml");
+    std::fs::write(&cfg_path, &sys.gateway_toml).unwrap();
+    let conf_path = sys.dir.join("de.conf");
+    let mut rent = Command::new(env!("CARGO_BIN_EXE_ipsx"))
+        .args(["rent", "--config"])
+        .arg(&cfg_path)
+        .args([
+            "--country",
+            "de",
+            "--duration",
+            "10m",
+            "--json",
+            "--wg-quick",
+        ])
+        .arg(&conf_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rent_pid = rent.id();
+    let mut lines = BufReader::new(rent.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let wg = until_event(&mut lines, &mut seen, "wg_quick");
+    assert_eq!(wg["exit_address"], lab.exit_ip().as_str(), "{wg}");
+    assert!(wg.get("private_key").is_none(), "the key stays in the file");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&conf_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    assert_eq!(
+        conf_value(&conf, "AllowedIPs").as_deref(),
+        Some("0.0.0.0/0")
+    );
+    assert_eq!(conf_value(&conf, "DNS").as_deref(), Some("10.77.0.1"));
+    assert_eq!(
+        conf_value(&conf, "Endpoint").unwrap().split(':').next(),
+        Some(lab.cli_gw().as_str())
+    );
+    // The agent serves directly: no keepalive needed.
+    assert_eq!(conf_value(&conf, "PersistentKeepalive"), None, "{conf}");
+    let address = conf_value(&conf, "Address").unwrap();
+
+    // The standard client: wireguard-go + wg setconf, in `cli`.
+    let stripped = sys.dir.join("de.wg");
+    std::fs::write(&stripped, strip(&conf)).unwrap();
+    lab.spawn("c", &["wireguard-go", "-f", "wgr0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .exec("c", &["ip", "link", "show", "wgr0"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "wireguard-go made no wgr0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = lab.ns("c");
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &c,
+        "wg",
+        "setconf",
+        "wgr0",
+        stripped.to_str().unwrap(),
+    ]);
+    must(&["ip", "-n", &c, "addr", "add", &address, "dev", "wgr0"]);
+    must(&["ip", "-n", &c, "link", "set", "wgr0", "mtu", "1420", "up"]);
+    // Default route through the tunnel; the endpoint stays on the veth (its /30).
+    must(&["ip", "-n", &c, "route", "add", "default", "dev", "wgr0"]);
+
+    // TCP: curl sees the exit address.
+    let url = format!("http://{target_ip}:8080/");
+    let mut body = String::new();
+    for _ in 0..10 {
+        let out = lab.exec("c", &["curl", "-s", "--max-time", "5", &url]);
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            break;
+        }
+    }
+    assert_eq!(body, lab.exit_ip(), "curl through the tunnel");
+    // UDP echo: relayed from the exit address.
+    let out = lab.exec("c", &["python3", "-c", UDP_PY, &target_ip, "7", "hello"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("echo {} hello", lab.exit_ip())
+    );
+    // DNS over UDP to port 53 (the exit sends every DNS query to its resolver) ...
+    let out = lab.exec("c", &["python3", "-c", DNS_PY, &target_ip, "target.test"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.0.2.53");
+    // ... to the file's DNS too.
+    let out = lab.exec("c", &["python3", "-c", DNS_PY, "10.77.0.1", "target.test"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.0.2.53");
+    // A destination the policy refuses (the exit's own address) stays unreachable.
+    let refused = format!("http://{}:{own_port}/", lab.exit_ip());
+    let out = lab.exec("c", &["curl", "-s", "--max-time", "5", &refused]);
+    assert!(!out.status.success(), "the exit's own address was reached");
+    assert!(
+        own.accept().is_err(),
+        "a connection reached the exit's own address"
+    );
+    let out = lab.exec("c", &["python3", "-c", UDP_PY, "169.254.169.254", "7", "x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+
+    // Paying while it runs.
+    until_event(&mut lines, &mut seen, "paid");
+    // Ctrl-C: the deal ends and settles.
+    assert_eq!(unsafe_free_sigint(rent_pid), 0);
+    let settled = until_event(&mut lines, &mut seen, "settled");
+    assert_eq!(settled["channels_open"], 0, "{seen:#?}");
+    let status = rent.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let paid: u128 = settled["paid_total"].as_str().unwrap().parse().unwrap();
+    assert!(paid > 0);
+    let (_, reserved) = sys.requester_funds().await;
+    assert_eq!(reserved, U256::ZERO, "a channel is still open on chain");
+    let _ = agent.shutdown().await;
+    sys.stop().await;
+    drop(lab);
+}
+
+/// SIGINT to `pid` with the `kill` tool (no unsafe code); its exit code.
+fn unsafe_free_sigint(pid: u32) -> i32 {
+    sh(&["kill", "-INT", &pid.to_string()])
+        .status
+        .code()
+        .unwrap_or(-1)
+}
