@@ -33,14 +33,17 @@ fn must(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The targets in `tgt`: HTTP answering the caller's address on 8080, UDP echo on 7,
-/// DNS on 53 answering every A query with 192.0.2.53. Prints `ready` once bound.
+/// The targets in `tgt`: HTTP answering the caller's address on 8080, UDP echo on 7
+/// (prefixed with the sender's address), plain UDP echo on 9 (the benchmark's), DNS on
+/// 53 answering every A query with 192.0.2.53. Prints `ready` once bound. Fixed ports:
+/// the namespace is the test's own.
 const TARGETS_PY: &str = r#"
 import socket, sys, threading
 ip = sys.argv[1]
 h = socket.socket(); h.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); h.bind((ip, 8080)); h.listen(64)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 7))
 d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.bind((ip, 53))
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); p.bind((ip, 9))
 def http():
     while True:
         c, a = h.accept()
@@ -54,6 +57,10 @@ def echo():
     while True:
         m, a = u.recvfrom(65535)
         u.sendto(b"echo " + a[0].encode() + b" " + m, a)
+def plain():
+    while True:
+        m, a = p.recvfrom(65535)
+        p.sendto(m, a)
 def dns():
     while True:
         q, a = d.recvfrom(512)
@@ -62,7 +69,7 @@ def dns():
         r = q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x01\x00\x00\x00\x00" + q[12:end]
         r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 53])
         d.sendto(r, a)
-for f in (http, echo, dns):
+for f in (http, echo, plain, dns):
     threading.Thread(target=f, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()
@@ -177,7 +184,7 @@ impl Lab {
     }
 
     fn cleanup(&self) {
-        for role in ["c", "t"] {
+        for role in ["c", "t", "a", "b"] {
             let _ = sh(&["ip", "netns", "del", &self.ns(role)]);
             let _ = sh(&["ip", "link", "del", &format!("ipsxv{}{role}a", self.n)]);
         }
@@ -233,8 +240,21 @@ fn until_event(
     panic!("`ipsx rent` ended before `{want}`: {seen:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
+/// Everything up to a working tunnel: the targets, the market, a provider agent,
+/// `ipsx rent` (its JSON lines so far in `seen`) and wireguard-go in `cli` brought up
+/// from the exported file, with the checks on the file itself.
+struct Rented {
+    lab: Lab,
+    sys: MarketSystem,
+    agent: ipsx_provider::AgentHandle,
+    rent: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    seen: Vec<serde_json::Value>,
+    own: std::net::TcpListener,
+    own_port: u16,
+}
+
+async fn rented() -> Rented {
     let mut lab = Lab::new();
     // The targets, in their own namespace.
     let target_ip = lab.target_ip();
@@ -291,7 +311,6 @@ async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let rent_pid = rent.id();
     let mut lines = BufReader::new(rent.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     let wg = until_event(&mut lines, &mut seen, "wg_quick");
@@ -317,14 +336,12 @@ async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
     // The standard client: wireguard-go + wg setconf, in `cli`.
     let stripped = sys.dir.join("de.wg");
     std::fs::write(&stripped, strip(&conf)).unwrap();
-    lab.spawn("c", &["wireguard-go", "-f", "wgr0"]);
+    // Interface names are global for wireguard-go (its UAPI socket): one per lab.
+    let wg = format!("wgr{}", lab.n);
+    lab.spawn("c", &["wireguard-go", "-f", &wg]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab
-        .exec("c", &["ip", "link", "show", "wgr0"])
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "wireguard-go made no wgr0");
+    while !lab.exec("c", &["ip", "link", "show", &wg]).status.success() {
+        assert!(Instant::now() < deadline, "wireguard-go made no {wg}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = lab.ns("c");
@@ -335,14 +352,40 @@ async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
         &c,
         "wg",
         "setconf",
-        "wgr0",
+        &wg,
         stripped.to_str().unwrap(),
     ]);
-    must(&["ip", "-n", &c, "addr", "add", &address, "dev", "wgr0"]);
-    must(&["ip", "-n", &c, "link", "set", "wgr0", "mtu", "1420", "up"]);
+    must(&["ip", "-n", &c, "addr", "add", &address, "dev", &wg]);
+    must(&["ip", "-n", &c, "link", "set", &wg, "mtu", "1420", "up"]);
     // Default route through the tunnel; the endpoint stays on the veth (its /30).
-    must(&["ip", "-n", &c, "route", "add", "default", "dev", "wgr0"]);
+    must(&["ip", "-n", &c, "route", "add", "default", "dev", &wg]);
 
+    Rented {
+        lab,
+        sys,
+        agent,
+        rent,
+        lines,
+        seen,
+        own,
+        own_port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
+    let Rented {
+        lab,
+        sys,
+        agent,
+        mut rent,
+        mut lines,
+        mut seen,
+        own,
+        own_port,
+    } = rented().await;
+    let rent_pid = rent.id();
+    let target_ip = lab.target_ip();
     // TCP: curl sees the exit address.
     let url = format!("http://{target_ip}:8080/");
     let mut body = String::new();
@@ -400,4 +443,213 @@ fn unsafe_free_sigint(pid: u32) -> i32 {
         .status
         .code()
         .unwrap_or(-1)
+}
+
+/// The benchmark's load: UDP echo to argv[1]:argv[2] with argv[3]-byte payloads, at
+/// most argv[4] datagrams in flight, for argv[5] seconds (a silent second resets the
+/// window: lost datagrams). Prints `<replies/s> <MB/s of replies>`.
+const UDP_LOAD_PY: &str = r#"
+import socket, sys, time
+ip, port, size, window, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((ip, port)); s.settimeout(1.0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+payload = b"x" * size
+inflight = got = 0
+t0 = time.time(); end = t0 + secs
+while time.time() < end:
+    while inflight < window:
+        s.send(payload); inflight += 1
+    try:
+        s.recv(65535); got += 1; inflight -= 1
+    except socket.timeout:
+        inflight = 0
+el = time.time() - t0
+print("%.0f %.2f" % (got / el, got * size / el / 1e6))
+"#;
+
+/// Runs the load from namespace `role` and returns (datagrams/s, MB/s) for small
+/// (64 B) and large (1200 B) payloads.
+fn load(lab: &Lab, role: &str, ip: &str, secs: &str) -> [(String, String); 2] {
+    ["64", "1200"].map(|size| {
+        let out = lab.exec(
+            role,
+            &["python3", "-c", UDP_LOAD_PY, ip, "9", size, "32", secs],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut w = text.split_whitespace();
+        (
+            w.next().unwrap_or("0").to_owned(),
+            w.next().unwrap_or("0").to_owned(),
+        )
+    })
+}
+
+/// A plain wireguard-go pair: namespaces `a` and `b` joined by a veth, one wireguard-go
+/// in each, the plain echo on `b`'s tunnel address; returns that address.
+async fn plain_pair(lab: &mut Lab) -> String {
+    let n = lab.n;
+    let (a, b) = (lab.ns("a"), lab.ns("b"));
+    let (va, vb) = (format!("ipsxv{n}pa"), format!("ipsxv{n}pb"));
+    must(&["ip", "netns", "add", &a]);
+    must(&["ip", "netns", "add", &b]);
+    must(&[
+        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+    ]);
+    must(&["ip", "link", "set", &va, "netns", &a]);
+    must(&["ip", "link", "set", &vb, "netns", &b]);
+    for (ns, dev, last) in [(&a, &va, 1), (&b, &vb, 2)] {
+        must(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("10.233.{n}.{last}/30"),
+            "dev",
+            dev,
+        ]);
+        must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    let key = |_: u8| {
+        let k = must(&["wg", "genkey"]).trim().to_owned();
+        let out = Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(k.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        (k, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let (ka, kb) = (key(0), key(1));
+    for (role, me, peer, last, peer_last) in [("a", &ka, &kb, 1, 2), ("b", &kb, &ka, 2, 1)] {
+        let wg = format!("wg{role}{n}");
+        lab.spawn(role, &["wireguard-go", "-f", &wg]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lab
+            .exec(role, &["ip", "link", "show", &wg])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "wireguard-go made no {wg}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conf = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n[Peer]\nPublicKey = {}\nEndpoint = 10.233.{n}.{peer_last}:51820\nAllowedIPs = 10.234.{n}.{peer_last}/32\n",
+            me.0, peer.1
+        );
+        let file =
+            std::env::temp_dir().join(format!("ipsx-bench-{}-{role}.wg", std::process::id()));
+        std::fs::write(&file, conf).unwrap();
+        let ns = lab.ns(role);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "wg",
+            "setconf",
+            &wg,
+            file.to_str().unwrap(),
+        ]);
+        let _ = std::fs::remove_file(&file);
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.234.{n}.{last}/32"),
+            "dev",
+            &wg,
+        ]);
+        must(&["ip", "-n", &ns, "link", "set", &wg, "mtu", "1420", "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            &format!("10.234.{n}.{peer_last}/32"),
+            "dev",
+            &wg,
+        ]);
+    }
+    let ip = format!("10.234.{n}.2");
+    let t = lab.spawn("b", &["python3", "-c", PLAIN_ECHO_PY, &ip]);
+    let mut line = String::new();
+    BufReader::new(t.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    ip
+}
+
+/// The plain echo alone (port 9), for the wireguard-go pair.
+const PLAIN_ECHO_PY: &str = r#"
+import socket, sys
+p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); p.bind((sys.argv[1], 9))
+print("ready", flush=True)
+while True:
+    m, a = p.recvfrom(65535)
+    p.sendto(m, a)
+"#;
+
+/// `benches/vpn/run.sh`: UDP echo through a rented ipsx exit with wireguard-go as the
+/// client (the exported wg-quick file), against a plain wireguard-go pair, in one run.
+/// Both use the same Python echo and load, which cap the absolute figures; the ratio
+/// is the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: benches/vpn/run.sh"]
+async fn bench_udp_echo_rented_exit_vs_wireguard_go_pair() {
+    let secs = std::env::var("IPSX_BENCH_SECS").unwrap_or_else(|_| "5".into());
+    let mut r = rented().await;
+    let target = r.lab.target_ip();
+    // Warm up (handshake) with one echo.
+    let _ = r
+        .lab
+        .exec("c", &["python3", "-c", UDP_PY, &target, "9", "warm"]);
+    let rented = load(&r.lab, "c", &target, &secs);
+    let plain_ip = plain_pair(&mut r.lab).await;
+    let _ = r
+        .lab
+        .exec("a", &["python3", "-c", UDP_PY, &plain_ip, "9", "warm"]);
+    let plain = load(&r.lab, "a", &plain_ip, &secs);
+    println!("path                     64B dgram/s   1200B dgram/s   1200B MB/s");
+    for (name, v) in [("wireguard-go pair", &plain), ("rented ipsx exit", &rented)] {
+        println!("{name:<24} {:>12} {:>15} {:>12}", v[0].0, v[1].0, v[1].1);
+    }
+    // H7's row goes here: UDP echo through the gateway's SOCKS5 UDP ASSOCIATE.
+    println!(
+        "{:<24} {:>12} {:>15} {:>12}",
+        "socks5-udp via gateway", "-", "-", "-"
+    );
+    let ratio = |a: &str, b: &str| {
+        let (a, b) = (
+            a.parse::<f64>().unwrap_or(0.0),
+            b.parse::<f64>().unwrap_or(0.0),
+        );
+        if b > 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "ratio rented/pair        {:>12} {:>15} {:>12}",
+        ratio(&rented[0].0, &plain[0].0),
+        ratio(&rented[1].0, &plain[1].0),
+        ratio(&rented[1].1, &plain[1].1)
+    );
+    let _ = tokio::task::block_in_place(|| {
+        let _ = sh(&["kill", "-INT", &r.rent.id().to_string()]);
+        r.rent.wait()
+    });
+    let _ = r.agent.shutdown().await;
+    r.sys.stop().await;
 }
