@@ -944,10 +944,7 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
         Transport::Other => match packet::icmp_echo_reply(&pkt, shared.cfg.inner_address) {
             Some(reply) => {
                 c.icmp_echo.fetch_add(1, Ordering::Relaxed);
-                let mut core = peer.stack.lock();
-                if !core.closed {
-                    core.dev.tx.push_back(reply);
-                }
+                udp_relay::into_tunnel(&peer.stack, reply);
             }
             None => {
                 c.dropped_other.fetch_add(1, Ordering::Relaxed);
@@ -1247,13 +1244,7 @@ async fn forward_dns(shared: Arc<Shared>, stack: Arc<Stack>, q: packet::OwnedUdp
     let Some(reply) = packet::udp_reply(&q, &buf[..n]) else {
         return;
     };
-    let mut core = stack.lock();
-    if core.closed {
-        return;
-    }
-    core.dev.tx.push_back(reply);
-    drop(core);
-    stack.notify.notify_one();
+    udp_relay::into_tunnel(&stack, reply);
 }
 
 struct InflightGuard<'a>(&'a AtomicU64);

@@ -247,13 +247,9 @@ async fn replies(
         let Some(reply) = packet::udp_reply(&q, buf.get(..n).unwrap_or_default()) else {
             continue;
         };
-        let mut core = stack.lock();
-        if core.closed {
+        if !into_tunnel(&stack, reply) {
             break;
         }
-        core.dev.tx.push_back(reply);
-        drop(core);
-        stack.notify.notify_one();
         c.udp_datagrams_down.fetch_add(1, Ordering::Relaxed);
         meter.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
         meter.touch(now / 1000);
@@ -264,6 +260,19 @@ async fn replies(
         st.table.close(id, &mut lim, shared.now_ms())
     };
     finish(&shared, closed.into_iter().collect());
+}
+
+/// Queues `pkt` for the peer of `stack` (sent on the driver's next turn); false if
+/// the peer is gone.
+pub(super) fn into_tunnel(stack: &Stack, pkt: Vec<u8>) -> bool {
+    let mut core = stack.lock();
+    if core.closed {
+        return false;
+    }
+    core.dev.tx.push_back(pkt);
+    drop(core);
+    stack.notify.notify_one();
+    true
 }
 
 /// Ends flows idle for the UDP idle timeout (the driver calls this on its timer).

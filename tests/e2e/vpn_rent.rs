@@ -23,6 +23,16 @@ fn sh(args: &[&str]) -> std::process::Output {
     tokio::task::block_in_place(|| Command::new(args[0]).args(&args[1..]).output().unwrap())
 }
 
+/// Gives `dev` (in namespace `ns`, or the root one) the address `cidr` and brings it up.
+fn addr_up(ns: Option<&str>, dev: &str, cidr: &str) {
+    let mut ip = vec!["ip"];
+    if let Some(ns) = ns {
+        ip.extend(["-n", ns]);
+    }
+    must(&[ip.as_slice(), &["addr", "add", cidr, "dev", dev]].concat());
+    must(&[ip.as_slice(), &["link", "set", dev, "up"]].concat());
+}
+
 fn must(args: &[&str]) -> String {
     let out = sh(args);
     assert!(
@@ -138,26 +148,8 @@ impl Lab {
             must(&["ip", "netns", "add", &ns]);
             must(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
             must(&["ip", "link", "set", &b, "netns", &ns]);
-            must(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("10.{net}.{n}.1/30"),
-                "dev",
-                &a,
-            ]);
-            must(&["ip", "link", "set", &a, "up"]);
-            must(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.{net}.{n}.2/30"),
-                "dev",
-                &b,
-            ]);
-            must(&["ip", "-n", &ns, "link", "set", &b, "up"]);
+            addr_up(None, &a, &format!("10.{net}.{n}.1/30"));
+            addr_up(Some(&ns), &b, &format!("10.{net}.{n}.2/30"));
             must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
         lab
@@ -199,6 +191,34 @@ impl Drop for Lab {
         }
         self.cleanup();
     }
+}
+
+/// Starts wireguard-go `name` in namespace `role`, configures it with `wg setconf`
+/// from `conf`, gives it `address`, MTU 1420, and brings it up.
+async fn wg_up(lab: &mut Lab, role: &str, name: &str, conf: &std::path::Path, address: &str) {
+    lab.spawn(role, &["wireguard-go", "-f", name]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .exec(role, &["ip", "link", "show", name])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "wireguard-go made no {name}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ns = lab.ns(role);
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "wg",
+        "setconf",
+        name,
+        conf.to_str().unwrap(),
+    ]);
+    must(&["ip", "-n", &ns, "addr", "add", address, "dev", name]);
+    must(&["ip", "-n", &ns, "link", "set", name, "mtu", "1420", "up"]);
 }
 
 /// `wg-quick strip`, done here: the file without wg-quick's own keys.
@@ -338,25 +358,8 @@ async fn rented() -> Rented {
     std::fs::write(&stripped, strip(&conf)).unwrap();
     // Interface names are global for wireguard-go (its UAPI socket): one per lab.
     let wg = format!("wgr{}", lab.n);
-    lab.spawn("c", &["wireguard-go", "-f", &wg]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab.exec("c", &["ip", "link", "show", &wg]).status.success() {
-        assert!(Instant::now() < deadline, "wireguard-go made no {wg}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wg_up(&mut lab, "c", &wg, &stripped, &address).await;
     let c = lab.ns("c");
-    must(&[
-        "ip",
-        "netns",
-        "exec",
-        &c,
-        "wg",
-        "setconf",
-        &wg,
-        stripped.to_str().unwrap(),
-    ]);
-    must(&["ip", "-n", &c, "addr", "add", &address, "dev", &wg]);
-    must(&["ip", "-n", &c, "link", "set", &wg, "mtu", "1420", "up"]);
     // Default route through the tunnel; the endpoint stays on the veth (its /30).
     must(&["ip", "-n", &c, "route", "add", "default", "dev", &wg]);
 
@@ -423,7 +426,7 @@ async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
     // Paying while it runs.
     until_event(&mut lines, &mut seen, "paid");
     // Ctrl-C: the deal ends and settles.
-    assert_eq!(unsafe_free_sigint(rent_pid), 0);
+    assert_eq!(sigint(rent_pid), 0);
     let settled = until_event(&mut lines, &mut seen, "settled");
     assert_eq!(settled["channels_open"], 0, "{seen:#?}");
     let status = rent.wait().unwrap();
@@ -438,7 +441,7 @@ async fn a_rented_exit_works_as_a_vpn_for_wireguard_go_and_settles_on_ctrl_c() {
 }
 
 /// SIGINT to `pid` with the `kill` tool (no unsafe code); its exit code.
-fn unsafe_free_sigint(pid: u32) -> i32 {
+fn sigint(pid: u32) -> i32 {
     sh(&["kill", "-INT", &pid.to_string()])
         .status
         .code()
@@ -498,17 +501,7 @@ async fn plain_pair(lab: &mut Lab) -> String {
     must(&["ip", "link", "set", &va, "netns", &a]);
     must(&["ip", "link", "set", &vb, "netns", &b]);
     for (ns, dev, last) in [(&a, &va, 1), (&b, &vb, 2)] {
-        must(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("10.233.{n}.{last}/30"),
-            "dev",
-            dev,
-        ]);
-        must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        addr_up(Some(ns), dev, &format!("10.233.{n}.{last}/30"));
         must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
     let key = |_: u8| {
@@ -529,16 +522,6 @@ async fn plain_pair(lab: &mut Lab) -> String {
     let (ka, kb) = (key(0), key(1));
     for (role, me, peer, last, peer_last) in [("a", &ka, &kb, 1, 2), ("b", &kb, &ka, 2, 1)] {
         let wg = format!("wg{role}{n}");
-        lab.spawn(role, &["wireguard-go", "-f", &wg]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !lab
-            .exec(role, &["ip", "link", "show", &wg])
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "wireguard-go made no {wg}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         let conf = format!(
             "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n[Peer]\nPublicKey = {}\nEndpoint = 10.233.{n}.{peer_last}:51820\nAllowedIPs = 10.234.{n}.{peer_last}/32\n",
             me.0, peer.1
@@ -546,29 +529,9 @@ async fn plain_pair(lab: &mut Lab) -> String {
         let file =
             std::env::temp_dir().join(format!("ipsx-bench-{}-{role}.wg", std::process::id()));
         std::fs::write(&file, conf).unwrap();
-        let ns = lab.ns(role);
-        must(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "wg",
-            "setconf",
-            &wg,
-            file.to_str().unwrap(),
-        ]);
+        wg_up(lab, role, &wg, &file, &format!("10.234.{n}.{last}/32")).await;
         let _ = std::fs::remove_file(&file);
-        must(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("10.234.{n}.{last}/32"),
-            "dev",
-            &wg,
-        ]);
-        must(&["ip", "-n", &ns, "link", "set", &wg, "mtu", "1420", "up"]);
+        let ns = lab.ns(role);
         must(&[
             "ip",
             "-n",

@@ -6,11 +6,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use ipsx_provider::ProviderExit;
 use ipsx_provider::packet::{self, OwnedUdp};
-use ipsx_provider::{ExitCounters, ProviderExit, ProviderHandle};
 use tokio::net::UdpSocket;
 
 use crate::common::{RawPeer, exit_config};
+use crate::loopback::counters_until;
 
 const INNER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const WAIT: Duration = Duration::from_secs(5);
@@ -68,17 +69,6 @@ async fn reply(peer: &mut RawPeer, sport: u16) -> Option<(SocketAddr, Vec<u8>)> 
     None
 }
 
-async fn until(exit: &ProviderHandle, pred: impl Fn(&ExitCounters) -> bool) -> ExitCounters {
-    for _ in 0..500 {
-        let c = exit.counters();
-        if pred(&c) {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    exit.counters()
-}
-
 #[tokio::test]
 async fn udp_is_relayed_from_the_exit_address_and_ping_to_the_exit_answers() {
     let target = udp_whoami("127.0.0.1:0").await;
@@ -126,7 +116,7 @@ async fn udp_is_relayed_from_the_exit_address_and_ping_to_the_exit_answers() {
     let before = exit.counters().dropped_other;
     peer.send_ip(&echo_request(Ipv4Addr::new(127, 0, 0, 1), b"x"))
         .await;
-    until(&exit, |c| c.dropped_other > before).await;
+    counters_until(&exit, |c| c.dropped_other > before).await;
     assert_eq!(exit.counters().dropped_other, before + 1);
     exit.shutdown().await;
 }
@@ -221,7 +211,7 @@ async fn hostile_udp_is_dropped_and_counted_and_refused_destinations_get_nothing
         .await
         .expect("the good datagram's reply");
     assert_eq!(from, target);
-    let c = until(&exit, |c| c.udp_dropped >= before.udp_dropped + 5).await;
+    let c = counters_until(&exit, |c| c.udp_dropped >= before.udp_dropped + 5).await;
     // bad_ck, bad_hdr, the two ports 0, the too-big reply: udp_dropped.
     // truncated and the fragment do not parse as UDP: dropped_other.
     assert_eq!(c.udp_dropped - before.udp_dropped, 5, "{c:?}");
@@ -259,11 +249,11 @@ async fn udp_flows_obey_the_flow_cap_and_end_when_idle_and_are_logged() {
     }
     // The third flow is over the cap: dropped and counted, no reply.
     peer.send_ip(&udp_pkt(6002, target, b"hi")).await;
-    let c = until(&exit, |c| c.limited >= 1).await;
+    let c = counters_until(&exit, |c| c.limited >= 1).await;
     assert_eq!((c.limited, c.udp_flows), (1, 2), "{c:?}");
     assert_eq!(exit.meter(&peer.public).unwrap().limited, 1);
     // Idle flows end (places freed, one log entry each) ...
-    let c = until(&exit, |c| c.flows_live == 0).await;
+    let c = counters_until(&exit, |c| c.flows_live == 0).await;
     assert_eq!(c.flows_live, 0, "{c:?}");
     let log = exit.log(&peer.public).unwrap();
     assert_eq!(log.len(), 2);
