@@ -221,11 +221,15 @@ async fn follow(
                     ),
                     export_json(x, &args.wg_quick),
                 ),
-                Err(e) => out.event(
-                    "error",
-                    format!("{}: {e}", args.wg_quick.display()),
-                    json!({"file": args.wg_quick.display().to_string(), "error": e.to_string()}),
-                ),
+                Err(e) => {
+                    // Nobody can use the exit: do not pay for it.
+                    out.event(
+                        "error",
+                        format!("{}: {e}", args.wg_quick.display()),
+                        json!({"file": args.wg_quick.display().to_string(), "error": e.to_string()}),
+                    );
+                    return false;
+                }
             }
             written = Some(x.deal);
         }
