@@ -133,10 +133,10 @@ pub(crate) async fn run(
         format!("{:#x}", pm.wallet()),
         json!({"wallet": format!("{:#x}", pm.wallet())}),
     );
-    let ended = follow(&pm, &args, &out, stop).await;
+    let followed = follow(&pm, &args, &out, stop).await;
     out.event(
         "ending",
-        if ended {
+        if followed == Ok(true) {
             "the lease is over; settling".into()
         } else {
             "ending the deal and settling".into()
@@ -153,16 +153,17 @@ pub(crate) async fn run(
         ),
         json!({"paid_total": st.paid_total, "spent_total": st.spent_total, "channels_open": st.channels_open}),
     );
-    Ok(())
+    followed.map(|_| ())
 }
 
-/// Prints progress until `stop` resolves (false) or the rented deal ends (true).
+/// Prints progress until `stop` resolves (false) or the rented deal ends (true); an
+/// error if the wg-quick file cannot be written.
 async fn follow(
     pm: &PoolManager,
     args: &RentArgs,
     out: &Printer,
     stop: impl std::future::Future<Output = ()>,
-) -> bool {
+) -> Result<bool, String> {
     tokio::pin!(stop);
     let mut phases: std::collections::HashMap<u64, String> = Default::default();
     let mut written: Option<u64> = None;
@@ -171,7 +172,7 @@ async fn follow(
     // Bounded: a 30-day lease at two looks a second.
     for _ in 0..(31u64 * 24 * 3600 * 2) {
         tokio::select! {
-            () = &mut stop => return false,
+            () = &mut stop => return Ok(false),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let st = pm.status();
@@ -228,7 +229,7 @@ async fn follow(
                         format!("{}: {e}", args.wg_quick.display()),
                         json!({"file": args.wg_quick.display().to_string(), "error": e.to_string()}),
                     );
-                    return false;
+                    return Err(format!("--wg-quick {}: {e}", args.wg_quick.display()));
                 }
             }
             written = Some(x.deal);
@@ -247,10 +248,10 @@ async fn follow(
         if let Some(id) = written
             && phases.get(&id).map(String::as_str) == Some("ended")
         {
-            return true;
+            return Ok(true);
         }
     }
-    true
+    Ok(true)
 }
 
 fn export_json(x: &WgExport, file: &Path) -> Value {
