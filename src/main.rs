@@ -14,6 +14,7 @@ mod echo;
 mod exchange_cmd;
 mod gateway_cmd;
 mod provider_cmd;
+mod rent_cmd;
 mod up;
 
 /// ipsx: a data-mining proxy gateway on a peer-to-peer IP Sharing Exchange.
@@ -75,6 +76,9 @@ enum Command {
     Wallet(ipsx_chain::cli::WalletArgs),
     /// Deploy and inspect the IPSX contracts.
     Chain(ipsx_chain::cli::ChainArgs),
+    /// Rent one exit on the exchange for a standard WireGuard client: writes a wg-quick
+    /// file, pays while it runs, ends the deal and settles on Ctrl-C.
+    Rent(rent_cmd::RentArgs),
     /// Bring up the whole system locally: chain, contracts, exchange, providers in four
     /// countries, an echo target, and the gateway renting its exits; prints the proxy URL.
     Up {
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
                 provider_cmd::keygen();
                 Ok(())
             }
+            Command::Rent(args) => rent_cmd::run(args, gateway_cmd::terminated()).await,
             Command::Up {
                 port, local: true, ..
             } => gateway_cmd::up(port).await,

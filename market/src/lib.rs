@@ -16,4 +16,5 @@ pub mod core;
 mod runtime;
 pub mod store;
 
+pub use runtime::rent::{NAT_KEEPALIVE_S, RentSpec, WgExport};
 pub use runtime::{MarketError, MarketStatus, PoolManager, settings_of};

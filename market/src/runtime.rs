@@ -29,6 +29,9 @@ use crate::core::{
 };
 use crate::store::Store;
 
+#[path = "rent.rs"]
+pub(crate) mod rent;
+
 /// Why the pool manager could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -145,6 +148,8 @@ struct Inner {
     store_lock: tokio::sync::Mutex<()>,
     wake: Notify,
     stop: tokio::sync::watch::Sender<bool>,
+    /// `ipsx rent`: deals are exported to a WireGuard client, not tunnelled here.
+    rent: Option<rent::RentState>,
 }
 
 /// The running pool manager; cheap to clone.
@@ -170,6 +175,17 @@ impl PoolManager {
         cfg: MarketConfig,
         base_dir: &Path,
         verify_url: Option<String>,
+    ) -> Result<Self, MarketError> {
+        Self::start_with(gw, cfg, base_dir, verify_url, None).await
+    }
+
+    /// [`PoolManager::start`], or with `rent` the one-exit renting of `ipsx rent`.
+    async fn start_with(
+        gw: Arc<Gateway>,
+        cfg: MarketConfig,
+        base_dir: &Path,
+        verify_url: Option<String>,
+        rent: Option<rent::RentSpec>,
     ) -> Result<Self, MarketError> {
         let deployment =
             Deployment::load(&base_dir.join(&cfg.deployment)).map_err(|e| MarketError::Config {
@@ -243,6 +259,9 @@ impl PoolManager {
         for d in &cfg.demand {
             groups.push((d.name.clone(), filter_of(&d.target)?, d.count));
         }
+        if let Some(spec) = &rent {
+            groups.push(("rent".to_owned(), spec.filter.clone(), 1));
+        }
         let mut core = Core::new(
             settings_of(&cfg, Duration::from_secs(challenge)),
             groups,
@@ -269,6 +288,7 @@ impl PoolManager {
             store_lock: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             stop,
+            rent: rent.map(|_| rent::RentState::default()),
         });
         let manager = Self { inner };
         if manager.inner.cfg.rent_on_demand {
@@ -1014,6 +1034,9 @@ impl PoolManager {
 
     /// Brings a deal's tunnel up, verifies the exit, and puts it in rotation.
     async fn connect(&self, id: u64, terms: ipsx_exchange_client::api::DealTerms) -> Input {
+        if let Some(rent) = &self.inner.rent {
+            return self.connect_rented(id, terms, rent).await;
+        }
         let mut cfg = TunnelConfig::new(
             self.inner.wg_key.clone(),
             terms.provider_wg_key.0,

@@ -251,7 +251,7 @@ async fn bulk_both_ways_is_intact() {
 // === bounded per-requester load (issue 11 part 2) ===
 
 /// Waits (bounded) until `pred` holds for the exit's counters.
-async fn counters_until(
+pub(crate) async fn counters_until(
     exit: &ipsx_provider::ProviderHandle,
     pred: impl Fn(&ipsx_provider::ExitCounters) -> bool,
 ) -> ipsx_provider::ExitCounters {
