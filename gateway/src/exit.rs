@@ -415,10 +415,12 @@ impl Dialer {
                         }
                     }
                 }
-                Err(last_err.or(refused).unwrap_or_else(|| DialError::NoUsableAddress {
-                    host: host.to_header(),
-                    bind: *bind,
-                }))
+                Err(last_err
+                    .or(refused)
+                    .unwrap_or_else(|| DialError::NoUsableAddress {
+                        host: host.to_header(),
+                        bind: *bind,
+                    }))
             }
         }
     }

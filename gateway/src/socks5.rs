@@ -469,10 +469,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 10);
         assert_eq!(r.command, Command::UdpAssociate);
-        assert_eq!(
-            (r.host, r.port),
-            (Host::Ip("0.0.0.0".parse().unwrap()), 0)
-        );
+        assert_eq!((r.host, r.port), (Host::Ip("0.0.0.0".parse().unwrap()), 0));
         // PySocks with remote DNS sends the name "0" and its socket's port.
         let (r, _) = parse_request(&[5, 3, 0, 3, 1, b'0', 0x30, 0x39])
             .unwrap()
