@@ -7,8 +7,10 @@
 //! socket for exactly that destination to the peer's smoltcp stack (any-IP mode) and
 //! spawns a relay task. Refused SYNs reach no socket, so smoltcp answers them with a
 //! RST: the client fails fast and no byte reaches the destination. UDP to port 53 is
-//! forwarded to the configured resolver; other UDP, ICMP and other protocols are dropped
-//! and counted.
+//! forwarded to the configured resolver; other UDP is relayed from the exit address,
+//! one host socket per flow ([`crate::udp`], runtime in `udp_relay.rs`), under the same
+//! policy and limits as TCP; ICMP echo requests to the exit's inner address are
+//! answered; other ICMP and other protocols are dropped and counted.
 //!
 //! Load is bounded per requester ([`crate::limits`]): datagrams wait in per-peer queues
 //! served round-robin, a SYN over the peer's flow cap, the exit's flow cap or the peer's
@@ -43,6 +45,9 @@ use crate::meter::{LogEntry, MeterSnapshot, PeerMeter};
 use crate::packet::{self, Transport};
 use crate::policy::{EgressPolicy, discover_own_addresses};
 
+#[path = "udp_relay.rs"]
+mod udp_relay;
+
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Datagrams read from the socket at most before each round (into the per-peer queues).
 const RX_READ: usize = 1024;
@@ -76,6 +81,11 @@ struct AtomicCounters {
     rate_limited: AtomicU64,
     idle_closed: AtomicU64,
     datagrams_shed: AtomicU64,
+    udp_flows: AtomicU64,
+    udp_datagrams_up: AtomicU64,
+    udp_datagrams_down: AtomicU64,
+    udp_dropped: AtomicU64,
+    icmp_echo: AtomicU64,
 }
 
 /// A snapshot of the exit-wide counters.
@@ -96,7 +106,7 @@ pub struct ExitCounters {
     pub spoofed_source: u64,
     /// Flows refused by the egress policy.
     pub refused: u64,
-    /// Inner packets of other protocols (ICMP, non-DNS UDP ...) dropped.
+    /// Inner packets of other protocols (ICMP but echo to the exit, fragments ...) dropped.
     pub dropped_other: u64,
     /// DNS queries forwarded.
     pub dns_forwarded: u64,
@@ -112,6 +122,17 @@ pub struct ExitCounters {
     pub idle_closed: u64,
     /// Datagrams dropped because their peer's queue (`peer_queue`) was full.
     pub datagrams_shed: u64,
+    /// UDP flows relayed (each one host socket; also in `flows_live` while open).
+    pub udp_flows: u64,
+    /// UDP datagrams relayed from peers to destinations.
+    pub udp_datagrams_up: u64,
+    /// UDP datagrams relayed from destinations back into the tunnels.
+    pub udp_datagrams_down: u64,
+    /// UDP datagrams dropped: bad checksum, port 0, socket buffer full, a reply too
+    /// big for the tunnel MTU, over the deal's bandwidth cap.
+    pub udp_dropped: u64,
+    /// ICMP echo requests to the exit's inner address answered.
+    pub icmp_echo: u64,
 }
 
 impl AtomicCounters {
@@ -133,6 +154,11 @@ impl AtomicCounters {
             rate_limited: g(&self.rate_limited),
             idle_closed: g(&self.idle_closed),
             datagrams_shed: g(&self.datagrams_shed),
+            udp_flows: g(&self.udp_flows),
+            udp_datagrams_up: g(&self.udp_datagrams_up),
+            udp_datagrams_down: g(&self.udp_datagrams_down),
+            udp_dropped: g(&self.udp_dropped),
+            icmp_echo: g(&self.icmp_echo),
         }
     }
 }
@@ -167,6 +193,8 @@ struct Shared {
     public_key: [u8; 32],
     nat_path: NatPath,
     public_endpoint: Option<SocketAddr>,
+    /// The UDP flows and their sockets.
+    udp: Mutex<udp_relay::UdpState>,
 }
 
 /// A running exit. Dropping the last clone stops it.
@@ -260,6 +288,7 @@ impl ProviderExit {
             public_key: public.to_bytes(),
             nat_path,
             public_endpoint,
+            udp: udp_relay::UdpState::new(crate::udp::udp_idle(cfg.limits.idle_timeout)),
             cfg,
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -576,6 +605,7 @@ impl Driver {
                     p.stack.close();
                 }
                 self.queue.remove(&idx);
+                udp_relay::close_peer(&self.shared, key);
                 self.shared.limiter().forget(*key);
                 true
             }
@@ -708,6 +738,7 @@ impl Driver {
             }
             if now >= next_timer {
                 next_timer = now + TIMER_TICK;
+                udp_relay::expire(&self.shared);
                 for peer in self.peers.values_mut() {
                     if let (TunnResult::WriteToNetwork(p), Some(ep)) =
                         (peer.tunn.update_timers(&mut out_buf), peer.endpoint)
@@ -720,6 +751,7 @@ impl Driver {
         for p in self.peers.values() {
             p.stack.close();
         }
+        udp_relay::close_all(&self.shared);
     }
 
     /// Files a datagram under its peer (by the receiver index on the wire; handshake
@@ -908,9 +940,19 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
                 parsed.owned(&pkt),
             ));
         }
-        _ => {
-            c.dropped_other.fetch_add(1, Ordering::Relaxed);
-        }
+        Transport::Udp { .. } => udp_relay::outbound(shared, peer, &pkt, &parsed),
+        Transport::Other => match packet::icmp_echo_reply(&pkt, shared.cfg.inner_address) {
+            Some(reply) => {
+                c.icmp_echo.fetch_add(1, Ordering::Relaxed);
+                let mut core = peer.stack.lock();
+                if !core.closed {
+                    core.dev.tx.push_back(reply);
+                }
+            }
+            None => {
+                c.dropped_other.fetch_add(1, Ordering::Relaxed);
+            }
+        },
     }
 }
 

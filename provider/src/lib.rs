@@ -29,6 +29,7 @@ pub mod meter;
 pub mod packet;
 pub mod policy;
 pub mod status;
+pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 //! Just enough IPv4/IPv6 header parsing to route a decrypted packet (source check,
-//! TCP SYN detection, DNS interception), and building a UDP reply. Sans-IO; every
-//! access is bounds-checked because the bytes come from the network.
+//! TCP SYN detection, UDP relay and DNS interception), checking UDP checksums, and
+//! building UDP replies and ICMP echo replies. Sans-IO; every access is bounds-checked
+//! because the bytes come from the network.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -242,6 +243,86 @@ pub fn udp_reply(q: &OwnedUdp, payload: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Whether a parsed UDP packet's checksums hold: the IPv4 header checksum, and the UDP
+/// checksum over the pseudo-header (optional in IPv4, where 0 means none; mandatory in
+/// IPv6). False for anything but a well-formed UDP packet.
+pub fn udp_checksums_ok(pkt: &[u8], parsed: &Parsed) -> bool {
+    let Transport::Udp {
+        payload_at,
+        payload_len,
+        ..
+    } = parsed.transport
+    else {
+        return false;
+    };
+    let Some(udp) = pkt.get(payload_at.saturating_sub(8)..payload_at.saturating_add(payload_len))
+    else {
+        return false;
+    };
+    let Some(wire) = be16(udp, 6) else {
+        return false;
+    };
+    let udp_len = udp.len() as u32;
+    match (parsed.src, parsed.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
+            let Some(header) = pkt.get(..ihl) else {
+                return false;
+            };
+            if fold(sum16(0, header)) != 0 {
+                return false;
+            }
+            if wire == 0 {
+                return true;
+            }
+            let pseudo = sum16(sum16(0, &s.octets()), &d.octets()) + 17 + udp_len;
+            fold(sum16(pseudo, udp)) == 0
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            if wire == 0 {
+                return false;
+            }
+            let pseudo = sum16(sum16(0, &s.octets()), &d.octets()) + 17 + udp_len;
+            fold(sum16(pseudo, udp)) == 0
+        }
+        _ => false,
+    }
+}
+
+/// The echo reply to an IPv4 ICMP echo request addressed to `me` (addresses swapped,
+/// same identifier, sequence and data). `None` for anything else: another protocol or
+/// type, another destination, a fragment, IP options, a bad header or ICMP checksum.
+pub fn icmp_echo_reply(pkt: &[u8], me: Ipv4Addr) -> Option<Vec<u8>> {
+    if pkt.first()? != &0x45 {
+        return None;
+    }
+    let total = usize::from(be16(pkt, 2)?);
+    if total < 28 || total > pkt.len() || *pkt.get(9)? != 1 || be16(pkt, 6)? & 0x3fff != 0 {
+        return None;
+    }
+    let header = pkt.get(..20)?;
+    let icmp = pkt.get(20..total)?;
+    if fold(sum16(0, header)) != 0 || fold(sum16(0, icmp)) != 0 {
+        return None;
+    }
+    if *icmp.first()? != 8 || *icmp.get(1)? != 0 || pkt.get(16..20)? != me.octets() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&[0x45, 0]);
+    out.extend_from_slice(&(total as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    out.extend_from_slice(&me.octets());
+    out.extend_from_slice(pkt.get(12..16)?);
+    let hck = fold(sum16(0, &out));
+    out[10..12].copy_from_slice(&hck.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(icmp.get(4..)?);
+    let ck = fold(sum16(0, out.get(20..)?));
+    out[22..24].copy_from_slice(&ck.to_be_bytes());
+    Some(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -311,11 +392,108 @@ mod tests {
         assert!(parse(&pkt).is_none(), "total length beyond the buffer");
     }
 
+    fn udp4(payload: &[u8]) -> Vec<u8> {
+        let q = OwnedUdp {
+            src: "1.2.3.4".parse().unwrap(),
+            dst: "10.77.0.2".parse().unwrap(),
+            src_port: 53,
+            dst_port: 4000,
+            payload: vec![],
+        };
+        udp_reply(&q, payload).unwrap()
+    }
+
+    #[test]
+    fn udp_checksums_are_verified() {
+        let pkt = udp4(b"hello");
+        let p = parse(&pkt).unwrap();
+        assert!(udp_checksums_ok(&pkt, &p));
+        for at in [10usize, 16, 26, 28, 30] {
+            let mut bad = pkt.clone();
+            bad[at] ^= 0x40;
+            let Some(p) = parse(&bad) else { continue };
+            assert!(!udp_checksums_ok(&bad, &p), "byte {at} flipped");
+        }
+        // IPv4 UDP checksum 0: none (accepted).
+        let mut none = pkt.clone();
+        none[26] = 0;
+        none[27] = 0;
+        assert!(udp_checksums_ok(&none, &parse(&none).unwrap()));
+        let mut q6 = q4();
+        q6.src = "fd00::2".parse().unwrap();
+        q6.dst = "fd00::1".parse().unwrap();
+        let mut r6 = udp_reply(&q6, b"x").unwrap();
+        assert!(udp_checksums_ok(&r6, &parse(&r6).unwrap()));
+        r6[46] = 0;
+        r6[47] = 0;
+        assert!(
+            !udp_checksums_ok(&r6, &parse(&r6).unwrap()),
+            "v6 requires a checksum"
+        );
+    }
+
+    fn echo_request(dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
+        let total = (28 + data.len()) as u16;
+        let mut pkt = vec![0x45, 0];
+        pkt.extend_from_slice(&total.to_be_bytes());
+        pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, 1, 0, 0, 10, 77, 0, 2]);
+        pkt.extend_from_slice(&dst.octets());
+        let hck = fold(sum16(0, &pkt));
+        pkt[10..12].copy_from_slice(&hck.to_be_bytes());
+        let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 7];
+        icmp.extend_from_slice(data);
+        let ck = fold(sum16(0, &icmp));
+        icmp[2..4].copy_from_slice(&ck.to_be_bytes());
+        pkt.extend_from_slice(&icmp);
+        pkt
+    }
+
+    #[test]
+    fn echo_requests_to_me_are_answered() {
+        let me = Ipv4Addr::new(10, 77, 0, 1);
+        let req = echo_request(me, b"ping data");
+        let r = icmp_echo_reply(&req, me).unwrap();
+        assert_eq!(r.len(), req.len());
+        assert_eq!(&r[12..16], &me.octets());
+        assert_eq!(&r[16..20], &[10, 77, 0, 2]);
+        assert_eq!(r[20], 0, "echo reply");
+        assert_eq!(&r[24..], &req[24..], "id, sequence and data kept");
+        assert_eq!(fold(sum16(0, &r[..20])), 0);
+        assert_eq!(fold(sum16(0, &r[20..])), 0);
+        // Not to me, bad checksum, a fragment, truncated: no answer.
+        assert!(icmp_echo_reply(&echo_request(Ipv4Addr::new(1, 1, 1, 1), b"x"), me).is_none());
+        let mut bad = req.clone();
+        bad[30] ^= 1;
+        assert!(icmp_echo_reply(&bad, me).is_none());
+        let mut frag = echo_request(me, b"x");
+        frag[6] = 0x20;
+        assert!(icmp_echo_reply(&frag, me).is_none());
+        assert!(icmp_echo_reply(&req[..24], me).is_none());
+        assert!(icmp_echo_reply(&r, me).is_none(), "a reply is not answered");
+    }
+
     proptest::proptest! {
         #[test]
         fn parse_never_panics(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             if let Some(p) = parse(&buf) {
                 let _ = p.owned(&buf);
+                let _ = udp_checksums_ok(&buf, &p);
+            }
+            let _ = icmp_echo_reply(&buf, Ipv4Addr::new(10, 77, 0, 1));
+        }
+
+        #[test]
+        fn udp_replies_always_verify(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..1400), flip in 0usize..1500) {
+            let pkt = udp4(&payload);
+            let p = parse(&pkt).unwrap();
+            proptest::prop_assert!(udp_checksums_ok(&pkt, &p));
+            proptest::prop_assert_eq!(p.owned(&pkt).payload, payload);
+            // Any single flipped payload bit is caught.
+            if flip >= 28 && flip < pkt.len() {
+                let mut bad = pkt.clone();
+                bad[flip] ^= 0x01;
+                let p = parse(&bad).unwrap();
+                proptest::prop_assert!(!udp_checksums_ok(&bad, &p));
             }
         }
 

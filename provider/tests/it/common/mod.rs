@@ -298,6 +298,30 @@ impl RawPeer {
         }
     }
 
+    /// The next IP packet the exit sends into the tunnel (handshake and keepalive
+    /// datagrams skipped), or `None` if none comes within `wait`.
+    pub async fn recv_ip(&mut self, wait: std::time::Duration) -> Option<Vec<u8>> {
+        use ipsx_tunnel_pool::boringtun::noise::TunnResult;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = vec![0u8; 65536];
+        for _ in 0..10_000 {
+            let n = tokio::time::timeout_at(deadline, self.udp.recv(&mut rx))
+                .await
+                .ok()?
+                .ok()?;
+            match self.tunn.decapsulate(None, &rx[..n], &mut self.buf) {
+                TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                    return Some(p.to_vec());
+                }
+                TunnResult::WriteToNetwork(p) => {
+                    let _ = self.udp.send(p).await;
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Discards whatever the exit sent back (RSTs, SYN-ACKs), so the socket's buffer
     /// does not fill.
     pub fn drain(&self) {
