@@ -214,8 +214,8 @@ async fn socks5_udp_through_a_wireguard_exit() {
     let relay = relay.unwrap();
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // A DNS query over UDP through the tunnel: the provider's resolver answers it (it
-    // serves port 53 of any destination), and the answer comes back in a SOCKS header
-    // naming the address the client sent to.
+    // serves port 53 of any destination when it has an upstream), and the answer comes
+    // back in a SOCKS header naming the address the client sent to.
     let resolver: std::net::SocketAddr = "127.0.0.53:53".parse().unwrap();
     client
         .send_to(&udp_datagram(resolver, &dns_query("echo.test")), relay)
@@ -225,6 +225,28 @@ async fn socks5_udp_through_a_wireguard_exit() {
     assert_eq!(src, resolver);
     assert_eq!(&answer[..2], &[0x42, 0x42], "same query id");
     assert_eq!(&answer[answer.len() - 4..], &[127, 0, 0, 1], "{answer:?}");
+    // Any UDP: the provider relays it out of its exit address, and the answers come
+    // back through the tunnel.
+    let echo = crate::gateway_clients::UdpEcho::start().await;
+    for i in 0..5 {
+        let payload = format!("ping-{i}");
+        client
+            .send_to(&udp_datagram(echo.addr, payload.as_bytes()), relay)
+            .await
+            .unwrap();
+        let (src, answer) = udp_answer(&client).await.expect("the echo answered");
+        assert_eq!(src, echo.addr);
+        let answer = String::from_utf8(answer).unwrap();
+        let (seen, echoed) = answer.split_once('|').unwrap();
+        assert_eq!(echoed, payload);
+        let seen: std::net::SocketAddr = seen.parse().unwrap();
+        assert_eq!(
+            seen.ip().to_string(),
+            "127.0.0.2",
+            "left from the provider's exit address"
+        );
+    }
+    assert_eq!(echo.received(), 5);
     // A payload larger than one datagram inside the tunnel is dropped, not cut.
     let before = gw.gateway.udp_stats();
     client
