@@ -635,7 +635,7 @@ async fn read_until_contains(s: &mut TcpStream, want: &[u8]) -> Vec<u8> {
 }
 
 /// Polls `check` every 50 ms for at most 20 s.
-async fn eventually(check: impl Fn() -> bool) -> bool {
+pub(crate) async fn eventually(check: impl Fn() -> bool) -> bool {
     for _ in 0..400 {
         if check() {
             return true;

@@ -254,14 +254,10 @@ async fn socks5_udp_through_a_wireguard_exit() {
         .await
         .unwrap();
     let oversize = ipsx_gateway::udp::Dropped::Oversize;
-    let mut counted = false;
-    for _ in 0..200 {
-        if gw.gateway.udp_stats().dropped(oversize) > before.dropped(oversize) {
-            counted = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let counted = crate::gateway_hostile::eventually(|| {
+        gw.gateway.udp_stats().dropped(oversize) > before.dropped(oversize)
+    })
+    .await;
     assert!(counted, "{:?}", gw.gateway.udp_stats());
     de.handle.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -56,16 +56,7 @@ enum Command {
 
 fn main() {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            std::process::exit(2);
-        }
-    };
+    let rt = ipsx_benches::current_thread_runtime();
     let result = rt.block_on(async {
         match args.command {
             Command::Echo { listen } => echo(listen).await,
@@ -136,7 +127,10 @@ async fn associate(
     let mut head = [0u8; 4];
     s.read_exact(&mut head).await?;
     if head[1] != 0 {
-        return Err(bad(&format!("UDP ASSOCIATE refused: reply {:#04x}", head[1])));
+        return Err(bad(&format!(
+            "UDP ASSOCIATE refused: reply {:#04x}",
+            head[1]
+        )));
     }
     let relay = match head[3] {
         1 => {
