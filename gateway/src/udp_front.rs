@@ -83,11 +83,14 @@ pub(crate) async fn serve_udp_associate(
         }
     };
     // The relay socket listens where the client reached us: the control connection's
-    // local address is one it can send to (also when `listen` is 0.0.0.0).
+    // local address is one it can send to (also when `listen` is 0.0.0.0). An IPv4
+    // client of a dual-stack `[::]` listener gets an IPv4 relay, not a mapped address.
     let local_ip = conn
         .stream
         .local_addr()
-        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
+        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| {
+            ipsx_egress::canonical(a.ip())
+        });
     let relay = match UdpSocket::bind(SocketAddr::new(local_ip, 0)).await {
         Ok(s) => s,
         Err(e) => {

@@ -1203,3 +1203,32 @@ async fn udp_associations_are_capped_and_idle_ones_end() {
     let (_, code, _) = udp_associate(gw.addr, "acct", &[9, 0, 0, 0, 0, 0, 0]).await;
     assert_eq!(code, 0x08);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_listener_gets_an_ipv4_relay() {
+    let echo = crate::gateway_clients::UdpEcho::start().await;
+    let config = ipsx_config::GatewayConfig::from_toml(&config_text(""), "test.toml").unwrap();
+    let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+        return; // no IPv6 on this machine: nothing to test
+    };
+    let port = listener.local_addr().unwrap().port();
+    let gateway = ipsx_gateway::Gateway::new(config, None);
+    let task = tokio::spawn(ipsx_gateway::serve(
+        listener,
+        gateway.clone(),
+        std::future::pending(),
+    ));
+    let gw: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_control, code, relay) = udp_associate(gw, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    let relay = relay.unwrap();
+    assert!(relay.is_ipv4(), "{relay}");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(echo.addr, b"v4"), relay)
+        .await
+        .unwrap();
+    let (_, answer) = udp_answer(&client).await.expect("echo answered");
+    assert!(answer.ends_with(b"|v4"));
+    task.abort();
+}
