@@ -99,6 +99,17 @@ pub struct ListenerConfig {
     /// A "what is my IP" URL fetched through each WireGuard exit that names an
     /// `exit_ip`; an exit leaving from another address is marked unhealthy.
     pub verify_url: Option<String>,
+    /// Most SOCKS5 UDP associations open at once (RFC 1928 section 7); beyond, UDP
+    /// ASSOCIATE is refused (SOCKS 0x01). 0 turns UDP ASSOCIATE off.
+    pub udp_max_associations: usize,
+    /// Most distinct destinations (address and port) one UDP association may send to;
+    /// datagrams to further ones are dropped.
+    pub udp_max_destinations: usize,
+    /// Largest UDP payload relayed, either way, in bytes; larger datagrams are dropped.
+    pub udp_max_datagram: usize,
+    /// A UDP association with no datagram either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
 }
 
 impl Default for ListenerConfig {
@@ -119,6 +130,10 @@ impl Default for ListenerConfig {
             allow_destinations: Vec::new(),
             reload_poll: Duration::from_secs(1),
             verify_url: None,
+            udp_max_associations: 1024,
+            udp_max_destinations: 256,
+            udp_max_datagram: 8192,
+            udp_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -484,6 +499,7 @@ impl GatewayConfig {
             ("gateway.idle_timeout", l.idle_timeout),
             ("gateway.connect_timeout", l.connect_timeout),
             ("gateway.response_timeout", l.response_timeout),
+            ("gateway.udp_idle_timeout", l.udp_idle_timeout),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -502,6 +518,20 @@ impl GatewayConfig {
                 whole.clone(),
                 "gateway.max_header_bytes".into(),
                 "must be between 1024 and 1048576",
+            ));
+        }
+        if !(512..=65507).contains(&l.udp_max_datagram) {
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.udp_max_datagram".into(),
+                "must be between 512 and 65507 (the largest UDP payload)",
+            ));
+        }
+        if l.udp_max_destinations == 0 {
+            return Err(check.invalid(
+                whole.clone(),
+                "gateway.udp_max_destinations".into(),
+                "must be at least 1",
             ));
         }
         if !(8..=1000).contains(&l.max_headers) {

@@ -240,6 +240,7 @@ async fn route(gw: &Gateway, spend: &SpendHistory, req: Request<Incoming>) -> Re
                 "requests_total": gw.requests_total(),
                 "exits": rt.exits.len(),
                 "last_reload_error": gw.last_reload_error(),
+                "udp": gw.udp_stats(),
             }),
         ),
         (&Method::GET, "/api/exits") => {

@@ -267,6 +267,19 @@ impl ExitRuntime {
         self.dialer.dial(host, port).await
     }
 
+    /// Opens a UDP socket through this exit (a SOCKS5 UDP association's outside end):
+    /// bound to a local exit's source address, or inside the exit's tunnel.
+    pub async fn open_udp(&self) -> Result<ExitUdp, DialError> {
+        self.dialer.open_udp().await
+    }
+
+    /// Resolves and checks one UDP destination the way [`ExitRuntime::dial`] checks a
+    /// TCP one (names resolved where the traffic leaves; refused ranges, own addresses
+    /// for a local exit): the address to send to, or why not.
+    pub async fn udp_destination(&self, host: &Host, port: u16) -> Result<SocketAddr, DialError> {
+        self.dialer.udp_destination(host, port).await
+    }
+
     /// True when this runtime can keep serving `config` (same transport and policy), so
     /// a reload keeps it (and its tunnel).
     pub fn same_transport(&self, config: &ExitConfig, policy: &DialPolicy) -> bool {
@@ -313,31 +326,61 @@ impl Dialer {
             .map_err(DialError::from_tunnel)
     }
 
-    async fn dial_inner(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
+    /// The addresses `host` stands for where traffic leaves: an address as it is; a
+    /// name resolved at the exit (through the tunnel: no DNS leak, geo-correct
+    /// answers) or here for a local exit.
+    async fn candidates(&self, host: &Host, port: u16) -> Result<Vec<IpAddr>, DialError> {
+        let name = match host {
+            Host::Ip(ip) => return Ok(vec![*ip]),
+            Host::Name(name) => name,
+        };
+        let resolve_err = |message: String| DialError::Resolve {
+            host: name.clone(),
+            message,
+        };
         match &self.inner.transport {
             ExitTransport::WireGuard { .. } => {
                 let Some(tunnel) = self.tunnel().await? else {
-                    return Err(DialError::Tunnel {
-                        message: "tunnel not started".into(),
-                        retry_elsewhere: true,
-                    });
+                    return Err(tunnel_not_started());
                 };
-                // Names resolve at the exit, through the tunnel (no DNS leak, geo-correct
-                // answers); the address actually dialled is then checked here.
-                let candidates = match host {
-                    Host::Ip(ip) => vec![*ip],
-                    Host::Name(name) => {
-                        tunnel.resolve(name).await.map_err(|e| DialError::Resolve {
-                            host: name.clone(),
-                            message: e.to_string(),
-                        })?
-                    }
+                tunnel
+                    .resolve(name)
+                    .await
+                    .map_err(|e| resolve_err(e.to_string()))
+            }
+            ExitTransport::Local { .. } => Ok(tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map_err(|e| resolve_err(e.to_string()))?
+                .map(|a| a.ip())
+                .collect()),
+        }
+    }
+
+    /// Why `ip:port` may not be reached through this exit, or `None`: the refused
+    /// ranges (less the allow-list), and for a local exit this machine's own addresses.
+    /// Checked on the address actually used, after resolution.
+    fn refused(&self, ip: IpAddr, port: u16) -> Option<&'static str> {
+        let allow = &self.inner.policy.allow;
+        refused_range(ip, allow).or_else(|| match &self.inner.transport {
+            ExitTransport::Local { .. } => {
+                refused_local(ip, port, allow, &self.inner.policy.own.list())
+            }
+            ExitTransport::WireGuard { .. } => None,
+        })
+    }
+
+    async fn dial_inner(&self, host: &Host, port: u16) -> Result<ExitStream, DialError> {
+        let candidates = self.candidates(host, port).await?;
+        let mut refused = None;
+        let mut last_err = None;
+        match &self.inner.transport {
+            ExitTransport::WireGuard { .. } => {
+                let Some(tunnel) = self.tunnel().await? else {
+                    return Err(tunnel_not_started());
                 };
-                let mut refused = None;
-                let mut last_err = None;
                 for ip in candidates {
                     let ip = ipsx_egress::canonical(ip);
-                    if let Some(range) = refused_range(ip, &self.inner.policy.allow) {
+                    if let Some(range) = self.refused(ip, port) {
                         refused.get_or_insert_with(|| refusal(host, ip, range));
                         continue;
                     }
@@ -352,33 +395,15 @@ impl Dialer {
                 }))
             }
             ExitTransport::Local { bind } => {
-                let candidates: Vec<IpAddr> = match host {
-                    Host::Ip(ip) => vec![*ip],
-                    Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
-                        .await
-                        .map_err(|e| DialError::Resolve {
-                            host: name.clone(),
-                            message: e.to_string(),
-                        })?
-                        .map(|a| a.ip())
-                        .collect(),
-                };
-                let mut refused = None;
-                let mut last_err = None;
-                let mut usable = false;
-                let own = self.inner.policy.own.list();
                 for ip in candidates {
                     let ip = ipsx_egress::canonical(ip);
-                    let range = refused_range(ip, &self.inner.policy.allow)
-                        .or_else(|| refused_local(ip, port, &self.inner.policy.allow, &own));
-                    if let Some(range) = range {
+                    if let Some(range) = self.refused(ip, port) {
                         refused.get_or_insert_with(|| refusal(host, ip, range));
                         continue;
                     }
                     if ip.is_ipv4() != bind.is_ipv4() {
                         continue;
                     }
-                    usable = true;
                     let addr = SocketAddr::new(ip, port);
                     match connect_from(*bind, addr).await {
                         Ok(s) => return Ok(ExitStream::Tcp(s)),
@@ -390,18 +415,121 @@ impl Dialer {
                         }
                     }
                 }
-                if let Some(e) = last_err {
-                    return Err(e);
-                }
-                if let Some(e) = refused {
-                    return Err(e);
-                }
-                debug_assert!(!usable);
-                Err(DialError::NoUsableAddress {
-                    host: host.to_header(),
-                    bind: *bind,
-                })
+                Err(last_err
+                    .or(refused)
+                    .unwrap_or_else(|| DialError::NoUsableAddress {
+                        host: host.to_header(),
+                        bind: *bind,
+                    }))
             }
+        }
+    }
+
+    async fn open_udp(&self) -> Result<ExitUdp, DialError> {
+        match &self.inner.transport {
+            ExitTransport::WireGuard { .. } => {
+                let Some(tunnel) = self.tunnel().await? else {
+                    return Err(tunnel_not_started());
+                };
+                tunnel
+                    .udp_socket()
+                    .map(ExitUdp::Tunnel)
+                    .map_err(DialError::from_tunnel)
+            }
+            ExitTransport::Local { bind } => {
+                let addr = SocketAddr::new(*bind, 0);
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map(ExitUdp::Local)
+                    .map_err(|source| DialError::Connect {
+                        addr,
+                        source: Arc::new(source),
+                    })
+            }
+        }
+    }
+
+    async fn udp_destination(&self, host: &Host, port: u16) -> Result<SocketAddr, DialError> {
+        let timeout = self.inner.policy.connect_timeout;
+        let candidates = match tokio::time::timeout(timeout, self.candidates(host, port)).await {
+            Ok(found) => found?,
+            Err(_) => {
+                return Err(DialError::Timeout {
+                    addr: format!("{}:{port}", host.to_header()),
+                });
+            }
+        };
+        let mut refused = None;
+        for ip in candidates {
+            let ip = ipsx_egress::canonical(ip);
+            if let Some(range) = self.refused(ip, port) {
+                refused.get_or_insert_with(|| refusal(host, ip, range));
+                continue;
+            }
+            let usable = match &self.inner.transport {
+                ExitTransport::Local { bind } => ip.is_ipv4() == bind.is_ipv4(),
+                ExitTransport::WireGuard { tunnel, .. } => {
+                    ip.is_ipv4() || tunnel.inner_addr_v6.is_some()
+                }
+            };
+            if usable {
+                return Ok(SocketAddr::new(ip, port));
+            }
+        }
+        Err(refused.unwrap_or_else(|| DialError::Resolve {
+            host: host.to_header(),
+            message: "no address this exit can reach".into(),
+        }))
+    }
+}
+
+fn tunnel_not_started() -> DialError {
+    DialError::Tunnel {
+        message: "tunnel not started".into(),
+        retry_elsewhere: true,
+    }
+}
+
+/// A UDP socket through an exit: datagrams leave from the exit's address.
+#[derive(Debug)]
+pub enum ExitUdp {
+    /// A UDP socket bound to a local exit's source address.
+    Local(tokio::net::UdpSocket),
+    /// A UDP socket on the inner address of a WireGuard tunnel.
+    Tunnel(ipsx_tunnel_pool::TunnelUdpSocket),
+}
+
+impl ExitUdp {
+    /// Sends one datagram to `dst` (an address already checked with
+    /// [`ExitRuntime::udp_destination`]).
+    pub async fn send_to(&self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+        match self {
+            Self::Local(s) => s.send_to(data, dst).await.map(drop),
+            Self::Tunnel(s) => s
+                .send_to(data, dst)
+                .await
+                .map_err(|e| io::Error::other(e.to_string())),
+        }
+    }
+
+    /// Receives one datagram into `buf`: its length and source. A length above
+    /// `buf.len()` means it was cut (a local socket cuts silently, so give it a buffer
+    /// one byte larger than the largest datagram wanted to tell).
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Self::Local(s) => s.recv_from(buf).await,
+            Self::Tunnel(s) => s
+                .recv_from(buf)
+                .await
+                .map_err(|e| io::Error::other(e.to_string())),
+        }
+    }
+
+    /// The largest payload one datagram to `dst` can carry through this exit.
+    pub fn max_payload(&self, dst: &SocketAddr) -> usize {
+        match self {
+            Self::Local(_) => 65507,
+            Self::Tunnel(s) => s.max_payload(dst),
         }
     }
 }

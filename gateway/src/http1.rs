@@ -47,7 +47,7 @@ fn bad(msg: impl Into<String>) -> HeadError {
 }
 
 /// A destination host as written by the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
     /// An IP literal (including legacy IPv4 forms such as `127.1` or `2130706433`,
     /// which resolvers would turn into addresses, so they are addresses here too).

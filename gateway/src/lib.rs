@@ -26,6 +26,8 @@ pub mod response_head;
 pub mod socks5;
 mod socks_front;
 pub mod targeting;
+pub mod udp;
+mod udp_front;
 mod upstream;
 
 use std::collections::HashMap;
@@ -103,6 +105,8 @@ pub struct Gateway {
     shutdown: CancellationToken,
     /// The gateway's own listening sockets, never dialled (see [`dest::refused_local`]).
     own: OwnSockets,
+    /// SOCKS5 UDP associations: how many are open, datagrams relayed and dropped.
+    udp: udp::Counters,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -152,6 +156,7 @@ impl Gateway {
             requests: events::RequestLog::default(),
             shutdown: CancellationToken::new(),
             own,
+            udp: udp::Counters::default(),
         })
     }
 
@@ -346,6 +351,12 @@ impl Gateway {
     /// The recent requests and their live listeners (the dashboard's live view).
     pub fn request_log(&self) -> &events::RequestLog {
         &self.requests
+    }
+
+    /// The SOCKS5 UDP relay's counters: open associations, datagrams relayed each way
+    /// and dropped by reason.
+    pub fn udp_stats(&self) -> udp::UdpStats {
+        self.udp.snapshot()
     }
 
     /// Requests handled since start (all protocols, including refused ones).

@@ -35,6 +35,8 @@ pub(crate) struct Plan {
     pub session_scope: String,
     /// The account the username names (configured or not), for the request log.
     pub user_account: String,
+    /// The destination port; 0 for a UDP association, whose datagrams' ports are
+    /// checked against its exit one by one.
     pub port: u16,
 }
 
@@ -149,7 +151,7 @@ pub(crate) async fn choose_exit(
             .collect();
         let with_port: Vec<&Arc<ExitRuntime>> = candidates
             .iter()
-            .filter(|e| e.config.allows_port(plan.port))
+            .filter(|e| plan.port == 0 || e.config.allows_port(plan.port))
             .collect();
         if with_port.is_empty() {
             if candidates.is_empty() {

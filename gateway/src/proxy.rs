@@ -171,7 +171,7 @@ pub(crate) async fn run_relay(
 }
 
 /// Resolves once shutdown began and the drain time has passed.
-async fn hard_stop(gw: &Arc<Gateway>, drain: Duration) {
+pub(crate) async fn hard_stop(gw: &Arc<Gateway>, drain: Duration) {
     gw.shutdown.cancelled().await;
     tokio::time::sleep(drain).await;
 }

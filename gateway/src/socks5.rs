@@ -140,17 +140,30 @@ pub fn parse_auth(buf: &[u8]) -> Result<Option<(Credentials, usize)>, SocksError
     )))
 }
 
-/// A CONNECT request's destination.
+/// What a request asks for (RFC 1928 section 4; BIND is not served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// 0x01: a TCP stream to the destination.
+    Connect,
+    /// 0x03: a UDP relay (section 7); the address is where the client will send from.
+    UdpAssociate,
+}
+
+/// A request: CONNECT's destination, or UDP ASSOCIATE's expected client address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectRequest {
-    /// Destination host: an address, or a name resolved at the exit (socks5h).
+pub struct Request {
+    /// What is asked.
+    pub command: Command,
+    /// CONNECT: the destination host, an address or a name resolved at the exit
+    /// (socks5h). UDP ASSOCIATE: the address the client will send datagrams from
+    /// (all zeros when it does not know it yet).
     pub host: Host,
-    /// Destination port.
+    /// Destination port; for UDP ASSOCIATE the client's source port, or 0.
     pub port: u16,
 }
 
-/// Parses `VER CMD RSV ATYP DST.ADDR DST.PORT`; only CONNECT is supported.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, SocksError> {
+/// Parses `VER CMD RSV ATYP DST.ADDR DST.PORT`; CONNECT and UDP ASSOCIATE are served.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, SocksError> {
     if buf.len() < 4 {
         if let Some(&ver) = buf.first()
             && ver != 5
@@ -168,17 +181,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
             Some(Reply::GeneralFailure),
         ));
     }
-    match buf[1] {
-        1 => {}
+    let command = match buf[1] {
+        1 => Command::Connect,
+        3 => Command::UdpAssociate,
         2 => {
             return Err(err(
                 "BIND is not supported",
-                Some(Reply::CommandNotSupported),
-            ));
-        }
-        3 => {
-            return Err(err(
-                "UDP ASSOCIATE is not supported",
                 Some(Reply::CommandNotSupported),
             ));
         }
@@ -188,43 +196,67 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
                 Some(Reply::CommandNotSupported),
             ));
         }
-    }
+    };
     if buf[2] != 0 {
         return Err(err(
             "reserved byte is not zero",
             Some(Reply::GeneralFailure),
         ));
     }
-    let (host, addr_end) = match buf[3] {
+    let Some((host, port, end)) = parse_address(buf, 3)? else {
+        return Ok(None);
+    };
+    // UDP ASSOCIATE's port 0 means "not known yet" (section 7).
+    if port == 0 && command == Command::Connect {
+        return Err(err("destination port 0", Some(Reply::NotAllowed)));
+    }
+    Ok(Some((
+        Request {
+            command,
+            host,
+            port,
+        },
+        end,
+    )))
+}
+
+/// Parses `ATYP ADDR PORT` starting at `at`: the host, the port and the offset just
+/// past it; `Ok(None)` while bytes are missing.
+fn parse_address(buf: &[u8], at: usize) -> Result<Option<(Host, u16, usize)>, SocksError> {
+    let Some(&atyp) = buf.get(at) else {
+        return Ok(None);
+    };
+    let addr = at + 1;
+    let (host, addr_end) = match atyp {
         1 => {
-            if buf.len() < 8 {
+            let Some(b) = buf.get(addr..addr + 4) else {
                 return Ok(None);
-            }
+            };
             (
-                Host::Ip(IpAddr::V4(Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]))),
-                8,
+                Host::Ip(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+                addr + 4,
             )
         }
         4 => {
-            if buf.len() < 20 {
+            let Some(b) = buf.get(addr..addr + 16) else {
                 return Ok(None);
-            }
+            };
             let mut octets = [0u8; 16];
-            octets.copy_from_slice(&buf[4..20]);
-            (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), 20)
+            octets.copy_from_slice(b);
+            (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), addr + 16)
         }
         3 => {
-            let Some(&len) = buf.get(4) else {
+            let Some(&len) = buf.get(addr) else {
                 return Ok(None);
             };
             if len == 0 {
                 return Err(err("empty domain name", Some(Reply::HostUnreachable)));
             }
-            let end = 5 + len as usize;
-            if buf.len() < end {
+            let end = addr + 1 + len as usize;
+            let Some(name) = buf.get(addr + 1..end) else {
                 return Ok(None);
-            }
-            let name = std::str::from_utf8(&buf[5..end])
+            };
+            let name = std::str::from_utf8(name)
                 .map_err(|_| err("domain name is not UTF-8", Some(Reply::HostUnreachable)))?;
             let host =
                 Host::parse(name).map_err(|e| err(e.to_string(), Some(Reply::HostUnreachable)))?;
@@ -237,20 +269,90 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(ConnectRequest, usize)>, Sock
             ));
         }
     };
-    if buf.len() < addr_end + 2 {
+    let Some(p) = buf.get(addr_end..addr_end + 2) else {
         return Ok(None);
-    }
-    let port = u16::from_be_bytes([buf[addr_end], buf[addr_end + 1]]);
-    if port == 0 {
-        return Err(err("destination port 0", Some(Reply::NotAllowed)));
-    }
-    Ok(Some((ConnectRequest { host, port }, addr_end + 2)))
+    };
+    Ok(Some((host, u16::from_be_bytes([p[0], p[1]]), addr_end + 2)))
 }
 
-/// Encodes a reply with the bound address (all zero when unknown).
-pub fn encode_reply(reply: Reply, bound: Option<SocketAddr>) -> Vec<u8> {
-    let mut out = vec![5, reply as u8, 0];
-    match bound {
+// === UDP relay datagrams (RFC 1928 section 7) ===
+
+/// Why a datagram from the client was dropped. UDP has no error reply: the datagram
+/// is dropped and counted under [`UdpHeaderError::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UdpHeaderError {
+    /// Shorter than `RSV FRAG ATYP ADDR PORT`.
+    #[error("datagram shorter than its SOCKS5 UDP header")]
+    Truncated,
+    /// `RSV` is not `0x0000`.
+    #[error("reserved bytes are not zero")]
+    Reserved,
+    /// `FRAG` is not 0: "an implementation that does not support fragmentation MUST
+    /// drop any datagram whose FRAG field is other than X'00'".
+    #[error("fragment {0} (fragmentation is not supported)")]
+    Fragment(u8),
+    /// An address the header cannot carry: unknown `ATYP`, empty or bad name.
+    #[error("bad destination address: {0}")]
+    Address(String),
+    /// Destination port 0.
+    #[error("destination port 0")]
+    PortZero,
+}
+
+impl UdpHeaderError {
+    /// The metrics label of this drop reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Fragment(_) => "fragment",
+            Self::PortZero => "port",
+            Self::Truncated | Self::Reserved | Self::Address(_) => "malformed",
+        }
+    }
+}
+
+/// A client datagram's header: where its data goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpHeader {
+    /// The destination: an address, or a name resolved at the exit.
+    pub host: Host,
+    /// The destination port (never 0).
+    pub port: u16,
+    /// The header's length: the data starts here.
+    pub len: usize,
+}
+
+/// Parses a whole client datagram's `RSV FRAG ATYP DST.ADDR DST.PORT` header.
+pub fn parse_udp_header(datagram: &[u8]) -> Result<UdpHeader, UdpHeaderError> {
+    let Some(head) = datagram.get(..3) else {
+        return Err(UdpHeaderError::Truncated);
+    };
+    if head[0] != 0 || head[1] != 0 {
+        return Err(UdpHeaderError::Reserved);
+    }
+    if head[2] != 0 {
+        return Err(UdpHeaderError::Fragment(head[2]));
+    }
+    match parse_address(datagram, 3) {
+        Ok(None) => Err(UdpHeaderError::Truncated),
+        Err(e) => Err(UdpHeaderError::Address(e.message)),
+        Ok(Some((_, 0, _))) => Err(UdpHeaderError::PortZero),
+        Ok(Some((host, port, len))) => Ok(UdpHeader { host, port, len }),
+    }
+}
+
+/// Appends the header of a datagram relayed back to the client: `RSV FRAG=0` and the
+/// address it came from.
+pub fn encode_udp_header(source: SocketAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0, 0, 0]);
+    push_address(Some(source), out);
+}
+
+/// The longest header [`encode_udp_header`] writes (IPv6).
+pub const UDP_REPLY_HEADER_MAX: usize = 3 + 1 + 16 + 2;
+
+fn push_address(addr: Option<SocketAddr>, out: &mut Vec<u8>) {
+    match addr {
         Some(SocketAddr::V6(a)) => {
             out.push(4);
             out.extend_from_slice(&a.ip().octets());
@@ -263,6 +365,12 @@ pub fn encode_reply(reply: Reply, bound: Option<SocketAddr>) -> Vec<u8> {
         }
         None => out.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0]),
     }
+}
+
+/// Encodes a reply with the bound address (all zero when unknown).
+pub fn encode_reply(reply: Reply, bound: Option<SocketAddr>) -> Vec<u8> {
+    let mut out = vec![5, reply as u8, 0];
+    push_address(bound, &mut out);
     out
 }
 
@@ -310,9 +418,10 @@ mod tests {
 
     #[test]
     fn hostile_requests_get_their_reply_code() {
-        let cases: [(&[u8], Reply); 5] = [
+        let cases: [(&[u8], Reply); 6] = [
             (&[5, 2, 0, 1, 1, 2, 3, 4, 0, 80], Reply::CommandNotSupported),
-            (&[5, 3, 0, 1, 1, 2, 3, 4, 0, 80], Reply::CommandNotSupported),
+            (&[5, 9, 0, 1, 1, 2, 3, 4, 0, 80], Reply::CommandNotSupported),
+            (&[5, 1, 0, 1, 1, 2, 3, 4, 0, 0], Reply::NotAllowed),
             (
                 &[5, 1, 0, 9, 1, 2, 3, 4, 0, 80],
                 Reply::AddressTypeNotSupported,
@@ -353,12 +462,146 @@ mod tests {
         assert!(!format!("{c:?}").contains("pw"));
     }
 
+    #[test]
+    fn udp_associate_takes_the_client_address_and_port_zero() {
+        let (r, n) = parse_request(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(r.command, Command::UdpAssociate);
+        assert_eq!((r.host, r.port), (Host::Ip("0.0.0.0".parse().unwrap()), 0));
+        // PySocks with remote DNS sends the name "0" and its socket's port.
+        let (r, _) = parse_request(&[5, 3, 0, 3, 1, b'0', 0x30, 0x39])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.host, r.port),
+            (Host::Ip("0.0.0.0".parse().unwrap()), 12345)
+        );
+        let (r, _) = parse_request(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80])
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.command, Command::Connect);
+    }
+
+    fn datagram(header: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut d = header.to_vec();
+        d.extend_from_slice(data);
+        d
+    }
+
+    #[test]
+    fn udp_headers_in_every_address_type() {
+        let d = datagram(&[0, 0, 0, 1, 127, 0, 0, 9, 0, 53], b"query");
+        let h = parse_udp_header(&d).unwrap();
+        assert_eq!(
+            (h.host, h.port, &d[h.len..]),
+            (
+                Host::Ip("127.0.0.9".parse().unwrap()),
+                53,
+                b"query".as_slice()
+            )
+        );
+        let mut v6 = vec![0, 0, 0, 4];
+        v6.extend_from_slice(&"::1".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[1, 187]);
+        let h = parse_udp_header(&v6).unwrap();
+        assert_eq!((h.port, h.len), (443, 22));
+        let d = datagram(&[0, 0, 0, 3, 9], b"localhost\x00\x35x");
+        let h = parse_udp_header(&d).unwrap();
+        assert_eq!(
+            (h.host, h.port, h.len),
+            (Host::Name("localhost".into()), 53, 16)
+        );
+        // An empty payload is a datagram too.
+        assert!(parse_udp_header(&[0, 0, 0, 1, 1, 2, 3, 4, 0, 7]).is_ok());
+    }
+
+    #[test]
+    fn hostile_udp_headers_are_dropped_with_their_reason() {
+        let cases: [(&[u8], &str); 10] = [
+            (&[], "malformed"),
+            (&[0, 0], "malformed"),
+            (&[0, 0, 0], "malformed"),
+            (&[0, 0, 0, 1, 127, 0, 0], "malformed"),
+            (&[0, 0, 0, 1, 127, 0, 0, 1, 0], "malformed"),
+            (&[0, 1, 0, 1, 127, 0, 0, 1, 0, 80], "malformed"),
+            (&[0, 0, 1, 1, 127, 0, 0, 1, 0, 80], "fragment"),
+            (&[0, 0, 0, 9, 127, 0, 0, 1, 0, 80], "malformed"),
+            (&[0, 0, 0, 3, 0, 0, 80], "malformed"),
+            (&[0, 0, 0, 1, 127, 0, 0, 1, 0, 0], "port"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                parse_udp_header(bytes).unwrap_err().reason(),
+                want,
+                "{bytes:?}"
+            );
+        }
+        // A domain whose length runs past the datagram.
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0, 3, 200, b'a', 0, 80]),
+            Err(UdpHeaderError::Truncated)
+        );
+        // FRAG is checked before anything else, as the RFC requires.
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0x81]),
+            Err(UdpHeaderError::Fragment(0x81))
+        );
+    }
+
+    #[test]
+    fn reply_headers_round_trip() {
+        for src in ["127.0.0.1:53", "[2001:db8::1]:443"] {
+            let src: SocketAddr = src.parse().unwrap();
+            let mut out = Vec::new();
+            encode_udp_header(src, &mut out);
+            assert!(out.len() <= UDP_REPLY_HEADER_MAX);
+            out.extend_from_slice(b"x");
+            let h = parse_udp_header(&out).unwrap();
+            assert_eq!((h.host, h.port), (Host::Ip(src.ip()), src.port()));
+            assert_eq!(&out[h.len..], b"x");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let _ = parse_greeting(&bytes);
             let _ = parse_auth(&bytes);
             let _ = parse_request(&bytes);
+            if let Ok(h) = parse_udp_header(&bytes) {
+                proptest::prop_assert!(h.len <= bytes.len());
+                proptest::prop_assert!(h.port != 0);
+            }
+        }
+
+        #[test]
+        fn udp_header_round_trips_any_address(
+            ip in proptest::prelude::any::<std::net::IpAddr>(),
+            port in 1u16..,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let src = SocketAddr::new(ip, port);
+            let mut d = Vec::new();
+            encode_udp_header(src, &mut d);
+            d.extend_from_slice(&data);
+            let h = parse_udp_header(&d).unwrap();
+            proptest::prop_assert_eq!(h.host, Host::Ip(ip));
+            proptest::prop_assert_eq!(h.port, port);
+            proptest::prop_assert_eq!(&d[h.len..], data.as_slice());
+        }
+
+        #[test]
+        fn every_cut_udp_header_is_refused(
+            ip in proptest::prelude::any::<std::net::Ipv6Addr>(),
+            port in 1u16..,
+        ) {
+            let mut d = Vec::new();
+            encode_udp_header(SocketAddr::new(std::net::IpAddr::V6(ip), port), &mut d);
+            for cut in 0..d.len() {
+                proptest::prop_assert!(parse_udp_header(&d[..cut]).is_err());
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The SOCKS5 front end (RFC 1928, RFC 1929 username/password): greeting, auth,
-//! request, then a tunnel through an exit.
+//! request, then a tunnel through an exit (CONNECT) or a UDP relay (UDP ASSOCIATE,
+//! `udp_front.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -129,6 +130,11 @@ pub(crate) async fn serve_socks(gw: &Arc<Gateway>, conn: &mut ClientConn, deadli
             return;
         }
     };
+    if request.command == socks5::Command::UdpAssociate {
+        let requested = (&request.host, request.port);
+        crate::udp_front::serve_udp_associate(gw, &rt, conn, &authed, &targeting, requested).await;
+        return;
+    }
     let plan = Plan::new(&rt, &authed, &targeting, &request.host, request.port);
     let began = Instant::now();
     let (exit, upstream) = match pipeline::dial_with_retries(gw, &rt, &plan, &request.host).await {

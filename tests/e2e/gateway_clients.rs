@@ -397,3 +397,148 @@ print(r.json()["body_bytes"], r.json()["method"])
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["body_bytes"], 256 * 1024);
 }
+
+// === SOCKS5 UDP ASSOCIATE (RFC 1928 section 7) ===
+
+/// A UDP echo target on loopback: answers every datagram with `SOURCE|PAYLOAD`, where
+/// SOURCE is the address it came from (so the client sees which exit it left from).
+pub(crate) struct UdpEcho {
+    pub addr: std::net::SocketAddr,
+    pub received: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UdpEcho {
+    pub(crate) async fn start() -> Self {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = received.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut answer = format!("{from}|").into_bytes();
+                answer.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&answer, from).await;
+            }
+        });
+        Self {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub(crate) fn received(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pysocks_udp_leaves_from_the_chosen_exit_and_sessions_hold_it() {
+    let echo = UdpEcho::start().await;
+    let gw = TestGateway::start(&config_text("")).await;
+    // Each association is one PySocks UDP socket: several datagrams, each answered by
+    // the echo with the address it saw.
+    let code = r#"
+import sys, json, socks, socket
+gw_host, gw_port, token, echo_host, echo_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+def association(user, n):
+    s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.set_proxy(socks.SOCKS5, gw_host, gw_port, True, user, token)
+    s.settimeout(10)
+    seen = []
+    for i in range(n):
+        payload = ("ping-%d" % i).encode()
+        s.sendto(payload, (echo_host, echo_port))
+        data, src = s.recvfrom(4096)
+        source, echoed = data.split(b"|", 1)
+        assert echoed == payload, (echoed, payload)
+        assert src == (echo_host, echo_port), src
+        seen.append(source.decode().rsplit(":", 1)[0])
+    s.close()
+    return seen
+out = {
+    "rotating": [association("acct", 2) for _ in range(20)],
+    "sticky": [association("acct-session-u1", 3) for _ in range(4)],
+    "sessions": [association("acct-session-s%d" % i, 2) for i in range(8)],
+    "us": [association("acct-country-us", 1) for _ in range(8)],
+}
+print(json.dumps(out))
+"#;
+    let out = python(
+        code,
+        &[
+            &gw.addr.ip().to_string(),
+            &gw.addr.port().to_string(),
+            TOKEN,
+            &echo.addr.ip().to_string(),
+            &echo.addr.port().to_string(),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let assocs = |key: &str| -> Vec<Vec<String>> {
+        seen[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                a.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .collect()
+    };
+    let exits: HashSet<String> = EXITS.iter().map(|(l, _)| exit_ip(*l).to_string()).collect();
+    // One exit per association; associations without a session rotate.
+    let rotating = assocs("rotating");
+    for a in &rotating {
+        assert_eq!(a.iter().collect::<HashSet<_>>().len(), 1, "{a:?}");
+        assert!(exits.contains(&a[0]), "left from {a:?}, not an exit");
+    }
+    let distinct: HashSet<&String> = rotating.iter().map(|a| &a[0]).collect();
+    assert!(
+        distinct.len() >= 3,
+        "20 associations left from {distinct:?}"
+    );
+    // A sticky session keeps its exit across associations; different sessions rotate.
+    let sticky: HashSet<String> = assocs("sticky").into_iter().flatten().collect();
+    assert_eq!(sticky.len(), 1, "session u1 used {sticky:?}");
+    let sessions = assocs("sessions");
+    for a in &sessions {
+        assert_eq!(a.iter().collect::<HashSet<_>>().len(), 1, "{a:?}");
+    }
+    let spread: HashSet<&String> = sessions.iter().map(|a| &a[0]).collect();
+    assert!(spread.len() >= 2, "8 sessions all on {spread:?}");
+    // Targeting applies as for TCP.
+    let us: HashSet<String> = assocs("us").into_iter().flatten().collect();
+    assert!(
+        us.iter().all(|ip| ip == "127.0.0.4" || ip == "127.0.0.5"),
+        "{us:?}"
+    );
+    let stats = gw.gateway.udp_stats();
+    let sent = 20 * 2 + 4 * 3 + 8 * 2 + 8;
+    assert!(
+        stats.datagrams_up >= sent && stats.datagrams_down >= sent,
+        "{stats:?}"
+    );
+    assert_eq!(echo.received(), sent as usize);
+}

@@ -635,7 +635,7 @@ async fn read_until_contains(s: &mut TcpStream, want: &[u8]) -> Vec<u8> {
 }
 
 /// Polls `check` every 50 ms for at most 20 s.
-async fn eventually(check: impl Fn() -> bool) -> bool {
+pub(crate) async fn eventually(check: impl Fn() -> bool) -> bool {
     for _ in 0..400 {
         if check() {
             return true;
@@ -964,4 +964,271 @@ async fn rules_match_the_uri_host() {
     let ips = echo_ips(&curl(&refs).await.stdout);
     assert_eq!(ips.len(), 10);
     assert!(ips.iter().any(|ip| ip != "127.0.0.6"), "{ips:?}");
+}
+
+// === SOCKS5 UDP ASSOCIATE: hostile datagrams, caps, the end of an association ===
+
+/// Authenticates as `user` and sends UDP ASSOCIATE naming `requested` (`ATYP ADDR
+/// PORT`): the control connection, the reply code and the relay address.
+pub(crate) async fn udp_associate(
+    gw: std::net::SocketAddr,
+    user: &str,
+    requested: &[u8],
+) -> (TcpStream, u8, Option<std::net::SocketAddr>) {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let mut auth = vec![1u8, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(TOKEN.len() as u8);
+    auth.extend_from_slice(TOKEN.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [1, 0], "auth ok");
+    let mut req = vec![5u8, 3, 0];
+    req.extend_from_slice(requested);
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 4];
+    if tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .is_err()
+    {
+        return (s, 0xee, None);
+    }
+    let relay = match head[3] {
+        1 => {
+            let mut a = [0u8; 6];
+            s.read_exact(&mut a).await.unwrap();
+            std::net::SocketAddr::from(([a[0], a[1], a[2], a[3]], u16::from_be_bytes([a[4], a[5]])))
+        }
+        4 => {
+            let mut a = [0u8; 18];
+            s.read_exact(&mut a).await.unwrap();
+            let ip: [u8; 16] = a[..16].try_into().unwrap();
+            std::net::SocketAddr::from((ip, u16::from_be_bytes([a[16], a[17]])))
+        }
+        t => panic!("reply address type {t}"),
+    };
+    (s, head[1], (head[1] == 0).then_some(relay))
+}
+
+/// A client datagram to an IPv4 destination, header written by hand.
+pub(crate) fn udp_datagram(dst: std::net::SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let std::net::SocketAddr::V4(v4) = dst else {
+        panic!("IPv4 only")
+    };
+    let mut d = vec![0u8, 0, 0, 1];
+    d.extend_from_slice(&v4.ip().octets());
+    d.extend_from_slice(&v4.port().to_be_bytes());
+    d.extend_from_slice(payload);
+    d
+}
+
+/// Receives one relayed answer: its source as the header says, and its payload.
+pub(crate) async fn udp_answer(
+    sock: &tokio::net::UdpSocket,
+) -> Option<(std::net::SocketAddr, Vec<u8>)> {
+    let mut buf = vec![0u8; 70000];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let d = &buf[..n];
+    assert_eq!(
+        &d[..4],
+        &[0, 0, 0, 1],
+        "answer header {:?}",
+        &d[..n.min(10)]
+    );
+    let src =
+        std::net::SocketAddr::from(([d[4], d[5], d[6], d[7]], u16::from_be_bytes([d[8], d[9]])));
+    Some((src, d[10..].to_vec()))
+}
+
+fn udp_config(keys: &str) -> String {
+    config_text("").replacen(
+        "connect_timeout = \"2s\"\n",
+        &format!("connect_timeout = \"2s\"\n{keys}"),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_udp_datagrams_are_dropped_and_counted() {
+    use ipsx_gateway::udp::Dropped;
+    let echo = crate::gateway_clients::UdpEcho::start().await;
+    let gw = TestGateway::start(&udp_config(
+        "udp_max_datagram = 1024\nudp_max_destinations = 4\n",
+    ))
+    .await;
+    let (control, code, relay) = udp_associate(gw.addr, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    let relay = relay.unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(echo.addr, b"first"), relay)
+        .await
+        .unwrap();
+    let (src, answer) = udp_answer(&client).await.expect("echo answered");
+    assert_eq!(src, echo.addr);
+    let answer = String::from_utf8(answer).unwrap();
+    let (exit_src, payload) = answer.split_once('|').unwrap();
+    assert_eq!(payload, "first");
+    let exit_src: std::net::SocketAddr = exit_src.parse().unwrap();
+    assert_ne!(
+        exit_src.ip(),
+        client.local_addr().unwrap().ip(),
+        "left from an exit"
+    );
+
+    let port = echo.addr.port().to_be_bytes();
+    let mut frag = udp_datagram(echo.addr, b"part");
+    frag[2] = 1;
+    let hostile: Vec<(Vec<u8>, Dropped)> = vec![
+        (vec![], Dropped::Malformed),
+        (vec![0, 0], Dropped::Malformed),
+        (vec![0, 0, 0, 1, 127, 0], Dropped::Malformed),
+        (
+            vec![0, 0, 0, 9, 127, 0, 0, 1, port[0], port[1], b'x'],
+            Dropped::Malformed,
+        ),
+        (
+            vec![0, 0, 0, 3, 0, port[0], port[1], b'x'],
+            Dropped::Malformed,
+        ),
+        (frag, Dropped::Fragment),
+        (udp_datagram(echo.addr, &[b'x'; 1025]), Dropped::Oversize),
+        (vec![0, 0, 0, 1, 127, 0, 0, 1, 0, 0, b'x'], Dropped::Port),
+        (
+            udp_datagram("10.0.0.1:7".parse().unwrap(), b"x"),
+            Dropped::Refused,
+        ),
+        (
+            udp_datagram("169.254.169.254:80".parse().unwrap(), b"x"),
+            Dropped::Refused,
+        ),
+    ];
+    let mut want = std::collections::BTreeMap::new();
+    for (bytes, why) in &hostile {
+        client.send_to(bytes, relay).await.unwrap();
+        *want.entry(why.reason()).or_insert(0u64) += 1;
+    }
+    // Another socket of the same host is not the client.
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    stranger
+        .send_to(&udp_datagram(echo.addr, b"foreign"), relay)
+        .await
+        .unwrap();
+    *want.entry(Dropped::Foreign.reason()).or_insert(0) += 1;
+    // Nor may anyone but the destinations the client sent to answer it through the exit.
+    stranger.send_to(b"unsolicited", exit_src).await.unwrap();
+    *want.entry(Dropped::Unsolicited.reason()).or_insert(0) += 1;
+    // Four destinations per association: echo and the two refused ones are three.
+    client
+        .send_to(&udp_datagram("127.0.0.1:9".parse().unwrap(), b"x"), relay)
+        .await
+        .unwrap();
+    client
+        .send_to(&udp_datagram("127.0.0.1:10".parse().unwrap(), b"x"), relay)
+        .await
+        .unwrap();
+    *want.entry(Dropped::Destinations.reason()).or_insert(0) += 1;
+    let counted = eventually(|| {
+        let stats = gw.gateway.udp_stats();
+        want.iter().all(|(k, v)| stats.dropped[k] == *v)
+    })
+    .await;
+    let stats = gw.gateway.udp_stats();
+    assert!(counted, "want {want:?}, counted {:?}", stats.dropped);
+    // Nothing hostile reached the echo, and the association still works.
+    client
+        .send_to(&udp_datagram(echo.addr, b"second"), relay)
+        .await
+        .unwrap();
+    let (_, answer) = udp_answer(&client).await.expect("still relaying");
+    assert!(answer.ends_with(b"|second"));
+    assert_eq!(echo.received(), 2);
+    assert_eq!(gw.gateway.udp_stats().associations, 1);
+
+    // The association ends with its control connection: the relay socket is closed,
+    // and a datagram sent to it afterwards goes nowhere.
+    drop(control);
+    assert!(eventually(|| gw.gateway.udp_stats().associations == 0).await);
+    let up = gw.gateway.udp_stats().datagrams_up;
+    let _ = client
+        .send_to(&udp_datagram(echo.addr, b"late"), relay)
+        .await;
+    assert!(
+        udp_answer_within(&client, Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+    assert_eq!(echo.received(), 2);
+    assert_eq!(gw.gateway.udp_stats().datagrams_up, up);
+}
+
+async fn udp_answer_within(sock: &tokio::net::UdpSocket, wait: Duration) -> Option<usize> {
+    let mut buf = [0u8; 2048];
+    match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(n),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_associations_are_capped_and_idle_ones_end() {
+    let gw = TestGateway::start(&udp_config(
+        "udp_max_associations = 1\nudp_idle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let (mut first, code, _) = udp_associate(gw.addr, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    // The total cap: a second association is refused (general failure) while it runs.
+    let (_, code, _) = udp_associate(gw.addr, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0x01, "over gateway.udp_max_associations");
+    // Idle for the timeout: the gateway ends it and closes the control connection.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), first.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    assert!(eventually(|| gw.gateway.udp_stats().associations == 0).await);
+    let (second, code, relay) = udp_associate(gw.addr, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    assert!(relay.is_some());
+    drop(second);
+    assert!(eventually(|| gw.gateway.udp_stats().associations == 0).await);
+    // Targeting errors are answered like CONNECT's, and a bad ATYP in the request too.
+    let (_, code, _) = udp_associate(gw.addr, "acct-country-jp", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_ne!(code, 0, "no exit in jp");
+    let (_, code, _) = udp_associate(gw.addr, "acct", &[9, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0x08);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_listener_gets_an_ipv4_relay() {
+    let echo = crate::gateway_clients::UdpEcho::start().await;
+    let config = ipsx_config::GatewayConfig::from_toml(&config_text(""), "test.toml").unwrap();
+    let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+        return; // no IPv6 on this machine: nothing to test
+    };
+    let port = listener.local_addr().unwrap().port();
+    let gateway = ipsx_gateway::Gateway::new(config, None);
+    let task = tokio::spawn(ipsx_gateway::serve(
+        listener,
+        gateway.clone(),
+        std::future::pending(),
+    ));
+    let gw: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_control, code, relay) = udp_associate(gw, "acct", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    let relay = relay.unwrap();
+    assert!(relay.is_ipv4(), "{relay}");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(echo.addr, b"v4"), relay)
+        .await
+        .unwrap();
+    let (_, answer) = udp_answer(&client).await.expect("echo answered");
+    assert!(answer.ends_with(b"|v4"));
+    task.abort();
 }

@@ -177,3 +177,88 @@ fn wireguard_exit_config_errors_name_the_file_line_and_key() {
     assert!(err.contains("/nonexistent/x.conf"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A DNS query (A, recursion desired) for `name`, with id 0x4242.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x42, 0x42, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_udp_through_a_wireguard_exit() {
+    use crate::gateway_hostile::{udp_answer, udp_associate, udp_datagram};
+    let dns = provider_common::dns_server(vec![("echo.test", Ipv4Addr::new(127, 0, 0, 1))]).await;
+    let dir = tempdir();
+    let de = provider(&dir, "de", "127.0.0.2", dns).await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"127.0.0.0/8\"]\nconnect_timeout = \"3s\"\n\n[[token]]\nname = \"t\"\nsecret = \"{TOKEN}\"\n\n[[exit]]\nname = \"wg-de\"\nwireguard = \"{}\"\ncountry = \"de\"\n",
+        de.conf_path.display()
+    );
+    let gw = TestGateway::start(&cfg).await;
+    // Until the tunnel's first handshake, health keeps the exit out of rotation.
+    for _ in 0..100 {
+        gw.gateway.check_exits().await;
+        if gw.gateway.rotator().exits().iter().all(|e| e.healthy) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_control, code, relay) =
+        udp_associate(gw.addr, "acct-country-de", &[1, 0, 0, 0, 0, 0, 0]).await;
+    assert_eq!(code, 0);
+    let relay = relay.unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // A DNS query over UDP through the tunnel: the provider's resolver answers it (it
+    // serves port 53 of any destination when it has an upstream), and the answer comes
+    // back in a SOCKS header naming the address the client sent to.
+    let resolver: std::net::SocketAddr = "127.0.0.53:53".parse().unwrap();
+    client
+        .send_to(&udp_datagram(resolver, &dns_query("echo.test")), relay)
+        .await
+        .unwrap();
+    let (src, answer) = udp_answer(&client).await.expect("a DNS answer");
+    assert_eq!(src, resolver);
+    assert_eq!(&answer[..2], &[0x42, 0x42], "same query id");
+    assert_eq!(&answer[answer.len() - 4..], &[127, 0, 0, 1], "{answer:?}");
+    // Any UDP: the provider relays it out of its exit address, and the answers come
+    // back through the tunnel.
+    let echo = crate::gateway_clients::UdpEcho::start().await;
+    for i in 0..5 {
+        let payload = format!("ping-{i}");
+        client
+            .send_to(&udp_datagram(echo.addr, payload.as_bytes()), relay)
+            .await
+            .unwrap();
+        let (src, answer) = udp_answer(&client).await.expect("the echo answered");
+        assert_eq!(src, echo.addr);
+        let answer = String::from_utf8(answer).unwrap();
+        let (seen, echoed) = answer.split_once('|').unwrap();
+        assert_eq!(echoed, payload);
+        let seen: std::net::SocketAddr = seen.parse().unwrap();
+        assert_eq!(
+            seen.ip().to_string(),
+            "127.0.0.2",
+            "left from the provider's exit address"
+        );
+    }
+    assert_eq!(echo.received(), 5);
+    // A payload larger than one datagram inside the tunnel is dropped, not cut.
+    let before = gw.gateway.udp_stats();
+    client
+        .send_to(&udp_datagram(resolver, &vec![0u8; 1500]), relay)
+        .await
+        .unwrap();
+    let oversize = ipsx_gateway::udp::Dropped::Oversize;
+    let counted = crate::gateway_hostile::eventually(|| {
+        gw.gateway.udp_stats().dropped(oversize) > before.dropped(oversize)
+    })
+    .await;
+    assert!(counted, "{:?}", gw.gateway.udp_stats());
+    de.handle.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

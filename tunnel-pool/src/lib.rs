@@ -1,6 +1,6 @@
 //! Userspace WireGuard tunnels for the ipsx gateway: no root, no TUN device, no kernel
 //! module. Owns the tunnels (boringtun noise + smoltcp TCP/IP), DNS through them, their
-//! health, and the pool of them; does not choose exits (that is `ipsx-rotation`) nor
+//! health, UDP sockets through them, and the pool of them; does not choose exits (that is `ipsx-rotation`) nor
 //! rent them (that is the exchange client).
 //!
 //! ```no_run
@@ -10,6 +10,8 @@
 //! let tunnel = Tunnel::start(cfg).await?;
 //! let addrs = tunnel.resolve("example.com").await?;
 //! let stream = tunnel.connect_tcp((addrs[0], 80).into()).await?;
+//! let udp = tunnel.udp_socket()?;
+//! udp.send_to(b"ping", (addrs[0], 7).into()).await?;
 //! # drop(stream); Ok(()) }
 //! ```
 
@@ -20,6 +22,7 @@ pub mod nat;
 pub mod netstack;
 pub mod pool;
 pub mod tunnel;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -30,6 +33,7 @@ pub use health::{Counters, HealthState, TunnelHealth};
 pub use nat::{NatPath, NatSettings, NatSocket, RelayMode, TurnServer};
 pub use pool::{PoolEntry, TunnelPool};
 pub use tunnel::{Tunnel, TunnelStream};
+pub use udp::TunnelUdpSocket;
 
 /// Re-exported so the provider uses the very same stack types.
 pub use boringtun;
@@ -98,6 +102,14 @@ pub enum TunnelError {
         expected: IpAddr,
         /// The address the probe saw.
         seen: IpAddr,
+    },
+    /// A UDP payload larger than one datagram inside the tunnel can carry.
+    #[error("a {size}-byte UDP payload does not fit the tunnel (at most {max})")]
+    DatagramTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The largest the tunnel carries to that destination.
+        max: usize,
     },
     /// A pool entry with that name exists already.
     #[error("pool: a tunnel named `{0}` exists already")]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use boringtun::noise::{Tunn, TunnResult};
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -29,6 +29,7 @@ use crate::dns::{self, DnsCache};
 use crate::health::{Counters, HealthMonitor, HealthState, TunnelHealth};
 use crate::nat::NatSocket;
 use crate::netstack::{SCRATCH, Stack, StackStream};
+use crate::udp::TunnelUdpSocket;
 
 /// A TCP stream through a tunnel: `AsyncRead + AsyncWrite + Unpin + Send + 'static`.
 pub type TunnelStream = StackStream;
@@ -42,6 +43,8 @@ const RX_BATCH: usize = 64;
 /// DNS: per-attempt timeout and attempts per server.
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 const DNS_ATTEMPTS: usize = 2;
+/// DNS: room for one query and one answer.
+const DNS_BUFFER: usize = 4096;
 /// Exit verification: largest response read.
 const VERIFY_MAX: usize = 16 * 1024;
 
@@ -280,6 +283,19 @@ impl Tunnel {
         }
     }
 
+    /// Opens a UDP socket on an ephemeral port of the tunnel's inner address:
+    /// datagrams sent through it leave from the exit, answers come back to it.
+    pub fn udp_socket(&self) -> Result<TunnelUdpSocket, TunnelError> {
+        let shared = &self.h.shared;
+        TunnelUdpSocket::bind(
+            &shared.stack,
+            shared.cfg.mtu,
+            shared.cfg.inner_addr_v6.is_some(),
+            crate::udp::UDP_BUFFER,
+            crate::udp::UDP_PACKETS,
+        )
+    }
+
     /// Resolves `host` through the tunnel with the exit's DNS server (the config's `dns`
     /// list, tried in order), caching answers for their TTL. IP literals are returned
     /// as they are.
@@ -353,28 +369,31 @@ impl Tunnel {
         if server.is_ipv6() && shared.cfg.inner_addr_v6.is_none() {
             return Err(TunnelError::NoIpv6(SocketAddr::new(server, 53)));
         }
-        let guard = UdpGuard::new(&shared.stack)?;
-        let server_ep = IpEndpoint::new(IpAddress::from(server), 53);
+        let sock = TunnelUdpSocket::bind(
+            &shared.stack,
+            shared.cfg.mtu,
+            shared.cfg.inner_addr_v6.is_some(),
+            DNS_BUFFER,
+            4,
+        )?;
+        let server_ep = SocketAddr::new(server, 53);
+        let mut buf = vec![0u8; DNS_BUFFER];
         for _ in 0..DNS_ATTEMPTS {
             let id = rand_core::RngCore::next_u32(&mut rand_core::OsRng) as u16;
             let query = dns::build_query(id, name, qtype);
-            {
-                let mut core = shared.stack.lock();
-                let sock = core.sockets.get_mut::<udp::Socket>(guard.handle);
-                let _ = sock.send_slice(&query, server_ep);
-            }
-            shared.stack.notify.notify_one();
+            // A full queue or an oversized query: this attempt is lost, like a datagram.
+            let _ = tokio::time::timeout(DNS_TIMEOUT, sock.send_to(&query, server_ep)).await;
             let deadline = Instant::now() + DNS_TIMEOUT;
             loop {
-                let got = tokio::time::timeout_at(deadline, guard.recv()).await;
+                let got = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
                 match got {
                     Err(_) => break, // this attempt timed out
                     Ok(Err(e)) => return Err(e),
-                    Ok(Ok((buf, from))) => {
-                        if from.addr != server_ep.addr || from.port != 53 {
+                    Ok(Ok((n, from))) => {
+                        if from != server_ep || n > buf.len() {
                             continue;
                         }
-                        match dns::parse_answer(&buf, id, qtype, name) {
+                        match dns::parse_answer(&buf[..n], id, qtype, name) {
                             Err(dns::DnsError::Malformed("id mismatch")) => continue,
                             r => return r.map_err(TunnelError::from),
                         }
@@ -526,58 +545,6 @@ async fn read_http_response(s: &mut TunnelStream) -> io::Result<Vec<u8>> {
                 }
             }
         }
-    }
-}
-
-/// A UDP socket in the stack, removed when dropped (also on cancellation).
-struct UdpGuard {
-    stack: Arc<Stack>,
-    handle: smoltcp::iface::SocketHandle,
-}
-
-impl UdpGuard {
-    fn new(stack: &Arc<Stack>) -> Result<Self, TunnelError> {
-        let mut core = stack.lock();
-        if core.closed {
-            return Err(TunnelError::Closed);
-        }
-        let port = core.ephemeral_port();
-        let meta = || vec![udp::PacketMetadata::EMPTY; 4];
-        let mut sock = udp::Socket::new(
-            udp::PacketBuffer::new(meta(), vec![0; 4096]),
-            udp::PacketBuffer::new(meta(), vec![0; 2048]),
-        );
-        sock.bind(port).map_err(|_| TunnelError::Closed)?;
-        let handle = core.sockets.add(sock);
-        Ok(Self {
-            stack: stack.clone(),
-            handle,
-        })
-    }
-
-    async fn recv(&self) -> Result<(Vec<u8>, IpEndpoint), TunnelError> {
-        std::future::poll_fn(|cx| {
-            let mut core = self.stack.lock();
-            if core.closed {
-                return std::task::Poll::Ready(Err(TunnelError::Closed));
-            }
-            let sock = core.sockets.get_mut::<udp::Socket>(self.handle);
-            match sock.recv() {
-                Ok((data, meta)) => std::task::Poll::Ready(Ok((data.to_vec(), meta.endpoint))),
-                Err(_) => {
-                    sock.register_recv_waker(cx.waker());
-                    std::task::Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for UdpGuard {
-    fn drop(&mut self) {
-        let mut core = self.stack.lock();
-        core.sockets.remove(self.handle);
     }
 }
 

@@ -61,16 +61,7 @@ struct Stats {
 
 fn main() {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            std::process::exit(2);
-        }
-    };
+    let rt = ipsx_benches::current_thread_runtime();
     rt.block_on(run(args));
 }
 

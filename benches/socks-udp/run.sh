@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# SOCKS5 UDP ASSOCIATE benchmark, side by side in one run (ratios matter, absolute
+# numbers drift with the machine):
+#   direct      UDP echo straight to the target
+#   local exit  through the gateway's SOCKS5 UDP relay, leaving from a local exit
+#   tunnel exit through the relay and a WireGuard tunnel to our provider exit (the data
+#               path of a rented exit; renting only adds the exchange's control plane)
+# Each row: datagrams echoed per second and payload MB/s one way, with a window of
+# datagrams in flight; then the ratios to direct. No root needed (all on loopback).
+#   DURATION=5 SIZE=512 WINDOW=32 bash benches/socks-udp/run.sh
+#   BUILD=debug bash benches/socks-udp/run.sh   # use debug binaries (figures are lower)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-5}
+SIZE=${SIZE:-512}
+WINDOW=${WINDOW:-32}
+BUILD=${BUILD:-release}
+TARGET=${CARGO_TARGET_DIR:-target}
+WORK=$(mktemp -d /tmp/ipsx-bench-udp.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if [ "$BUILD" = release ]; then
+  cargo build -q --release -p ipsx --bin ipsx
+  cargo build -q --release -p ipsx-benches --bin ipsx-udpgen
+else
+  cargo build -q -p ipsx --bin ipsx
+  cargo build -q -p ipsx-benches --bin ipsx-udpgen
+fi
+IPSX="$TARGET/$BUILD/ipsx"
+GEN="$TARGET/$BUILD/ipsx-udpgen"
+
+wait_line() { # file pattern
+  for _ in $(seq 1 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "timeout waiting for $2 in $1" >&2; cat "$1" >&2; return 1
+}
+
+# --- the echo target ---
+"$GEN" echo --listen 127.0.0.1:0 > "$WORK/echo.log" 2>&1 &
+PIDS+=($!)
+wait_line "$WORK/echo.log" "udp echo listening"
+ECHO=$(grep -o '127.0.0.1:[0-9]*' "$WORK/echo.log" | head -1)
+
+# --- our provider exit, leaving from 127.0.0.3 ---
+"$IPSX" keygen > "$WORK/exit.key"
+"$IPSX" keygen > "$WORK/client.key"
+key() { awk -v k="$1" '$1==k {print $3}' "$2"; }
+cat > "$WORK/provider.toml" <<TOML
+listen = "127.0.0.1:0"
+private_key = "$(key private_key "$WORK/exit.key")"
+exit_address = "127.0.0.3"
+inner_address = "10.77.0.1"
+protocols = ["any"]
+allow_destinations = ["127.0.0.0/8"]
+
+[[peers]]
+public_key = "$(key public_key "$WORK/client.key")"
+inner_ip = "10.77.0.2"
+TOML
+IPSX_LOG=warn "$IPSX" provider --config "$WORK/provider.toml" > "$WORK/provider.log" 2>&1 &
+PIDS+=($!)
+wait_line "$WORK/provider.log" "provider exit listening"
+ENDPOINT=$(grep -o 'listening on [0-9.:]*' "$WORK/provider.log" | awk '{print $3}')
+cat > "$WORK/exit.conf" <<CONF
+[Interface]
+PrivateKey = $(key private_key "$WORK/client.key")
+Address = 10.77.0.2/32
+
+[Peer]
+PublicKey = $(key public_key "$WORK/exit.key")
+Endpoint = $ENDPOINT
+AllowedIPs = 0.0.0.0/0
+PersistentKeepalive = 25
+CONF
+
+# --- the gateway: a local exit (de) and the tunnel exit (fr) ---
+cat > "$WORK/gateway.toml" <<TOML
+[gateway]
+listen = "127.0.0.1:0"
+allow_destinations = ["127.0.0.0/8"]
+reload_poll = "0s"
+udp_max_datagram = 65507
+
+[[token]]
+name = "bench"
+secret = "bench-token"
+
+[[exit]]
+name = "local"
+bind = "127.0.0.2"
+country = "de"
+
+[[exit]]
+name = "tunnel"
+wireguard = "$WORK/exit.conf"
+country = "fr"
+TOML
+IPSX_LOG=warn "$IPSX" gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
+PIDS+=($!)
+wait_line "$WORK/gateway.log" "proxy listening"
+GW=$(grep -o 'proxy listening on [0-9.:]*' "$WORK/gateway.log" | awk '{print $4}')
+
+load() { # label [socks args...]
+  local label=$1; shift
+  "$GEN" load --target "$ECHO" --size "$SIZE" --window "$WINDOW" --duration "$DURATION" --label "$label" "$@"
+}
+# The tunnel's first handshake: a short warm-up until the exit answers.
+for _ in $(seq 1 50); do
+  if "$GEN" load --target "$ECHO" --socks "$GW" --user bench-country-fr --pass bench-token \
+      --duration 1 --window 1 --size 16 --label warm 2>/dev/null | grep -q '"received":[1-9]'; then
+    break
+  fi
+done
+
+load direct > "$WORK/direct.json"
+load "socks5-udp local exit" --socks "$GW" --user bench-country-de --pass bench-token > "$WORK/local.json"
+load "socks5-udp tunnel exit" --socks "$GW" --user bench-country-fr --pass bench-token > "$WORK/tunnel.json"
+
+python3 - "$WORK" "$SIZE" "$WINDOW" "$DURATION" "$BUILD" <<'PY'
+import json, sys
+work, size, window, duration, build = sys.argv[1:]
+rows = [json.load(open(f"{work}/{n}.json")) for n in ("direct", "local", "tunnel")]
+print(f"UDP echo, {size}-byte payloads, {window} in flight, {duration}s each ({build} build)")
+print(f"{'path':<26}{'datagrams/s':>14}{'MB/s':>10}{'loss':>8}{'vs direct':>11}")
+base = rows[0]["pps"] or 1
+for r in rows:
+    print(f"{r['label']:<26}{r['pps']:>14.0f}{r['mb_per_s']:>10.1f}{r['loss']*100:>7.1f}%{r['pps']/base:>10.2f}x")
+PY
