@@ -167,6 +167,9 @@ struct Shared {
     public_key: [u8; 32],
     nat_path: NatPath,
     public_endpoint: Option<SocketAddr>,
+    /// The address relayed flows and DNS forwards are bound to: the exit address when
+    /// it is local, else unspecified (see [`source_address`]).
+    source_ip: IpAddr,
 }
 
 /// A running exit. Dropping the last clone stops it.
@@ -248,6 +251,7 @@ impl ProviderExit {
             own,
             cfg.exit_address,
         );
+        let source_ip = source_address(cfg.exit_address);
         let secret = x25519::StaticSecret::from(cfg.private_key.0);
         let public = x25519::PublicKey::from(&secret);
         let shared = Arc::new(Shared {
@@ -260,6 +264,7 @@ impl ProviderExit {
             public_key: public.to_bytes(),
             nat_path,
             public_endpoint,
+            source_ip,
             cfg,
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -290,6 +295,27 @@ impl ProviderExit {
                 task: Mutex::new(Some(task)),
             }),
         })
+    }
+}
+
+/// Where flows leave from: `exit_address` when a socket of this host can bind it.
+/// Behind a NAT the offer sells the router's public address, which is not local: flows
+/// then leave from the route's source address (unspecified bind) and the NAT maps them
+/// to the public one, which the requester verifies through the tunnel.
+fn source_address(exit_address: IpAddr) -> IpAddr {
+    match std::net::UdpSocket::bind(SocketAddr::new(exit_address, 0)) {
+        Ok(_) => exit_address,
+        Err(e) => {
+            tracing::warn!(
+                %exit_address, error = %e,
+                "exit_address is not an address of this host (behind a NAT?): flows leave \
+                 from the route's source address"
+            );
+            match exit_address {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            }
+        }
     }
 }
 
@@ -1045,7 +1071,7 @@ async fn relay(
         } else {
             TcpSocket::new_v6()
         }?;
-        sock.bind(SocketAddr::new(shared.cfg.exit_address, 0))?;
+        sock.bind(SocketAddr::new(shared.source_ip, 0))?;
         sock.connect(dst).await
     };
     let mut outer = match tokio::time::timeout(CONNECT_TIMEOUT, outer).await {
@@ -1175,7 +1201,7 @@ async fn forward_dns(shared: Arc<Shared>, stack: Arc<Stack>, q: packet::OwnedUdp
     let Some(upstream) = shared.cfg.dns_upstream else {
         return;
     };
-    let bind = SocketAddr::new(shared.cfg.exit_address, 0);
+    let bind = SocketAddr::new(shared.source_ip, 0);
     let Ok(sock) = UdpSocket::bind(bind).await else {
         return;
     };

@@ -11,3 +11,4 @@ mod gateway_wireguard;
 mod market_e2e;
 mod market_failover;
 mod market_v2;
+mod nat_gateway;
