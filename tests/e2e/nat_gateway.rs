@@ -243,7 +243,7 @@ async fn case(provider_nat: Nat, requester_behind_nat: bool, want: &str) {
     );
     let mut out = BufReader::new(gateway.child.stdout.take().unwrap());
     let (mut proxy, mut admin) = (None::<SocketAddr>, None::<SocketAddr>);
-    for line in out.by_ref().lines() {
+    for line in (&mut out).lines() {
         let Ok(line) = line else { break };
         if let Some(a) = line.strip_prefix("admin listening on http://") {
             admin = a.trim().parse().ok();
