@@ -491,6 +491,13 @@ struct Peer {
     inbound: Vec<Vec<u8>>,
     /// SYNs given a listening socket since the stack last ran: (source, destination).
     pending_syns: Vec<(SocketAddr, SocketAddr)>,
+    /// Every (source, destination) given a listening socket that may still be served
+    /// (swept in [`listen_flow`]): a SYN whose pair is not here is new, found without
+    /// scanning the stack's sockets.
+    flow_pairs: std::collections::HashSet<(SocketAddr, SocketAddr)>,
+    /// Packets for the peer built outside its stack (RSTs refusing SYNs), sent with the
+    /// stack's output.
+    direct: Vec<Vec<u8>>,
     /// The deal's bandwidth buckets, shared by its relays (none: no cap).
     bandwidth: Option<Arc<Bandwidth>>,
 }
@@ -578,6 +585,8 @@ impl Driver {
                 meter,
                 inbound: Vec::new(),
                 pending_syns: Vec::new(),
+                flow_pairs: std::collections::HashSet::new(),
+                direct: Vec::new(),
                 bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
                     let now = self.shared.now_ms();
                     Arc::new(Bandwidth {
@@ -710,6 +719,7 @@ impl Driver {
                     continue;
                 };
                 let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                outbound.append(&mut peer.direct);
                 peer.pending_syns.clear();
                 poll_delay = match (poll_delay, d) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -866,59 +876,63 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
     }
     match parsed.transport {
         Transport::Tcp { syn_only: true, .. } => {
+            // A refused SYN is answered with a RST built here: it never enters the
+            // stack, so a flood of them costs neither a scan of the peer's sockets
+            // nor a pass of smoltcp over every one of them.
             let dst = SocketAddr::new(parsed.dst, parsed.dst_port());
             let src = SocketAddr::new(parsed.src, parsed.src_port());
-            match shared.policy.check(dst) {
-                Err(reason) => {
-                    c.refused.fetch_add(1, Ordering::Relaxed);
-                    peer.meter.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
+            if let Err(reason) = shared.policy.check(dst) {
+                c.refused.fetch_add(1, Ordering::Relaxed);
+                peer.meter.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
+                    %dst,
+                    %reason,
+                    "exit: flow refused"
+                );
+                refuse_syn(peer, &pkt);
+                return;
+            }
+            if !is_new_flow(peer, src, dst) {
+                peer.inbound.push(pkt); // a retransmitted or duplicate SYN
+                return;
+            }
+            let admitted = shared.limiter().admit(peer.key, shared.now_ms());
+            match admitted {
+                Err(why) => {
+                    let counter = match why {
+                        LimitRefusal::Rate => &c.rate_limited,
+                        LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    peer.meter.limited.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
                         peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
                         %dst,
-                        %reason,
-                        "exit: flow refused"
+                        reason = %why,
+                        "exit: flow over the limits"
                     );
-                    // Fed to smoltcp anyway: no socket listens, so it answers RST.
+                    refuse_syn(peer, &pkt);
                 }
-                Ok(()) if is_new_flow(peer, src, dst) => {
-                    let admitted = shared.limiter().admit(peer.key, shared.now_ms());
-                    match admitted {
-                        Err(why) => {
-                            let counter = match why {
-                                LimitRefusal::Rate => &c.rate_limited,
-                                LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
-                            };
-                            counter.fetch_add(1, Ordering::Relaxed);
-                            peer.meter.limited.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(
-                                peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
-                                %dst,
-                                reason = %why,
-                                "exit: flow over the limits"
-                            );
-                            // No listener: smoltcp answers the SYN with a RST.
-                        }
-                        Ok(()) => {
-                            let guard = FlowGuard::new(shared.clone(), peer);
-                            let buffer = shared.cfg.limits.flow_buffer;
-                            if let Some(handle) = listen_flow(peer, src, dst, buffer) {
-                                c.flows.fetch_add(1, Ordering::Relaxed);
-                                peer.meter.flows.fetch_add(1, Ordering::Relaxed);
-                                let stream = StackStream::new(peer.stack.clone(), handle);
-                                tokio::spawn(relay(
-                                    shared.clone(),
-                                    guard,
-                                    peer.bandwidth.clone(),
-                                    stream,
-                                    dst,
-                                ));
-                            }
-                        }
+                Ok(()) => {
+                    let guard = FlowGuard::new(shared.clone(), peer);
+                    let buffer = shared.cfg.limits.flow_buffer;
+                    if let Some(handle) = listen_flow(peer, src, dst, buffer) {
+                        c.flows.fetch_add(1, Ordering::Relaxed);
+                        peer.meter.flows.fetch_add(1, Ordering::Relaxed);
+                        let stream = StackStream::new(peer.stack.clone(), handle);
+                        tokio::spawn(relay(
+                            shared.clone(),
+                            guard,
+                            peer.bandwidth.clone(),
+                            stream,
+                            dst,
+                        ));
                     }
+                    // No listener (it could not listen): smoltcp answers RST.
+                    peer.inbound.push(pkt);
                 }
-                Ok(()) => {} // a retransmitted or duplicate SYN
             }
-            peer.inbound.push(pkt);
         }
         Transport::Tcp { .. } => peer.inbound.push(pkt),
         Transport::Udp { dst_port: 53, .. } if shared.cfg.dns_upstream.is_some() => {
@@ -943,9 +957,13 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
 /// Whether a SYN `src -> dst` starts a new flow: not a duplicate in this batch, and no
 /// socket serves that pair yet (a retransmitted SYN). The scan is bounded by the flow
 /// caps (the peer's live flows and its lingering closed ones).
-fn is_new_flow(peer: &Peer, src: SocketAddr, dst: SocketAddr) -> bool {
+fn is_new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> bool {
     if peer.pending_syns.contains(&(src, dst)) {
         return false;
+    }
+    // Never given a socket: new (the common case, and every SYN of a flood).
+    if !peer.flow_pairs.contains(&(src, dst)) {
+        return true;
     }
     let core = peer.stack.lock();
     let src_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(src);
@@ -959,7 +977,18 @@ fn is_new_flow(peer: &Peer, src: SocketAddr, dst: SocketAddr) -> bool {
         #[allow(unreachable_patterns)]
         _ => false,
     });
+    drop(core);
+    if !exists {
+        peer.flow_pairs.remove(&(src, dst));
+    }
     !exists
+}
+
+/// Answers a refused SYN with a RST (queued with the peer's output).
+fn refuse_syn(peer: &mut Peer, syn: &[u8]) {
+    if let Some(rst) = packet::rst_for_syn(syn) {
+        peer.direct.push(rst);
+    }
 }
 
 /// A listening socket for exactly `dst` with `buffer` bytes each way.
@@ -996,7 +1025,29 @@ fn listen_flow(
         core.sockets.remove(h);
         return None;
     }
+    // Sweep the pairs whose sockets are gone once they outnumber the sockets: the set
+    // stays within twice the live sockets (plus this turn's) at O(1) per flow.
+    let sockets = core.sockets.iter().count();
+    if peer.flow_pairs.len() >= 2 * sockets + 64 {
+        let live: std::collections::HashSet<(SocketAddr, SocketAddr)> = core
+            .sockets
+            .iter()
+            .filter_map(|(_, s)| match s {
+                ipsx_tunnel_pool::smoltcp::socket::Socket::Tcp(t)
+                    if !matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait) =>
+                {
+                    Some((t.remote_endpoint()?.into(), t.local_endpoint()?.into()))
+                }
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })
+            .collect();
+        let pending = &peer.pending_syns;
+        peer.flow_pairs
+            .retain(|pair| live.contains(pair) || pending.contains(pair));
+    }
     drop(core);
+    peer.flow_pairs.insert((src, dst));
     peer.pending_syns.push((src, dst));
     Some(h)
 }
