@@ -498,8 +498,23 @@ struct Peer {
     /// Packets for the peer built outside its stack (RSTs refusing SYNs), sent with the
     /// stack's output.
     direct: Vec<Vec<u8>>,
+    /// When the stack's timers next want it run (`None`: no timer).
+    poll_at: Option<Instant>,
+    /// Set when one of the peer's relays woke its stack.
+    woken: Arc<std::sync::atomic::AtomicBool>,
+    /// Forwards the stack's wake-ups to the driver (with `woken`).
+    _forward: AbortOnDrop,
     /// The deal's bandwidth buckets, shared by its relays (none: no cap).
     bandwidth: Option<Arc<Bandwidth>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One deal's bytes-per-second buckets, one per direction.
@@ -565,7 +580,21 @@ impl Driver {
             IpAddress::Ipv4(self.shared.cfg.inner_address),
             32,
         )];
-        let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, self.notify.clone());
+        // The stack wakes a notify of its own, forwarded to the driver with a flag
+        // saying which peer's stack has something to do.
+        let own = Arc::new(Notify::new());
+        let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, own.clone());
+        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let forward = {
+            let (woken, driver) = (woken.clone(), self.notify.clone());
+            tokio::spawn(async move {
+                loop {
+                    own.notified().await;
+                    woken.store(true, Ordering::Release);
+                    driver.notify_one();
+                }
+            })
+        };
         let meter = self
             .shared
             .meters
@@ -587,6 +616,9 @@ impl Driver {
                 pending_syns: Vec::new(),
                 flow_pairs: std::collections::HashSet::new(),
                 direct: Vec::new(),
+                poll_at: None,
+                woken,
+                _forward: AbortOnDrop(forward),
                 bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
                     let now = self.shared.now_ms();
                     Arc::new(Bandwidth {
@@ -629,6 +661,7 @@ impl Driver {
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut poll_delay: Option<Duration> = None;
         let mut nat_next = self.udp.service().await;
+        let mut order: Vec<(u64, u32)> = Vec::new();
         loop {
             let now = Instant::now();
             let mut wake_at = next_timer;
@@ -711,14 +744,35 @@ impl Driver {
                 }
             }
 
-            // Run every peer's stack; send what it produced.
+            // Run the stacks that have something to do (packets in, a relay's wake-up, a
+            // timer due), those with the fewest flows first: a stack costs in proportion
+            // to its sockets, so a peer holding hundreds of half-open flows runs after
+            // the others have sent their answers, and only when it must. Send what each
+            // produced.
             poll_delay = None;
-            let keys: Vec<u32> = self.peers.keys().copied().collect();
-            for idx in keys {
+            let now = Instant::now();
+            order.clear();
+            order.extend(
+                self.peers
+                    .iter()
+                    .map(|(idx, p)| (p.meter.flows_live.load(Ordering::Relaxed), *idx)),
+            );
+            order.sort_unstable();
+            for &(_, idx) in &order {
                 let Some(peer) = self.peers.get_mut(&idx) else {
                     continue;
                 };
-                let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                let due = peer.woken.swap(false, Ordering::AcqRel)
+                    || !peer.inbound.is_empty()
+                    || !peer.direct.is_empty()
+                    || peer.poll_at.is_some_and(|t| t <= now);
+                let d = if due {
+                    let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                    peer.poll_at = d.map(|d| now + d);
+                    d
+                } else {
+                    peer.poll_at.map(|t| t - now)
+                };
                 outbound.append(&mut peer.direct);
                 peer.pending_syns.clear();
                 poll_delay = match (poll_delay, d) {
