@@ -468,16 +468,33 @@ async fn one_peer_opening_50000_flows_stays_bounded_and_another_peer_is_served()
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => unreachable!(),
     };
-    let mut max_live = 0u64;
-    for i in 0..50_000u32 {
-        let sport = 1024 + (i % 60_000) as u16;
-        flood.send_ip(&tcp_syn(flood.inner, sport, target)).await;
-        if i % 200 == 199 {
-            flood.drain();
-            max_live = max_live.max(exit.counters().flows_live);
-            tokio::task::yield_now().await;
-        }
-    }
+    // The flooder runs on a thread and runtime of its own, as a remote peer would: it
+    // does not take the tokio workers that run the exit and the other peer's tunnel.
+    let flooder = {
+        let exit = exit.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut max_live = 0u64;
+                for i in 0..50_000u32 {
+                    let sport = 1024 + (i % 60_000) as u16;
+                    flood.send_ip(&tcp_syn(flood.inner, sport, target)).await;
+                    if i % 200 == 199 {
+                        flood.drain();
+                        max_live = max_live.max(exit.counters().flows_live);
+                        tokio::task::yield_now().await;
+                    }
+                }
+                (flood, max_live)
+            })
+        })
+    };
+    let (flood, mut max_live) = tokio::task::spawn_blocking(move || flooder.join().unwrap())
+        .await
+        .unwrap();
     // Let the exit work through what it received (bounded wait for the counters to settle).
     let mut last = 0;
     for _ in 0..100 {
