@@ -6,7 +6,11 @@
 #   geo/geolite2-country.mmdb   npm @ip-location-db/geolite2-country-mmdb (as shipped)
 #   geo/asn.mmdb                npm @ip-location-db/asn (CSV) converted by
 #                               scripts/make-geo-mmdb.py; slow (minutes), so only with
-#                               IPSX_GEO_ASN=1 (or --asn)
+#                               IPSX_GEO_ASN=1 (or --asn). The project publishes no
+#                               ready ASN mmdb on npm (checked 2026-11: asn-mmdb,
+#                               geolite2-asn-mmdb, iptoasn-asn-mmdb and dbip-asn-mmdb do
+#                               not exist; its *-mmdb packages are country and city
+#                               tables), so the default install stays country only.
 #
 # Point the exchange at them with `geoip_country = "geo/geolite2-country.mmdb"` and
 # `geoip_asn = "geo/asn.mmdb"`; the tests and `ipsx up` use the demo databases the

@@ -195,6 +195,9 @@ struct Shared {
     public_endpoint: Option<SocketAddr>,
     /// The UDP flows and their sockets.
     udp: Mutex<udp_relay::UdpState>,
+    /// The address relayed flows and DNS forwards are bound to: the exit address when
+    /// it is local, else unspecified (see [`source_address`]).
+    source_ip: IpAddr,
 }
 
 /// A running exit. Dropping the last clone stops it.
@@ -276,6 +279,7 @@ impl ProviderExit {
             own,
             cfg.exit_address,
         );
+        let source_ip = source_address(cfg.exit_address);
         let secret = x25519::StaticSecret::from(cfg.private_key.0);
         let public = x25519::PublicKey::from(&secret);
         let shared = Arc::new(Shared {
@@ -289,6 +293,7 @@ impl ProviderExit {
             nat_path,
             public_endpoint,
             udp: udp_relay::UdpState::new(crate::udp::udp_idle(cfg.limits.idle_timeout)),
+            source_ip,
             cfg,
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -319,6 +324,27 @@ impl ProviderExit {
                 task: Mutex::new(Some(task)),
             }),
         })
+    }
+}
+
+/// Where flows leave from: `exit_address` when a socket of this host can bind it.
+/// Behind a NAT the offer sells the router's public address, which is not local: flows
+/// then leave from the route's source address (unspecified bind) and the NAT maps them
+/// to the public one, which the requester verifies through the tunnel.
+fn source_address(exit_address: IpAddr) -> IpAddr {
+    match std::net::UdpSocket::bind(SocketAddr::new(exit_address, 0)) {
+        Ok(_) => exit_address,
+        Err(e) => {
+            tracing::warn!(
+                %exit_address, error = %e,
+                "exit_address is not an address of this host (behind a NAT?): flows leave \
+                 from the route's source address"
+            );
+            match exit_address {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            }
+        }
     }
 }
 
@@ -494,8 +520,30 @@ struct Peer {
     inbound: Vec<Vec<u8>>,
     /// SYNs given a listening socket since the stack last ran: (source, destination).
     pending_syns: Vec<(SocketAddr, SocketAddr)>,
+    /// Every (source, destination) given a listening socket that may still be served
+    /// (swept in [`listen_flow`]): a SYN whose pair is not here is new, found without
+    /// scanning the stack's sockets.
+    flow_pairs: std::collections::HashSet<(SocketAddr, SocketAddr)>,
+    /// Packets for the peer built outside its stack (RSTs refusing SYNs), sent with the
+    /// stack's output.
+    direct: Vec<Vec<u8>>,
+    /// When the stack's timers next want it run (`None`: no timer).
+    poll_at: Option<Instant>,
+    /// Set when one of the peer's relays woke its stack.
+    woken: Arc<std::sync::atomic::AtomicBool>,
+    /// Forwards the stack's wake-ups to the driver (with `woken`).
+    _forward: AbortOnDrop,
     /// The deal's bandwidth buckets, shared by its relays (none: no cap).
     bandwidth: Option<Arc<Bandwidth>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One deal's bytes-per-second buckets, one per direction.
@@ -561,7 +609,21 @@ impl Driver {
             IpAddress::Ipv4(self.shared.cfg.inner_address),
             32,
         )];
-        let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, self.notify.clone());
+        // The stack wakes a notify of its own, forwarded to the driver with a flag
+        // saying which peer's stack has something to do.
+        let own = Arc::new(Notify::new());
+        let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, own.clone());
+        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let forward = {
+            let (woken, driver) = (woken.clone(), self.notify.clone());
+            tokio::spawn(async move {
+                loop {
+                    own.notified().await;
+                    woken.store(true, Ordering::Release);
+                    driver.notify_one();
+                }
+            })
+        };
         let meter = self
             .shared
             .meters
@@ -581,6 +643,11 @@ impl Driver {
                 meter,
                 inbound: Vec::new(),
                 pending_syns: Vec::new(),
+                flow_pairs: std::collections::HashSet::new(),
+                direct: Vec::new(),
+                poll_at: None,
+                woken,
+                _forward: AbortOnDrop(forward),
                 bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
                     let now = self.shared.now_ms();
                     Arc::new(Bandwidth {
@@ -624,6 +691,7 @@ impl Driver {
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut poll_delay: Option<Duration> = None;
         let mut nat_next = self.udp.service().await;
+        let mut order: Vec<(u64, u32)> = Vec::new();
         loop {
             let now = Instant::now();
             let mut wake_at = next_timer;
@@ -706,14 +774,36 @@ impl Driver {
                 }
             }
 
-            // Run every peer's stack; send what it produced.
+            // Run the stacks that have something to do (packets in, a relay's wake-up, a
+            // timer due), those with the fewest flows first: a stack costs in proportion
+            // to its sockets, so a peer holding hundreds of half-open flows runs after
+            // the others have sent their answers, and only when it must. Send what each
+            // produced.
             poll_delay = None;
-            let keys: Vec<u32> = self.peers.keys().copied().collect();
-            for idx in keys {
+            let now = Instant::now();
+            order.clear();
+            order.extend(
+                self.peers
+                    .iter()
+                    .map(|(idx, p)| (p.meter.flows_live.load(Ordering::Relaxed), *idx)),
+            );
+            order.sort_unstable();
+            for &(_, idx) in &order {
                 let Some(peer) = self.peers.get_mut(&idx) else {
                     continue;
                 };
-                let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                let due = peer.woken.swap(false, Ordering::AcqRel)
+                    || !peer.inbound.is_empty()
+                    || !peer.direct.is_empty()
+                    || peer.poll_at.is_some_and(|t| t <= now);
+                let d = if due {
+                    let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+                    peer.poll_at = d.map(|d| now + d);
+                    d
+                } else {
+                    peer.poll_at.map(|t| t - now)
+                };
+                outbound.append(&mut peer.direct);
                 peer.pending_syns.clear();
                 poll_delay = match (poll_delay, d) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -872,59 +962,63 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
     }
     match parsed.transport {
         Transport::Tcp { syn_only: true, .. } => {
+            // A refused SYN is answered with a RST built here: it never enters the
+            // stack, so a flood of them costs neither a scan of the peer's sockets
+            // nor a pass of smoltcp over every one of them.
             let dst = SocketAddr::new(parsed.dst, parsed.dst_port());
             let src = SocketAddr::new(parsed.src, parsed.src_port());
-            match shared.policy.check(dst) {
-                Err(reason) => {
-                    c.refused.fetch_add(1, Ordering::Relaxed);
-                    peer.meter.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
+            if let Err(reason) = shared.policy.check(dst) {
+                c.refused.fetch_add(1, Ordering::Relaxed);
+                peer.meter.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
+                    %dst,
+                    %reason,
+                    "exit: flow refused"
+                );
+                refuse_syn(peer, &pkt);
+                return;
+            }
+            if !is_new_flow(peer, src, dst) {
+                peer.inbound.push(pkt); // a retransmitted or duplicate SYN
+                return;
+            }
+            let admitted = shared.limiter().admit(peer.key, shared.now_ms());
+            match admitted {
+                Err(why) => {
+                    let counter = match why {
+                        LimitRefusal::Rate => &c.rate_limited,
+                        LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    peer.meter.limited.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
                         peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
                         %dst,
-                        %reason,
-                        "exit: flow refused"
+                        reason = %why,
+                        "exit: flow over the limits"
                     );
-                    // Fed to smoltcp anyway: no socket listens, so it answers RST.
+                    refuse_syn(peer, &pkt);
                 }
-                Ok(()) if is_new_flow(peer, src, dst) => {
-                    let admitted = shared.limiter().admit(peer.key, shared.now_ms());
-                    match admitted {
-                        Err(why) => {
-                            let counter = match why {
-                                LimitRefusal::Rate => &c.rate_limited,
-                                LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
-                            };
-                            counter.fetch_add(1, Ordering::Relaxed);
-                            peer.meter.limited.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(
-                                peer = %ipsx_tunnel_pool::key_to_base64(&peer.key),
-                                %dst,
-                                reason = %why,
-                                "exit: flow over the limits"
-                            );
-                            // No listener: smoltcp answers the SYN with a RST.
-                        }
-                        Ok(()) => {
-                            let guard = FlowGuard::new(shared.clone(), peer);
-                            let buffer = shared.cfg.limits.flow_buffer;
-                            if let Some(handle) = listen_flow(peer, src, dst, buffer) {
-                                c.flows.fetch_add(1, Ordering::Relaxed);
-                                peer.meter.flows.fetch_add(1, Ordering::Relaxed);
-                                let stream = StackStream::new(peer.stack.clone(), handle);
-                                tokio::spawn(relay(
-                                    shared.clone(),
-                                    guard,
-                                    peer.bandwidth.clone(),
-                                    stream,
-                                    dst,
-                                ));
-                            }
-                        }
+                Ok(()) => {
+                    let guard = FlowGuard::new(shared.clone(), peer);
+                    let buffer = shared.cfg.limits.flow_buffer;
+                    if let Some(handle) = listen_flow(peer, src, dst, buffer) {
+                        c.flows.fetch_add(1, Ordering::Relaxed);
+                        peer.meter.flows.fetch_add(1, Ordering::Relaxed);
+                        let stream = StackStream::new(peer.stack.clone(), handle);
+                        tokio::spawn(relay(
+                            shared.clone(),
+                            guard,
+                            peer.bandwidth.clone(),
+                            stream,
+                            dst,
+                        ));
                     }
+                    // No listener (it could not listen): smoltcp answers RST.
+                    peer.inbound.push(pkt);
                 }
-                Ok(()) => {} // a retransmitted or duplicate SYN
             }
-            peer.inbound.push(pkt);
         }
         Transport::Tcp { .. } => peer.inbound.push(pkt),
         Transport::Udp { dst_port: 53, .. } if shared.cfg.dns_upstream.is_some() => {
@@ -956,9 +1050,13 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
 /// Whether a SYN `src -> dst` starts a new flow: not a duplicate in this batch, and no
 /// socket serves that pair yet (a retransmitted SYN). The scan is bounded by the flow
 /// caps (the peer's live flows and its lingering closed ones).
-fn is_new_flow(peer: &Peer, src: SocketAddr, dst: SocketAddr) -> bool {
+fn is_new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> bool {
     if peer.pending_syns.contains(&(src, dst)) {
         return false;
+    }
+    // Never given a socket: new (the common case, and every SYN of a flood).
+    if !peer.flow_pairs.contains(&(src, dst)) {
+        return true;
     }
     let core = peer.stack.lock();
     let src_ep = ipsx_tunnel_pool::smoltcp::wire::IpEndpoint::from(src);
@@ -972,7 +1070,18 @@ fn is_new_flow(peer: &Peer, src: SocketAddr, dst: SocketAddr) -> bool {
         #[allow(unreachable_patterns)]
         _ => false,
     });
+    drop(core);
+    if !exists {
+        peer.flow_pairs.remove(&(src, dst));
+    }
     !exists
+}
+
+/// Answers a refused SYN with a RST (queued with the peer's output).
+fn refuse_syn(peer: &mut Peer, syn: &[u8]) {
+    if let Some(rst) = packet::rst_for_syn(syn) {
+        peer.direct.push(rst);
+    }
 }
 
 /// A listening socket for exactly `dst` with `buffer` bytes each way.
@@ -1009,7 +1118,29 @@ fn listen_flow(
         core.sockets.remove(h);
         return None;
     }
+    // Sweep the pairs whose sockets are gone once they outnumber the sockets: the set
+    // stays within twice the live sockets (plus this turn's) at O(1) per flow.
+    let sockets = core.sockets.iter().count();
+    if peer.flow_pairs.len() >= 2 * sockets + 64 {
+        let live: std::collections::HashSet<(SocketAddr, SocketAddr)> = core
+            .sockets
+            .iter()
+            .filter_map(|(_, s)| match s {
+                ipsx_tunnel_pool::smoltcp::socket::Socket::Tcp(t)
+                    if !matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait) =>
+                {
+                    Some((t.remote_endpoint()?.into(), t.local_endpoint()?.into()))
+                }
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })
+            .collect();
+        let pending = &peer.pending_syns;
+        peer.flow_pairs
+            .retain(|pair| live.contains(pair) || pending.contains(pair));
+    }
     drop(core);
+    peer.flow_pairs.insert((src, dst));
     peer.pending_syns.push((src, dst));
     Some(h)
 }
@@ -1084,7 +1215,7 @@ async fn relay(
         } else {
             TcpSocket::new_v6()
         }?;
-        sock.bind(SocketAddr::new(shared.cfg.exit_address, 0))?;
+        sock.bind(SocketAddr::new(shared.source_ip, 0))?;
         sock.connect(dst).await
     };
     let mut outer = match tokio::time::timeout(CONNECT_TIMEOUT, outer).await {
@@ -1214,7 +1345,7 @@ async fn forward_dns(shared: Arc<Shared>, stack: Arc<Stack>, q: packet::OwnedUdp
     let Some(upstream) = shared.cfg.dns_upstream else {
         return;
     };
-    let bind = SocketAddr::new(shared.cfg.exit_address, 0);
+    let bind = SocketAddr::new(shared.source_ip, 0);
     let Ok(sock) = UdpSocket::bind(bind).await else {
         return;
     };

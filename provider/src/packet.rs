@@ -191,6 +191,75 @@ fn fold(mut acc: u32) -> u16 {
     !(acc as u16)
 }
 
+/// The TCP RST (with ACK) refusing the connection request `syn` (IPv4, or IPv6 without
+/// extension headers), as a stack with no listener answers it (RFC 9293 3.10.7.1):
+/// sequence 0, acknowledging the SYN and whatever it carried. `None` unless `syn` is a
+/// well-formed TCP segment with SYN set and ACK and RST clear.
+pub fn rst_for_syn(syn: &[u8]) -> Option<Vec<u8>> {
+    let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = match syn.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(syn[0] & 0x0f) * 4;
+            let total = usize::from(be16(syn, 2)?);
+            if ihl < 20 || syn.get(9) != Some(&6) || total < ihl {
+                return None;
+            }
+            let a: [u8; 4] = syn.get(12..16)?.try_into().ok()?;
+            let b: [u8; 4] = syn.get(16..20)?.try_into().ok()?;
+            (a.into(), b.into(), syn.get(ihl..total)?)
+        }
+        6 => {
+            if syn.get(6) != Some(&6) {
+                return None;
+            }
+            let len = usize::from(be16(syn, 4)?);
+            let a: [u8; 16] = syn.get(8..24)?.try_into().ok()?;
+            let b: [u8; 16] = syn.get(24..40)?.try_into().ok()?;
+            (a.into(), b.into(), syn.get(40..40 + len)?)
+        }
+        _ => return None,
+    };
+    let offset = usize::from(*l4.get(12)? >> 4) * 4;
+    let flags = *l4.get(13)?;
+    if offset < 20 || offset > l4.len() || flags & 0x16 != 0x02 {
+        return None;
+    }
+    let seq = u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?);
+    let carried = u32::try_from(l4.len() - offset).ok()? + 1 + u32::from(flags & 0x01);
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&l4[2..4]);
+    tcp.extend_from_slice(&l4[0..2]);
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.extend_from_slice(&seq.wrapping_add(carried).to_be_bytes());
+    // Header of 5 words; RST|ACK; window, checksum and urgent pointer 0.
+    tcp.extend_from_slice(&[0x50, 0x14, 0, 0, 0, 0, 0, 0]);
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let pseudo = sum16(sum16(0, &octets(dst)), &octets(src)) + 6 + 20;
+    let ck = fold(sum16(pseudo, &tcp));
+    tcp[16..18].copy_from_slice(&ck.to_be_bytes());
+    let mut ip = match (dst, src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            let hck = fold(sum16(0, &ip));
+            ip[10..12].copy_from_slice(&hck.to_be_bytes());
+            ip
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            ip.extend_from_slice(&from.octets());
+            ip.extend_from_slice(&to.octets());
+            ip
+        }
+        _ => return None,
+    };
+    ip.extend_from_slice(&tcp);
+    Some(ip)
+}
+
 /// Builds the IP/UDP packet answering `q` with `payload` (source and destination
 /// swapped). `None` if the payload does not fit a UDP datagram.
 pub fn udp_reply(q: &OwnedUdp, payload: &[u8]) -> Option<Vec<u8>> {
@@ -505,6 +574,133 @@ mod tests {
             pkt.extend_from_slice(&tail);
             if let Some(p) = parse(&pkt) {
                 let _ = p.owned(&pkt);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod rst_tests {
+    use super::*;
+    use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
+
+    /// A SYN `src:sport -> dst:dport` with sequence `seq`, `data` bytes and `flags`.
+    fn segment(src: IpAddr, dst: IpAddr, seq: u32, data: &[u8], flags: u8) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        tcp[12] = 0x50;
+        tcp[13] = flags;
+        tcp.extend_from_slice(data);
+        let len = u16::try_from(tcp.len()).unwrap();
+        let mut ip = match (src, dst) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mut ip = vec![0x45, 0];
+                ip.extend_from_slice(&(len + 20).to_be_bytes());
+                ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+                ip.extend_from_slice(&a.octets());
+                ip.extend_from_slice(&b.octets());
+                ip
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mut ip = vec![0x60, 0, 0, 0];
+                ip.extend_from_slice(&len.to_be_bytes());
+                ip.extend_from_slice(&[6, 64]);
+                ip.extend_from_slice(&a.octets());
+                ip.extend_from_slice(&b.octets());
+                ip
+            }
+            _ => unreachable!(),
+        };
+        ip.extend_from_slice(&tcp);
+        ip
+    }
+
+    /// Checks `rst` with smoltcp's parser: checksums, addresses and ports swapped,
+    /// RST|ACK acknowledging `ack`.
+    fn check(rst: &[u8], src: IpAddr, dst: IpAddr, ack: u32) {
+        let payload = match dst {
+            IpAddr::V4(_) => {
+                let ip = Ipv4Packet::new_checked(rst).unwrap();
+                assert!(ip.verify_checksum());
+                assert_eq!(IpAddr::V4(ip.src_addr()), dst);
+                assert_eq!(IpAddr::V4(ip.dst_addr()), src);
+                ip.payload().to_vec()
+            }
+            IpAddr::V6(_) => {
+                let ip = Ipv6Packet::new_checked(rst).unwrap();
+                assert_eq!(IpAddr::V6(ip.src_addr()), dst);
+                assert_eq!(IpAddr::V6(ip.dst_addr()), src);
+                ip.payload().to_vec()
+            }
+        };
+        let tcp = TcpPacket::new_checked(&payload[..]).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::from(dst), &IpAddress::from(src)));
+        assert!(tcp.rst() && tcp.ack() && !tcp.syn());
+        assert_eq!((tcp.src_port(), tcp.dst_port()), (443, 40000));
+        assert_eq!(tcp.seq_number().0, 0);
+        assert_eq!(tcp.ack_number().0 as u32, ack);
+        let p = parse(rst).unwrap();
+        assert!(matches!(
+            p.transport,
+            Transport::Tcp {
+                syn_only: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_refused_syn_gets_a_rst_acknowledging_it() {
+        let (a4, b4): (IpAddr, IpAddr) = ("10.77.0.2".parse().unwrap(), "1.2.3.4".parse().unwrap());
+        let rst = rst_for_syn(&segment(a4, b4, 1000, b"", 0x02)).unwrap();
+        check(&rst, a4, b4, 1001);
+        let (a6, b6): (IpAddr, IpAddr) =
+            ("fd00::2".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let rst = rst_for_syn(&segment(a6, b6, u32::MAX, b"hello", 0x02)).unwrap();
+        check(&rst, a6, b6, 5);
+        // Not a connection request: no RST.
+        for flags in [0x12, 0x04, 0x06, 0x10, 0x00] {
+            assert!(
+                rst_for_syn(&segment(a4, b4, 1, b"", flags)).is_none(),
+                "{flags:#x}"
+            );
+        }
+        let mut udp = segment(a4, b4, 1, b"", 0x02);
+        udp[9] = 17;
+        assert!(rst_for_syn(&udp).is_none());
+        assert!(rst_for_syn(&[]).is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rst_for_syn_never_panics(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..120)) {
+            if let Some(rst) = rst_for_syn(&buf) {
+                proptest::prop_assert!(parse(&rst).is_some());
+            }
+        }
+
+        #[test]
+        fn every_syn_gets_a_valid_rst(
+            v6 in proptest::bool::ANY,
+            seq in proptest::num::u32::ANY,
+            fin in proptest::bool::ANY,
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            cut in 0usize..8,
+        ) {
+            let (a, b): (IpAddr, IpAddr) = if v6 {
+                ("fd00::2".parse().unwrap(), "2001:db8::7".parse().unwrap())
+            } else {
+                ("10.77.0.2".parse().unwrap(), "192.0.2.7".parse().unwrap())
+            };
+            let syn = segment(a, b, seq, &data, 0x02 | u8::from(fin));
+            let carried = data.len() as u32 + 1 + u32::from(fin);
+            check(&rst_for_syn(&syn).unwrap(), a, b, seq.wrapping_add(carried));
+            // A truncated packet is refused, never read past its end.
+            if cut > 0 {
+                proptest::prop_assert!(rst_for_syn(&syn[..syn.len() - cut]).is_none());
             }
         }
     }

@@ -148,7 +148,7 @@ fn open(
 ) -> Option<Arc<std::net::UdpSocket>> {
     // Live from admission; `finish` takes it back whichever way the flow ends.
     peer.meter.flows_live.fetch_add(1, Ordering::Relaxed);
-    let (send, sock) = match bind_connected(shared.cfg.exit_address, key.dst) {
+    let (send, sock) = match bind_connected(shared.source_ip, key.dst) {
         Ok((send, recv)) => (Arc::new(send), recv),
         Err(e) => {
             tracing::debug!(dst = %key.dst, error = %e, "exit: UDP socket failed");

@@ -12,3 +12,4 @@ mod market_e2e;
 mod market_failover;
 mod market_v2;
 mod vpn_rent;
+mod nat_gateway;

@@ -401,6 +401,18 @@ async fn the_bandwidth_cap_limits_bytes_per_second() {
     p.exit.shutdown().await;
 }
 
+/// Datagrams the kernel dropped at the UDP socket bound to `port` (127.0.0.1), from
+/// `/proc/net/udp` (its `drops` column): what never reached the exit's queues.
+fn udp_drops(port: u16) -> u64 {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn pct(mut v: Vec<Duration>, p: usize) -> Duration {
     v.sort();
     v[(v.len() * p / 100).min(v.len() - 1)]
@@ -424,10 +436,11 @@ async fn one_peer_opening_50000_flows_stays_bounded_and_another_peer_is_served()
     let mut flood = RawPeer::connect(&exit, Ipv4Addr::new(10, 77, 0, 3)).await;
 
     let mut before = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..100 {
         before.push(timed_get(&good.tunnel, who).await);
     }
     let rss_before = rss_bytes();
+    let drops_before = udp_drops(exit.local_addr().port());
 
     // The other peer keeps making requests (at most ~25 new flows a second, well under
     // its own rate limit) while the flood runs; it samples the exit's live flows too.
@@ -455,16 +468,33 @@ async fn one_peer_opening_50000_flows_stays_bounded_and_another_peer_is_served()
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => unreachable!(),
     };
-    let mut max_live = 0u64;
-    for i in 0..50_000u32 {
-        let sport = 1024 + (i % 60_000) as u16;
-        flood.send_ip(&tcp_syn(flood.inner, sport, target)).await;
-        if i % 200 == 199 {
-            flood.drain();
-            max_live = max_live.max(exit.counters().flows_live);
-            tokio::task::yield_now().await;
-        }
-    }
+    // The flooder runs on a thread and runtime of its own, as a remote peer would: it
+    // does not take the tokio workers that run the exit and the other peer's tunnel.
+    let flooder = {
+        let exit = exit.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut max_live = 0u64;
+                for i in 0..50_000u32 {
+                    let sport = 1024 + (i % 60_000) as u16;
+                    flood.send_ip(&tcp_syn(flood.inner, sport, target)).await;
+                    if i % 200 == 199 {
+                        flood.drain();
+                        max_live = max_live.max(exit.counters().flows_live);
+                        tokio::task::yield_now().await;
+                    }
+                }
+                (flood, max_live)
+            })
+        })
+    };
+    let (flood, mut max_live) = tokio::task::spawn_blocking(move || flooder.join().unwrap())
+        .await
+        .unwrap();
     // Let the exit work through what it received (bounded wait for the counters to settle).
     let mut last = 0;
     for _ in 0..100 {
@@ -479,10 +509,20 @@ async fn one_peer_opening_50000_flows_stays_bounded_and_another_peer_is_served()
         last = seen;
     }
     let rss_during = rss_bytes();
+    let drops = udp_drops(exit.local_addr().port()) - drops_before;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (during, max_live_sampled, max_flooder) = sampler.await.unwrap();
     let c = exit.counters();
     let m = exit.meter(&flood.public).unwrap();
+    let mut slowest = during.clone();
+    slowest.sort();
+    slowest.reverse();
+    slowest.truncate(5);
+    println!(
+        "flood: kernel drops at the exit's socket {drops}; the other peer's slowest requests {slowest:?}; p90 before {:?}, during {:?}",
+        pct(before.clone(), 90),
+        pct(during.clone(), 90),
+    );
     println!(
         "flood: 50000 SYNs; exit counters {c:?}; flooder meter {m:?}; max live flows {} (flooder {max_flooder}); \
          rss before {} MiB, after {} MiB; other peer p50/p99 before {:?}/{:?} ({} requests), during {:?}/{:?} ({} requests)",

@@ -358,6 +358,35 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// A TCP forwarder listening on the lab's server address (`.1`, port 0) in the
+    /// public namespace to `to` in the test's own namespace (the chain RPC or the
+    /// exchange on 127.0.0.1), so hosts of the lab can reach them. Each accepted
+    /// connection is dialled from a thread of the test's runtime (`here`).
+    pub async fn forward(&mut self, to: SocketAddr) -> SocketAddr {
+        let here = tokio::runtime::Handle::current();
+        let public = self.public_ns.clone();
+        let rt = self.runtime(&public);
+        let bind = SocketAddr::new(self.public_ip(1).into(), 0);
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    here.spawn(async move {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    });
+                }
+            });
+            addr
+        })
+        .await
+        .unwrap()
+    }
+}
+
 /// A coturn on 127.0.0.1 (STUN only is used: no NAT on loopback); killed on drop.
 pub struct LoopbackStun {
     pub addr: SocketAddr,
