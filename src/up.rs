@@ -184,7 +184,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             port.saturating_add(2 + i as u16)
         };
         let mut toml = format!(
-            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\nclaim_interval = \"10s\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
             anvil.endpoint(),
             deployment_path.display(),
             hex_key(key)

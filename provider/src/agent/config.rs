@@ -179,9 +179,15 @@ pub struct Timings {
     /// How far payment may lag behind service before the peer is removed.
     #[serde(default = "d_grace", with = "humantime_serde")]
     pub grace: Duration,
-    /// Long deals are claimed on chain at least this often.
-    #[serde(default = "d_claim", with = "humantime_serde")]
-    pub claim_interval: Duration,
+    /// Also claim whatever is unclaimed on a channel this often (absent: no timer;
+    /// claims are lazy, see `claim_threshold`).
+    #[serde(default, with = "humantime_serde")]
+    pub claim_interval: Option<Duration>,
+    /// A channel is claimed once its unclaimed amount reaches this: `"auto"` (default,
+    /// [`CLAIM_GAS_SHARE`]: a claim's gas at the chain's gas price is at most 2 % of
+    /// what it claims) or a token amount in base units.
+    #[serde(default)]
+    pub claim_threshold: ClaimThreshold,
     /// The deal list is polled this often (fallback for the event stream).
     #[serde(default = "d_poll", with = "humantime_serde")]
     pub poll: Duration,
@@ -196,8 +202,55 @@ fn d_first_window() -> Duration {
 fn d_grace() -> Duration {
     Duration::from_secs(10)
 }
-fn d_claim() -> Duration {
-    Duration::from_secs(600)
+/// Gas a claim costs (measured on anvil: 62k-75k; rounded up).
+pub const CLAIM_GAS: u128 = 80_000;
+
+/// `claim_threshold = "auto"`: claim once the claim's gas cost is at most
+/// 1/`CLAIM_GAS_SHARE` of the amount claimed.
+pub const CLAIM_GAS_SHARE: u128 = 50;
+
+/// When a channel's unclaimed amount is worth a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClaimThreshold {
+    /// `CLAIM_GAS x gas price x CLAIM_GAS_SHARE`, reading the gas price from the chain
+    /// (one token base unit taken as worth one wei: without a price feed the agent
+    /// cannot convert; set a fixed amount when they differ).
+    #[default]
+    Auto,
+    /// This many token base units.
+    Fixed(u128),
+}
+
+impl ClaimThreshold {
+    /// The threshold in base units at `gas_price` (wei per gas).
+    pub fn resolve(self, gas_price: u128) -> u128 {
+        match self {
+            Self::Fixed(v) => v,
+            Self::Auto => CLAIM_GAS
+                .saturating_mul(gas_price)
+                .saturating_mul(CLAIM_GAS_SHARE),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClaimThreshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(s) if s == "auto" => Ok(Self::Auto),
+            Raw::Int(i) => u128::try_from(i)
+                .map(Self::Fixed)
+                .map_err(|_| serde::de::Error::custom(format!("negative amount {i}"))),
+            Raw::Text(s) => ipsx_exchange::types::amount::parse(&s)
+                .map(Self::Fixed)
+                .map_err(|e| serde::de::Error::custom(format!("\"auto\" or an amount: {e}"))),
+        }
+    }
 }
 fn d_poll() -> Duration {
     Duration::from_secs(10)
@@ -210,7 +263,8 @@ impl Default for Timings {
             first_window: d_first_window(),
             window: None,
             grace: d_grace(),
-            claim_interval: d_claim(),
+            claim_interval: None,
+            claim_threshold: ClaimThreshold::Auto,
             poll: d_poll(),
         }
     }
@@ -412,7 +466,7 @@ impl AgentConfig {
                 ));
             }
         }
-        if t.claim_interval < Duration::from_secs(1) {
+        if t.claim_interval.is_some_and(|i| i < Duration::from_secs(1)) {
             return Err(bad("timings.claim_interval", "at least 1s"));
         }
         if t.grace > Duration::from_secs(86_400) {

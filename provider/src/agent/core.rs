@@ -13,9 +13,16 @@
 //! covers the first window (`first_window_due(price, first_window, value)`, a few
 //! seconds); stop serving when `payment_covers(price, paid, served, grace)` fails, at the
 //! deal's end, or when the requester leaves; agree to the requester's extension of a
-//! deal served and paid up, within the exit's longest rental; claim periodically and
-//! once more (closing the channel) at the end, unless no proof ever covered the first
-//! window (then no chain transaction at all); rate the requester once the deal is final.
+//! deal served and paid up, within the exit's longest rental; rate the requester once
+//! the deal is final.
+//!
+//! Payment channels are reused across deals (one at a time per channel): a deal's
+//! payments are the part of the channel's cumulative amount above its `base`, the
+//! amount where the channel's earlier deals ended. Claims are per channel and lazy: when
+//! the unclaimed amount reaches `claim_threshold`, when the requester starts closing the
+//! channel (then the claim closes it), and at shutdown ([`Core::claimable`]); a fixed
+//! timer (`claim_interval`) only when configured. A deal whose proofs never covered the
+//! first window never adds to a claim of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -164,9 +171,16 @@ pub enum Action {
         deal_id: u64,
         /// Who must have signed it and opened the channel.
         requester: Address,
-        /// The channel already bound to this deal, as last read (saves a chain read;
-        /// `None` for the first proof).
-        known_channel: Option<ChannelFacts>,
+        /// Channels known to be the requester's to us, as last read: the deal's own once
+        /// bound, else every open one of this requester (a proof over one of them within
+        /// its known deposit is checked without a chain read).
+        known_channels: Vec<ChannelFacts>,
+    },
+    /// Read a channel from the chain (deposit, claimed, closing) and feed the answer to
+    /// [`Core::channel_read`].
+    ReadChannel {
+        /// Channel.
+        channel_id: B256,
     },
     /// Redeem the latest proof on chain (`close` at the deal's end).
     Claim {
@@ -238,8 +252,13 @@ pub struct Settings {
     pub first_window: Duration,
     /// Payment lag tolerated.
     pub grace: Duration,
-    /// Periodic claims at least this far apart.
-    pub claim_interval: Duration,
+    /// Claim a channel once its unclaimed amount reaches this (base units).
+    pub claim_threshold: u128,
+    /// Also claim whatever is unclaimed this often (`None`: no timer).
+    pub claim_interval: Option<Duration>,
+    /// Channels with unclaimed proofs are read from the chain this often (to see a
+    /// requester's close in time to claim).
+    pub channel_refresh: Duration,
     /// How long an exchange contact (a successful poll) counts as fresh: payment is
     /// only enforced while the exchange is known reachable.
     pub fresh_for: Duration,
@@ -292,11 +311,14 @@ pub struct DealView {
     pub requester: Address,
     /// The deal's start, unix seconds.
     pub start: u64,
-    /// Latest verified cumulative amount.
+    /// Paid for this deal: its latest verified cumulative amount minus `base`.
     pub paid: u128,
-    /// Claimed on chain so far.
+    /// The channel's cumulative amount where this deal's payments start (what its
+    /// earlier deals reached).
+    pub base: u128,
+    /// Of `paid`, what is claimed on chain so far.
     pub claimed: u128,
-    /// The final claim closed the channel (or it was gone).
+    /// The channel is closed (or gone).
     pub closed: bool,
     /// The channel paying this deal.
     pub channel: Option<B256>,
@@ -332,9 +354,13 @@ struct DealState {
     proof: Option<VerifiedProof>,
     serve_since: Option<Millis>,
     peer_present: bool,
-    claimed: u128,
-    closed: bool,
-    last_claim: Millis,
+    /// The channel's cumulative amount where this deal's payments start.
+    base: u128,
+    /// A later deal pays over this deal's channel now: this deal's account is closed.
+    frozen: bool,
+    /// First seen already accepted or active (the agent restarted): the deal's base on
+    /// a channel we have no record of is unknown, so it is taken as 0 (generous).
+    restored: bool,
     score: Option<u8>,
     end_reason: Option<String>,
     /// The requester's proposed end we mean to agree to.
@@ -420,10 +446,14 @@ impl DealState {
     }
 
     fn paid(&self) -> u128 {
-        self.proof.as_ref().map_or(0, |p| p.amount)
+        self.proof
+            .as_ref()
+            .map_or(0, |p| p.amount.saturating_sub(self.base))
     }
 
-    fn view(&self) -> DealView {
+    fn view(&self, lanes: &HashMap<B256, Lane>) -> DealView {
+        let lane = self.proof.as_ref().and_then(|p| lanes.get(&p.channel.id));
+        let claimed = lane.map_or(0, |l| l.facts.claimed.saturating_sub(self.base).min(self.paid()));
         DealView {
             id: self.info.id,
             exit: self.exit,
@@ -437,8 +467,9 @@ impl DealState {
             requester: self.info.requester,
             start: self.info.start,
             paid: self.paid(),
-            claimed: self.claimed,
-            closed: self.closed,
+            base: self.base,
+            claimed,
+            closed: lane.is_none_or(|l| l.closed) && self.proof.is_some(),
             channel: self.proof.as_ref().map(|p| p.channel.id),
             proof_rejection: self.rejection.clone(),
             end_reason: self.end_reason.clone(),
@@ -471,13 +502,48 @@ impl DealState {
     }
 }
 
+/// One payment channel as we track it: the deals it paid, one after the other.
+#[derive(Debug, Clone)]
+struct Lane {
+    /// The deal it pays now (the latest bound).
+    deal: u64,
+    /// That deal's exit and requester key (whose connection-log hash goes on chain).
+    exit: Option<usize>,
+    key: [u8; 32],
+    /// Facts as last read; `deposit` and `claimed` only grow.
+    facts: ChannelFacts,
+    /// Highest verified cumulative amount over all its deals, and its signature.
+    high: u128,
+    signature: Vec<u8>,
+    /// Gone from the chain, closed by our claim, or refused for good.
+    closed: bool,
+    last_claim: Millis,
+    last_read: Millis,
+    claim: Slot,
+    read: Slot,
+}
+
+impl Lane {
+    fn unclaimed(&self) -> u128 {
+        self.high.saturating_sub(self.facts.claimed)
+    }
+}
+
+fn slot_failed(slot: &mut Slot, now: Millis, s: &Settings) {
+    slot.inflight = false;
+    let factor = 1u32.checked_shl(slot.attempts.min(16)).unwrap_or(u32::MAX);
+    let delay = s.retry_base.saturating_mul(factor).min(s.retry_max);
+    slot.attempts = slot.attempts.saturating_add(1);
+    slot.retry_at = now.saturating_add(delay.as_millis() as u64);
+}
+
 /// Every deal of this provider, and the rules.
 #[derive(Debug, Clone)]
 pub struct Core {
     settings: Settings,
     exits: Vec<ExitSlot>,
     deals: BTreeMap<u64, DealState>,
-    channels: HashMap<B256, u64>,
+    lanes: HashMap<B256, Lane>,
     settled: std::collections::HashSet<u64>,
     fresh_until: Millis,
 }
@@ -492,7 +558,7 @@ impl Core {
             settings,
             exits,
             deals: BTreeMap::new(),
-            channels: HashMap::new(),
+            lanes: HashMap::new(),
             settled: std::collections::HashSet::new(),
             fresh_until: 0,
         }
@@ -505,12 +571,26 @@ impl Core {
 
     /// A view of one deal.
     pub fn deal(&self, deal_id: u64) -> Option<DealView> {
-        self.deals.get(&deal_id).map(DealState::view)
+        self.deals.get(&deal_id).map(|d| d.view(&self.lanes))
     }
 
     /// Views of every deal, by id.
     pub fn deals(&self) -> Vec<DealView> {
-        self.deals.values().map(DealState::view).collect()
+        self.deals.values().map(|d| d.view(&self.lanes)).collect()
+    }
+
+    /// Sets the claim threshold (the runtime follows the gas price).
+    pub fn set_claim_threshold(&mut self, threshold: u128) {
+        self.settings.claim_threshold = threshold;
+    }
+
+    /// Unclaimed amount (verified, not yet claimed) summed over open channels.
+    pub fn unclaimed(&self) -> u128 {
+        self.lanes
+            .values()
+            .filter(|l| !l.closed)
+            .map(Lane::unclaimed)
+            .fold(0u128, u128::saturating_add)
     }
 
     /// The exchange answered (a poll succeeded) at `now`: payment may be enforced for
@@ -579,9 +659,12 @@ impl Core {
             proof: None,
             serve_since: None,
             peer_present: false,
-            claimed: 0,
-            closed: false,
-            last_claim: now,
+            base: 0,
+            frozen: false,
+            restored: matches!(
+                obs.provider_status,
+                PartyStatus::Accepted | PartyStatus::Active
+            ),
             score: None,
             end_reason: None,
             extend_to: None,
@@ -792,6 +875,7 @@ impl Core {
         let s = self.settings;
         let enforce = now <= self.fresh_until;
         let mut out = Vec::new();
+        let lanes = &self.lanes;
         for (&id, d) in self.deals.iter_mut() {
             // Clocks.
             if d.stage == Stage::Accepted && now >= d.end_ms() {
@@ -841,17 +925,29 @@ impl Core {
             }
             // Proofs.
             let unverified = d.proof_seen > d.paid() && d.proof_seen > d.rejected_upto;
+            let bound = d.proof.as_ref().map(|p| p.channel.id);
             let wants_proof = match d.stage {
                 Stage::Accepted | Stage::Serving => true,
-                Stage::Ended => !d.closed,
+                Stage::Ended => {
+                    !d.frozen && bound.is_none_or(|c| lanes.get(&c).is_some_and(|l| !l.closed))
+                }
                 Stage::Rejected => false,
             };
             if unverified && wants_proof && d.ready(Kind::CheckProof, now) {
                 d.start(Kind::CheckProof);
+                let requester = d.info.requester;
+                let known_channels = lanes
+                    .iter()
+                    .filter(|(c, l)| match bound {
+                        Some(b) => **c == b,
+                        None => !l.closed && !l.facts.closing && l.facts.requester == requester,
+                    })
+                    .map(|(_, l)| l.facts.clone())
+                    .collect();
                 out.push(Action::CheckProof {
                     deal_id: id,
-                    requester: d.info.requester,
-                    known_channel: d.proof.as_ref().map(|p| p.channel.clone()),
+                    requester,
+                    known_channels,
                 });
             }
             // Peer.
@@ -894,34 +990,6 @@ impl Core {
                     });
                 }
             }
-            // Claims.
-            let worthy = d.claim_worthy(s.first_window);
-            if let Some(p) = &d.proof
-                && worthy
-                && !d.closed
-                && d.ready(Kind::Claim, now)
-            {
-                let close = d.stage == Stage::Ended
-                    && !d.peer_present
-                    && !unverified
-                    && !d.slots[Kind::CheckProof as usize].inflight;
-                let periodic = d.stage == Stage::Serving
-                    && p.amount > d.claimed
-                    && now.saturating_sub(d.last_claim) >= s.claim_interval.as_millis() as u64;
-                if close || periodic {
-                    let action = Action::Claim {
-                        deal_id: id,
-                        exit: d.exit,
-                        key: d.info.requester_wg_key,
-                        channel_id: p.channel.id,
-                        amount: p.amount,
-                        signature: p.signature.clone(),
-                        close,
-                    };
-                    d.start(Kind::Claim);
-                    out.push(action);
-                }
-            }
             // Rating.
             if d.stage == Stage::Ended
                 && d.status.is_final()
@@ -933,17 +1001,69 @@ impl Core {
                 out.push(Action::Rate { deal_id: id, score });
             }
         }
+        // Channels: lazy claims, and reads to see a requester's close in time.
+        let refresh = s.channel_refresh.as_millis() as u64;
+        let mut ids: Vec<&B256> = self.lanes.keys().collect();
+        ids.sort_unstable();
+        let ids: Vec<B256> = ids.into_iter().copied().collect();
+        for cid in ids {
+            let Some(l) = self.lanes.get_mut(&cid) else {
+                continue;
+            };
+            if l.closed || l.unclaimed() == 0 {
+                continue;
+            }
+            let unclaimed = l.unclaimed();
+            let close = l.facts.closing;
+            let timer = s
+                .claim_interval
+                .is_some_and(|i| now.saturating_sub(l.last_claim) >= i.as_millis() as u64);
+            if (close || unclaimed >= s.claim_threshold.max(1) || timer)
+                && !l.claim.inflight
+                && now >= l.claim.retry_at
+            {
+                l.claim.inflight = true;
+                out.push(Action::Claim {
+                    deal_id: l.deal,
+                    exit: l.exit,
+                    key: l.key,
+                    channel_id: cid,
+                    amount: l.high,
+                    signature: l.signature.clone(),
+                    close,
+                });
+            }
+            if !close
+                && now.saturating_sub(l.last_read) >= refresh
+                && !l.read.inflight
+                && now >= l.read.retry_at
+            {
+                l.read.inflight = true;
+                l.last_read = now;
+                out.push(Action::ReadChannel { channel_id: cid });
+            }
+        }
         // Deals with nothing left to do are forgotten after a while (their id is kept,
-        // so polls and replayed events do not bring them back).
+        // so polls and replayed events do not bring them back). A deal's payments are
+        // settled once claimed, once a later deal took its channel over (that deal's
+        // claims cover them), or once the channel is gone.
+        let lanes = &self.lanes;
         let done: Vec<u64> = self
             .deals
             .iter()
             .filter(|(_, d)| {
+                let paid_up = d.frozen
+                    || !d.claim_worthy(s.first_window)
+                    || d.proof.as_ref().is_none_or(|p| {
+                        lanes
+                            .get(&p.channel.id)
+                            .is_none_or(|l| l.closed || l.facts.claimed >= p.amount)
+                    });
                 matches!(d.stage, Stage::Ended | Stage::Rejected)
                     && d.status.is_final()
                     && !d.peer_present
                     && d.want.is_none()
-                    && (!d.claim_worthy(s.first_window) || d.closed)
+                    && paid_up
                     && (d.rated || d.score.is_none())
                     && d.slots.iter().all(|s| !s.inflight)
                     && now >= d.end_ms().saturating_add(KEEP_SETTLED_MS)
@@ -951,13 +1071,18 @@ impl Core {
             .map(|(&id, _)| id)
             .collect();
         for id in done {
-            if let Some(d) = self.deals.remove(&id)
-                && let Some(p) = d.proof
-            {
-                self.channels.remove(&p.channel.id);
-            }
+            self.deals.remove(&id);
             self.settled.insert(id);
         }
+        // Closed channels no deal refers to any more are forgotten.
+        let deals = &self.deals;
+        self.lanes.retain(|cid, l| {
+            !l.closed
+                || l.claim.inflight
+                || deals
+                    .values()
+                    .any(|d| d.proof.as_ref().is_some_and(|p| p.channel.id == *cid))
+        });
         out
     }
 
@@ -1049,64 +1174,163 @@ impl Core {
             d.rejected_upto = d.proof_seen;
             d.rejection = Some(why);
         };
-        if let Some(&other) = self.channels.get(&v.channel.id)
-            && other != deal_id
-        {
-            refuse(
-                d,
-                format!("channel {} already pays deal {other}", v.channel.id),
-            );
-            return;
-        }
         if let Some(p) = &d.proof
             && p.channel.id != v.channel.id
         {
             refuse(d, format!("deal is paid over channel {}", p.channel.id));
             return;
         }
-        if v.amount <= d.paid() {
+        if d.frozen {
+            // A later deal pays over this channel now; its payments cover ours.
             return;
         }
-        self.channels.insert(v.channel.id, deal_id);
+        let restored = d.restored;
+        let first_bind = d.proof.is_none();
+        // The deal the channel paid before, if another one.
+        let previous = self
+            .lanes
+            .get(&v.channel.id)
+            .map(|l| l.deal)
+            .filter(|&o| o != deal_id);
+        if first_bind {
+            if let Some(other) = previous
+                && self
+                    .deals
+                    .get(&other)
+                    .is_some_and(|o| matches!(o.stage, Stage::Accepted | Stage::Serving))
+            {
+                let Some(d) = self.deals.get_mut(&deal_id) else {
+                    return;
+                };
+                refuse(
+                    d,
+                    format!("channel {} still pays deal {other}", v.channel.id),
+                );
+                return;
+            }
+            // Where this deal's payments start: above everything the channel's earlier
+            // deals reached (and anything claimed on chain we did not see).
+            let base = match self.lanes.get(&v.channel.id) {
+                Some(l) => l.high.max(l.facts.claimed).max(v.channel.claimed),
+                None if restored => 0,
+                None => v.channel.claimed,
+            };
+            let Some(d) = self.deals.get_mut(&deal_id) else {
+                return;
+            };
+            if v.amount <= base {
+                refuse(
+                    d,
+                    format!(
+                        "cumulative amount {} does not pass the {base} channel {} already carries",
+                        v.amount, v.channel.id
+                    ),
+                );
+                return;
+            }
+            d.base = base;
+            if let Some(other) = previous
+                && let Some(o) = self.deals.get_mut(&other)
+            {
+                o.frozen = true;
+            }
+        }
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        if v.amount <= d.base.saturating_add(d.paid()) && !first_bind {
+            return;
+        }
+        let lane = self.lanes.entry(v.channel.id).or_insert_with(|| Lane {
+            deal: deal_id,
+            exit: d.exit,
+            key: d.info.requester_wg_key,
+            facts: v.channel.clone(),
+            high: 0,
+            signature: Vec::new(),
+            closed: false,
+            last_claim: now,
+            last_read: now,
+            claim: Slot::default(),
+            read: Slot::default(),
+        });
+        lane.deal = deal_id;
+        lane.exit = d.exit;
+        lane.key = d.info.requester_wg_key;
+        lane.facts.deposit = lane.facts.deposit.max(v.channel.deposit);
+        lane.facts.claimed = lane.facts.claimed.max(v.channel.claimed);
+        lane.facts.closing |= v.channel.closing;
+        if v.amount > lane.high {
+            lane.high = v.amount;
+            lane.signature.clone_from(&v.signature);
+        }
         d.proof = Some(v);
         d.rejection = None;
         let first = first_window_due(d.info.price, s.first_window, d.info.value);
         if d.stage == Stage::Accepted && d.paid() >= first && now < d.end_ms() {
             d.stage = Stage::Serving;
             d.serve_since = Some(now);
-            d.last_claim = now;
         }
     }
 
-    /// Result of an [`Action::Claim`]: `channel_gone` when the chain no longer has the
-    /// channel (closed by the claim or otherwise).
+    /// Result of an [`Action::Claim`] on `channel_id`: `channel_gone` when the chain no
+    /// longer has the channel (closed by the claim or otherwise).
     pub fn claim_done(
         &mut self,
-        deal_id: u64,
+        channel_id: B256,
         amount: u128,
         close: bool,
         r: Result<bool, Failure>,
         now: Millis,
     ) {
         let s = self.settings;
-        let Some(d) = self.deals.get_mut(&deal_id) else {
+        let Some(l) = self.lanes.get_mut(&channel_id) else {
             return;
         };
         match r {
             Ok(channel_gone) => {
-                d.succeeded(Kind::Claim);
-                d.claimed = d.claimed.max(amount);
-                d.last_claim = now;
+                l.claim = Slot::default();
+                l.facts.claimed = l.facts.claimed.max(amount);
+                l.last_claim = now;
                 if close || channel_gone {
-                    d.closed = true;
+                    l.closed = true;
                 }
             }
-            Err(Failure::Transient(_)) => d.failed(Kind::Claim, now, &s),
+            Err(Failure::Transient(_)) => slot_failed(&mut l.claim, now, &s),
             Err(Failure::Permanent(e)) => {
-                tracing::warn!(deal = deal_id, error = %e, "claim refused for good");
-                d.succeeded(Kind::Claim);
-                d.closed = true;
+                tracing::warn!(channel = %channel_id, error = %e, "claim refused for good");
+                l.claim = Slot::default();
+                l.closed = true;
             }
+        }
+    }
+
+    /// Result of an [`Action::ReadChannel`]: the channel as the chain has it now
+    /// (`None`: gone). A top-up raises the known deposit; a requester's close makes
+    /// the next [`Core::actions`] claim (and close) at once.
+    pub fn channel_read(
+        &mut self,
+        channel_id: B256,
+        r: Result<Option<ChannelFacts>, Failure>,
+        now: Millis,
+    ) {
+        let s = self.settings;
+        let Some(l) = self.lanes.get_mut(&channel_id) else {
+            return;
+        };
+        match r {
+            Ok(Some(f)) => {
+                l.read = Slot::default();
+                l.facts.deposit = l.facts.deposit.max(f.deposit);
+                l.facts.claimed = l.facts.claimed.max(f.claimed);
+                l.facts.closing |= f.closing;
+            }
+            Ok(None) => {
+                l.read = Slot::default();
+                l.closed = true;
+            }
+            Err(Failure::Transient(_)) => slot_failed(&mut l.read, now, &s),
+            Err(Failure::Permanent(_)) => l.read = Slot::default(),
         }
     }
 
@@ -1130,24 +1354,24 @@ impl Core {
         }
     }
 
-    /// Deals still serving a peer (for shutdown: their latest proofs get claimed).
+    /// The claims to make at shutdown: every open channel's unclaimed proof (the
+    /// channel stays open for the requester's next deals).
     pub fn claimable(&self) -> Vec<Action> {
-        let first_window = self.settings.first_window;
-        self.deals
+        let mut v: Vec<(&B256, &Lane)> = self
+            .lanes
             .iter()
-            .filter_map(|(&id, d)| {
-                let p = d.proof.as_ref()?;
-                (d.claim_worthy(first_window) && !d.closed && p.amount > d.claimed).then(|| {
-                    Action::Claim {
-                        deal_id: id,
-                        exit: d.exit,
-                        key: d.info.requester_wg_key,
-                        channel_id: p.channel.id,
-                        amount: p.amount,
-                        signature: p.signature.clone(),
-                        close: false,
-                    }
-                })
+            .filter(|(_, l)| !l.closed && l.unclaimed() > 0)
+            .collect();
+        v.sort_unstable_by_key(|(c, _)| **c);
+        v.into_iter()
+            .map(|(c, l)| Action::Claim {
+                deal_id: l.deal,
+                exit: l.exit,
+                key: l.key,
+                channel_id: *c,
+                amount: l.high,
+                signature: l.signature.clone(),
+                close: false,
             })
             .collect()
     }
