@@ -453,7 +453,9 @@ impl DealState {
 
     fn view(&self, lanes: &HashMap<B256, Lane>) -> DealView {
         let lane = self.proof.as_ref().and_then(|p| lanes.get(&p.channel.id));
-        let claimed = lane.map_or(0, |l| l.facts.claimed.saturating_sub(self.base).min(self.paid()));
+        let claimed = lane.map_or(0, |l| {
+            l.facts.claimed.saturating_sub(self.base).min(self.paid())
+        });
         DealView {
             id: self.info.id,
             exit: self.exit,
@@ -517,6 +519,8 @@ struct Lane {
     signature: Vec<u8>,
     /// Gone from the chain, closed by our claim, or refused for good.
     closed: bool,
+    /// One of its deals was served or paid its first window: worth a transaction.
+    worthy: bool,
     last_claim: Millis,
     last_read: Millis,
     claim: Slot,
@@ -1010,7 +1014,7 @@ impl Core {
             let Some(l) = self.lanes.get_mut(&cid) else {
                 continue;
             };
-            if l.closed || l.unclaimed() == 0 {
+            if l.closed || !l.worthy || l.unclaimed() == 0 {
                 continue;
             }
             let unclaimed = l.unclaimed();
@@ -1249,6 +1253,7 @@ impl Core {
             high: 0,
             signature: Vec::new(),
             closed: false,
+            worthy: false,
             last_claim: now,
             last_read: now,
             claim: Slot::default(),
@@ -1271,6 +1276,7 @@ impl Core {
             d.stage = Stage::Serving;
             d.serve_since = Some(now);
         }
+        lane.worthy |= d.claim_worthy(s.first_window);
     }
 
     /// Result of an [`Action::Claim`] on `channel_id`: `channel_gone` when the chain no
@@ -1360,7 +1366,7 @@ impl Core {
         let mut v: Vec<(&B256, &Lane)> = self
             .lanes
             .iter()
-            .filter(|(_, l)| !l.closed && l.unclaimed() > 0)
+            .filter(|(_, l)| !l.closed && l.worthy && l.unclaimed() > 0)
             .collect();
         v.sort_unstable_by_key(|(c, _)| **c);
         v.into_iter()
@@ -1391,7 +1397,9 @@ mod tests {
         Settings {
             first_window: Duration::from_secs(5),
             grace: Duration::from_secs(3),
-            claim_interval: Duration::from_secs(60),
+            claim_threshold: 1_000_000,
+            claim_interval: None,
+            channel_refresh: Duration::from_secs(7200),
             fresh_for: Duration::from_secs(3600),
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(8),
@@ -1467,11 +1475,12 @@ mod tests {
                 }
                 Action::RemovePeer { deal_id, .. } => c.peer_done(*deal_id, false, Ok(()), now),
                 Action::Claim {
-                    deal_id,
+                    channel_id,
                     amount,
                     close,
                     ..
-                } => c.claim_done(*deal_id, *amount, *close, Ok(*close), now),
+                } => c.claim_done(*channel_id, *amount, *close, Ok(*close), now),
+                Action::ReadChannel { .. } => {}
                 Action::Rate { deal_id, .. } => c.rate_done(*deal_id, Ok(()), now),
                 Action::ProposeExtend { deal_id, new_end } => {
                     c.extend_done(*deal_id, *new_end, Ok(()), now)
@@ -1557,13 +1566,7 @@ mod tests {
         // A proof short of the first window does not open the tunnel.
         c.proof_posted(7, 49);
         let a = settle(&mut c, T0 + 100);
-        assert!(matches!(
-            a[..],
-            [Action::CheckProof {
-                known_channel: None,
-                ..
-            }]
-        ));
+        assert!(matches!(a[..], [Action::CheckProof { .. }]));
         c.proof_checked(7, Ok(proof(1, 49)), T0 + 100);
         assert!(settle(&mut c, T0 + 100).is_empty());
         c.proof_posted(7, 50);
@@ -1579,13 +1582,7 @@ mod tests {
         // Proofs keep up: served 10 s, paid 150 (covers 15 s).
         c.proof_posted(7, 150);
         let a = settle(&mut c, T0 + 10_200);
-        assert!(matches!(
-            a[..],
-            [Action::CheckProof {
-                known_channel: Some(_),
-                ..
-            }]
-        ));
+        assert!(matches!(a[..], [Action::CheckProof { .. }]));
         c.proof_checked(7, Ok(proof(1, 150)), T0 + 10_200);
         c.proof_posted(7, 200);
         settle(&mut c, T0 + 15_000);
@@ -1595,15 +1592,12 @@ mod tests {
         let a = settle(&mut c, T0 + 20_000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
         assert_eq!(reports(&a), vec![PartyStatus::Completed]);
+        // Claims are lazy: 200 is under the threshold, so nothing goes on chain yet.
         let a = settle(&mut c, T0 + 20_000);
-        assert!(matches!(
-            a[..],
-            [Action::Claim {
-                amount: 200,
-                close: true,
-                ..
-            }]
-        ));
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Claim { .. })),
+            "{a:?}"
+        );
         // Rating waits for the deal to be final.
         assert!(settle(&mut c, T0 + 21_000).is_empty());
         c.status_changed(7, DealStatus::Completed, T0 + 22_000);
@@ -1616,8 +1610,21 @@ mod tests {
             }]
         );
         assert!(settle(&mut c, T0 + 30_000).is_empty());
+        // At shutdown the channel's unclaimed proof is claimed; the channel stays open.
+        let claims = c.claimable();
+        assert!(matches!(
+            claims[..],
+            [Action::Claim {
+                deal_id: 7,
+                amount: 200,
+                close: false,
+                ..
+            }]
+        ));
+        c.claim_done(B256::repeat_byte(1), 200, false, Ok(false), T0 + 30_000);
+        assert!(c.claimable().is_empty());
         let v = c.deal(7).unwrap();
-        assert!(v.closed && v.rated && !v.peer_present);
+        assert!(!v.closed && v.rated && !v.peer_present);
         assert_eq!(v.claimed, 200);
         // Ten minutes after the end only the id is kept; a poll does not revive it.
         settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS);
@@ -1662,12 +1669,11 @@ mod tests {
             unreachable!()
         };
         assert_eq!(reason, "payment stopped");
-        let a = settle(&mut c, T0 + 9_000);
         assert!(matches!(
-            a[..],
+            c.claimable()[..],
             [Action::Claim {
                 amount: 50,
-                close: true,
+                close: false,
                 ..
             }]
         ));
@@ -1715,8 +1721,126 @@ mod tests {
         ));
     }
 
+    /// Channel reuse: deal 2 pays over deal 1's channel once deal 1 is over; its
+    /// payments are what the channel's cumulative amount adds above deal 1's last proof
+    /// (exact per-deal accounting), a proof that adds nothing is refused, and deal 1's
+    /// later proofs no longer count for it. One claim covers both deals.
     #[test]
-    fn one_channel_pays_one_deal() {
+    fn a_channel_carries_deal_after_deal_with_exact_accounting() {
+        let mut c = core(2);
+        c.observe(obs(1, 20), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        c.proof_posted(1, 200);
+        settle(&mut c, T0 + 15_000);
+        c.proof_checked(1, Ok(proof(1, 200)), T0 + 15_000);
+        settle(&mut c, T0 + 20_000); // deal 1 ends
+        assert_eq!(c.deal(1).unwrap().stage, Stage::Ended);
+
+        let mut o = obs(2, 20);
+        o.info.start = T0 / 1000 + 20;
+        o.info.end = T0 / 1000 + 40;
+        c.observe(o, T0 + 20_000);
+        settle(&mut c, T0 + 20_000);
+        // Not above what the channel already carries: refused, not served.
+        c.proof_posted(2, 200);
+        let a = settle(&mut c, T0 + 20_100);
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::CheckProof { deal_id: 2, known_channels, .. } if known_channels.len() == 1
+            )),
+            "the known channel goes with the check: {a:?}"
+        );
+        c.proof_checked(2, Ok(proof(1, 200)), T0 + 20_100);
+        let v = c.deal(2).unwrap();
+        assert_eq!(v.stage, Stage::Accepted);
+        assert!(v.proof_rejection.unwrap().contains("does not pass the 200"));
+        // 250 = 200 of deal 1 + deal 2's first window.
+        c.proof_posted(2, 250);
+        settle(&mut c, T0 + 20_200);
+        c.proof_checked(2, Ok(proof(1, 250)), T0 + 20_200);
+        let v = c.deal(2).unwrap();
+        assert_eq!((v.stage, v.base, v.paid), (Stage::Serving, 200, 50));
+        // Deal 1's late proof counts for nobody: its account closed at 200.
+        c.proof_posted(1, 300);
+        settle(&mut c, T0 + 20_300);
+        c.proof_checked(1, Ok(proof(1, 300)), T0 + 20_300);
+        assert_eq!(c.deal(1).unwrap().paid, 200);
+        assert_eq!(c.deal(2).unwrap().paid, 50);
+        // One claim for the channel: everything both deals were paid.
+        assert!(matches!(
+            c.claimable()[..],
+            [Action::Claim {
+                deal_id: 2,
+                amount: 250,
+                close: false,
+                ..
+            }]
+        ));
+    }
+
+    /// Claims are lazy: nothing under the threshold, one claim when the unclaimed
+    /// amount reaches it, and a closing claim as soon as a read shows the requester
+    /// closing the channel.
+    #[test]
+    fn claims_wait_for_the_threshold_or_the_requesters_close() {
+        let mut c = core(1);
+        c.set_claim_threshold(300);
+        c.observe(obs(1, 600), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        let mut claims = Vec::new();
+        for t in 1..=40u64 {
+            let now = T0 + t * 1_000;
+            let amount = PRICE * u128::from(t + 5);
+            c.proof_posted(1, amount);
+            settle(&mut c, now);
+            c.proof_checked(1, Ok(proof(1, amount)), now);
+            claims.extend(
+                settle(&mut c, now)
+                    .into_iter()
+                    .filter(|a| matches!(a, Action::Claim { .. })),
+            );
+        }
+        // 300 unclaimed is reached at 25 s (amount 300), then again at 55 s... not yet.
+        assert!(
+            matches!(
+                claims[..],
+                [Action::Claim {
+                    amount: 300,
+                    close: false,
+                    ..
+                }]
+            ),
+            "{claims:?}"
+        );
+        // The requester starts closing: the next read shows it, the claim closes.
+        let mut f = channel(1);
+        f.closing = true;
+        c.channel_read(B256::repeat_byte(1), Ok(Some(f)), T0 + 41_000);
+        let a = settle(&mut c, T0 + 41_000);
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::Claim {
+                    amount: 450,
+                    close: true,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        assert!(c.deal(1).unwrap().closed);
+        assert!(c.claimable().is_empty());
+    }
+
+    #[test]
+    fn a_channel_pays_one_running_deal_at_a_time() {
         let mut c = core(2);
         c.observe(obs(1, 60), T0);
         c.observe(obs(2, 60), T0);
@@ -1727,7 +1851,7 @@ mod tests {
         c.proof_checked(2, Ok(proof(1, 50)), T0);
         let v = c.deal(2).unwrap();
         assert_eq!(v.stage, Stage::Accepted);
-        assert!(v.proof_rejection.unwrap().contains("already pays deal 1"));
+        assert!(v.proof_rejection.unwrap().contains("still pays deal 1"));
         // And a deal's channel cannot change.
         c.proof_posted(1, 80);
         settle(&mut c, T0);
@@ -1775,7 +1899,7 @@ mod tests {
     #[test]
     fn claims_are_periodic_and_never_repeat_an_amount() {
         let mut s = settings();
-        s.claim_interval = Duration::from_secs(10);
+        s.claim_interval = Some(Duration::from_secs(10));
         let mut c = Core::new(
             s,
             vec![ExitSlot {
@@ -1843,7 +1967,7 @@ mod tests {
             reports(&settle(&mut c, T0 + 10_000)).is_empty(),
             "already active"
         );
-        // A final deal with an unclaimed proof gets its closing claim.
+        // A final deal with an unclaimed proof: claimed once worth it (here at once).
         let mut f = obs(2, 5);
         f.provider_status = PartyStatus::Completed;
         f.requester_status = PartyStatus::Completed;
@@ -1856,13 +1980,14 @@ mod tests {
             a.iter()
                 .any(|a| matches!(a, Action::CheckProof { deal_id: 2, .. }))
         );
+        c.set_claim_threshold(50);
         c.proof_checked(2, Ok(proof(2, 50)), T0 + 60_000);
         let a = settle(&mut c, T0 + 60_000);
         assert!(a.iter().any(|a| matches!(
             a,
             Action::Claim {
                 deal_id: 2,
-                close: true,
+                close: false,
                 ..
             }
         )));
@@ -1939,10 +2064,9 @@ mod tests {
         assert!(c.deal(1).unwrap().peer_present);
         let a = settle(&mut c, T0 + 180_000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
-        let a = settle(&mut c, T0 + 180_000);
         assert!(matches!(
-            a[..],
-            [Action::Claim { amount, close: true, .. }] if amount == PRICE * 180
+            c.claimable()[..],
+            [Action::Claim { amount, close: false, .. }] if amount == PRICE * 180
         ));
     }
 
@@ -2022,11 +2146,12 @@ mod tests {
         }
         assert!(c.claimable().is_empty());
         // A first-window proof, then the requester gives up before the peer was added:
-        // that proof is claimed, closing the channel.
+        // that proof is worth claiming (lazily: here the threshold is reached).
         let mut c = core(1);
         c.observe(obs(1, 60), T0);
         c.proof_posted(1, 50);
         settle(&mut c, T0);
+        c.set_claim_threshold(50);
         c.proof_checked(1, Ok(proof(1, 50)), T0);
         c.party_reported(1, false, PartyStatus::Failed, T0 + 10);
         let a = settle(&mut c, T0 + 10);
@@ -2036,7 +2161,7 @@ mod tests {
                 a,
                 Action::Claim {
                     amount: 50,
-                    close: true,
+                    close: false,
                     ..
                 }
             )),
@@ -2135,6 +2260,9 @@ mod tests {
                 | Action::PeerEndpoint { deal_id, .. } => (*deal_id, Kind::Peer),
                 Action::CheckProof { deal_id, .. } => (*deal_id, Kind::CheckProof),
                 Action::Claim { deal_id, .. } => (*deal_id, Kind::Claim),
+                Action::ReadChannel { channel_id } => {
+                    (10_000 + u64::from(channel_id[0]), Kind::CheckProof)
+                }
                 Action::Rate { deal_id, .. } => (*deal_id, Kind::Rate),
                 Action::ProposeExtend { deal_id, .. } => (*deal_id, Kind::Extend),
             }
@@ -2151,6 +2279,8 @@ mod tests {
             #[test]
             fn the_core_keeps_its_promises(ops in proptest::collection::vec(op(), 1..120)) {
                 let mut c = core(2);
+                // Lazy claims of at least the first window.
+                c.set_claim_threshold(100);
                 let mut now = T0;
                 let mut outstanding: Vec<Action> = Vec::new();
                 let mut reported: std::collections::HashSet<(u64, PartyStatus)> = Default::default();
@@ -2203,13 +2333,14 @@ mod tests {
                                     };
                                     c.proof_checked(deal_id, r, now);
                                 }
-                                Action::Claim { deal_id, amount, close, .. } => {
+                                Action::Claim { deal_id, channel_id, amount, close, .. } => {
                                     if fail.is_none() {
                                         let cl = claimed.entry(deal_id).or_default();
                                         *cl = (*cl).max(amount);
                                     }
-                                    c.claim_done(deal_id, amount, close, fail.map_or(Ok(close), Err), now);
+                                    c.claim_done(channel_id, amount, close, fail.map_or(Ok(close), Err), now);
                                 }
+                                Action::ReadChannel { channel_id } => c.channel_read(channel_id, fail.map_or(Ok(None), Err), now),
                                 Action::Rate { deal_id, .. } => c.rate_done(deal_id, fail.map_or(Ok(()), Err), now),
                                 Action::ProposeExtend { deal_id, new_end } => c.extend_done(deal_id, new_end, fail.map_or(Ok(()), Err), now),
                             }
