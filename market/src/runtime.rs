@@ -123,6 +123,8 @@ pub fn settings_of(cfg: &MarketConfig, challenge_period: Duration) -> Settings {
         challenge_period,
         request_ttl: Duration::from_secs(30),
         reverify_every: cfg.reverify_every,
+        channel_idle_close: cfg.channel_idle_close,
+        channel_prefund: cfg.channel_prefund,
     }
 }
 
