@@ -160,6 +160,10 @@ pub struct MarketConfig {
     /// needs, so that the next deals need none.
     #[serde(default = "default_channel_prefund")]
     pub channel_prefund: u32,
+    /// At shutdown, close the idle channels too (`startClose`; the providers claim and
+    /// close them when they see it) instead of keeping them for the next start.
+    #[serde(default)]
+    pub close_channels_at_shutdown: bool,
     /// The local store of deals and channels (SQLite), relative to the config file.
     #[serde(default = "default_state_file")]
     pub state_file: String,

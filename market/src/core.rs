@@ -83,6 +83,8 @@ pub struct Settings {
     /// A top-up adds this many deals' value beyond what the deal needs, so that the
     /// next deals over the channel need none.
     pub channel_prefund: u32,
+    /// At shutdown ([`Input::EndAll`]) close the idle channels too.
+    pub close_channels_at_shutdown: bool,
 }
 
 impl Default for Settings {
@@ -107,6 +109,7 @@ impl Default for Settings {
             reverify_every: Duration::from_secs(180),
             channel_idle_close: Duration::from_secs(3600),
             channel_prefund: 4,
+            close_channels_at_shutdown: false,
         }
     }
 }
@@ -318,7 +321,9 @@ impl Deal {
     /// simulation checks (service plus one window ahead, never past value or deposit).
     pub fn payable(&self, s: &Settings, now: Millis) -> u128 {
         let price = self.terms.price_per_ip_second;
-        let deposit = self.channel.map_or(0, |c| c.deposit.saturating_sub(self.base));
+        let deposit = self
+            .channel
+            .map_or(0, |c| c.deposit.saturating_sub(self.base));
         let cap = self.terms.value.min(deposit);
         if self.served() {
             let served = Duration::from_secs(self.served_s(now));
@@ -758,7 +763,9 @@ impl Core {
                 || d.channel.is_some_and(|c| {
                     !matches!(
                         c.phase,
-                        ChannelPhase::Closed | ChannelPhase::Idle { .. } | ChannelPhase::Reused { .. }
+                        ChannelPhase::Closed
+                            | ChannelPhase::Idle { .. }
+                            | ChannelPhase::Reused { .. }
                     )
                 })
         })
@@ -1187,6 +1194,25 @@ impl Core {
                         now,
                         &mut out,
                     );
+                }
+                if self.s.close_channels_at_shutdown {
+                    let idle: Vec<u64> = self
+                        .deals
+                        .values()
+                        .filter(|d| {
+                            d.channel
+                                .is_some_and(|c| matches!(c.phase, ChannelPhase::Idle { .. }))
+                        })
+                        .map(|d| d.id)
+                        .collect();
+                    for id in idle {
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.phase = ChannelPhase::AwaitingClaim { until: now };
+                            c.checked_at = now;
+                            out.push(Action::CheckChannel { channel: c.id });
+                        }
+                        self.touch(id);
+                    }
                 }
             }
         }

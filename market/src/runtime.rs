@@ -125,6 +125,7 @@ pub fn settings_of(cfg: &MarketConfig, challenge_period: Duration) -> Settings {
         reverify_every: cfg.reverify_every,
         channel_idle_close: cfg.channel_idle_close,
         channel_prefund: cfg.channel_prefund,
+        close_channels_at_shutdown: cfg.close_channels_at_shutdown,
     }
 }
 
@@ -368,7 +369,11 @@ impl PoolManager {
             channels_open: core
                 .deals()
                 .values()
-                .filter(|d| d.channel.is_some_and(|c| c.phase != ChannelPhase::Closed))
+                .filter(|d| {
+                    d.channel.is_some_and(|c| {
+                        !matches!(c.phase, ChannelPhase::Closed | ChannelPhase::Reused { .. })
+                    })
+                })
                 .count(),
         }
     }
@@ -408,7 +413,14 @@ impl PoolManager {
                 .deals()
                 .values()
                 .filter_map(|d| d.channel)
-                .filter(|c| matches!(c.phase, ChannelPhase::AwaitingClaim { .. }))
+                .filter(|c| {
+                    matches!(
+                        c.phase,
+                        ChannelPhase::AwaitingClaim { .. }
+                            | ChannelPhase::Closing
+                            | ChannelPhase::Challenge { .. }
+                    )
+                })
                 .map(|c| c.id)
                 .collect();
             if open.is_empty() {

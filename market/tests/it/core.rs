@@ -651,7 +651,10 @@ fn the_next_deal_with_a_provider_reuses_its_channel_without_a_chain_transaction(
         },
         now,
     );
-    assert!(a.iter().any(|a| matches!(a, Action::OpenChannel { deal: 9, .. })));
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::OpenChannel { deal: 9, .. }))
+    );
     // The same provider: its idle channel, no transaction before the first proof.
     let a = core.handle(
         Input::Matched {

@@ -102,6 +102,7 @@ fn settings() -> Settings {
         reverify_every: Duration::from_secs(120),
         channel_idle_close: Duration::from_secs(1_200),
         channel_prefund: 2,
+        close_channels_at_shutdown: false,
     }
 }
 
@@ -403,7 +404,10 @@ impl World {
             } => {
                 let c = self.channels.get_mut(&channel).unwrap();
                 assert!(amount <= c.deposit, "proof above the deposit");
-                assert_eq!(c.provider, self.deals[&deal].0, "a proof to another provider");
+                assert_eq!(
+                    c.provider, self.deals[&deal].0,
+                    "a proof to another provider"
+                );
                 c.signed = c.signed.max(amount);
                 if let Some(x) = self.deals.get_mut(&deal) {
                     assert!(x.3.is_none_or(|c| c == channel), "a deal's channel changed");
@@ -512,7 +516,10 @@ impl World {
                     return;
                 }
                 let admit = amount.max(c.claimed);
-                assert!(admit <= c.signed.max(c.claimed), "admits more than it signed");
+                assert!(
+                    admit <= c.signed.max(c.claimed),
+                    "admits more than it signed"
+                );
                 let honest = self
                     .deals
                     .values()
@@ -574,10 +581,11 @@ impl World {
         let mut by_channel: HashMap<B256, Vec<(u128, u128, u64)>> = HashMap::new();
         for d in self.core.deals().values() {
             if let Some(c) = d.channel {
-                by_channel
-                    .entry(c.id)
-                    .or_default()
-                    .push((d.base, d.paid.max(d.paying.unwrap_or(0)), d.id));
+                by_channel.entry(c.id).or_default().push((
+                    d.base,
+                    d.paid.max(d.paying.unwrap_or(0)),
+                    d.id,
+                ));
             }
         }
         for (ch, mut v) in by_channel {
@@ -622,7 +630,10 @@ impl World {
                 c.claimed,
                 c.signed
             );
-            assert!(c.signed <= c.deposit, "channel {ch}: proof above the deposit");
+            assert!(
+                c.signed <= c.deposit,
+                "channel {ch}: proof above the deposit"
+            );
         }
         if let Some(cap) = s.max_spend_total {
             assert!(self.core.spent_total() <= cap, "spend over max_spend_total");
@@ -771,6 +782,9 @@ fn seeded_random_runs_keep_the_money_rules() {
             w.paid_out,
             w.reused
         );
-        assert!(w.channels.len() < w.next_deal as usize - 1, "seed {seed}: no channel reused");
+        assert!(
+            w.channels.len() < w.next_deal as usize - 1,
+            "seed {seed}: no channel reused"
+        );
     }
 }

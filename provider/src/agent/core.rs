@@ -1014,18 +1014,18 @@ impl Core {
             let Some(l) = self.lanes.get_mut(&cid) else {
                 continue;
             };
-            if l.closed || !l.worthy || l.unclaimed() == 0 {
+            if l.closed || !l.worthy {
                 continue;
             }
             let unclaimed = l.unclaimed();
+            // The requester is closing: claim the latest proof and close at once (a
+            // closing claim may repeat the amount already claimed).
             let close = l.facts.closing;
             let timer = s
                 .claim_interval
                 .is_some_and(|i| now.saturating_sub(l.last_claim) >= i.as_millis() as u64);
-            if (close || unclaimed >= s.claim_threshold.max(1) || timer)
-                && !l.claim.inflight
-                && now >= l.claim.retry_at
-            {
+            let due = close || (unclaimed > 0 && (unclaimed >= s.claim_threshold.max(1) || timer));
+            if due && !l.claim.inflight && now >= l.claim.retry_at {
                 l.claim.inflight = true;
                 out.push(Action::Claim {
                     deal_id: l.deal,
