@@ -19,24 +19,18 @@ up: install
 	./target/release/ipsx up
 
 ## Run every check and test: format, lints, unit, property and end-to-end tests.
-# The tests mostly wait on the network, the chain and timers, so clippy runs at the
-# lowest CPU priority while they run: the test binaries are built first and nextest
-# reuses that build (no cargo lock held), and the lint result is printed afterwards.
+# Lints ride on the test build: cargo runs our own crates through clippy-driver (what
+# `cargo clippy` does, keeping code generation), with the same lints and `-D warnings`.
+# The dependencies are then compiled once for both, instead of once for the tests and
+# again in check mode for clippy, which used to cost about four minutes.
+LINT_ENV = RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver || echo clippy-driver-not-installed)" \
+	CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 test: install
 	$(CARGO) fmt --all --check
-	@mkdir -p target
-	$(CARGO) nextest list --workspace --locked --list-type binaries-only \
-		--message-format json > target/nextest-binaries.json
-	$(CARGO) metadata --format-version 1 --all-features --no-deps --locked \
-		> target/cargo-metadata.json
-	@nice -n 19 $(CARGO) clippy --workspace --all-targets --locked --color never \
-		-- -D warnings > target/clippy.log 2>&1 & lint=$$!; \
-	$(CARGO) nextest run --binaries-metadata target/nextest-binaries.json \
-		--cargo-metadata target/cargo-metadata.json --no-fail-fast; tests=$$?; \
-	wait $$lint; lints=$$?; \
-	echo "== clippy (exit $$lints)"; cat target/clippy.log; \
-	[ $$tests = 0 ] && [ $$lints = 0 ]
-	$(CARGO) test --workspace --locked --doc
+	$(LINT_ENV) $(CARGO) build --workspace --locked --bins
+	$(LINT_ENV) $(CARGO) nextest run --workspace --locked --no-fail-fast
+	$(LINT_ENV) $(CARGO) test --workspace --locked --bench '*' --no-run
+	$(LINT_ENV) $(CARGO) test --workspace --locked --doc
 
 lint:
 	$(CARGO) fmt --all --check

@@ -10,7 +10,7 @@
 #
 # Point the exchange at them with `geoip_country = "geo/geolite2-country.mmdb"` and
 # `geoip_asn = "geo/asn.mmdb"`; the tests and `ipsx up` use the demo databases the
-# exchange crate embeds (exchange/geo/, built by `make-geo-mmdb.py demo`).
+# exchange-client crate embeds (exchange-client/geo/, built by `make-geo-mmdb.py demo`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_asn="${IPSX_GEO_ASN:-0}"

@@ -5,7 +5,7 @@ and exits against (ipsx_exchange::geo).
   make-geo-mmdb.py demo OUT_DIR
       The demo databases of `ipsx up`: OUT_DIR/demo-country.mmdb maps each demo exit
       127.0.0.x to its demo country, OUT_DIR/demo-asn.mmdb to its demo ASN
-      (64496 + x, the documentation ASN range). Kept in the repo under exchange/geo/ (the exchange crate embeds them).
+      (64496 + x, the documentation ASN range). Kept in the repo under exchange-client/geo/ (the exchange-client crate embeds them).
   make-geo-mmdb.py asn OUT.mmdb CSV...
       Converts the ASN tables of the ip-location-db project (`start,end,asn,org` per
       line, IPv4 or IPv6) into an ASN mmdb (GeoLite2-ASN record layout).

@@ -72,9 +72,9 @@ enum Command {
         listen: std::net::SocketAddr,
     },
     /// Manage a wallet: keys, balances, deposits, withdrawals, channels.
-    Wallet(ipsx_exchange_client::cli::WalletArgs),
+    Wallet(ipsx_chain::cli::WalletArgs),
     /// Deploy and inspect the IPSX contracts.
-    Chain(ipsx_exchange_client::cli::ChainArgs),
+    Chain(ipsx_chain::cli::ChainArgs),
     /// Bring up the whole system locally: chain, contracts, exchange, providers in four
     /// countries, an echo target, and the gateway renting its exits; prints the proxy URL.
     Up {
@@ -151,10 +151,10 @@ fn main() -> ExitCode {
                 Err("ipsx provider: give --config FILE (or a subcommand: status)".into())
             }
             Command::Exchange { config, listen } => exchange_cmd::run(&config, listen).await,
-            Command::Wallet(args) => ipsx_exchange_client::cli::run_wallet(args)
+            Command::Wallet(args) => ipsx_chain::cli::run_wallet(args)
                 .await
                 .map_err(|e| e.to_string()),
-            Command::Chain(args) => ipsx_exchange_client::cli::run_chain(args)
+            Command::Chain(args) => ipsx_chain::cli::run_chain(args)
                 .await
                 .map_err(|e| e.to_string()),
             Command::Keygen => {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use alloy::signers::local::PrivateKeySigner;
-use ipsx_exchange_client::chain::parse_tokens;
-use ipsx_exchange_client::chain::testing::Anvil;
+use ipsx_chain::parse_tokens;
+use ipsx_chain::testing::Anvil;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -444,16 +444,12 @@ async fn admin_live_exits(admin: std::net::SocketAddr) -> usize {
 /// (closed, still open) after everything stopped.
 async fn settlement(
     anvil: &Anvil,
-    deployment: ipsx_exchange_client::chain::Deployment,
+    deployment: ipsx_chain::Deployment,
     requester: &PrivateKeySigner,
 ) -> Result<(alloy::primitives::U256, usize, usize), String> {
-    let chain = ipsx_exchange_client::chain::ChainClient::connect(
-        anvil.endpoint(),
-        deployment,
-        requester.clone(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let chain = ipsx_chain::ChainClient::connect(anvil.endpoint(), deployment, requester.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let who = requester.address();
     let held = chain
         .wallet_balances(who)

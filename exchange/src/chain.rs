@@ -1,4 +1,5 @@
-//! Where balances come from: the Centralizer contract's `balance(address)` view, behind
+//! Where balances come from: the Centralizer contract's `balance(address)` view (through
+//! the one binding, `ipsx_chain::bindings::Centralizer`), behind
 //! [`BalanceSource`] so the matching and API tests can run on an in-memory table.
 
 use std::future::Future;
@@ -8,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy_primitives::map::HashMap;
 use alloy_primitives::{Address, U256};
+use ipsx_chain::bindings::Centralizer;
 
 use crate::error::ExchangeError;
 
@@ -20,22 +22,10 @@ pub trait BalanceSource: Send + Sync + 'static {
     fn balance(&self, wallet: Address) -> BoxFuture<'_, Result<U256, ExchangeError>>;
 }
 
-mod centralizer {
-    #![allow(missing_docs, unreachable_pub)]
-    alloy::sol! {
-        /// The two views of the Centralizer the exchange reads.
-        #[sol(rpc)]
-        interface ICentralizer {
-            function balance(address wallet) external view returns (uint256);
-            function reserved(address wallet) external view returns (uint256);
-        }
-    }
-}
-
 /// Balances read from the Centralizer over JSON-RPC (plain HTTP).
 #[derive(Debug, Clone)]
 pub struct ChainBalances {
-    contract: centralizer::ICentralizer::ICentralizerInstance<DynProvider>,
+    contract: Centralizer::CentralizerInstance<DynProvider>,
 }
 
 impl ChainBalances {
@@ -47,7 +37,7 @@ impl ChainBalances {
         })?;
         let provider = ProviderBuilder::new().connect_http(url).erased();
         Ok(Self {
-            contract: centralizer::ICentralizer::new(centralizer, provider),
+            contract: Centralizer::new(centralizer, provider),
         })
     }
 

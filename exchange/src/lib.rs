@@ -6,23 +6,25 @@
 //! and payments happen in payment channels the parties settle on chain.
 //!
 //! Layout: [`engine`] (with [`book`] and [`agreement`]) is the sans-IO core; [`server`]
-//! is the axum glue ([`serve`]); [`store`] the journal; [`client`] the typed client.
+//! is the axum glue ([`serve`]); [`store`] the journal. The wire types, signing, the
+//! agreement status function, GeoIP checks and the typed client live in the light client
+//! crate `ipsx-exchange-client` and are re-exported here under their old paths.
 
-pub mod agreement;
+pub use ipsx_exchange_client::agreement;
 pub mod book;
 pub mod chain;
-pub mod client;
+pub use ipsx_exchange_client::client;
 pub mod config;
 pub mod engine;
-pub mod error;
-pub mod geo;
+pub use ipsx_exchange_client::error;
+pub use ipsx_exchange_client::geo;
 pub mod limits;
 pub mod openapi;
 pub mod server;
-pub mod sign;
+pub use ipsx_exchange_client::sign;
 pub mod store;
 pub mod tls;
-pub mod types;
+pub use ipsx_exchange_client::types;
 
 pub use agreement::{Deadlines, DealStatus, deal_status};
 pub use chain::{BalanceSource, ChainBalances, MemoryBalances};

@@ -17,104 +17,10 @@ use std::sync::{Arc, Mutex};
 use alloy_primitives::Address;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde::{Deserialize, Serialize};
 
 use crate::error::ExchangeError;
 
-/// The `[limits]` table of the exchange config. Every cap and rate has a default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Most open orders in the whole book (a memory bound when many wallets and
-    /// addresses flood at once).
-    pub max_open_orders: usize,
-    /// Most open orders (offers plus resting requests) one wallet may have in the book.
-    pub max_open_orders_per_wallet: usize,
-    /// Most unexpired nonces one wallet may hold (every accepted message holds its
-    /// nonce until its expiry).
-    pub max_nonces_per_wallet: usize,
-    /// Signed messages per second one wallet may send, sustained.
-    pub wallet_rate_per_s: u32,
-    /// Signed messages one wallet may send in a burst (a batch counts each offer).
-    pub wallet_burst: u32,
-    /// API calls per second from one client address (IPv4 address or IPv6 /64).
-    pub client_rate_per_s: u32,
-    /// API calls one client address may make in a burst (a batch counts each offer).
-    pub client_burst: u32,
-    /// Most open event streams of one wallet.
-    pub max_subscribers_per_wallet: usize,
-    /// Most open event streams in total.
-    pub max_subscribers: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_open_orders: 1_000_000,
-            max_open_orders_per_wallet: 1000,
-            max_nonces_per_wallet: 10_000,
-            wallet_rate_per_s: 20,
-            wallet_burst: 1000,
-            client_rate_per_s: 50,
-            client_burst: 2000,
-            max_subscribers_per_wallet: 8,
-            max_subscribers: 4096,
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// Limits high enough never to bind (benchmarks and tests of other things).
-    pub fn unlimited() -> Self {
-        Self {
-            max_open_orders: usize::MAX,
-            max_open_orders_per_wallet: usize::MAX,
-            max_nonces_per_wallet: usize::MAX,
-            wallet_rate_per_s: u32::MAX,
-            wallet_burst: u32::MAX,
-            client_rate_per_s: u32::MAX,
-            client_burst: u32::MAX,
-            max_subscribers_per_wallet: usize::MAX,
-            max_subscribers: usize::MAX,
-        }
-    }
-
-    /// Checks values serde cannot; the error names the key.
-    pub fn check(&self) -> Result<(), ExchangeError> {
-        let err = |key: &str| ExchangeError::Config {
-            key: format!("limits.{key}"),
-            reason: "must be positive".into(),
-        };
-        for (key, v) in [
-            ("max_open_orders", self.max_open_orders),
-            (
-                "max_open_orders_per_wallet",
-                self.max_open_orders_per_wallet,
-            ),
-            ("max_nonces_per_wallet", self.max_nonces_per_wallet),
-            (
-                "max_subscribers_per_wallet",
-                self.max_subscribers_per_wallet,
-            ),
-            ("max_subscribers", self.max_subscribers),
-        ] {
-            if v == 0 {
-                return Err(err(key));
-            }
-        }
-        for (key, v) in [
-            ("wallet_rate_per_s", self.wallet_rate_per_s),
-            ("wallet_burst", self.wallet_burst),
-            ("client_rate_per_s", self.client_rate_per_s),
-            ("client_burst", self.client_burst),
-        ] {
-            if v == 0 {
-                return Err(err(key));
-            }
-        }
-        Ok(())
-    }
-}
+pub use ipsx_exchange_client::api::LimitsConfig;
 
 /// The key a client address is limited under: an IPv4 address as is (IPv4-mapped IPv6
 /// too), an IPv6 address by its /64.

@@ -29,79 +29,25 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::chain::{BalanceSource, ChainBalances, MemoryBalances};
 use crate::config::ExchangeConfig;
-use crate::engine::{BookQuery, BookView, Command, Deal, DealEvent, Exchange, Outcome, Profile};
+use crate::engine::{BookQuery, BookView, Command, Deal, DealEvent, Exchange, Outcome};
 use crate::error::ExchangeError;
 use crate::geo::{self, GeoDb, GeoStatus};
-use crate::limits::{Guard, LimitsConfig, Subscription};
+use crate::limits::{Guard, Subscription};
 use crate::sign::{self, Signed};
 use crate::store::Store;
 use crate::types::{
     BalanceProof, Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
 };
-
-/// A signed message as the API carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedMessage<T> {
-    /// The message.
-    pub payload: T,
-    /// EIP-712 signature of `payload` by its author, 0x-hex `r || s || v`.
-    pub signature: String,
-}
-
-/// A batch of signed offers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OfferBatch {
-    /// The offers, each signed on its own.
-    pub orders: Vec<SignedMessage<Offer>>,
-}
-
-/// One item of a batch answer: the outcome or the error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchItem {
-    /// Accepted.
-    Ok(Outcome),
-    /// Refused.
-    Error(ErrorBody),
-}
-
-/// The error body of every refused call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// Machine-readable code (`invalid`, `bad_signature`, `replay`, ...).
-    pub code: String,
-    /// The field at fault, when there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    /// Human-readable message naming the field.
-    pub message: String,
-}
-
-impl From<&ExchangeError> for ErrorBody {
-    fn from(e: &ExchangeError) -> Self {
-        Self {
-            code: e.code().to_owned(),
-            field: e.field(),
-            message: e.to_string(),
-        }
-    }
-}
-
-/// `{"error": ...}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorEnvelope {
-    /// The error.
-    pub error: ErrorBody,
-}
+pub use ipsx_exchange_client::api::{
+    BatchItem, ErrorBody, ErrorEnvelope, NodeInfo, OfferBatch, ProfileView, SignedMessage,
+};
 
 struct ApiError(ExchangeError);
 
@@ -130,28 +76,6 @@ impl IntoResponse for ApiError {
         }
         resp
     }
-}
-
-/// What a node tells clients about itself at `GET /v1/info`: the EIP-712 domain every
-/// signed message must use, and the limits it enforces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// EIP-155 chain id (`domain.chainId`).
-    pub chain_id: u64,
-    /// The Centralizer this node settles against (`domain.verifyingContract`).
-    pub centralizer: Address,
-    /// EIP-712 domain name of exchange messages.
-    pub domain_name: String,
-    /// EIP-712 domain version of exchange messages.
-    pub domain_version: String,
-    /// The flood limits in force.
-    pub limits: LimitsConfig,
-    /// Whether offers' exit countries are checked against a GeoIP database (and ASNs).
-    pub geoip_country: bool,
-    /// Whether an ASN database is loaded.
-    pub geoip_asn: bool,
-    /// Whether loopback/private addresses are accepted (dev flag).
-    pub allow_private_addresses: bool,
 }
 
 /// Parses a JSON body; errors carry the path of the offending field.
@@ -195,7 +119,7 @@ struct Node {
     committed: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
     domain: Eip712Domain,
-    proof_domain: Eip712Domain,
+    proof_domain: ipsx_chain::ChannelDomain,
     balances: Arc<dyn BalanceSource>,
     max_batch: usize,
     guard: Arc<Guard>,
@@ -479,7 +403,10 @@ async fn run(
         committed: committed_rx,
         closing: closing_rx,
         domain: sign::exchange_domain(config.chain_id, config.centralizer),
-        proof_domain: sign::centralizer_domain(config.chain_id, config.centralizer),
+        proof_domain: ipsx_chain::ChannelDomain {
+            chain_id: config.chain_id,
+            centralizer: config.centralizer,
+        },
         balances,
         max_batch: config.max_batch,
         guard: Arc::new(Guard::new(config.limits)),
@@ -793,11 +720,7 @@ async fn post_preferences(State(node): State<Arc<Node>>, body: Bytes) -> ApiResu
 async fn post_proof(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Json<Outcome>> {
     let proof: BalanceProof = parse_json(&body)?;
     proof.check()?;
-    let hash = sign::balance_proof_hash(
-        &node.proof_domain,
-        proof.channel_id,
-        proof.cumulative_amount,
-    );
+    let hash = proof.digest(&node.proof_domain);
     // The contract's rules exactly: v must be 27 or 28.
     let signer = sign::recover(&hash, &proof.signature, false)?;
     Ok(Json(
@@ -868,19 +791,6 @@ async fn get_wallet_deals(
     Ok(Json(node.read(|ex| {
         ex.deals_of(&w).into_iter().cloned().collect()
     })?))
-}
-
-/// A profile as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProfileView {
-    /// The wallet.
-    pub wallet: Address,
-    /// The profile.
-    #[serde(flatten)]
-    pub profile: Profile,
-    /// What the exchange holds against the wallet's open requests and deals.
-    #[serde(with = "crate::types::amount")]
-    pub held: u128,
 }
 
 async fn get_profile(

@@ -22,9 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
-use ipsx_exchange::engine::DealTerms;
-use ipsx_exchange::types::PartyStatus;
+use ipsx_exchange_client::api::DealTerms;
 use ipsx_exchange_client::market::{amount_due, cost};
+use ipsx_exchange_client::types::PartyStatus;
 use ipsx_rotation::{ExitAttributes, Filter};
 use serde::{Deserialize, Serialize};
 

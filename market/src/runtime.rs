@@ -10,13 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
+use ipsx_chain::{ChainClient, Deployment};
 use ipsx_config::{ExitConfig, ExitTransport, MarketConfig, Protocol};
-use ipsx_exchange::client::{Client, fresh};
-use ipsx_exchange::engine::{Actor, EventKind, Outcome as ExchangeOutcome};
-use ipsx_exchange::geo::GeoDb;
-use ipsx_exchange::types::{Extend, PartyStatus, Rating, Request, StatusReport, WgKey};
-use ipsx_exchange_client::chain::{ChainClient, Deployment};
+use ipsx_exchange_client::api::{Actor, EventKind, Outcome as ExchangeOutcome};
+use ipsx_exchange_client::client::{Client, fresh};
+use ipsx_exchange_client::geo::GeoDb;
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, inner_ip_for_deal};
+use ipsx_exchange_client::types::{Extend, PartyStatus, Rating, Request, StatusReport, WgKey};
 use ipsx_gateway::{ExitDemand, Gateway};
 use ipsx_rotation::Filter;
 use ipsx_tunnel_pool::{SecretKey, Tunnel, TunnelConfig};
@@ -142,7 +142,7 @@ struct Inner {
     core: Mutex<Core>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
     /// How each deal's exit is reached, as its provider reported (NAT traversal).
-    paths: Mutex<HashMap<u64, ipsx_exchange::DealPath>>,
+    paths: Mutex<HashMap<u64, ipsx_exchange_client::DealPath>>,
     store: Store,
     /// Serializes store writes so a later snapshot never lands before an earlier one.
     store_lock: tokio::sync::Mutex<()>,
@@ -616,7 +616,7 @@ impl PoolManager {
         }
     }
 
-    fn event_input(&self, ev: ipsx_exchange::DealEvent) -> Option<Input> {
+    fn event_input(&self, ev: ipsx_exchange_client::DealEvent) -> Option<Input> {
         if ev.requester != self.inner.wallet {
             return None;
         }
@@ -964,7 +964,7 @@ impl PoolManager {
     }
 
     /// What the GeoIP databases say against the deal's country/ASN, if anything.
-    fn misplaced(&self, terms: &ipsx_exchange::engine::DealTerms) -> Option<String> {
+    fn misplaced(&self, terms: &ipsx_exchange_client::api::DealTerms) -> Option<String> {
         self.inner
             .geo
             .check(terms.exit_address, terms.country, terms.asn)
@@ -974,7 +974,11 @@ impl PoolManager {
 
     /// Verifies a serving exit again: it still leaves from the deal's address (with
     /// `verify_url`) and the GeoIP databases place that address as the terms say.
-    async fn reverify(&self, id: u64, terms: &ipsx_exchange::engine::DealTerms) -> Option<Input> {
+    async fn reverify(
+        &self,
+        id: u64,
+        terms: &ipsx_exchange_client::api::DealTerms,
+    ) -> Option<Input> {
         let tunnel = self
             .inner
             .tunnels
@@ -1004,12 +1008,12 @@ impl PoolManager {
         path: ipsx_tunnel_pool::NatPath,
     ) {
         let path = match path {
-            ipsx_tunnel_pool::NatPath::Direct => ipsx_exchange::DealPath::Direct,
-            ipsx_tunnel_pool::NatPath::Punched => ipsx_exchange::DealPath::Punched,
-            ipsx_tunnel_pool::NatPath::Relayed => ipsx_exchange::DealPath::Relayed,
+            ipsx_tunnel_pool::NatPath::Direct => ipsx_exchange_client::DealPath::Direct,
+            ipsx_tunnel_pool::NatPath::Punched => ipsx_exchange_client::DealPath::Punched,
+            ipsx_tunnel_pool::NatPath::Relayed => ipsx_exchange_client::DealPath::Relayed,
         };
         let (expiry, nonce) = fresh();
-        let r = ipsx_exchange::EndpointReport {
+        let r = ipsx_exchange_client::EndpointReport {
             wallet: self.inner.wallet,
             deal_id: id,
             endpoint,
@@ -1023,7 +1027,7 @@ impl PoolManager {
     }
 
     /// Brings a deal's tunnel up, verifies the exit, and puts it in rotation.
-    async fn connect(&self, id: u64, terms: ipsx_exchange::engine::DealTerms) -> Input {
+    async fn connect(&self, id: u64, terms: ipsx_exchange_client::api::DealTerms) -> Input {
         let mut cfg = TunnelConfig::new(
             self.inner.wg_key.clone(),
             terms.provider_wg_key.0,

@@ -5,8 +5,8 @@
 //! stops serving when payment stops, and claims and rates at the end.
 //!
 //! It owns no order book and no contract: it talks to the exchange with
-//! [`ipsx_exchange::Client`] and to the chain with
-//! [`ipsx_exchange_client::chain::ChainClient`]. Layout: [`config`] (TOML, checked),
+//! [`ipsx_exchange_client::Client`] and to the chain with
+//! [`ipsx_chain::ChainClient`]. Layout: [`config`] (TOML, checked),
 //! [`core`] (sans-IO deal state machine), [`verify`] (sans-IO proof check),
 //! [`runtime`] (tokio glue: [`Agent::start`], [`run_agent`]).
 

@@ -42,7 +42,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Amount {
     /// Base units.
-    #[serde(with = "ipsx_exchange::types::amount")]
+    #[serde(with = "ipsx_exchange_client::types::amount")]
     pub base_units: u128,
     /// Whole tokens, decimal.
     pub tokens: String,
@@ -53,7 +53,7 @@ impl Amount {
     pub fn new(v: u128) -> Self {
         Self {
             base_units: v,
-            tokens: ipsx_exchange_client::chain::format_tokens(alloy_primitives::U256::from(v)),
+            tokens: ipsx_chain::format_tokens(alloy_primitives::U256::from(v)),
         }
     }
 }

@@ -131,17 +131,14 @@ fn proxy_with(up: &Up, user: &str) -> String {
         .replace("http://demo:", &format!("http://{user}:"))
 }
 
-async fn chain_view(up: &Up) -> ipsx_exchange_client::chain::ChainClient {
-    let deployment = ipsx_exchange_client::chain::Deployment::load(std::path::Path::new(
+async fn chain_view(up: &Up) -> ipsx_chain::ChainClient {
+    let deployment = ipsx_chain::Deployment::load(std::path::Path::new(
         up.state["deployment"].as_str().unwrap(),
     ))
     .unwrap();
-    ipsx_exchange_client::chain::ChainClient::connect_read_only(
-        up.state["rpc_url"].as_str().unwrap(),
-        deployment,
-    )
-    .await
-    .unwrap()
+    ipsx_chain::ChainClient::connect_read_only(up.state["rpc_url"].as_str().unwrap(), deployment)
+        .await
+        .unwrap()
 }
 
 fn addr(s: &serde_json::Value) -> alloy::primitives::Address {

@@ -440,7 +440,10 @@ async fn deal_reports_proofs_ratings_and_profiles() {
     let stored = cp.proof(id).await.unwrap();
     assert_eq!(stored.cumulative_amount, 120);
     // The stored proof verifies under the Centralizer rules.
-    let hash = sign::balance_proof_hash(&sign::centralizer_domain(31337, Address::ZERO), ch, 120);
+    let hash = stored.digest(&ipsx_chain::ChannelDomain {
+        chain_id: 31337,
+        centralizer: Address::ZERO,
+    });
     assert_eq!(
         sign::recover(&hash, &stored.signature, false).unwrap(),
         r.address()

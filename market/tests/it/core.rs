@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
-use ipsx_exchange::engine::DealTerms;
-use ipsx_exchange::types::{PartyStatus, WgKey};
+use ipsx_exchange_client::api::DealTerms;
+use ipsx_exchange_client::types::{PartyStatus, WgKey};
 use ipsx_market::core::{
     Action, ChannelPhase, Core, Input, Outcome, Phase, Settings, Want, deal_of_exit, exit_name,
 };

@@ -23,9 +23,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
-use ipsx_exchange::engine::DealTerms;
-use ipsx_exchange::types::{PartyStatus, WgKey};
+use ipsx_exchange_client::api::DealTerms;
 use ipsx_exchange_client::market::cost;
+use ipsx_exchange_client::types::{PartyStatus, WgKey};
 use ipsx_market::core::{Action, ChannelPhase, Core, Input, Phase, Settings};
 use ipsx_rotation::{ExitKind, Filter};
 use rand::rngs::SmallRng;

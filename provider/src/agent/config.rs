@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ipsx_exchange::types::{MAX_CAPACITY, MAX_DURATION_S, MIN_DURATION_S};
+use ipsx_exchange_client::types::{MAX_CAPACITY, MAX_DURATION_S, MIN_DURATION_S};
 use ipsx_rotation::{CountryCode, ExitKind, parse_place};
 use serde::{Deserialize, Deserializer};
 
@@ -287,7 +287,7 @@ impl<'de> Deserialize<'de> for Price {
             Raw::Int(i) => u128::try_from(i)
                 .map(Price)
                 .map_err(|_| serde::de::Error::custom(format!("negative amount {i}"))),
-            Raw::Text(s) => ipsx_exchange::types::amount::parse(&s)
+            Raw::Text(s) => ipsx_exchange_client::types::amount::parse(&s)
                 .map(Price)
                 .map_err(serde::de::Error::custom),
         }

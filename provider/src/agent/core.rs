@@ -29,8 +29,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use alloy_primitives::{Address, B256};
-use ipsx_exchange::{DealStatus, PartyStatus};
 use ipsx_exchange_client::market::{cost, first_window_due, inner_ip_for_deal, payment_covers};
+use ipsx_exchange_client::{DealStatus, PartyStatus};
 
 /// Unix time in milliseconds.
 pub type Millis = u64;

@@ -14,16 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_signer_local::PrivateKeySigner;
-use ipsx_exchange::engine::EventKind;
-use ipsx_exchange::engine::Outcome;
-use ipsx_exchange::{
+use ipsx_chain::{BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment};
+use ipsx_exchange_client::api::EventKind;
+use ipsx_exchange_client::api::Outcome;
+use ipsx_exchange_client::market::EXIT_INNER_ADDR;
+use ipsx_exchange_client::{
     Client, Deal, DealEvent, DealPath, EndpointReport, ExchangeError, Extend, Offer, PartyStatus,
     Rating, StatusReport, WgKey,
 };
-use ipsx_exchange_client::chain::{
-    BalanceProof, ChainClient, ChannelDomain, ChannelState, Deployment,
-};
-use ipsx_exchange_client::market::EXIT_INNER_ADDR;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -387,13 +385,13 @@ fn load_wallet(w: &WalletSection) -> Result<PrivateKeySigner, AgentError> {
         key: "wallet.keystore".into(),
         reason: "missing".into(),
     })?;
-    let args = ipsx_exchange_client::cli::KeyArgs {
+    let args = ipsx_chain::cli::KeyArgs {
         keystore,
         password_file: w.password_file.clone(),
         password_env: w.password_env.clone(),
         private_key_env: None,
     };
-    ipsx_exchange_client::cli::load_signer(&args).map_err(|e| AgentError::Wallet(e.to_string()))
+    ipsx_chain::cli::load_signer(&args).map_err(|e| AgentError::Wallet(e.to_string()))
 }
 
 fn classify(e: &ExchangeError) -> Failure {
@@ -831,11 +829,11 @@ impl Runtime {
                         party_status,
                         ..
                     } => {
-                        let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
+                        let provider = matches!(actor, ipsx_exchange_client::api::Actor::Provider);
                         self.core.party_reported(id, provider, party_status, now);
                     }
                     EventKind::Endpoint {
-                        actor: ipsx_exchange::engine::Actor::Requester,
+                        actor: ipsx_exchange_client::api::Actor::Requester,
                         endpoint,
                         ..
                     } => self.core.requester_endpoint(id, endpoint, now),
@@ -843,7 +841,7 @@ impl Runtime {
                     EventKind::StatusChanged => self.core.status_changed(id, ev.status, now),
                     EventKind::Proof { amount } => self.core.proof_posted(id, amount),
                     EventKind::ExtendProposed { actor, new_end } => {
-                        let provider = matches!(actor, ipsx_exchange::engine::Actor::Provider);
+                        let provider = matches!(actor, ipsx_exchange_client::api::Actor::Provider);
                         self.core.extend_proposed(id, provider, new_end, now);
                     }
                     EventKind::Extended { terms } => {

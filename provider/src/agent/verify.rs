@@ -4,8 +4,8 @@
 //! this Centralizer, under exactly the contract's rules (so what we accept we can claim).
 
 use alloy_primitives::{Address, U256, hex};
-use ipsx_exchange::BalanceProof as StoredProof;
-use ipsx_exchange_client::chain::{BalanceProof, ChannelDomain, verify_balance_proof};
+use ipsx_chain::{BalanceProof, ChannelDomain, verify_balance_proof};
+use ipsx_exchange_client::BalanceProof as StoredProof;
 
 use super::core::{ChannelFacts, VerifiedProof};
 
@@ -91,7 +91,7 @@ mod tests {
     use super::*;
     use alloy_primitives::B256;
     use alloy_signer_local::PrivateKeySigner;
-    use ipsx_exchange_client::chain::sign_balance_proof;
+    use ipsx_chain::sign_balance_proof;
 
     fn setup() -> (ChannelDomain, PrivateKeySigner, Address, ChannelFacts) {
         let domain = ChannelDomain {

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use alloy_primitives::{Address, B256, U256};
 use alloy_signer_local::PrivateKeySigner;
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{ChainClient, Deployment};
 use ipsx_exchange::engine::{Deal, Outcome};
 use ipsx_exchange::{
     Client, DealStatus, ExchangeConfig, Extend, PartyStatus, Request, StatusReport, WgKey,
 };
-use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, Deployment};
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, amount_due, inner_ip_for_deal};
 use ipsx_provider::agent::{AgentConfig, AgentError, Stage};
 use ipsx_provider::{Agent, AgentHandle};

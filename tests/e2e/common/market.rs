@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
-use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, DeployParams, Deployment, deploy, parse_tokens};
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{ChainClient, DeployParams, Deployment, deploy, parse_tokens};
 
 use super::*;
 

@@ -8,9 +8,9 @@ use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider as _;
 use alloy::sol_types::SolCall;
 use common::{World, centralizer_err, tokens};
-use ipsx_exchange_client::chain::bindings::Centralizer::{self, CentralizerErrors as E};
-use ipsx_exchange_client::chain::bindings::{IPSXToken, ReentrantToken};
-use ipsx_exchange_client::chain::{
+use ipsx_chain::bindings::Centralizer::{self, CentralizerErrors as E};
+use ipsx_chain::bindings::{IPSXToken, ReentrantToken};
+use ipsx_chain::{
     BalanceProof, ChainClient, ChannelDomain, CloseConsent, DeployParams, ProofError, Revert,
     channel_id_for, deploy, fee_split, sign_balance_proof, verify_balance_proof,
 };
@@ -24,7 +24,7 @@ fn proof(id: B256, amount: U256) -> BalanceProof {
 
 #[tokio::test]
 async fn token_has_fixed_supply_and_whitepaper_allocation() {
-    let anvil = ipsx_exchange_client::chain::testing::Anvil::spawn().unwrap();
+    let anvil = ipsx_chain::testing::Anvil::spawn().unwrap();
     let deployer = anvil.key(0);
     let mut p = DeployParams::all_to(deployer.address());
     p.funding = anvil.key(1).address();
@@ -388,7 +388,7 @@ async fn malformed_and_high_s_signatures_revert() {
 
 #[tokio::test]
 async fn reentrancy_reverts() {
-    let anvil = ipsx_exchange_client::chain::testing::Anvil::spawn().unwrap();
+    let anvil = ipsx_chain::testing::Anvil::spawn().unwrap();
     let key = anvil.key(0);
     let provider = anvil.wallet_provider(0).unwrap();
     let supply = tokens("1000");

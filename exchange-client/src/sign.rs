@@ -5,11 +5,12 @@
 //! `verifyingContract` is the Centralizer the exchange node settles against, so an order
 //! signed for one exchange node is refused by a node of another Centralizer on the same
 //! chain (no cross-exchange replay). A node advertises its chain id and Centralizer at
-//! `GET /v1/info`; [`crate::openapi`] publishes the typed-data definitions. Balance proofs are
-//! the Centralizer's own `BalanceProof(bytes32 channelId,uint256 cumulativeAmount)` under
-//! the domain `("IPSX Centralizer", "1", chainId, centralizer)`, checked with the
-//! contract's rules (65 bytes, v 27/28, low s), so a stored proof is one the provider can
-//! claim on chain.
+//! `GET /v1/info`; the node's OpenAPI document publishes the typed-data definitions. Balance
+//! proofs are the Centralizer's own `BalanceProof(bytes32 channelId,uint256 cumulativeAmount)`
+//! under the domain `("IPSX Centralizer", "1", chainId, centralizer)`, hashed by the one
+//! implementation in `ipsx_chain::proof` ([`crate::types::BalanceProof::digest`]) and checked
+//! with the contract's rules (65 bytes, v 27/28, low s), so a stored proof is one the
+//! provider can claim on chain.
 
 use alloy_primitives::{Address, B256, Signature, U256, hex};
 use alloy_signer::SignerSync;
@@ -111,11 +112,6 @@ pub mod typed {
             uint64 expiry;
             uint64 nonce;
         }
-        /// The Centralizer's balance proof (must match the contract).
-        struct BalanceProof {
-            bytes32 channelId;
-            uint256 cumulativeAmount;
-        }
     }
 }
 
@@ -130,16 +126,6 @@ pub fn exchange_domain(chain_id: u64, centralizer: Address) -> Eip712Domain {
     eip712_domain! {
         name: DOMAIN_NAME,
         version: DOMAIN_VERSION,
-        chain_id: chain_id,
-        verifying_contract: centralizer,
-    }
-}
-
-/// The Centralizer's domain (for balance proofs).
-pub fn centralizer_domain(chain_id: u64, centralizer: Address) -> Eip712Domain {
-    eip712_domain! {
-        name: "IPSX Centralizer",
-        version: "1",
         chain_id: chain_id,
         verifying_contract: centralizer,
     }
@@ -438,15 +424,6 @@ pub fn sign<T: Signed>(
     sign_hash(key, &msg.signing_hash(domain))
 }
 
-/// The digest of a Centralizer balance proof.
-pub fn balance_proof_hash(domain: &Eip712Domain, channel_id: B256, cumulative: u128) -> B256 {
-    typed::BalanceProof {
-        channelId: channel_id,
-        cumulativeAmount: U256::from(cumulative),
-    }
-    .eip712_signing_hash(domain)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -508,10 +485,6 @@ mod tests {
 
     #[test]
     fn eip712_type_strings_are_the_documented_ones() {
-        assert_eq!(
-            typed::BalanceProof::eip712_encode_type(),
-            "BalanceProof(bytes32 channelId,uint256 cumulativeAmount)"
-        );
         assert_eq!(
             typed::Cancel::eip712_encode_type(),
             "Cancel(address wallet,uint64 orderId,uint64 expiry,uint64 nonce)"

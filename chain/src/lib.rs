@@ -1,4 +1,7 @@
-//! The Ethereum layer of the whitepaper: the IPSX token and the Centralizer contract.
+//! The Ethereum layer of the whitepaper: the IPSX token and the Centralizer contract,
+//! plus the `ipsx wallet` / `ipsx chain` CLI ([`cli`]). It owns everything that talks to
+//! the EVM chain; it does not own the exchange's order book or the provider's metering
+//! (those crates call into it).
 //!
 //! - [`proof`]: sans-IO balance-proof maths (EIP-712 digests, signing, verification with
 //!   the contract's exact rules, channel ids, fee split).
@@ -12,6 +15,7 @@
 //! `keccak256(abi.encode(chainId, centralizer, requester, provider, nonce))`.
 
 pub mod bindings;
+pub mod cli;
 pub mod client;
 pub mod deployment;
 pub mod error;

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use alloy::primitives::{B256, U256};
 use common::{World, tokens};
-use ipsx_exchange_client::chain::bindings::IPSXToken;
-use ipsx_exchange_client::chain::{ChainClient, ChainError};
+use ipsx_chain::bindings::IPSXToken;
+use ipsx_chain::{ChainClient, ChainError};
 use tokio::task::JoinSet;
 
 /// Operations fired at once in each round.

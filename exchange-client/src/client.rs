@@ -13,9 +13,11 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::{BookQuery, BookView, Deal, DealEvent, Outcome};
+use crate::api::{
+    BatchItem, BookQuery, BookView, Deal, DealEvent, ErrorEnvelope, NodeInfo, OfferBatch, Outcome,
+    ProfileView, SignedMessage,
+};
 use crate::error::ExchangeError;
-use crate::server::{BatchItem, ErrorEnvelope, NodeInfo, OfferBatch, ProfileView, SignedMessage};
 use crate::sign::{self, Signed};
 use crate::types::{
     BalanceProof, Cancel, EndpointReport, Extend, Offer, Preferences, Rating, Request, StatusReport,
@@ -31,7 +33,7 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     domain: Eip712Domain,
-    proof_domain: Eip712Domain,
+    proof_domain: ipsx_chain::ChannelDomain,
     key: Option<PrivateKeySigner>,
 }
 
@@ -47,7 +49,10 @@ impl Client {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
             domain: sign::exchange_domain(chain_id, centralizer),
-            proof_domain: sign::centralizer_domain(chain_id, centralizer),
+            proof_domain: ipsx_chain::ChannelDomain {
+                chain_id,
+                centralizer,
+            },
             key: None,
         })
     }
@@ -59,7 +64,10 @@ impl Client {
         let info = probe.info().await?;
         Ok(Self {
             domain: sign::exchange_domain(info.chain_id, info.centralizer),
-            proof_domain: sign::centralizer_domain(info.chain_id, info.centralizer),
+            proof_domain: ipsx_chain::ChannelDomain {
+                chain_id: info.chain_id,
+                centralizer: info.centralizer,
+            },
             ..probe
         })
     }
@@ -234,13 +242,13 @@ impl Client {
         channel_id: B256,
         cumulative_amount: u128,
     ) -> Result<Outcome, ExchangeError> {
-        let hash = sign::balance_proof_hash(&self.proof_domain, channel_id, cumulative_amount);
-        let proof = BalanceProof {
+        let mut proof = BalanceProof {
             deal_id,
             channel_id,
             cumulative_amount,
-            signature: sign::sign_hash(self.key()?, &hash)?,
+            signature: String::new(),
         };
+        proof.signature = sign::sign_hash(self.key()?, &proof.digest(&self.proof_domain))?;
         self.post_json("/v1/proofs", &proof).await
     }
 
@@ -403,7 +411,7 @@ pub fn fresh() -> (u64, u64) {
 }
 
 type ByteStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>;
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
 /// A wallet's deal events, in order; remembers the last id for resuming.
 pub struct EventStream {

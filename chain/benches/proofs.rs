@@ -6,7 +6,7 @@
 use alloy::primitives::{Address, B256, U256};
 use alloy::signers::local::PrivateKeySigner;
 use criterion::{Criterion, criterion_group, criterion_main};
-use ipsx_exchange_client::chain::{
+use ipsx_chain::{
     BalanceProof, ChannelDomain, fee_split, sign_balance_proof, verify_balance_proof,
 };
 

@@ -793,6 +793,16 @@ impl Cancel {
 }
 
 impl BalanceProof {
+    /// The EIP-712 digest the requester signs: the Centralizer's `BalanceProof` under
+    /// `domain`, computed by the one implementation in `ipsx_chain::proof`.
+    pub fn digest(&self, domain: &ipsx_chain::ChannelDomain) -> B256 {
+        ipsx_chain::BalanceProof {
+            channel_id: self.channel_id,
+            cumulative_amount: alloy_primitives::U256::from(self.cumulative_amount),
+        }
+        .digest(domain)
+    }
+
     /// Checks the message fields.
     pub fn check(&self) -> Result<(), ExchangeError> {
         if self.cumulative_amount == 0 {

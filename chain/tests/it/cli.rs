@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use alloy::primitives::{Address, B256, U256};
-use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{ChainClient, ChainError, Deployment, parse_tokens};
-use ipsx_exchange_client::cli::{
+use ipsx_chain::cli::{
     ChainArgs, ChainCommand, CliError, DeployArgs, KeyArgs, NetArgs, WalletArgs, WalletCommand,
     run_chain_to, run_wallet_to,
 };
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{ChainClient, ChainError, Deployment, parse_tokens};
 
 struct Env {
     dir: tempfile::TempDir,

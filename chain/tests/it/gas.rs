@@ -7,7 +7,7 @@ use crate::common;
 
 use alloy::primitives::{B256, U256};
 use common::{World, tokens};
-use ipsx_exchange_client::chain::{BalanceProof, CloseConsent};
+use ipsx_chain::{BalanceProof, CloseConsent};
 
 #[tokio::test]
 async fn gas_table() {

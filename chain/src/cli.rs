@@ -15,8 +15,8 @@ use alloy::signers::local::PrivateKeySigner;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::chain::units::AmountError;
-use crate::chain::{
+use crate::units::AmountError;
+use crate::{
     ChainClient, ChainError, DeployParams, Deployment, deploy, format_tokens, parse_tokens,
 };
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use alloy::primitives::{Address, B256, U256};
 use common::{World, tokens};
-use ipsx_exchange_client::chain::{BalanceProof, ChainError, CloseConsent, fee_split};
+use ipsx_chain::{BalanceProof, ChainError, CloseConsent, fee_split};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -87,8 +87,8 @@ fn expect(
         (Ok(_), Ok(())) => {}
         (Err(e), Err(name)) => {
             let got = match e.revert() {
-                Some(ipsx_exchange_client::chain::Revert::Centralizer(c)) => format!("{c:?}"),
-                Some(ipsx_exchange_client::chain::Revert::Token(t)) => format!("Token {t:?}"),
+                Some(ipsx_chain::Revert::Centralizer(c)) => format!("{c:?}"),
+                Some(ipsx_chain::Revert::Token(t)) => format!("Token {t:?}"),
                 _ => panic!("step {step} {what}: expected revert {name}, got non-revert error {e}"),
             };
             assert!(

@@ -24,7 +24,7 @@ use ipsx_rotation::CountryCode;
 
 /// The demo country database of `ipsx up`: 127.0.0.2-9 in de, de, us, us, fr, fr, jp,
 /// jp; 127.0.0.40-47 in br (for tests of a misplaced exit). Built by
-/// `scripts/make-geo-mmdb.py demo exchange/geo`.
+/// `scripts/make-geo-mmdb.py demo exchange-client/geo`.
 pub const DEMO_COUNTRY_MMDB: &[u8] = include_bytes!("../geo/demo-country.mmdb");
 /// The demo ASN database: 127.0.0.x is AS(64496 + x) for x in 2..=9; 127.0.0.40-47 is
 /// AS64600.

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use alloy::providers::Provider as _;
-use ipsx_exchange_client::chain::testing::Anvil;
+use ipsx_chain::testing::Anvil;
 
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()

@@ -4,9 +4,9 @@
 
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
-use ipsx_exchange_client::chain::bindings::Centralizer::CentralizerErrors;
-use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{
+use ipsx_chain::bindings::Centralizer::CentralizerErrors;
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{
     ChainClient, ChainError, DeployParams, DeployReport, Deployment, deploy, parse_tokens,
 };
 

@@ -8,7 +8,7 @@ use crate::common;
 
 use alloy::primitives::{B256, U256};
 use common::{World, tokens};
-use ipsx_exchange_client::chain::{BalanceProof, fee_split};
+use ipsx_chain::{BalanceProof, fee_split};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
