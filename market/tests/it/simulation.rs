@@ -603,7 +603,7 @@ impl World {
             }
         }
         // Chain: what providers were paid never exceeds what they were owed.
-        for (deal, (provider, kind, t, ch)) in &self.deals {
+        for (provider, kind, t, ch) in self.deals.values() {
             if let Some(ch) = ch {
                 assert_eq!(
                     self.channels[ch].provider, *provider,

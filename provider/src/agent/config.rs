@@ -246,7 +246,7 @@ impl<'de> Deserialize<'de> for ClaimThreshold {
             Raw::Int(i) => u128::try_from(i)
                 .map(Self::Fixed)
                 .map_err(|_| serde::de::Error::custom(format!("negative amount {i}"))),
-            Raw::Text(s) => ipsx_exchange::types::amount::parse(&s)
+            Raw::Text(s) => ipsx_exchange_client::types::amount::parse(&s)
                 .map(Self::Fixed)
                 .map_err(|e| serde::de::Error::custom(format!("\"auto\" or an amount: {e}"))),
         }
