@@ -7,10 +7,10 @@
 //!   (`claim(close)`); the provider's default `claim_interval` (10 min) adds no claim
 //!   inside a 10-minute deal. Every rental is a first contact: it waits for the open.
 //! - **reused channels, lazy claims** (this protocol): one channel per provider, opened
-//!   at first contact; later deals continue its cumulative amount, topped up (with
-//!   `channel_prefund` = 4 deals ahead) when a deal would pass the deposit; the provider
+//!   at first contact; later deals continue its cumulative amount; the deposit is kept
+//!   one deal ahead, each top-up adding `channel_prefund` = 8 deals; the provider
 //!   claims once its unclaimed amount reaches the automatic threshold (a claim's gas at
-//!   the current gas price is at most 2 % of the amount, one token base unit taken as
+//!   the current gas price is at most 1 % of the amount, one token base unit taken as
 //!   one wei), and every channel is closed at the end (`startClose` by the requester,
 //!   the provider's closing claim): those closes are counted.
 //!
@@ -35,11 +35,11 @@ const DEAL_S: u64 = 600;
 /// Price per IP-second in base units (the example provider config's price).
 const PRICE: u128 = 1_000_000_000_000;
 const FIRST_WINDOW_S: u64 = 5;
-const PREFUND: u128 = 4;
+const PREFUND: u128 = 8;
 /// Gas a claim costs, rounded up, and the share the automatic threshold allows
 /// (the provider agent's `CLAIM_GAS` and `CLAIM_GAS_SHARE`).
 const CLAIM_GAS: u128 = 80_000;
-const CLAIM_GAS_SHARE: u128 = 50;
+const CLAIM_GAS_SHARE: u128 = 100;
 const REQUESTER: usize = 5;
 
 #[derive(Debug, Default, Clone)]
@@ -136,8 +136,14 @@ async fn reused_channels(
             let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
             let known = provider_verifies(&prov, req.address(), id, first, &sig, None).await;
             t.first_contact.push(t0.elapsed());
+            // Kept one deal ahead: topped up beside the first deal's service.
+            let add = value * PREFUND;
+            let out = req.top_up(id, U256::from(add)).await.unwrap();
+            t.gas_requester += out.gas_used;
+            t.tx_requester += 1;
+            let known = prov.channel(id).await.unwrap().unwrap();
             let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
-            lane = Some((id, known, value, value, 0, sig));
+            lane = Some((id, known, value + add, value, 0, sig));
             continue;
         };
         let base = signed;
@@ -151,8 +157,8 @@ async fn reused_channels(
             provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
             t.funded.push(t0.elapsed());
         }
-        if deposit < base + value {
-            let add = base + value - deposit + value * PREFUND;
+        if deposit < base + 2 * value {
+            let add = (base + value).saturating_sub(deposit) + value * PREFUND;
             let out = req.top_up(id, U256::from(add)).await.unwrap();
             t.gas_requester += out.gas_used;
             t.tx_requester += 1;

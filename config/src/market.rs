@@ -249,7 +249,7 @@ fn default_channel_idle_close() -> Duration {
     Duration::from_secs(3600)
 }
 fn default_channel_prefund() -> u32 {
-    4
+    8
 }
 fn default_reverify() -> Duration {
     Duration::from_secs(180)

@@ -108,7 +108,7 @@ impl Default for Settings {
             request_ttl: Duration::from_secs(30),
             reverify_every: Duration::from_secs(180),
             channel_idle_close: Duration::from_secs(3600),
-            channel_prefund: 4,
+            channel_prefund: 8,
             close_channels_at_shutdown: false,
         }
     }
@@ -1402,20 +1402,14 @@ impl Core {
         if d.phase == Phase::Ended || d.topping_up.is_some() || c.phase != ChannelPhase::Open {
             return;
         }
-        let short = d
-            .base
-            .saturating_add(d.terms.value)
-            .saturating_sub(c.deposit);
-        if short > 0 {
-            // Reused channels are topped up for the next deals too.
-            let ahead = if d.base > 0 {
-                d.terms
-                    .value
-                    .saturating_mul(u128::from(self.s.channel_prefund))
-            } else {
-                0
-            };
-            let amount = short.saturating_add(ahead);
+        let need = d.base.saturating_add(d.terms.value);
+        let short = need.saturating_sub(c.deposit);
+        // With prefunding, the deposit is kept one deal ahead (so the next deal over
+        // the channel starts at once) and each top-up adds `channel_prefund` deals.
+        let prefund = u128::from(self.s.channel_prefund);
+        let behind = need.saturating_add(d.terms.value) > c.deposit;
+        if short > 0 || (prefund > 0 && behind) {
+            let amount = short.saturating_add(d.terms.value.saturating_mul(prefund));
             d.topping_up = Some(amount);
             out.push(Action::TopUp {
                 deal: id,

@@ -184,7 +184,7 @@ pub struct Timings {
     #[serde(default, with = "humantime_serde")]
     pub claim_interval: Option<Duration>,
     /// A channel is claimed once its unclaimed amount reaches this: `"auto"` (default,
-    /// [`CLAIM_GAS_SHARE`]: a claim's gas at the chain's gas price is at most 2 % of
+    /// [`CLAIM_GAS_SHARE`]: a claim's gas at the chain's gas price is at most 1 % of
     /// what it claims) or a token amount in base units.
     #[serde(default)]
     pub claim_threshold: ClaimThreshold,
@@ -206,8 +206,8 @@ fn d_grace() -> Duration {
 pub const CLAIM_GAS: u128 = 80_000;
 
 /// `claim_threshold = "auto"`: claim once the claim's gas cost is at most
-/// 1/`CLAIM_GAS_SHARE` of the amount claimed.
-pub const CLAIM_GAS_SHARE: u128 = 50;
+/// 1/`CLAIM_GAS_SHARE` of the amount claimed (1 %).
+pub const CLAIM_GAS_SHARE: u128 = 100;
 
 /// When a channel's unclaimed amount is worth a claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
