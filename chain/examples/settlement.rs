@@ -123,7 +123,14 @@ async fn reused_channels(
     let value = PRICE * u128::from(DEAL_S);
     let first = PRICE * u128::from(FIRST_WINDOW_S);
     // (id, known channel state, deposit, signed, claimed, latest signature)
-    let mut lane: Option<(B256, ChannelState, u128, u128, u128, alloy::primitives::Bytes)> = None;
+    let mut lane: Option<(
+        B256,
+        ChannelState,
+        u128,
+        u128,
+        u128,
+        alloy::primitives::Bytes,
+    )> = None;
     for _ in 0..deals {
         let t0 = Instant::now();
         let Some((id, known, deposit, signed, claimed, last)) = lane.take() else {
@@ -153,7 +160,9 @@ async fn reused_channels(
         // the whole deal would pass the deposit) runs beside it.
         let covered = deposit >= base + first;
         if covered {
-            let sig = req.sign_balance_proof(id, U256::from(base + first)).unwrap();
+            let sig = req
+                .sign_balance_proof(id, U256::from(base + first))
+                .unwrap();
             provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
             t.funded.push(t0.elapsed());
         }
@@ -168,7 +177,9 @@ async fn reused_channels(
             known = prov.channel(id).await.unwrap().unwrap();
         }
         if !covered {
-            let sig = req.sign_balance_proof(id, U256::from(base + first)).unwrap();
+            let sig = req
+                .sign_balance_proof(id, U256::from(base + first))
+                .unwrap();
             provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
             t.funded.push(t0.elapsed());
         }
@@ -181,7 +192,10 @@ async fn reused_channels(
                 channel_id: id,
                 cumulative_amount: U256::from(signed),
             };
-            let out = prov.claim(&proof, sig.clone(), B256::ZERO, false).await.unwrap();
+            let out = prov
+                .claim(&proof, sig.clone(), B256::ZERO, false)
+                .await
+                .unwrap();
             t.gas_provider += out.gas_used;
             t.tx_provider += 1;
             claimed = signed;
@@ -205,12 +219,7 @@ async fn reused_channels(
     t
 }
 
-async fn run(
-    deployment: Deployment,
-    anvil: &Anvil,
-    reuse: bool,
-    threshold: u128,
-) -> Tally {
+async fn run(deployment: Deployment, anvil: &Anvil, reuse: bool, threshold: u128) -> Tally {
     let req = ChainClient::connect(anvil.endpoint(), deployment, anvil.key(REQUESTER))
         .await
         .unwrap();

@@ -71,7 +71,11 @@ fn channel(n: u8) -> B256 {
 /// A core with one DE group of 1, its request posted, and deal 7 matched, channel
 /// open, first window paid and the provider serving: returns the core at `now`.
 fn serving_deal(now: &mut u64) -> Core {
-    let mut core = Core::new(settings(), vec![("de".into(), de(), 1)], *now);
+    serving_deal_with(settings(), now)
+}
+
+fn serving_deal_with(s: Settings, now: &mut u64) -> Core {
+    let mut core = Core::new(s, vec![("de".into(), de(), 1)], *now);
     let a = core.tick(*now);
     assert!(
         matches!(a[0], Action::PostRequest { count: 1, .. }),
@@ -426,11 +430,40 @@ fn leases_are_extended_with_the_same_provider_and_topped_up() {
         "{a:?}"
     );
     assert!(a.iter().all(|a| !matches!(a, Action::PostRequest { .. })));
+    // The channel is kept one deal ahead: topped up by `channel_prefund` deals.
+    let prefund = PRICE * 600 * u128::from(settings().channel_prefund);
+    assert!(
+        a.contains(&Action::TopUp {
+            deal: 7,
+            channel: channel(7),
+            amount: prefund
+        }),
+        "{a:?}"
+    );
+    core.handle(
+        Input::ToppedUp {
+            deal: 7,
+            amount: prefund,
+        },
+        now,
+    );
     let mut t = core.deal(7).unwrap().terms.clone();
     t.end += 600;
     t.duration_s += 600;
     t.value += PRICE * 600;
+    // The extension's value is within the prefunded deposit: no transaction.
     let a = core.handle(Input::Extended { deal: 7, terms: t }, now);
+    assert_eq!(a, vec![]);
+    // Without prefunding, the extension is topped up by exactly its value.
+    let mut s0 = settings();
+    s0.channel_prefund = 0;
+    let mut now0 = T0;
+    let mut c0 = serving_deal_with(s0, &mut now0);
+    let mut t = c0.deal(7).unwrap().terms.clone();
+    t.end += 600;
+    t.duration_s += 600;
+    t.value += PRICE * 600;
+    let a = c0.handle(Input::Extended { deal: 7, terms: t }, now0);
     assert_eq!(
         a,
         vec![Action::TopUp {
