@@ -141,7 +141,7 @@ async fn reused_channels(
             t.gas_requester += out.gas_used;
             t.tx_requester += 1;
             let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
-            let known = provider_verifies(&prov, req.address(), id, first, &sig, None).await;
+            provider_verifies(&prov, req.address(), id, first, &sig, None).await;
             t.first_contact.push(t0.elapsed());
             // Kept one deal ahead: topped up beside the first deal's service.
             let add = value * PREFUND;

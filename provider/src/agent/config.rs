@@ -236,22 +236,24 @@ impl ClaimThreshold {
 impl<'de> Deserialize<'de> for ClaimThreshold {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(rename_all = "lowercase")]
+        enum Word {
+            Auto,
+        }
+        /// `"auto"` or an amount, parsed as a [`Price`].
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "\"auto\" or an amount in base units")]
         enum Raw {
-            Int(i64),
-            Text(String),
+            Word(Word),
+            Amount(Price),
         }
-        match Raw::deserialize(d)? {
-            Raw::Text(s) if s == "auto" => Ok(Self::Auto),
-            Raw::Int(i) => u128::try_from(i)
-                .map(Self::Fixed)
-                .map_err(|_| serde::de::Error::custom(format!("negative amount {i}"))),
-            Raw::Text(s) => ipsx_exchange_client::types::amount::parse(&s)
-                .map(Self::Fixed)
-                .map_err(|e| serde::de::Error::custom(format!("\"auto\" or an amount: {e}"))),
-        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Word(Word::Auto) => Self::Auto,
+            Raw::Amount(Price(v)) => Self::Fixed(v),
+        })
     }
 }
+
 fn d_poll() -> Duration {
     Duration::from_secs(10)
 }
@@ -578,6 +580,57 @@ capacity = 2
         match AgentConfig::from_toml(text) {
             Err(AgentError::Config { key, reason }) => format!("{key}: {reason}"),
             other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    fn threshold(v: &str) -> Result<ClaimThreshold, String> {
+        let text = GOOD.replace(
+            "poll = \"500ms\"",
+            &format!("poll = \"500ms\"\nclaim_threshold = {v}"),
+        );
+        AgentConfig::from_toml(&text)
+            .map(|c| c.timings.claim_threshold)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn claim_threshold_is_auto_or_an_amount() {
+        assert_eq!(
+            AgentConfig::from_toml(GOOD)
+                .unwrap()
+                .timings
+                .claim_threshold,
+            ClaimThreshold::Auto
+        );
+        assert_eq!(
+            AgentConfig::from_toml(GOOD).unwrap().timings.claim_interval,
+            None
+        );
+        assert_eq!(threshold("\"auto\""), Ok(ClaimThreshold::Auto));
+        assert_eq!(threshold("\"5000\""), Ok(ClaimThreshold::Fixed(5000)));
+        assert_eq!(threshold("5000"), Ok(ClaimThreshold::Fixed(5000)));
+        for bad in ["-5", "\"-5\"", "\"often\"", "\"Auto \"", "1.5", "true"] {
+            let e = threshold(bad).unwrap_err();
+            assert!(e.contains("claim_threshold"), "{bad}: {e}");
+        }
+        assert_eq!(
+            ClaimThreshold::Auto.resolve(2),
+            CLAIM_GAS * 2 * CLAIM_GAS_SHARE
+        );
+        assert_eq!(ClaimThreshold::Auto.resolve(u128::MAX), u128::MAX);
+        assert_eq!(ClaimThreshold::Fixed(7).resolve(1_000), 7);
+    }
+
+    proptest::proptest! {
+        /// Any text or integer: a value or an error naming the key, never a panic;
+        /// every decimal amount reads back as itself.
+        #[test]
+        fn claim_threshold_parses_any_input(n in proptest::num::u64::ANY, t in "\\PC{0,40}") {
+            proptest::prop_assert_eq!(threshold(&format!("\"{n}\"")), Ok(ClaimThreshold::Fixed(u128::from(n))));
+            let quoted = toml::Value::String(t).to_string();
+            if let Err(e) = threshold(&quoted) {
+                proptest::prop_assert!(e.contains("claim_threshold"), "{}", e);
+            }
         }
     }
 
