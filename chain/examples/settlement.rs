@@ -74,7 +74,7 @@ async fn provider_verifies(
     known: Option<&ChannelState>,
 ) -> ChannelState {
     let ch = match known {
-        Some(k) if k.deposit >= U256::from(amount) => k.clone(),
+        Some(k) if k.deposit >= U256::from(amount) => *k,
         _ => prov.channel(id).await.unwrap().expect("channel exists"),
     };
     assert!(ch.deposit >= U256::from(amount), "proof above the deposit");

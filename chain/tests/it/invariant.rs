@@ -674,10 +674,10 @@ async fn channel_reuse_keeps_every_deal_exact_and_every_proof_covered() {
                 "step {step}: the deals add up to what was signed"
             );
         }
-        for p in 1..3 {
+        for (p, paid) in provider_paid.iter().enumerate().skip(1) {
             assert_eq!(
                 w.owner.balance(w.users[p].address()).await.unwrap(),
-                tokens("400") + provider_paid[p],
+                tokens("400") + *paid,
                 "step {step}: provider {p} paid exactly its claims minus the fee"
             );
         }
