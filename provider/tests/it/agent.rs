@@ -311,8 +311,18 @@ impl Renter {
     /// Starts closing the channel admitting only what is already claimed (the
     /// provider claims its latest proof in the challenge period).
     async fn close(&self, channel: B256) {
-        let claimed = self.chain.channel(channel).await.unwrap().unwrap().claimed;
-        self.chain.start_close(channel, claimed).await.unwrap();
+        // The provider may claim between the read and the close (its timer claims):
+        // then the admitted amount is stale; read again (a few times at most).
+        for attempt in 0..5 {
+            let claimed = self.chain.channel(channel).await.unwrap().unwrap().claimed;
+            match self.chain.start_close(channel, claimed).await {
+                Ok(_) => return,
+                // A stale admission reverts at the estimate or, when the claim lands
+                // in the same block, on chain.
+                Err(_) if attempt < 4 => {}
+                Err(e) => panic!("startClose: {e}"),
+            }
+        }
     }
 
     async fn open_channel(&self, to: Address, deposit: u128) -> B256 {
