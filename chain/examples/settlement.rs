@@ -86,21 +86,34 @@ async fn provider_verifies(
     ch
 }
 
+/// First contact: the requester opens a channel and pays the first window; the
+/// provider reads the channel and checks the proof. Timed from the match.
+async fn first_contact(
+    req: &ChainClient,
+    prov: &ChainClient,
+    value: u128,
+    first: u128,
+    t: &mut Tally,
+) -> B256 {
+    let t0 = Instant::now();
+    let (id, out) = req
+        .open_channel(prov.address(), U256::from(value))
+        .await
+        .unwrap();
+    t.gas_requester += out.gas_used;
+    t.tx_requester += 1;
+    let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
+    provider_verifies(prov, req.address(), id, first, &sig, None).await;
+    t.first_contact.push(t0.elapsed());
+    id
+}
+
 async fn per_deal_channels(req: ChainClient, prov: ChainClient, deals: usize) -> Tally {
     let mut t = Tally::default();
     let value = PRICE * u128::from(DEAL_S);
     let first = PRICE * u128::from(FIRST_WINDOW_S);
     for _ in 0..deals {
-        let t0 = Instant::now();
-        let (id, out) = req
-            .open_channel(prov.address(), U256::from(value))
-            .await
-            .unwrap();
-        t.gas_requester += out.gas_used;
-        t.tx_requester += 1;
-        let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
-        provider_verifies(&prov, req.address(), id, first, &sig, None).await;
-        t.first_contact.push(t0.elapsed());
+        let id = first_contact(&req, &prov, value, first, &mut t).await;
         let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
         let proof = BalanceProof {
             channel_id: id,
@@ -134,15 +147,7 @@ async fn reused_channels(
     for _ in 0..deals {
         let t0 = Instant::now();
         let Some((id, known, deposit, signed, claimed, last)) = lane.take() else {
-            let (id, out) = req
-                .open_channel(prov.address(), U256::from(value))
-                .await
-                .unwrap();
-            t.gas_requester += out.gas_used;
-            t.tx_requester += 1;
-            let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
-            provider_verifies(&prov, req.address(), id, first, &sig, None).await;
-            t.first_contact.push(t0.elapsed());
+            let id = first_contact(&req, &prov, value, first, &mut t).await;
             // Kept one deal ahead: topped up beside the first deal's service.
             let add = value * PREFUND;
             let out = req.top_up(id, U256::from(add)).await.unwrap();
