@@ -184,7 +184,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             port.saturating_add(2 + i as u16)
         };
         let mut toml = format!(
-            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\nclaim_interval = \"10s\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"2s\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
             anvil.endpoint(),
             deployment_path.display(),
             hex_key(key)
@@ -219,7 +219,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
 
     // 6. Gateway, renting one exit per country to start with, more on demand.
     let mut gateway_toml = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"15s\"\nproof_interval = \"3s\"\nrent_wait = \"10s\"\nreverify_every = \"1m\"\ngeoip_country = \"{}\"\ngeoip_asn = \"{}\"\n\n",
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nallow_destinations = [\"127.0.0.0/8\"]\nverify_url = \"http://{echo_addr}/ip.txt\"\n\n[[token]]\nname = \"demo\"\nsecret = \"demo-token\"\n\n[market]\nexchange_url = \"{exchange_url}\"\nrpc_url = \"{}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"{}\"\ndeal_duration = \"10m\"\npayment_window = \"15s\"\nproof_interval = \"3s\"\nrent_wait = \"10s\"\nreverify_every = \"1m\"\nclose_channels_at_shutdown = true\ngeoip_country = \"{}\"\ngeoip_asn = \"{}\"\n\n",
         if port == 0 { 0 } else { port.saturating_add(1) },
         anvil.endpoint(),
         deployment_path.display(),

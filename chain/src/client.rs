@@ -492,6 +492,14 @@ impl ChainClient {
         Ok(block.map(|b| b.header.timestamp).unwrap_or_default())
     }
 
+    /// The node's gas price, wei per gas (what a transaction sent now pays).
+    pub async fn gas_price(&self) -> Result<u128, ChainError> {
+        self.provider
+            .get_gas_price()
+            .await
+            .map_err(|source| ChainError::rpc("reading the gas price", source))
+    }
+
     /// The current platform fee in basis points.
     pub async fn fee_bps(&self) -> Result<u16, ChainError> {
         let c = self.centralizer();

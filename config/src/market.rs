@@ -152,6 +152,18 @@ pub struct MarketConfig {
     /// claim before the gateway closes it on chain (`startClose`, then `settle`).
     #[serde(default = "default_close_grace", with = "humantime_serde")]
     pub close_grace: Duration,
+    /// A payment channel no deal has used this long is closed; until then the next deal
+    /// with the same provider reuses it without a chain transaction.
+    #[serde(default = "default_channel_idle_close", with = "humantime_serde")]
+    pub channel_idle_close: Duration,
+    /// A top-up of a reused channel adds this many deals' value beyond what the deal
+    /// needs, so that the next deals need none.
+    #[serde(default = "default_channel_prefund")]
+    pub channel_prefund: u32,
+    /// At shutdown, close the idle channels too (`startClose`; the providers claim and
+    /// close them when they see it) instead of keeping them for the next start.
+    #[serde(default)]
+    pub close_channels_at_shutdown: bool,
     /// The local store of deals and channels (SQLite), relative to the config file.
     #[serde(default = "default_state_file")]
     pub state_file: String,
@@ -232,6 +244,12 @@ fn default_avoid() -> Duration {
 }
 fn default_close_grace() -> Duration {
     Duration::from_secs(60)
+}
+fn default_channel_idle_close() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_channel_prefund() -> u32 {
+    8
 }
 fn default_reverify() -> Duration {
     Duration::from_secs(180)

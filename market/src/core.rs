@@ -77,6 +77,14 @@ pub struct Settings {
     /// A serving exit's address (and its country/ASN against the GeoIP database) is
     /// verified again this often.
     pub reverify_every: Duration,
+    /// A channel left idle (no deal over it) this long is closed; until then the next
+    /// deal with the same provider reuses it without a chain transaction.
+    pub channel_idle_close: Duration,
+    /// A top-up adds this many deals' value beyond what the deal needs, so that the
+    /// next deals over the channel need none.
+    pub channel_prefund: u32,
+    /// At shutdown ([`Input::EndAll`]) close the idle channels too.
+    pub close_channels_at_shutdown: bool,
 }
 
 impl Default for Settings {
@@ -99,6 +107,9 @@ impl Default for Settings {
             challenge_period: Duration::from_secs(3600),
             request_ttl: Duration::from_secs(30),
             reverify_every: Duration::from_secs(180),
+            channel_idle_close: Duration::from_secs(3600),
+            channel_prefund: 8,
+            close_channels_at_shutdown: false,
         }
     }
 }
@@ -196,6 +207,17 @@ impl Outcome {
 pub enum ChannelPhase {
     /// Open and in use.
     Open,
+    /// Open, no deal over it since `since` (unix ms): the next deal with the same
+    /// provider takes it over; closed after `channel_idle_close`.
+    Idle {
+        /// Unix ms.
+        since: Millis,
+    },
+    /// This deal is over and its channel went on to pay deal `by` (which tracks it).
+    Reused {
+        /// The deal now paid over the channel.
+        by: u64,
+    },
     /// The deal is over; waiting for the provider's closing claim until `until`.
     AwaitingClaim {
         /// Then we close it ourselves.
@@ -214,12 +236,13 @@ pub enum ChannelPhase {
     Closed,
 }
 
-/// A deal's payment channel.
+/// A deal's payment channel (one channel carries the deals with one provider, one
+/// after the other).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Channel {
     /// Channel id.
     pub id: B256,
-    /// Tokens locked in it.
+    /// Tokens locked in it (for all its deals).
     pub deposit: u128,
     /// Where it is.
     pub phase: ChannelPhase,
@@ -258,9 +281,13 @@ pub struct Deal {
     pub ended_at: Option<Millis>,
     /// The payment channel, once opened.
     pub channel: Option<Channel>,
-    /// Highest cumulative amount the exchange accepted from us.
+    /// The channel's cumulative amount where this deal's payments start (what its
+    /// earlier deals were paid); proofs carry `base + paid`.
+    #[serde(default)]
+    pub base: u128,
+    /// Paid for this deal: the highest proof the exchange accepted, minus `base`.
     pub paid: u128,
-    /// A proof for this amount is in flight.
+    /// A proof for this much (of this deal, like `paid`) is in flight.
     pub paying: Option<u128>,
     /// When the last proof was sent.
     pub last_proof_at: Millis,
@@ -294,7 +321,9 @@ impl Deal {
     /// simulation checks (service plus one window ahead, never past value or deposit).
     pub fn payable(&self, s: &Settings, now: Millis) -> u128 {
         let price = self.terms.price_per_ip_second;
-        let deposit = self.channel.map_or(0, |c| c.deposit);
+        let deposit = self
+            .channel
+            .map_or(0, |c| c.deposit.saturating_sub(self.base));
         let cap = self.terms.value.min(deposit);
         if self.served() {
             let served = Duration::from_secs(self.served_s(now));
@@ -730,7 +759,15 @@ impl Core {
     /// Deals whose channel is still to be closed, or that still run.
     pub fn unfinished(&self) -> impl Iterator<Item = &Deal> {
         self.deals.values().filter(|d| {
-            d.phase != Phase::Ended || d.channel.is_some_and(|c| c.phase != ChannelPhase::Closed)
+            d.phase != Phase::Ended
+                || d.channel.is_some_and(|c| {
+                    !matches!(
+                        c.phase,
+                        ChannelPhase::Closed
+                            | ChannelPhase::Idle { .. }
+                            | ChannelPhase::Reused { .. }
+                    )
+                })
         })
     }
 
@@ -947,6 +984,7 @@ impl Core {
             }
             Input::ProofPosted { deal, amount } => {
                 if let Some(d) = self.deals.get_mut(&deal) {
+                    let amount = amount.saturating_sub(d.base);
                     d.paid = d.paid.max(amount);
                     if d.paying == Some(amount) {
                         d.paying = None;
@@ -964,7 +1002,7 @@ impl Core {
                 error,
             } => {
                 if let Some(d) = self.deals.get_mut(&deal) {
-                    if d.paying == Some(amount) {
+                    if d.paying == Some(amount.saturating_sub(d.base)) {
                         d.paying = None;
                     }
                     d.note = format!("balance proof refused: {error}");
@@ -988,6 +1026,13 @@ impl Core {
                         c.deposit = c.deposit.saturating_add(amount);
                     }
                     self.touch(deal);
+                    // A deal over a reused channel waiting for the deposit to cover
+                    // its first window pays it now.
+                    let d = &self.deals[&deal];
+                    if d.phase == Phase::Opening && d.paid == 0 {
+                        let first = d.payable(&self.s, now);
+                        self.pay(deal, first, now, &mut out);
+                    }
                 }
             }
             Input::TopUpFailed { deal } => {
@@ -1084,7 +1129,7 @@ impl Core {
                     {
                         // A provider that never served is owed nothing we admit; it
                         // may still claim our first-window proof in the challenge period.
-                        let amount = if d.served() { d.paid } else { 0 };
+                        let amount = d.base + if d.served() { d.paid } else { 0 };
                         if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
                             c.phase = ChannelPhase::Closing;
                         }
@@ -1150,6 +1195,25 @@ impl Core {
                         &mut out,
                     );
                 }
+                if self.s.close_channels_at_shutdown {
+                    let idle: Vec<u64> = self
+                        .deals
+                        .values()
+                        .filter(|d| {
+                            d.channel
+                                .is_some_and(|c| matches!(c.phase, ChannelPhase::Idle { .. }))
+                        })
+                        .map(|d| d.id)
+                        .collect();
+                    for id in idle {
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.phase = ChannelPhase::AwaitingClaim { until: now };
+                            c.checked_at = now;
+                            out.push(Action::CheckChannel { channel: c.id });
+                        }
+                        self.touch(id);
+                    }
+                }
             }
         }
         out
@@ -1164,10 +1228,29 @@ impl Core {
         }
     }
 
+    /// The deal that tracks `channel` (the latest over it).
     fn deal_of_channel(&self, channel: B256) -> Option<&Deal> {
+        self.deals.values().find(|d| {
+            d.channel
+                .is_some_and(|c| c.id == channel && !matches!(c.phase, ChannelPhase::Reused { .. }))
+        })
+    }
+
+    /// An idle open channel to `provider`, the one with the most deposit left.
+    fn idle_channel_to(&self, provider: Address) -> Option<u64> {
         self.deals
             .values()
-            .find(|d| d.channel.is_some_and(|c| c.id == channel))
+            .filter(|d| {
+                d.provider == provider
+                    && d.topping_up.is_none()
+                    && d.channel
+                        .is_some_and(|c| matches!(c.phase, ChannelPhase::Idle { .. }))
+            })
+            .max_by_key(|d| {
+                let signed = d.base + d.paid.max(d.paying.unwrap_or(0));
+                d.channel.map_or(0, |c| c.deposit.saturating_sub(signed))
+            })
+            .map(|d| d.id)
     }
 
     fn on_matched(
@@ -1221,6 +1304,7 @@ impl Core {
             verified_at: None,
             ended_at: None,
             channel: None,
+            base: 0,
             paid: 0,
             paying: None,
             last_proof_at: 0,
@@ -1246,17 +1330,51 @@ impl Core {
         }
         self.spend.push((now, value));
         self.spent_total = self.spent_total.saturating_add(value);
+        // A channel to this provider that no deal uses: this deal's payments continue
+        // its cumulative amount, no chain transaction before the first proof.
+        let reuse = self.idle_channel_to(provider).and_then(|o| {
+            let old = self.deals.get_mut(&o)?;
+            let c = old.channel.as_mut()?;
+            let base = old.base + old.paid.max(old.paying.unwrap_or(0));
+            let taken = *c;
+            c.phase = ChannelPhase::Reused { by: id };
+            self.dirty.push(o);
+            Some((taken, base))
+        });
+        if let Some((c, base)) = reuse {
+            deal.base = base;
+            deal.channel = Some(Channel {
+                id: c.id,
+                deposit: c.deposit,
+                phase: ChannelPhase::Open,
+                checked_at: 0,
+            });
+            deal.note = format!("reusing channel {}", c.id);
+        }
         self.deals.insert(id, deal);
         out.push(Action::Report {
             deal: id,
             status: PartyStatus::Accepted,
             reason: String::new(),
         });
-        out.push(Action::OpenChannel {
-            deal: id,
-            provider,
-            deposit,
-        });
+        if reuse.is_some() {
+            let first = self.deals[&id].payable(&self.s, now);
+            let due = cost(
+                self.deals[&id].terms.price_per_ip_second,
+                self.s.first_window.as_secs(),
+            )
+            .min(value);
+            if first >= due {
+                self.pay(id, first, now, out);
+            }
+            self.top_up_if_needed(id, out);
+        } else {
+            out.push(Action::OpenChannel {
+                deal: id,
+                provider,
+                deposit,
+            });
+        }
     }
 
     fn pay(&mut self, id: u64, amount: u128, now: Millis, out: &mut Vec<Action>) {
@@ -1272,7 +1390,7 @@ impl Core {
         out.push(Action::PostProof {
             deal: id,
             channel: c.id,
-            amount,
+            amount: d.base.saturating_add(amount),
         });
     }
 
@@ -1284,13 +1402,19 @@ impl Core {
         if d.phase == Phase::Ended || d.topping_up.is_some() || c.phase != ChannelPhase::Open {
             return;
         }
-        let short = d.terms.value.saturating_sub(c.deposit);
-        if short > 0 {
-            d.topping_up = Some(short);
+        let need = d.base.saturating_add(d.terms.value);
+        let short = need.saturating_sub(c.deposit);
+        // With prefunding, the deposit is kept one deal ahead (so the next deal over
+        // the channel starts at once) and each top-up adds `channel_prefund` deals.
+        let prefund = u128::from(self.s.channel_prefund);
+        let behind = need.saturating_add(d.terms.value) > c.deposit;
+        if short > 0 || (prefund > 0 && behind) {
+            let amount = short.saturating_add(d.terms.value.saturating_mul(prefund));
+            d.topping_up = Some(amount);
             out.push(Action::TopUp {
                 deal: id,
                 channel: c.id,
-                amount: short,
+                amount,
             });
         }
     }
@@ -1326,7 +1450,15 @@ impl Core {
             self.avoid
                 .insert(provider, now.saturating_add(ms(self.s.avoid_for)));
         }
-        self.start_channel_close(id, now, out);
+        // A channel to a provider that failed us is closed; otherwise it waits, open,
+        // for our next deal with that provider.
+        let keep = !outcome.avoid() && outcome != Outcome::PaymentFailed;
+        match self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+            Some(c) if keep && c.phase == ChannelPhase::Open => {
+                c.phase = ChannelPhase::Idle { since: now };
+            }
+            _ => self.start_channel_close(id, now, out),
+        }
     }
 
     /// Asks for a re-verification of a serving exit once `reverify_every` has passed
@@ -1377,7 +1509,9 @@ impl Core {
                 d.phase == Phase::Ended
                     && d.ended_at
                         .is_some_and(|t| now.saturating_sub(t) > 3_600_000)
-                    && d.channel.is_none_or(|c| c.phase == ChannelPhase::Closed)
+                    && d.channel.is_none_or(|c| {
+                        matches!(c.phase, ChannelPhase::Closed | ChannelPhase::Reused { .. })
+                    })
             })
             .map(|d| d.id)
             .collect();
@@ -1440,6 +1574,18 @@ impl Core {
             let d = &self.deals[&id];
             if let Some(c) = d.channel {
                 match c.phase {
+                    ChannelPhase::Idle { since }
+                        if now.saturating_sub(since) >= ms(self.s.channel_idle_close) =>
+                    {
+                        // Unused for long: close it (the provider claims what it holds
+                        // when it sees the close; we admit what we signed).
+                        if let Some(c) = self.deals.get_mut(&id).and_then(|d| d.channel.as_mut()) {
+                            c.phase = ChannelPhase::AwaitingClaim { until: now };
+                            c.checked_at = now;
+                        }
+                        out.push(Action::CheckChannel { channel: c.id });
+                        self.touch(id);
+                    }
                     ChannelPhase::AwaitingClaim { until }
                         if now >= until && now.saturating_sub(c.checked_at) >= 5_000 =>
                     {

@@ -126,6 +126,9 @@ pub fn settings_of(cfg: &MarketConfig, challenge_period: Duration) -> Settings {
         challenge_period,
         request_ttl: Duration::from_secs(30),
         reverify_every: cfg.reverify_every,
+        channel_idle_close: cfg.channel_idle_close,
+        channel_prefund: cfg.channel_prefund,
+        close_channels_at_shutdown: cfg.close_channels_at_shutdown,
     }
 }
 
@@ -386,7 +389,11 @@ impl PoolManager {
             channels_open: core
                 .deals()
                 .values()
-                .filter(|d| d.channel.is_some_and(|c| c.phase != ChannelPhase::Closed))
+                .filter(|d| {
+                    d.channel.is_some_and(|c| {
+                        !matches!(c.phase, ChannelPhase::Closed | ChannelPhase::Reused { .. })
+                    })
+                })
                 .count(),
         }
     }
@@ -426,7 +433,14 @@ impl PoolManager {
                 .deals()
                 .values()
                 .filter_map(|d| d.channel)
-                .filter(|c| matches!(c.phase, ChannelPhase::AwaitingClaim { .. }))
+                .filter(|c| {
+                    matches!(
+                        c.phase,
+                        ChannelPhase::AwaitingClaim { .. }
+                            | ChannelPhase::Closing
+                            | ChannelPhase::Challenge { .. }
+                    )
+                })
                 .map(|c| c.id)
                 .collect();
             if open.is_empty() {

@@ -444,3 +444,255 @@ async fn invariant_holds_after_every_step_of_a_random_sequence() {
         );
     }
 }
+
+/// One payment channel as the protocol uses it since channel reuse: deal after deal
+/// with one provider, each deal a slice of the cumulative amount.
+#[derive(Debug)]
+struct Lane {
+    id: B256,
+    provider: usize,
+    deposit: U256,
+    /// The requester's latest signed cumulative amount (and its signature).
+    signed: U256,
+    sig: alloy::primitives::Bytes,
+    /// The highest proof the provider verified (lost by a crash, found again on the
+    /// exchange only when the next proof arrives).
+    known: U256,
+    known_sig: alloy::primitives::Bytes,
+    claimed: U256,
+    closing: bool,
+    expired: bool,
+    /// (base, paid, value) per deal, in order; the last one may be live.
+    deals: Vec<(U256, U256, U256)>,
+    live: bool,
+}
+
+/// Channel reuse on the real contract: a requester rents from two providers, deal after
+/// deal over one channel per provider (opened on first contact, topped up when a
+/// payment would pass the deposit), pays each deal in random increments, and the
+/// providers claim lazily (above a threshold), crash (forgetting what they have not
+/// claimed), and claim and close when the requester starts closing. After every step:
+/// `sum(balance + reserved) == token.balanceOf(centralizer)`; each channel's deposit
+/// covers every proof signed over it (so every unclaimed proof is claimable); nobody
+/// is paid more than the requester signed; each provider's balance is exactly what its
+/// claims paid minus the fee; and each channel's deals are contiguous slices of its
+/// cumulative amount (deal k starts where deal k-1 ended) that add up to what was
+/// signed. `IPSX_CHAIN_SEED` replays another sequence.
+#[tokio::test]
+async fn channel_reuse_keeps_every_deal_exact_and_every_proof_covered() {
+    let seed = std::env::var("IPSX_CHAIN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5e77_1e12);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w = World::with_period(3, FEE_BPS, tokens("1000"), tokens("400"), PERIOD).await;
+    let req = &w.users[0];
+    let threshold = tokens("3");
+    let mut lanes: Vec<Lane> = Vec::new();
+    let mut provider_paid = [U256::ZERO; 3];
+    let mut counts = BTreeMap::<&str, u32>::new();
+    let (mut opens, mut deals) = (0u32, 0u32);
+
+    for step in 0..160 {
+        let op = rng.gen_range(0..100);
+        let name = match op {
+            // A new deal with provider 1 or 2: the open channel to it, else a new one.
+            0..=19 => {
+                let p = rng.gen_range(1..3);
+                let value = tokens("1") * U256::from(rng.gen_range(1u64..=12)) / U256::from(2);
+                deals += 1;
+                if let Some(l) = lanes.iter_mut().find(|l| l.provider == p && !l.closing) {
+                    // Sequential deals: the previous one is over.
+                    l.deals.push((l.signed, U256::ZERO, value));
+                    l.live = true;
+                    "deal over a reused channel"
+                } else {
+                    let (id, _) = req.open_channel(w.users[p].address(), value).await.unwrap();
+                    opens += 1;
+                    lanes.push(Lane {
+                        id,
+                        provider: p,
+                        deposit: value,
+                        signed: U256::ZERO,
+                        sig: Default::default(),
+                        known: U256::ZERO,
+                        known_sig: Default::default(),
+                        claimed: U256::ZERO,
+                        closing: false,
+                        expired: false,
+                        deals: vec![(U256::ZERO, U256::ZERO, value)],
+                        live: true,
+                    });
+                    "first contact: openChannel"
+                }
+            }
+            // Pay a live deal: top up first when the proof would pass the deposit.
+            20..=59 => {
+                let live: Vec<usize> = (0..lanes.len())
+                    .filter(|&i| lanes[i].live && !lanes[i].closing)
+                    .collect();
+                if live.is_empty() {
+                    continue;
+                }
+                let l = &mut lanes[live[rng.gen_range(0..live.len())]];
+                let (base, paid, value) = *l.deals.last().unwrap();
+                if paid >= value {
+                    continue;
+                }
+                let x = awkward(&mut rng, value - paid).min(value - paid);
+                if x.is_zero() {
+                    continue;
+                }
+                let cum = base + paid + x;
+                let mut name = "pay";
+                if cum > l.deposit {
+                    // Prefund the next deals too (a top-up is a transaction).
+                    let add = cum - l.deposit + value * U256::from(2);
+                    req.top_up(l.id, add).await.unwrap();
+                    l.deposit += add;
+                    name = "topUp + pay";
+                }
+                let sig = req.sign_balance_proof(l.id, cum).unwrap();
+                // The provider's check: the channel's deposit covers the proof.
+                let ch = w.owner.channel(l.id).await.unwrap().unwrap();
+                assert!(ch.deposit >= cum, "step {step}: a proof above the deposit");
+                l.signed = cum;
+                l.sig = sig.clone();
+                l.known = cum;
+                l.known_sig = sig;
+                l.deals.last_mut().unwrap().1 = paid + x;
+                name
+            }
+            60..=71 => {
+                for l in lanes.iter_mut() {
+                    if rng.gen_bool(0.5) {
+                        l.live = false;
+                    }
+                }
+                "deal ends"
+            }
+            // Lazy claims: only once the unclaimed amount reaches the threshold.
+            72..=83 => {
+                let mut claimed_any = false;
+                for l in lanes.iter_mut().filter(|l| !l.expired) {
+                    if l.known > l.claimed && l.known - l.claimed >= threshold {
+                        let proof = BalanceProof {
+                            channel_id: l.id,
+                            cumulative_amount: l.known,
+                        };
+                        w.users[l.provider]
+                            .claim(&proof, l.known_sig.clone(), B256::repeat_byte(1), false)
+                            .await
+                            .unwrap();
+                        provider_paid[l.provider] +=
+                            fee_split(l.known - l.claimed, FEE_BPS).unwrap().provider;
+                        l.claimed = l.known;
+                        claimed_any = true;
+                    }
+                }
+                if !claimed_any {
+                    continue;
+                }
+                "lazy claim"
+            }
+            // A provider crashes: what it had not claimed is forgotten until the next
+            // proof (the exchange keeps the latest one; the next verified proof is
+            // cumulative and covers it).
+            84..=88 => {
+                let p = rng.gen_range(1..3);
+                for l in lanes.iter_mut().filter(|l| l.provider == p) {
+                    l.known = l.claimed;
+                    l.known_sig = Default::default();
+                }
+                "provider crash"
+            }
+            // The requester closes an idle channel admitting what is claimed; the
+            // provider, if it still holds a newer proof, claims it and closes.
+            89..=95 => {
+                let idle: Vec<usize> = (0..lanes.len())
+                    .filter(|&i| !lanes[i].live && !lanes[i].closing)
+                    .collect();
+                if idle.is_empty() {
+                    continue;
+                }
+                let i = idle[rng.gen_range(0..idle.len())];
+                let l = &mut lanes[i];
+                req.start_close(l.id, l.claimed).await.unwrap();
+                l.closing = true;
+                // The exchange still has the latest proof: a crashed provider finds it.
+                l.known = l.signed;
+                l.known_sig = l.sig.clone();
+                if l.known > l.claimed && rng.gen_bool(0.8) {
+                    let proof = BalanceProof {
+                        channel_id: l.id,
+                        cumulative_amount: l.known,
+                    };
+                    w.users[l.provider]
+                        .claim(&proof, l.known_sig.clone(), B256::repeat_byte(2), true)
+                        .await
+                        .unwrap();
+                    provider_paid[l.provider] +=
+                        fee_split(l.known - l.claimed, FEE_BPS).unwrap().provider;
+                    l.claimed = l.known;
+                    lanes.remove(i);
+                    "startClose + closing claim"
+                } else {
+                    "startClose"
+                }
+            }
+            _ => {
+                w.anvil.advance_time(PERIOD + 1).await.unwrap();
+                let mut i = 0;
+                while i < lanes.len() {
+                    if lanes[i].closing {
+                        w.users[0].settle(lanes[i].id).await.unwrap();
+                        lanes.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+                "settle after the challenge period"
+            }
+        };
+        *counts.entry(name).or_default() += 1;
+
+        w.assert_invariant().await;
+        for l in &lanes {
+            let ch = w.owner.channel(l.id).await.unwrap().unwrap();
+            assert_eq!(ch.claimed, l.claimed, "step {step} ({name})");
+            assert!(ch.deposit >= l.signed, "step {step}: deposit below a proof");
+            assert!(ch.claimed <= l.signed, "step {step}: paid more than signed");
+            let mut next = U256::ZERO;
+            for (base, paid, value) in &l.deals {
+                assert!(*base >= next, "step {step}: deals overlap on {}", l.id);
+                assert_eq!(*base, next, "step {step}: a gap between deals on {}", l.id);
+                assert!(paid <= value, "step {step}: a deal paid past its value");
+                next = *base + *paid;
+            }
+            assert_eq!(
+                next, l.signed,
+                "step {step}: the deals add up to what was signed"
+            );
+        }
+        for (p, paid) in provider_paid.iter().enumerate().skip(1) {
+            assert_eq!(
+                w.owner.balance(w.users[p].address()).await.unwrap(),
+                tokens("400") + *paid,
+                "step {step}: provider {p} paid exactly its claims minus the fee"
+            );
+        }
+    }
+    println!("seed {seed:#x}: {opens} channels for {deals} deals; {counts:?}");
+    assert!(
+        opens < deals,
+        "channels were reused: {opens} opens for {deals} deals"
+    );
+    for op in [
+        "deal over a reused channel",
+        "lazy claim",
+        "topUp + pay",
+        "provider crash",
+    ] {
+        assert!(counts.contains_key(op), "{op} never happened: {counts:?}");
+    }
+}

@@ -71,7 +71,11 @@ fn channel(n: u8) -> B256 {
 /// A core with one DE group of 1, its request posted, and deal 7 matched, channel
 /// open, first window paid and the provider serving: returns the core at `now`.
 fn serving_deal(now: &mut u64) -> Core {
-    let mut core = Core::new(settings(), vec![("de".into(), de(), 1)], *now);
+    serving_deal_with(settings(), now)
+}
+
+fn serving_deal_with(s: Settings, now: &mut u64) -> Core {
+    let mut core = Core::new(s, vec![("de".into(), de(), 1)], *now);
     let a = core.tick(*now);
     assert!(
         matches!(a[0], Action::PostRequest { count: 1, .. }),
@@ -426,11 +430,40 @@ fn leases_are_extended_with_the_same_provider_and_topped_up() {
         "{a:?}"
     );
     assert!(a.iter().all(|a| !matches!(a, Action::PostRequest { .. })));
+    // The channel is kept one deal ahead: topped up by `channel_prefund` deals.
+    let prefund = PRICE * 600 * u128::from(settings().channel_prefund);
+    assert!(
+        a.contains(&Action::TopUp {
+            deal: 7,
+            channel: channel(7),
+            amount: prefund
+        }),
+        "{a:?}"
+    );
+    core.handle(
+        Input::ToppedUp {
+            deal: 7,
+            amount: prefund,
+        },
+        now,
+    );
     let mut t = core.deal(7).unwrap().terms.clone();
     t.end += 600;
     t.duration_s += 600;
     t.value += PRICE * 600;
+    // The extension's value is within the prefunded deposit: no transaction.
     let a = core.handle(Input::Extended { deal: 7, terms: t }, now);
+    assert_eq!(a, vec![]);
+    // Without prefunding, the extension is topped up by exactly its value.
+    let mut s0 = settings();
+    s0.channel_prefund = 0;
+    let mut now0 = T0;
+    let mut c0 = serving_deal_with(s0, &mut now0);
+    let mut t = c0.deal(7).unwrap().terms.clone();
+    t.end += 600;
+    t.duration_s += 600;
+    t.value += PRICE * 600;
+    let a = c0.handle(Input::Extended { deal: 7, terms: t }, now0);
     assert_eq!(
         a,
         vec![Action::TopUp {
@@ -617,4 +650,152 @@ fn serving_exits_are_reverified_periodically_and_a_misplaced_one_ends_the_deal()
         _ => None,
     });
     assert_eq!(req, Some(vec![provider(9)]));
+}
+
+/// Channel reuse: after deal 7 ended (lease over), the next deal with the same
+/// provider takes its idle channel over: no `OpenChannel`, the first proof at once,
+/// continuing the channel's cumulative amount (deal 8's payments start where deal 7's
+/// ended), and a top-up that prefunds the next deals; the idle channel is closed after
+/// `channel_idle_close`, admitting exactly what was signed. A deal with another
+/// provider never uses it.
+#[test]
+fn the_next_deal_with_a_provider_reuses_its_channel_without_a_chain_transaction() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    // Lease over: paid 30 windows' worth so far (PRICE * 30), the channel goes idle.
+    now = T0 + 600_000;
+    let a = core.tick(now);
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::CheckChannel { .. })),
+        "{a:?}"
+    );
+    let d7 = core.deal(7).unwrap().clone();
+    assert!(matches!(
+        d7.channel.unwrap().phase,
+        ChannelPhase::Idle { .. }
+    ));
+    let signed7 = d7.base + d7.paid;
+    // Another provider: a channel of its own.
+    let a = core.handle(
+        Input::Matched {
+            deal: 9,
+            provider: provider(3),
+            terms: terms("de", now / 1000, 600),
+        },
+        now,
+    );
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::OpenChannel { deal: 9, .. }))
+    );
+    // The same provider: its idle channel, no transaction before the first proof.
+    let a = core.handle(
+        Input::Matched {
+            deal: 8,
+            provider: provider(9),
+            terms: terms("de", now / 1000, 600),
+        },
+        now,
+    );
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::OpenChannel { .. })),
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::PostProof {
+        deal: 8,
+        channel: channel(7),
+        amount: signed7 + PRICE * 5
+    }));
+    // Deposit PRICE * 600, carries signed7 already: topped up for this deal and
+    // `channel_prefund` more.
+    let short = signed7 + PRICE * 600 - PRICE * 600;
+    let prefund = PRICE * 600 * u128::from(settings().channel_prefund);
+    assert!(
+        a.contains(&Action::TopUp {
+            deal: 8,
+            channel: channel(7),
+            amount: short + prefund
+        }),
+        "{a:?}"
+    );
+    assert!(matches!(
+        core.deal(7).unwrap().channel.unwrap().phase,
+        ChannelPhase::Reused { by: 8 }
+    ));
+    core.handle(
+        Input::ProofPosted {
+            deal: 8,
+            amount: signed7 + PRICE * 5,
+        },
+        now,
+    );
+    let d8 = core.deal(8).unwrap();
+    assert_eq!((d8.base, d8.paid), (signed7, PRICE * 5));
+    assert_eq!(d8.phase, Phase::Paid);
+    // The provider leaves before serving (never served: avoided), so the channel is
+    // closed at once, admitting only what the earlier deal was paid.
+    core.handle(
+        Input::ToppedUp {
+            deal: 8,
+            amount: short + prefund,
+        },
+        now,
+    );
+    let a = core.handle(
+        Input::ProviderReported {
+            deal: 8,
+            status: PartyStatus::Completed,
+        },
+        now,
+    );
+    assert!(a.contains(&Action::CheckChannel {
+        channel: channel(7)
+    }));
+    let a = core.handle(
+        Input::ChannelStillOpen {
+            channel: channel(7),
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![Action::StartClose {
+            channel: channel(7),
+            amount: signed7
+        }]
+    );
+}
+
+/// An idle channel is closed after `channel_idle_close`, admitting what was signed.
+#[test]
+fn an_idle_channel_is_closed_after_channel_idle_close() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    now = T0 + 600_000;
+    core.tick(now);
+    let d7 = core.deal(7).unwrap().clone();
+    let idle = settings().channel_idle_close.as_millis() as u64;
+    assert!(
+        !core
+            .tick(now + idle - 1_000)
+            .iter()
+            .any(|a| matches!(a, Action::CheckChannel { .. }))
+    );
+    let a = core.tick(now + idle);
+    assert!(a.contains(&Action::CheckChannel {
+        channel: channel(7)
+    }));
+    let a = core.handle(
+        Input::ChannelStillOpen {
+            channel: channel(7),
+        },
+        now + idle,
+    );
+    assert_eq!(
+        a,
+        vec![Action::StartClose {
+            channel: channel(7),
+            amount: d7.base + d7.paid
+        }]
+    );
 }

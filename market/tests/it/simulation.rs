@@ -8,8 +8,14 @@
 //! - nothing is requested, opened or extended after shutdown began;
 //! - on-demand groups stay within their cap;
 //! - the chain model conserves tokens (balance + reserved + paid out = start);
+//! - channels are reused across deals with one provider: the deals over one channel
+//!   have disjoint, ordered slices of its cumulative amount (nothing counted twice), a
+//!   provider is never paid more than the requester signed on the channel, nor (one
+//!   that never serves) more than one first window per deal, and a channel's deposit
+//!   covers every proof over it.
 //!
-//! At the end it checks that every channel opened was closed and `reserved` is back to 0.
+//! At the end (idle channels are closed after `channel_idle_close`) it checks that
+//! every channel opened was closed and `reserved` is back to 0.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::cmp::Reverse;
@@ -43,6 +49,8 @@ struct ChainChannel {
     claimed: u128,
     settle_after: Option<u64>,
     open: bool,
+    /// Highest cumulative amount the requester signed over it.
+    signed: u128,
 }
 
 struct World {
@@ -69,6 +77,8 @@ struct World {
     ended: bool,
     chain_down_until: u64,
     steps: u64,
+    /// Deals (still in view at the end) paid over a reused channel.
+    reused: usize,
 }
 
 fn settings() -> Settings {
@@ -90,6 +100,9 @@ fn settings() -> Settings {
         challenge_period: Duration::from_secs(600),
         request_ttl: Duration::from_secs(30),
         reverify_every: Duration::from_secs(120),
+        channel_idle_close: Duration::from_secs(1_200),
+        channel_prefund: 2,
+        close_channels_at_shutdown: false,
     }
 }
 
@@ -149,6 +162,7 @@ impl World {
             ended: false,
             chain_down_until: 0,
             steps: 0,
+            reused: 0,
         }
     }
 
@@ -199,7 +213,8 @@ impl World {
             return;
         };
         let Some(ch) = ch else { return };
-        let proof = self.proofs.get(&deal).copied().unwrap_or(0);
+        // Claims are per channel: the highest proof over it, whichever deal it paid.
+        let proof = self.channels[&ch].signed;
         let claimable =
             self.channels[&ch].open && self.channels[&ch].settle_after.is_none_or(|t| self.now < t);
         if kind == Kind::NeverServes {
@@ -214,8 +229,8 @@ impl World {
         }
         let c = &self.channels[&ch];
         if c.open && c.settle_after.is_none_or(|t| self.now < t) {
+            // Lazy claims: the channel stays open for the requester's next deals.
             self.pay(ch, proof);
-            self.close(ch);
         }
     }
 
@@ -351,6 +366,7 @@ impl World {
                         claimed: 0,
                         settle_after: None,
                         open: true,
+                        signed: 0,
                     },
                 );
                 if let Some(x) = self.deals.get_mut(&deal) {
@@ -386,8 +402,17 @@ impl World {
                 channel,
                 amount,
             } => {
-                let c = &self.channels[&channel];
+                let c = self.channels.get_mut(&channel).unwrap();
                 assert!(amount <= c.deposit, "proof above the deposit");
+                assert_eq!(
+                    c.provider, self.deals[&deal].0,
+                    "a proof to another provider"
+                );
+                c.signed = c.signed.max(amount);
+                if let Some(x) = self.deals.get_mut(&deal) {
+                    assert!(x.3.is_none_or(|c| c == channel), "a deal's channel changed");
+                    x.3 = Some(channel);
+                }
                 let d = self.delay();
                 if self.rng.random_range(0..20) == 0 {
                     self.at(
@@ -491,9 +516,23 @@ impl World {
                     return;
                 }
                 let admit = amount.max(c.claimed);
+                assert!(
+                    admit <= c.signed.max(c.claimed),
+                    "admits more than it signed"
+                );
+                let honest = self
+                    .deals
+                    .values()
+                    .find(|x| x.3 == Some(channel))
+                    .is_some_and(|x| matches!(x.1, Kind::Honest | Kind::Flaky));
+                let signed = c.signed;
                 self.pay(channel, admit);
                 let t = self.now + 600_000;
                 self.channels.get_mut(&channel).unwrap().settle_after = Some(t);
+                // A provider watching its channels claims the latest proof in time.
+                if honest {
+                    self.pay(channel, signed);
+                }
                 self.at(
                     d,
                     Input::CloseStarted {
@@ -535,11 +574,36 @@ impl World {
                 d.paid
             );
             if let Some(c) = d.channel {
-                assert!(d.paid <= c.deposit, "paid past the deposit");
+                assert!(d.base + d.paid <= c.deposit, "paid past the deposit");
+            }
+        }
+        // Deals over one channel: disjoint, ordered slices of its cumulative amount.
+        let mut by_channel: HashMap<B256, Vec<(u128, u128, u64)>> = HashMap::new();
+        for d in self.core.deals().values() {
+            if let Some(c) = d.channel {
+                by_channel.entry(c.id).or_default().push((
+                    d.base,
+                    d.paid.max(d.paying.unwrap_or(0)),
+                    d.id,
+                ));
+            }
+        }
+        for (ch, mut v) in by_channel {
+            v.sort_unstable();
+            for w in v.windows(2) {
+                assert!(
+                    w[0].0 + w[0].1 <= w[1].0,
+                    "channel {ch}: deal {} (base {}, paid {}) overlaps deal {} (base {})",
+                    w[0].2,
+                    w[0].0,
+                    w[0].1,
+                    w[1].2,
+                    w[1].0
+                );
             }
         }
         // Chain: what providers were paid never exceeds what they were owed.
-        for (deal, (provider, kind, t, ch)) in &self.deals {
+        for (provider, kind, t, ch) in self.deals.values() {
             if let Some(ch) = ch {
                 assert_eq!(
                     self.channels[ch].provider, *provider,
@@ -547,17 +611,29 @@ impl World {
                 );
             }
             if let (Some(ch), Kind::NeverServes) = (ch, kind) {
+                let firsts: u128 = self
+                    .deals
+                    .values()
+                    .filter(|x| x.3 == Some(*ch))
+                    .map(|x| first(x.2.price_per_ip_second))
+                    .sum();
                 assert!(
-                    self.channels[ch].claimed <= first(t.price_per_ip_second),
-                    "a provider that never served got more than one first window"
+                    self.channels[ch].claimed <= firsts.max(first(t.price_per_ip_second)),
+                    "a provider that never served got more than one first window per deal"
                 );
             }
-            if let (Some(ch), Some(d)) = (ch, self.core.deal(*deal)) {
-                assert!(
-                    self.channels[ch].claimed
-                        <= d.paid.max(self.proofs.get(deal).copied().unwrap_or(0))
-                );
-            }
+        }
+        for (ch, c) in &self.channels {
+            assert!(
+                c.claimed <= c.signed,
+                "channel {ch}: provider paid {} > signed {}",
+                c.claimed,
+                c.signed
+            );
+            assert!(
+                c.signed <= c.deposit,
+                "channel {ch}: proof above the deposit"
+            );
         }
         if let Some(cap) = s.max_spend_total {
             assert!(self.core.spent_total() <= cap, "spend over max_spend_total");
@@ -676,10 +752,16 @@ impl World {
         for d in self.core.deals().values() {
             assert_eq!(d.phase, Phase::Ended);
             if let Some(c) = d.channel {
-                assert_eq!(c.phase, ChannelPhase::Closed, "deal {}", d.id);
+                assert!(
+                    matches!(c.phase, ChannelPhase::Closed | ChannelPhase::Reused { .. }),
+                    "deal {}: {:?}",
+                    d.id,
+                    c.phase
+                );
             }
         }
         assert!(self.next_deal > 10, "the simulation made deals");
+        self.reused = self.core.deals().values().filter(|d| d.base > 0).count();
     }
 }
 
@@ -693,11 +775,16 @@ fn seeded_random_runs_keep_the_money_rules() {
         let mut w = World::new(seed);
         w.run();
         eprintln!(
-            "seed {seed}: {} steps, {} deals, {} channels, paid out {}",
+            "seed {seed}: {} steps, {} deals, {} channels, paid out {}, {} deals in view over reused channels",
             w.steps,
             w.next_deal - 1,
             w.channels.len(),
-            w.paid_out
+            w.paid_out,
+            w.reused
+        );
+        assert!(
+            w.channels.len() < w.next_deal as usize - 1,
+            "seed {seed}: no channel reused"
         );
     }
 }

@@ -179,9 +179,15 @@ pub struct Timings {
     /// How far payment may lag behind service before the peer is removed.
     #[serde(default = "d_grace", with = "humantime_serde")]
     pub grace: Duration,
-    /// Long deals are claimed on chain at least this often.
-    #[serde(default = "d_claim", with = "humantime_serde")]
-    pub claim_interval: Duration,
+    /// Also claim whatever is unclaimed on a channel this often (absent: no timer;
+    /// claims are lazy, see `claim_threshold`).
+    #[serde(default, with = "humantime_serde")]
+    pub claim_interval: Option<Duration>,
+    /// A channel is claimed once its unclaimed amount reaches this: `"auto"` (default,
+    /// [`CLAIM_GAS_SHARE`]: a claim's gas at the chain's gas price is at most 1 % of
+    /// what it claims) or a token amount in base units.
+    #[serde(default)]
+    pub claim_threshold: ClaimThreshold,
     /// The deal list is polled this often (fallback for the event stream).
     #[serde(default = "d_poll", with = "humantime_serde")]
     pub poll: Duration,
@@ -196,9 +202,58 @@ fn d_first_window() -> Duration {
 fn d_grace() -> Duration {
     Duration::from_secs(10)
 }
-fn d_claim() -> Duration {
-    Duration::from_secs(600)
+/// Gas a claim costs (measured on anvil: 62k-75k; rounded up).
+pub const CLAIM_GAS: u128 = 80_000;
+
+/// `claim_threshold = "auto"`: claim once the claim's gas cost is at most
+/// 1/`CLAIM_GAS_SHARE` of the amount claimed (1 %).
+pub const CLAIM_GAS_SHARE: u128 = 100;
+
+/// When a channel's unclaimed amount is worth a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClaimThreshold {
+    /// `CLAIM_GAS x gas price x CLAIM_GAS_SHARE`, reading the gas price from the chain
+    /// (one token base unit taken as worth one wei: without a price feed the agent
+    /// cannot convert; set a fixed amount when they differ).
+    #[default]
+    Auto,
+    /// This many token base units.
+    Fixed(u128),
 }
+
+impl ClaimThreshold {
+    /// The threshold in base units at `gas_price` (wei per gas).
+    pub fn resolve(self, gas_price: u128) -> u128 {
+        match self {
+            Self::Fixed(v) => v,
+            Self::Auto => CLAIM_GAS
+                .saturating_mul(gas_price)
+                .saturating_mul(CLAIM_GAS_SHARE),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClaimThreshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Word {
+            Auto,
+        }
+        /// `"auto"` or an amount, parsed as a [`Price`].
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "\"auto\" or an amount in base units")]
+        enum Raw {
+            Word(Word),
+            Amount(Price),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Word(Word::Auto) => Self::Auto,
+            Raw::Amount(Price(v)) => Self::Fixed(v),
+        })
+    }
+}
+
 fn d_poll() -> Duration {
     Duration::from_secs(10)
 }
@@ -210,7 +265,8 @@ impl Default for Timings {
             first_window: d_first_window(),
             window: None,
             grace: d_grace(),
-            claim_interval: d_claim(),
+            claim_interval: None,
+            claim_threshold: ClaimThreshold::Auto,
             poll: d_poll(),
         }
     }
@@ -412,7 +468,7 @@ impl AgentConfig {
                 ));
             }
         }
-        if t.claim_interval < Duration::from_secs(1) {
+        if t.claim_interval.is_some_and(|i| i < Duration::from_secs(1)) {
             return Err(bad("timings.claim_interval", "at least 1s"));
         }
         if t.grace > Duration::from_secs(86_400) {
@@ -524,6 +580,57 @@ capacity = 2
         match AgentConfig::from_toml(text) {
             Err(AgentError::Config { key, reason }) => format!("{key}: {reason}"),
             other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    fn threshold(v: &str) -> Result<ClaimThreshold, String> {
+        let text = GOOD.replace(
+            "poll = \"500ms\"",
+            &format!("poll = \"500ms\"\nclaim_threshold = {v}"),
+        );
+        AgentConfig::from_toml(&text)
+            .map(|c| c.timings.claim_threshold)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn claim_threshold_is_auto_or_an_amount() {
+        assert_eq!(
+            AgentConfig::from_toml(GOOD)
+                .unwrap()
+                .timings
+                .claim_threshold,
+            ClaimThreshold::Auto
+        );
+        assert_eq!(
+            AgentConfig::from_toml(GOOD).unwrap().timings.claim_interval,
+            None
+        );
+        assert_eq!(threshold("\"auto\""), Ok(ClaimThreshold::Auto));
+        assert_eq!(threshold("\"5000\""), Ok(ClaimThreshold::Fixed(5000)));
+        assert_eq!(threshold("5000"), Ok(ClaimThreshold::Fixed(5000)));
+        for bad in ["-5", "\"-5\"", "\"often\"", "\"Auto \"", "1.5", "true"] {
+            let e = threshold(bad).unwrap_err();
+            assert!(e.contains("claim_threshold"), "{bad}: {e}");
+        }
+        assert_eq!(
+            ClaimThreshold::Auto.resolve(2),
+            CLAIM_GAS * 2 * CLAIM_GAS_SHARE
+        );
+        assert_eq!(ClaimThreshold::Auto.resolve(u128::MAX), u128::MAX);
+        assert_eq!(ClaimThreshold::Fixed(7).resolve(1_000), 7);
+    }
+
+    proptest::proptest! {
+        /// Any text or integer: a value or an error naming the key, never a panic;
+        /// every decimal amount reads back as itself.
+        #[test]
+        fn claim_threshold_parses_any_input(n in proptest::num::u64::ANY, t in "\\PC{0,40}") {
+            proptest::prop_assert_eq!(threshold(&format!("\"{n}\"")), Ok(ClaimThreshold::Fixed(u128::from(n))));
+            let quoted = toml::Value::String(t).to_string();
+            if let Err(e) = threshold(&quoted) {
+                proptest::prop_assert!(e.contains("claim_threshold"), "{}", e);
+            }
         }
     }
 

@@ -13,9 +13,16 @@
 //! covers the first window (`first_window_due(price, first_window, value)`, a few
 //! seconds); stop serving when `payment_covers(price, paid, served, grace)` fails, at the
 //! deal's end, or when the requester leaves; agree to the requester's extension of a
-//! deal served and paid up, within the exit's longest rental; claim periodically and
-//! once more (closing the channel) at the end, unless no proof ever covered the first
-//! window (then no chain transaction at all); rate the requester once the deal is final.
+//! deal served and paid up, within the exit's longest rental; rate the requester once
+//! the deal is final.
+//!
+//! Payment channels are reused across deals (one at a time per channel): a deal's
+//! payments are the part of the channel's cumulative amount above its `base`, the
+//! amount where the channel's earlier deals ended. Claims are per channel and lazy: when
+//! the unclaimed amount reaches `claim_threshold`, when the requester starts closing the
+//! channel (then the claim closes it), and at shutdown ([`Core::claimable`]); a fixed
+//! timer (`claim_interval`) only when configured. A deal whose proofs never covered the
+//! first window never adds to a claim of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -164,9 +171,16 @@ pub enum Action {
         deal_id: u64,
         /// Who must have signed it and opened the channel.
         requester: Address,
-        /// The channel already bound to this deal, as last read (saves a chain read;
-        /// `None` for the first proof).
-        known_channel: Option<ChannelFacts>,
+        /// Channels known to be the requester's to us, as last read: the deal's own once
+        /// bound, else every open one of this requester (a proof over one of them within
+        /// its known deposit is checked without a chain read).
+        known_channels: Vec<ChannelFacts>,
+    },
+    /// Read a channel from the chain (deposit, claimed, closing) and feed the answer to
+    /// [`Core::channel_read`].
+    ReadChannel {
+        /// Channel.
+        channel_id: B256,
     },
     /// Redeem the latest proof on chain (`close` at the deal's end).
     Claim {
@@ -238,8 +252,13 @@ pub struct Settings {
     pub first_window: Duration,
     /// Payment lag tolerated.
     pub grace: Duration,
-    /// Periodic claims at least this far apart.
-    pub claim_interval: Duration,
+    /// Claim a channel once its unclaimed amount reaches this (base units).
+    pub claim_threshold: u128,
+    /// Also claim whatever is unclaimed this often (`None`: no timer).
+    pub claim_interval: Option<Duration>,
+    /// Channels with unclaimed proofs are read from the chain this often (to see a
+    /// requester's close in time to claim).
+    pub channel_refresh: Duration,
     /// How long an exchange contact (a successful poll) counts as fresh: payment is
     /// only enforced while the exchange is known reachable.
     pub fresh_for: Duration,
@@ -292,11 +311,14 @@ pub struct DealView {
     pub requester: Address,
     /// The deal's start, unix seconds.
     pub start: u64,
-    /// Latest verified cumulative amount.
+    /// Paid for this deal: its latest verified cumulative amount minus `base`.
     pub paid: u128,
-    /// Claimed on chain so far.
+    /// The channel's cumulative amount where this deal's payments start (what its
+    /// earlier deals reached).
+    pub base: u128,
+    /// Of `paid`, what is claimed on chain so far.
     pub claimed: u128,
-    /// The final claim closed the channel (or it was gone).
+    /// The channel is closed (or gone).
     pub closed: bool,
     /// The channel paying this deal.
     pub channel: Option<B256>,
@@ -332,9 +354,13 @@ struct DealState {
     proof: Option<VerifiedProof>,
     serve_since: Option<Millis>,
     peer_present: bool,
-    claimed: u128,
-    closed: bool,
-    last_claim: Millis,
+    /// The channel's cumulative amount where this deal's payments start.
+    base: u128,
+    /// A later deal pays over this deal's channel now: this deal's account is closed.
+    frozen: bool,
+    /// First seen already accepted or active (the agent restarted): the deal's base on
+    /// a channel we have no record of is unknown, so it is taken as 0 (generous).
+    restored: bool,
     score: Option<u8>,
     end_reason: Option<String>,
     /// The requester's proposed end we mean to agree to.
@@ -420,10 +446,16 @@ impl DealState {
     }
 
     fn paid(&self) -> u128 {
-        self.proof.as_ref().map_or(0, |p| p.amount)
+        self.proof
+            .as_ref()
+            .map_or(0, |p| p.amount.saturating_sub(self.base))
     }
 
-    fn view(&self) -> DealView {
+    fn view(&self, lanes: &HashMap<B256, Lane>) -> DealView {
+        let lane = self.proof.as_ref().and_then(|p| lanes.get(&p.channel.id));
+        let claimed = lane.map_or(0, |l| {
+            l.facts.claimed.saturating_sub(self.base).min(self.paid())
+        });
         DealView {
             id: self.info.id,
             exit: self.exit,
@@ -437,8 +469,9 @@ impl DealState {
             requester: self.info.requester,
             start: self.info.start,
             paid: self.paid(),
-            claimed: self.claimed,
-            closed: self.closed,
+            base: self.base,
+            claimed,
+            closed: lane.is_none_or(|l| l.closed) && self.proof.is_some(),
             channel: self.proof.as_ref().map(|p| p.channel.id),
             proof_rejection: self.rejection.clone(),
             end_reason: self.end_reason.clone(),
@@ -471,13 +504,50 @@ impl DealState {
     }
 }
 
+/// One payment channel as we track it: the deals it paid, one after the other.
+#[derive(Debug, Clone)]
+struct Lane {
+    /// The deal it pays now (the latest bound).
+    deal: u64,
+    /// That deal's exit and requester key (whose connection-log hash goes on chain).
+    exit: Option<usize>,
+    key: [u8; 32],
+    /// Facts as last read; `deposit` and `claimed` only grow.
+    facts: ChannelFacts,
+    /// Highest verified cumulative amount over all its deals, and its signature.
+    high: u128,
+    signature: Vec<u8>,
+    /// Gone from the chain, closed by our claim, or refused for good.
+    closed: bool,
+    /// One of its deals was served or paid its first window: worth a transaction.
+    worthy: bool,
+    last_claim: Millis,
+    last_read: Millis,
+    claim: Slot,
+    read: Slot,
+}
+
+impl Lane {
+    fn unclaimed(&self) -> u128 {
+        self.high.saturating_sub(self.facts.claimed)
+    }
+}
+
+fn slot_failed(slot: &mut Slot, now: Millis, s: &Settings) {
+    slot.inflight = false;
+    let factor = 1u32.checked_shl(slot.attempts.min(16)).unwrap_or(u32::MAX);
+    let delay = s.retry_base.saturating_mul(factor).min(s.retry_max);
+    slot.attempts = slot.attempts.saturating_add(1);
+    slot.retry_at = now.saturating_add(delay.as_millis() as u64);
+}
+
 /// Every deal of this provider, and the rules.
 #[derive(Debug, Clone)]
 pub struct Core {
     settings: Settings,
     exits: Vec<ExitSlot>,
     deals: BTreeMap<u64, DealState>,
-    channels: HashMap<B256, u64>,
+    lanes: HashMap<B256, Lane>,
     settled: std::collections::HashSet<u64>,
     fresh_until: Millis,
 }
@@ -492,7 +562,7 @@ impl Core {
             settings,
             exits,
             deals: BTreeMap::new(),
-            channels: HashMap::new(),
+            lanes: HashMap::new(),
             settled: std::collections::HashSet::new(),
             fresh_until: 0,
         }
@@ -505,12 +575,26 @@ impl Core {
 
     /// A view of one deal.
     pub fn deal(&self, deal_id: u64) -> Option<DealView> {
-        self.deals.get(&deal_id).map(DealState::view)
+        self.deals.get(&deal_id).map(|d| d.view(&self.lanes))
     }
 
     /// Views of every deal, by id.
     pub fn deals(&self) -> Vec<DealView> {
-        self.deals.values().map(DealState::view).collect()
+        self.deals.values().map(|d| d.view(&self.lanes)).collect()
+    }
+
+    /// Sets the claim threshold (the runtime follows the gas price).
+    pub fn set_claim_threshold(&mut self, threshold: u128) {
+        self.settings.claim_threshold = threshold;
+    }
+
+    /// Unclaimed amount (verified, not yet claimed) summed over open channels.
+    pub fn unclaimed(&self) -> u128 {
+        self.lanes
+            .values()
+            .filter(|l| !l.closed)
+            .map(Lane::unclaimed)
+            .fold(0u128, u128::saturating_add)
     }
 
     /// The exchange answered (a poll succeeded) at `now`: payment may be enforced for
@@ -579,9 +663,12 @@ impl Core {
             proof: None,
             serve_since: None,
             peer_present: false,
-            claimed: 0,
-            closed: false,
-            last_claim: now,
+            base: 0,
+            frozen: false,
+            restored: matches!(
+                obs.provider_status,
+                PartyStatus::Accepted | PartyStatus::Active
+            ),
             score: None,
             end_reason: None,
             extend_to: None,
@@ -792,6 +879,7 @@ impl Core {
         let s = self.settings;
         let enforce = now <= self.fresh_until;
         let mut out = Vec::new();
+        let lanes = &self.lanes;
         for (&id, d) in self.deals.iter_mut() {
             // Clocks.
             if d.stage == Stage::Accepted && now >= d.end_ms() {
@@ -841,17 +929,29 @@ impl Core {
             }
             // Proofs.
             let unverified = d.proof_seen > d.paid() && d.proof_seen > d.rejected_upto;
+            let bound = d.proof.as_ref().map(|p| p.channel.id);
             let wants_proof = match d.stage {
                 Stage::Accepted | Stage::Serving => true,
-                Stage::Ended => !d.closed,
+                Stage::Ended => {
+                    !d.frozen && bound.is_none_or(|c| lanes.get(&c).is_some_and(|l| !l.closed))
+                }
                 Stage::Rejected => false,
             };
             if unverified && wants_proof && d.ready(Kind::CheckProof, now) {
                 d.start(Kind::CheckProof);
+                let requester = d.info.requester;
+                let known_channels = lanes
+                    .iter()
+                    .filter(|(c, l)| match bound {
+                        Some(b) => **c == b,
+                        None => !l.closed && !l.facts.closing && l.facts.requester == requester,
+                    })
+                    .map(|(_, l)| l.facts.clone())
+                    .collect();
                 out.push(Action::CheckProof {
                     deal_id: id,
-                    requester: d.info.requester,
-                    known_channel: d.proof.as_ref().map(|p| p.channel.clone()),
+                    requester,
+                    known_channels,
                 });
             }
             // Peer.
@@ -894,34 +994,6 @@ impl Core {
                     });
                 }
             }
-            // Claims.
-            let worthy = d.claim_worthy(s.first_window);
-            if let Some(p) = &d.proof
-                && worthy
-                && !d.closed
-                && d.ready(Kind::Claim, now)
-            {
-                let close = d.stage == Stage::Ended
-                    && !d.peer_present
-                    && !unverified
-                    && !d.slots[Kind::CheckProof as usize].inflight;
-                let periodic = d.stage == Stage::Serving
-                    && p.amount > d.claimed
-                    && now.saturating_sub(d.last_claim) >= s.claim_interval.as_millis() as u64;
-                if close || periodic {
-                    let action = Action::Claim {
-                        deal_id: id,
-                        exit: d.exit,
-                        key: d.info.requester_wg_key,
-                        channel_id: p.channel.id,
-                        amount: p.amount,
-                        signature: p.signature.clone(),
-                        close,
-                    };
-                    d.start(Kind::Claim);
-                    out.push(action);
-                }
-            }
             // Rating.
             if d.stage == Stage::Ended
                 && d.status.is_final()
@@ -933,17 +1005,69 @@ impl Core {
                 out.push(Action::Rate { deal_id: id, score });
             }
         }
+        // Channels: lazy claims, and reads to see a requester's close in time.
+        let refresh = s.channel_refresh.as_millis() as u64;
+        let mut ids: Vec<&B256> = self.lanes.keys().collect();
+        ids.sort_unstable();
+        let ids: Vec<B256> = ids.into_iter().copied().collect();
+        for cid in ids {
+            let Some(l) = self.lanes.get_mut(&cid) else {
+                continue;
+            };
+            if l.closed || !l.worthy {
+                continue;
+            }
+            let unclaimed = l.unclaimed();
+            // The requester is closing: claim the latest proof and close at once (a
+            // closing claim may repeat the amount already claimed).
+            let close = l.facts.closing;
+            let timer = s
+                .claim_interval
+                .is_some_and(|i| now.saturating_sub(l.last_claim) >= i.as_millis() as u64);
+            let due = close || (unclaimed > 0 && (unclaimed >= s.claim_threshold.max(1) || timer));
+            if due && !l.claim.inflight && now >= l.claim.retry_at {
+                l.claim.inflight = true;
+                out.push(Action::Claim {
+                    deal_id: l.deal,
+                    exit: l.exit,
+                    key: l.key,
+                    channel_id: cid,
+                    amount: l.high,
+                    signature: l.signature.clone(),
+                    close,
+                });
+            }
+            if !close
+                && now.saturating_sub(l.last_read) >= refresh
+                && !l.read.inflight
+                && now >= l.read.retry_at
+            {
+                l.read.inflight = true;
+                l.last_read = now;
+                out.push(Action::ReadChannel { channel_id: cid });
+            }
+        }
         // Deals with nothing left to do are forgotten after a while (their id is kept,
-        // so polls and replayed events do not bring them back).
+        // so polls and replayed events do not bring them back). A deal's payments are
+        // settled once claimed, once a later deal took its channel over (that deal's
+        // claims cover them), or once the channel is gone.
+        let lanes = &self.lanes;
         let done: Vec<u64> = self
             .deals
             .iter()
             .filter(|(_, d)| {
+                let paid_up = d.frozen
+                    || !d.claim_worthy(s.first_window)
+                    || d.proof.as_ref().is_none_or(|p| {
+                        lanes
+                            .get(&p.channel.id)
+                            .is_none_or(|l| l.closed || l.facts.claimed >= p.amount)
+                    });
                 matches!(d.stage, Stage::Ended | Stage::Rejected)
                     && d.status.is_final()
                     && !d.peer_present
                     && d.want.is_none()
-                    && (!d.claim_worthy(s.first_window) || d.closed)
+                    && paid_up
                     && (d.rated || d.score.is_none())
                     && d.slots.iter().all(|s| !s.inflight)
                     && now >= d.end_ms().saturating_add(KEEP_SETTLED_MS)
@@ -951,13 +1075,18 @@ impl Core {
             .map(|(&id, _)| id)
             .collect();
         for id in done {
-            if let Some(d) = self.deals.remove(&id)
-                && let Some(p) = d.proof
-            {
-                self.channels.remove(&p.channel.id);
-            }
+            self.deals.remove(&id);
             self.settled.insert(id);
         }
+        // Closed channels no deal refers to any more are forgotten.
+        let deals = &self.deals;
+        self.lanes.retain(|cid, l| {
+            !l.closed
+                || l.claim.inflight
+                || deals
+                    .values()
+                    .any(|d| d.proof.as_ref().is_some_and(|p| p.channel.id == *cid))
+        });
         out
     }
 
@@ -1049,64 +1178,165 @@ impl Core {
             d.rejected_upto = d.proof_seen;
             d.rejection = Some(why);
         };
-        if let Some(&other) = self.channels.get(&v.channel.id)
-            && other != deal_id
-        {
-            refuse(
-                d,
-                format!("channel {} already pays deal {other}", v.channel.id),
-            );
-            return;
-        }
         if let Some(p) = &d.proof
             && p.channel.id != v.channel.id
         {
             refuse(d, format!("deal is paid over channel {}", p.channel.id));
             return;
         }
-        if v.amount <= d.paid() {
+        if d.frozen {
+            // A later deal pays over this channel now; its payments cover ours.
             return;
         }
-        self.channels.insert(v.channel.id, deal_id);
+        let restored = d.restored;
+        let first_bind = d.proof.is_none();
+        // The deal the channel paid before, if another one.
+        let previous = self
+            .lanes
+            .get(&v.channel.id)
+            .map(|l| l.deal)
+            .filter(|&o| o != deal_id);
+        if first_bind {
+            if let Some(other) = previous
+                && self
+                    .deals
+                    .get(&other)
+                    .is_some_and(|o| matches!(o.stage, Stage::Accepted | Stage::Serving))
+            {
+                let Some(d) = self.deals.get_mut(&deal_id) else {
+                    return;
+                };
+                refuse(
+                    d,
+                    format!("channel {} still pays deal {other}", v.channel.id),
+                );
+                return;
+            }
+            // Where this deal's payments start: above everything the channel's earlier
+            // deals reached (and anything claimed on chain we did not see).
+            let base = match self.lanes.get(&v.channel.id) {
+                Some(l) => l.high.max(l.facts.claimed).max(v.channel.claimed),
+                None if restored => 0,
+                None => v.channel.claimed,
+            };
+            let Some(d) = self.deals.get_mut(&deal_id) else {
+                return;
+            };
+            if v.amount <= base {
+                refuse(
+                    d,
+                    format!(
+                        "cumulative amount {} does not pass the {base} channel {} already carries",
+                        v.amount, v.channel.id
+                    ),
+                );
+                return;
+            }
+            d.base = base;
+            if let Some(other) = previous
+                && let Some(o) = self.deals.get_mut(&other)
+            {
+                o.frozen = true;
+            }
+        }
+        let Some(d) = self.deals.get_mut(&deal_id) else {
+            return;
+        };
+        if v.amount <= d.base.saturating_add(d.paid()) && !first_bind {
+            return;
+        }
+        let lane = self.lanes.entry(v.channel.id).or_insert_with(|| Lane {
+            deal: deal_id,
+            exit: d.exit,
+            key: d.info.requester_wg_key,
+            facts: v.channel.clone(),
+            high: 0,
+            signature: Vec::new(),
+            closed: false,
+            worthy: false,
+            last_claim: now,
+            last_read: now,
+            claim: Slot::default(),
+            read: Slot::default(),
+        });
+        lane.deal = deal_id;
+        lane.exit = d.exit;
+        lane.key = d.info.requester_wg_key;
+        lane.facts.deposit = lane.facts.deposit.max(v.channel.deposit);
+        lane.facts.claimed = lane.facts.claimed.max(v.channel.claimed);
+        lane.facts.closing |= v.channel.closing;
+        if v.amount > lane.high {
+            lane.high = v.amount;
+            lane.signature.clone_from(&v.signature);
+        }
         d.proof = Some(v);
         d.rejection = None;
         let first = first_window_due(d.info.price, s.first_window, d.info.value);
         if d.stage == Stage::Accepted && d.paid() >= first && now < d.end_ms() {
             d.stage = Stage::Serving;
             d.serve_since = Some(now);
-            d.last_claim = now;
         }
+        lane.worthy |= d.claim_worthy(s.first_window);
     }
 
-    /// Result of an [`Action::Claim`]: `channel_gone` when the chain no longer has the
-    /// channel (closed by the claim or otherwise).
+    /// Result of an [`Action::Claim`] on `channel_id`: `channel_gone` when the chain no
+    /// longer has the channel (closed by the claim or otherwise).
     pub fn claim_done(
         &mut self,
-        deal_id: u64,
+        channel_id: B256,
         amount: u128,
         close: bool,
         r: Result<bool, Failure>,
         now: Millis,
     ) {
         let s = self.settings;
-        let Some(d) = self.deals.get_mut(&deal_id) else {
+        let Some(l) = self.lanes.get_mut(&channel_id) else {
             return;
         };
         match r {
             Ok(channel_gone) => {
-                d.succeeded(Kind::Claim);
-                d.claimed = d.claimed.max(amount);
-                d.last_claim = now;
+                l.claim = Slot::default();
+                l.facts.claimed = l.facts.claimed.max(amount);
+                l.last_claim = now;
                 if close || channel_gone {
-                    d.closed = true;
+                    l.closed = true;
                 }
             }
-            Err(Failure::Transient(_)) => d.failed(Kind::Claim, now, &s),
+            Err(Failure::Transient(_)) => slot_failed(&mut l.claim, now, &s),
             Err(Failure::Permanent(e)) => {
-                tracing::warn!(deal = deal_id, error = %e, "claim refused for good");
-                d.succeeded(Kind::Claim);
-                d.closed = true;
+                tracing::warn!(channel = %channel_id, error = %e, "claim refused for good");
+                l.claim = Slot::default();
+                l.closed = true;
             }
+        }
+    }
+
+    /// Result of an [`Action::ReadChannel`]: the channel as the chain has it now
+    /// (`None`: gone). A top-up raises the known deposit; a requester's close makes
+    /// the next [`Core::actions`] claim (and close) at once.
+    pub fn channel_read(
+        &mut self,
+        channel_id: B256,
+        r: Result<Option<ChannelFacts>, Failure>,
+        now: Millis,
+    ) {
+        let s = self.settings;
+        let Some(l) = self.lanes.get_mut(&channel_id) else {
+            return;
+        };
+        match r {
+            Ok(Some(f)) => {
+                l.read = Slot::default();
+                l.facts.deposit = l.facts.deposit.max(f.deposit);
+                l.facts.claimed = l.facts.claimed.max(f.claimed);
+                l.facts.closing |= f.closing;
+            }
+            Ok(None) => {
+                l.read = Slot::default();
+                l.closed = true;
+            }
+            Err(Failure::Transient(_)) => slot_failed(&mut l.read, now, &s),
+            Err(Failure::Permanent(_)) => l.read = Slot::default(),
         }
     }
 
@@ -1130,24 +1360,24 @@ impl Core {
         }
     }
 
-    /// Deals still serving a peer (for shutdown: their latest proofs get claimed).
+    /// The claims to make at shutdown: every open channel's unclaimed proof (the
+    /// channel stays open for the requester's next deals).
     pub fn claimable(&self) -> Vec<Action> {
-        let first_window = self.settings.first_window;
-        self.deals
+        let mut v: Vec<(&B256, &Lane)> = self
+            .lanes
             .iter()
-            .filter_map(|(&id, d)| {
-                let p = d.proof.as_ref()?;
-                (d.claim_worthy(first_window) && !d.closed && p.amount > d.claimed).then(|| {
-                    Action::Claim {
-                        deal_id: id,
-                        exit: d.exit,
-                        key: d.info.requester_wg_key,
-                        channel_id: p.channel.id,
-                        amount: p.amount,
-                        signature: p.signature.clone(),
-                        close: false,
-                    }
-                })
+            .filter(|(_, l)| !l.closed && l.worthy && l.unclaimed() > 0)
+            .collect();
+        v.sort_unstable_by_key(|(c, _)| **c);
+        v.into_iter()
+            .map(|(c, l)| Action::Claim {
+                deal_id: l.deal,
+                exit: l.exit,
+                key: l.key,
+                channel_id: *c,
+                amount: l.high,
+                signature: l.signature.clone(),
+                close: false,
             })
             .collect()
     }
@@ -1167,7 +1397,9 @@ mod tests {
         Settings {
             first_window: Duration::from_secs(5),
             grace: Duration::from_secs(3),
-            claim_interval: Duration::from_secs(60),
+            claim_threshold: 1_000_000,
+            claim_interval: None,
+            channel_refresh: Duration::from_secs(7200),
             fresh_for: Duration::from_secs(3600),
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(8),
@@ -1243,11 +1475,12 @@ mod tests {
                 }
                 Action::RemovePeer { deal_id, .. } => c.peer_done(*deal_id, false, Ok(()), now),
                 Action::Claim {
-                    deal_id,
+                    channel_id,
                     amount,
                     close,
                     ..
-                } => c.claim_done(*deal_id, *amount, *close, Ok(*close), now),
+                } => c.claim_done(*channel_id, *amount, *close, Ok(*close), now),
+                Action::ReadChannel { .. } => {}
                 Action::Rate { deal_id, .. } => c.rate_done(*deal_id, Ok(()), now),
                 Action::ProposeExtend { deal_id, new_end } => {
                     c.extend_done(*deal_id, *new_end, Ok(()), now)
@@ -1333,13 +1566,7 @@ mod tests {
         // A proof short of the first window does not open the tunnel.
         c.proof_posted(7, 49);
         let a = settle(&mut c, T0 + 100);
-        assert!(matches!(
-            a[..],
-            [Action::CheckProof {
-                known_channel: None,
-                ..
-            }]
-        ));
+        assert!(matches!(a[..], [Action::CheckProof { .. }]));
         c.proof_checked(7, Ok(proof(1, 49)), T0 + 100);
         assert!(settle(&mut c, T0 + 100).is_empty());
         c.proof_posted(7, 50);
@@ -1355,13 +1582,7 @@ mod tests {
         // Proofs keep up: served 10 s, paid 150 (covers 15 s).
         c.proof_posted(7, 150);
         let a = settle(&mut c, T0 + 10_200);
-        assert!(matches!(
-            a[..],
-            [Action::CheckProof {
-                known_channel: Some(_),
-                ..
-            }]
-        ));
+        assert!(matches!(a[..], [Action::CheckProof { .. }]));
         c.proof_checked(7, Ok(proof(1, 150)), T0 + 10_200);
         c.proof_posted(7, 200);
         settle(&mut c, T0 + 15_000);
@@ -1371,15 +1592,12 @@ mod tests {
         let a = settle(&mut c, T0 + 20_000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
         assert_eq!(reports(&a), vec![PartyStatus::Completed]);
+        // Claims are lazy: 200 is under the threshold, so nothing goes on chain yet.
         let a = settle(&mut c, T0 + 20_000);
-        assert!(matches!(
-            a[..],
-            [Action::Claim {
-                amount: 200,
-                close: true,
-                ..
-            }]
-        ));
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Claim { .. })),
+            "{a:?}"
+        );
         // Rating waits for the deal to be final.
         assert!(settle(&mut c, T0 + 21_000).is_empty());
         c.status_changed(7, DealStatus::Completed, T0 + 22_000);
@@ -1392,8 +1610,21 @@ mod tests {
             }]
         );
         assert!(settle(&mut c, T0 + 30_000).is_empty());
+        // At shutdown the channel's unclaimed proof is claimed; the channel stays open.
+        let claims = c.claimable();
+        assert!(matches!(
+            claims[..],
+            [Action::Claim {
+                deal_id: 7,
+                amount: 200,
+                close: false,
+                ..
+            }]
+        ));
+        c.claim_done(B256::repeat_byte(1), 200, false, Ok(false), T0 + 30_000);
+        assert!(c.claimable().is_empty());
         let v = c.deal(7).unwrap();
-        assert!(v.closed && v.rated && !v.peer_present);
+        assert!(!v.closed && v.rated && !v.peer_present);
         assert_eq!(v.claimed, 200);
         // Ten minutes after the end only the id is kept; a poll does not revive it.
         settle(&mut c, T0 + 20_000 + KEEP_SETTLED_MS);
@@ -1438,12 +1669,11 @@ mod tests {
             unreachable!()
         };
         assert_eq!(reason, "payment stopped");
-        let a = settle(&mut c, T0 + 9_000);
         assert!(matches!(
-            a[..],
+            c.claimable()[..],
             [Action::Claim {
                 amount: 50,
-                close: true,
+                close: false,
                 ..
             }]
         ));
@@ -1491,8 +1721,126 @@ mod tests {
         ));
     }
 
+    /// Channel reuse: deal 2 pays over deal 1's channel once deal 1 is over; its
+    /// payments are what the channel's cumulative amount adds above deal 1's last proof
+    /// (exact per-deal accounting), a proof that adds nothing is refused, and deal 1's
+    /// later proofs no longer count for it. One claim covers both deals.
     #[test]
-    fn one_channel_pays_one_deal() {
+    fn a_channel_carries_deal_after_deal_with_exact_accounting() {
+        let mut c = core(2);
+        c.observe(obs(1, 20), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        c.proof_posted(1, 200);
+        settle(&mut c, T0 + 15_000);
+        c.proof_checked(1, Ok(proof(1, 200)), T0 + 15_000);
+        settle(&mut c, T0 + 20_000); // deal 1 ends
+        assert_eq!(c.deal(1).unwrap().stage, Stage::Ended);
+
+        let mut o = obs(2, 20);
+        o.info.start = T0 / 1000 + 20;
+        o.info.end = T0 / 1000 + 40;
+        c.observe(o, T0 + 20_000);
+        settle(&mut c, T0 + 20_000);
+        // Not above what the channel already carries: refused, not served.
+        c.proof_posted(2, 200);
+        let a = settle(&mut c, T0 + 20_100);
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::CheckProof { deal_id: 2, known_channels, .. } if known_channels.len() == 1
+            )),
+            "the known channel goes with the check: {a:?}"
+        );
+        c.proof_checked(2, Ok(proof(1, 200)), T0 + 20_100);
+        let v = c.deal(2).unwrap();
+        assert_eq!(v.stage, Stage::Accepted);
+        assert!(v.proof_rejection.unwrap().contains("does not pass the 200"));
+        // 250 = 200 of deal 1 + deal 2's first window.
+        c.proof_posted(2, 250);
+        settle(&mut c, T0 + 20_200);
+        c.proof_checked(2, Ok(proof(1, 250)), T0 + 20_200);
+        let v = c.deal(2).unwrap();
+        assert_eq!((v.stage, v.base, v.paid), (Stage::Serving, 200, 50));
+        // Deal 1's late proof counts for nobody: its account closed at 200.
+        c.proof_posted(1, 300);
+        settle(&mut c, T0 + 20_300);
+        c.proof_checked(1, Ok(proof(1, 300)), T0 + 20_300);
+        assert_eq!(c.deal(1).unwrap().paid, 200);
+        assert_eq!(c.deal(2).unwrap().paid, 50);
+        // One claim for the channel: everything both deals were paid.
+        assert!(matches!(
+            c.claimable()[..],
+            [Action::Claim {
+                deal_id: 2,
+                amount: 250,
+                close: false,
+                ..
+            }]
+        ));
+    }
+
+    /// Claims are lazy: nothing under the threshold, one claim when the unclaimed
+    /// amount reaches it, and a closing claim as soon as a read shows the requester
+    /// closing the channel.
+    #[test]
+    fn claims_wait_for_the_threshold_or_the_requesters_close() {
+        let mut c = core(1);
+        c.set_claim_threshold(300);
+        c.observe(obs(1, 600), T0);
+        c.proof_posted(1, 50);
+        settle(&mut c, T0);
+        c.proof_checked(1, Ok(proof(1, 50)), T0);
+        settle(&mut c, T0);
+        let mut claims = Vec::new();
+        for t in 1..=40u64 {
+            let now = T0 + t * 1_000;
+            let amount = PRICE * u128::from(t + 5);
+            c.proof_posted(1, amount);
+            settle(&mut c, now);
+            c.proof_checked(1, Ok(proof(1, amount)), now);
+            claims.extend(
+                settle(&mut c, now)
+                    .into_iter()
+                    .filter(|a| matches!(a, Action::Claim { .. })),
+            );
+        }
+        // 300 unclaimed is reached at 25 s (amount 300), then again at 55 s... not yet.
+        assert!(
+            matches!(
+                claims[..],
+                [Action::Claim {
+                    amount: 300,
+                    close: false,
+                    ..
+                }]
+            ),
+            "{claims:?}"
+        );
+        // The requester starts closing: the next read shows it, the claim closes.
+        let mut f = channel(1);
+        f.closing = true;
+        c.channel_read(B256::repeat_byte(1), Ok(Some(f)), T0 + 41_000);
+        let a = settle(&mut c, T0 + 41_000);
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::Claim {
+                    amount: 450,
+                    close: true,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        assert!(c.deal(1).unwrap().closed);
+        assert!(c.claimable().is_empty());
+    }
+
+    #[test]
+    fn a_channel_pays_one_running_deal_at_a_time() {
         let mut c = core(2);
         c.observe(obs(1, 60), T0);
         c.observe(obs(2, 60), T0);
@@ -1503,7 +1851,7 @@ mod tests {
         c.proof_checked(2, Ok(proof(1, 50)), T0);
         let v = c.deal(2).unwrap();
         assert_eq!(v.stage, Stage::Accepted);
-        assert!(v.proof_rejection.unwrap().contains("already pays deal 1"));
+        assert!(v.proof_rejection.unwrap().contains("still pays deal 1"));
         // And a deal's channel cannot change.
         c.proof_posted(1, 80);
         settle(&mut c, T0);
@@ -1551,7 +1899,7 @@ mod tests {
     #[test]
     fn claims_are_periodic_and_never_repeat_an_amount() {
         let mut s = settings();
-        s.claim_interval = Duration::from_secs(10);
+        s.claim_interval = Some(Duration::from_secs(10));
         let mut c = Core::new(
             s,
             vec![ExitSlot {
@@ -1619,7 +1967,7 @@ mod tests {
             reports(&settle(&mut c, T0 + 10_000)).is_empty(),
             "already active"
         );
-        // A final deal with an unclaimed proof gets its closing claim.
+        // A final deal with an unclaimed proof: claimed once worth it (here at once).
         let mut f = obs(2, 5);
         f.provider_status = PartyStatus::Completed;
         f.requester_status = PartyStatus::Completed;
@@ -1632,13 +1980,14 @@ mod tests {
             a.iter()
                 .any(|a| matches!(a, Action::CheckProof { deal_id: 2, .. }))
         );
+        c.set_claim_threshold(50);
         c.proof_checked(2, Ok(proof(2, 50)), T0 + 60_000);
         let a = settle(&mut c, T0 + 60_000);
         assert!(a.iter().any(|a| matches!(
             a,
             Action::Claim {
                 deal_id: 2,
-                close: true,
+                close: false,
                 ..
             }
         )));
@@ -1715,10 +2064,9 @@ mod tests {
         assert!(c.deal(1).unwrap().peer_present);
         let a = settle(&mut c, T0 + 180_000);
         assert!(a.iter().any(|a| matches!(a, Action::RemovePeer { .. })));
-        let a = settle(&mut c, T0 + 180_000);
         assert!(matches!(
-            a[..],
-            [Action::Claim { amount, close: true, .. }] if amount == PRICE * 180
+            c.claimable()[..],
+            [Action::Claim { amount, close: false, .. }] if amount == PRICE * 180
         ));
     }
 
@@ -1798,11 +2146,12 @@ mod tests {
         }
         assert!(c.claimable().is_empty());
         // A first-window proof, then the requester gives up before the peer was added:
-        // that proof is claimed, closing the channel.
+        // that proof is worth claiming (lazily: here the threshold is reached).
         let mut c = core(1);
         c.observe(obs(1, 60), T0);
         c.proof_posted(1, 50);
         settle(&mut c, T0);
+        c.set_claim_threshold(50);
         c.proof_checked(1, Ok(proof(1, 50)), T0);
         c.party_reported(1, false, PartyStatus::Failed, T0 + 10);
         let a = settle(&mut c, T0 + 10);
@@ -1812,7 +2161,7 @@ mod tests {
                 a,
                 Action::Claim {
                     amount: 50,
-                    close: true,
+                    close: false,
                     ..
                 }
             )),
@@ -1911,6 +2260,9 @@ mod tests {
                 | Action::PeerEndpoint { deal_id, .. } => (*deal_id, Kind::Peer),
                 Action::CheckProof { deal_id, .. } => (*deal_id, Kind::CheckProof),
                 Action::Claim { deal_id, .. } => (*deal_id, Kind::Claim),
+                Action::ReadChannel { channel_id } => {
+                    (10_000 + u64::from(channel_id[0]), Kind::CheckProof)
+                }
                 Action::Rate { deal_id, .. } => (*deal_id, Kind::Rate),
                 Action::ProposeExtend { deal_id, .. } => (*deal_id, Kind::Extend),
             }
@@ -1927,6 +2279,8 @@ mod tests {
             #[test]
             fn the_core_keeps_its_promises(ops in proptest::collection::vec(op(), 1..120)) {
                 let mut c = core(2);
+                // Lazy claims of at least the first window.
+                c.set_claim_threshold(100);
                 let mut now = T0;
                 let mut outstanding: Vec<Action> = Vec::new();
                 let mut reported: std::collections::HashSet<(u64, PartyStatus)> = Default::default();
@@ -1979,13 +2333,14 @@ mod tests {
                                     };
                                     c.proof_checked(deal_id, r, now);
                                 }
-                                Action::Claim { deal_id, amount, close, .. } => {
+                                Action::Claim { deal_id, channel_id, amount, close, .. } => {
                                     if fail.is_none() {
                                         let cl = claimed.entry(deal_id).or_default();
                                         *cl = (*cl).max(amount);
                                     }
-                                    c.claim_done(deal_id, amount, close, fail.map_or(Ok(close), Err), now);
+                                    c.claim_done(channel_id, amount, close, fail.map_or(Ok(close), Err), now);
                                 }
+                                Action::ReadChannel { channel_id } => c.channel_read(channel_id, fail.map_or(Ok(None), Err), now),
                                 Action::Rate { deal_id, .. } => c.rate_done(deal_id, fail.map_or(Ok(()), Err), now),
                                 Action::ProposeExtend { deal_id, new_end } => c.extend_done(deal_id, new_end, fail.map_or(Ok(()), Err), now),
                             }

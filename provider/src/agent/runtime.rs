@@ -26,7 +26,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::AgentError;
-use super::config::{AgentConfig, DEFAULT_STATUS_LISTEN, ExitSection, WalletSection};
+use super::config::{
+    AgentConfig, ClaimThreshold, DEFAULT_STATUS_LISTEN, ExitSection, WalletSection,
+};
 use super::core::{
     Action, ChannelFacts, Core, DealInfo, DealView, ExitSlot, Failure, Observation, Settings,
 };
@@ -71,6 +73,8 @@ pub struct ClaimRecord {
     pub deal_id: u64,
     /// Channel.
     pub channel_id: B256,
+    /// What this claim added (cumulative minus what was claimed before).
+    pub paid: u128,
     /// Cumulative amount claimed.
     pub amount: u128,
     /// The claim closed the channel.
@@ -425,8 +429,11 @@ fn observation(d: &Deal) -> Observation {
     }
 }
 
+fn small(v: U256) -> u128 {
+    u128::try_from(v).unwrap_or(u128::MAX)
+}
+
 fn facts(c: ChannelState) -> ChannelFacts {
-    let small = |v: U256| u128::try_from(v).unwrap_or(u128::MAX);
     ChannelFacts {
         id: c.id,
         requester: c.requester,
@@ -477,7 +484,7 @@ enum Msg {
     Reported(u64, PartyStatus, Result<(), Failure>),
     Checked(u64, Result<super::core::VerifiedProof, Failure>),
     Claimed(
-        u64,
+        B256,
         u128,
         bool,
         Result<(bool, Option<ClaimRecord>), Failure>,
@@ -485,6 +492,8 @@ enum Msg {
     Rated(u64, u8, Result<(), Failure>),
     Extended(u64, u64, Result<(), Failure>),
     Offer(usize, u64),
+    ChannelRead(B256, Result<Option<ChannelFacts>, Failure>),
+    ClaimThreshold(u128),
 }
 
 #[derive(Clone)]
@@ -597,7 +606,10 @@ impl Agent {
         let settings = Settings {
             first_window: t.first_window,
             grace: t.grace,
+            // Until the gas price is read: 1 gwei.
+            claim_threshold: t.claim_threshold.resolve(1_000_000_000),
             claim_interval: t.claim_interval,
+            channel_refresh: t.poll,
             fresh_for: t
                 .poll
                 .saturating_mul(2)
@@ -630,6 +642,9 @@ impl Agent {
             polling: false,
             poll_every: t.poll,
         };
+        if t.claim_threshold == ClaimThreshold::Auto {
+            tokio::spawn(gas_price_loop(rt.net.clone(), stop_rx.clone()));
+        }
         let offers = tokio::spawn(offer_loop(
             rt.net.clone(),
             templates,
@@ -684,6 +699,27 @@ struct Runtime {
     fetching: HashSet<u64>,
     polling: bool,
     poll_every: Duration,
+}
+
+/// How often `claim_threshold = "auto"` reads the gas price again.
+const GAS_PRICE_EVERY: Duration = Duration::from_secs(600);
+
+/// Keeps the automatic claim threshold in step with the chain's gas price.
+async fn gas_price_loop(net: Net, mut stop: watch::Receiver<bool>) {
+    loop {
+        match net.chain.gas_price().await {
+            Ok(p) => {
+                let _ = net
+                    .tx
+                    .send(Msg::ClaimThreshold(ClaimThreshold::Auto.resolve(p)));
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the gas price for the claim threshold"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(GAS_PRICE_EVERY) => {}
+        }
+    }
 }
 
 impl Runtime {
@@ -837,21 +873,19 @@ impl Runtime {
                     .earned_total
                     .saturating_add(after.saturating_sub(before));
             }
-            Msg::Claimed(id, amount, close, r) => {
-                let before = self.core.deal(id).map_or(0, |d| d.claimed);
+            Msg::Claimed(channel_id, amount, close, r) => {
                 let r = r.map(|(gone, record)| {
                     if let Some(rec) = record {
+                        self.status.claimed_total =
+                            self.status.claimed_total.saturating_add(rec.paid);
                         push_capped(&mut self.status.claims, rec);
                     }
                     gone
                 });
-                self.core.claim_done(id, amount, close, r, now);
-                let after = self.core.deal(id).map_or(0, |d| d.claimed);
-                self.status.claimed_total = self
-                    .status
-                    .claimed_total
-                    .saturating_add(after.saturating_sub(before));
+                self.core.claim_done(channel_id, amount, close, r, now);
             }
+            Msg::ChannelRead(channel_id, r) => self.core.channel_read(channel_id, r, now),
+            Msg::ClaimThreshold(v) => self.core.set_claim_threshold(v),
             Msg::Extended(id, new_end, r) => self.core.extend_done(id, new_end, r, now),
             Msg::Rated(id, score, r) => {
                 if r.is_ok() {
@@ -1033,11 +1067,22 @@ impl Runtime {
             Action::CheckProof {
                 deal_id,
                 requester,
-                known_channel,
+                known_channels,
             } => {
                 tokio::spawn(async move {
-                    let r = check(&net, deal_id, requester, known_channel).await;
+                    let r = check(&net, deal_id, requester, known_channels).await;
                     let _ = net.tx.send(Msg::Checked(deal_id, r));
+                });
+            }
+            Action::ReadChannel { channel_id } => {
+                tokio::spawn(async move {
+                    let r = net
+                        .chain
+                        .channel(channel_id)
+                        .await
+                        .map(|c| c.map(facts))
+                        .map_err(|e| Failure::Transient(e.to_string()));
+                    let _ = net.tx.send(Msg::ChannelRead(channel_id, r));
                 });
             }
             Action::Claim {
@@ -1059,7 +1104,7 @@ impl Runtime {
                         &net, deal_id, channel_id, amount, signature, close, log_hash,
                     )
                     .await;
-                    let _ = net.tx.send(Msg::Claimed(deal_id, amount, close, r));
+                    let _ = net.tx.send(Msg::Claimed(channel_id, amount, close, r));
                 });
             }
         }
@@ -1110,19 +1155,23 @@ async fn check(
     net: &Net,
     deal_id: u64,
     requester: Address,
-    known: Option<ChannelFacts>,
+    known: Vec<ChannelFacts>,
 ) -> Result<super::core::VerifiedProof, Failure> {
     let proof = net
         .client
         .proof(deal_id)
         .await
         .map_err(|e| Failure::Transient(e.to_string()))?;
-    // The bound channel's facts only change by top-ups (deposit grows) or closes; a
-    // later proof within the known deposit needs no chain read, so a chain outage does
-    // not stop a running deal from being paid.
+    // A known channel's facts only change by top-ups (deposit grows) or closes (seen
+    // by the core's periodic reads); a proof within the known deposit needs no chain
+    // read, so a rental over a funded channel does not wait for the chain and a chain
+    // outage does not stop a running deal from being paid.
+    let known = known
+        .into_iter()
+        .find(|k| k.id == proof.channel_id && k.deposit >= proof.cumulative_amount);
     let channel = match known {
-        Some(k) if k.id == proof.channel_id && k.deposit >= proof.cumulative_amount => Some(k),
-        _ => net
+        Some(k) => Some(k),
+        None => net
             .chain
             .channel(proof.channel_id)
             .await
@@ -1155,6 +1204,7 @@ async fn claim(
     if ch.claimed >= U256::from(amount) && !close {
         return Ok((false, None));
     }
+    let before = small(ch.claimed);
     let proof = BalanceProof {
         channel_id,
         cumulative_amount: U256::from(amount),
@@ -1172,6 +1222,7 @@ async fn claim(
                     deal_id,
                     channel_id,
                     amount,
+                    paid: amount.saturating_sub(before),
                     close,
                     log_hash,
                     tx_hash: Some(out.tx_hash),

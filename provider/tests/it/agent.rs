@@ -308,6 +308,23 @@ impl Renter {
         amount_due(PRICE, served, WINDOW, self.deal.terms.value)
     }
 
+    /// Starts closing the channel admitting only what is already claimed (the
+    /// provider claims its latest proof in the challenge period).
+    async fn close(&self, channel: B256) {
+        // The provider may claim between the read and the close (its timer claims):
+        // then the admitted amount is stale; read again (a few times at most).
+        for attempt in 0..5 {
+            let claimed = self.chain.channel(channel).await.unwrap().unwrap().claimed;
+            match self.chain.start_close(channel, claimed).await {
+                Ok(_) => return,
+                // A stale admission reverts at the estimate or, when the claim lands
+                // in the same block, on chain.
+                Err(_) if attempt < 4 => {}
+                Err(e) => panic!("startClose: {e}"),
+            }
+        }
+    }
+
     async fn open_channel(&self, to: Address, deposit: u128) -> B256 {
         self.chain
             .open_channel(to, U256::from(deposit))
@@ -445,6 +462,9 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     let paid = pay_until_end(&r, channel, served_from, first).await;
     r.report(PartyStatus::Completed).await;
     tunnel.shutdown().await;
+    // Channels outlive deals (reuse); the requester closing it makes the provider
+    // claim and close at once.
+    r.close(channel).await;
 
     let s = agent
         .wait_until(WAIT, |s| {
@@ -721,6 +741,9 @@ async fn an_extension_keeps_the_same_exit_and_is_paid_past_the_old_value_after_a
         "paid {paid}, the old value was {old_value}"
     );
     r.report(PartyStatus::Completed).await;
+    // Channels outlive deals (reuse); the requester closing it makes the provider
+    // claim and close at once.
+    r.close(channel).await;
     let s = agent
         .wait_until(WAIT, |s| {
             s.claims.iter().any(|c| c.deal_id == id && c.close)
@@ -790,7 +813,9 @@ async fn payment_stall_removes_the_peer_and_reports_failed() {
         "{:?}",
         deal.history
     );
-    // The paid window is still claimed (closing the channel), and the tunnel is dead.
+    // The paid window is still claimed (closing the channel once the requester closes
+    // it), and the tunnel is dead.
+    r.close(channel).await;
     agent
         .wait_until(WAIT, |s| {
             s.claims
@@ -907,6 +932,9 @@ async fn exchange_restart_resumes_the_stream_without_double_actions() {
 
     let paid = pay_until_end(&r, channel, served_from, first).await;
     r.report(PartyStatus::Completed).await;
+    // Channels outlive deals (reuse); the requester closing it makes the provider
+    // claim and close at once.
+    r.close(channel).await;
     let s = agent
         .wait_until(WAIT, |s| {
             s.claims.iter().any(|c| c.deal_id == id && c.close)
@@ -1101,6 +1129,9 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
     assert_eq!(whoami(&tunnel, target).await, EXIT_IP);
     let paid = pay_until_end(&r, channel, served_from, second).await;
     r.report(PartyStatus::Completed).await;
+    // Channels outlive deals (reuse); the requester closing it makes the provider
+    // claim and close at once.
+    r.close(channel).await;
     let s = agent2
         .wait_until(WAIT, |s| {
             s.claims.iter().any(|c| c.deal_id == id && c.close)
@@ -1232,6 +1263,9 @@ async fn chain_outage_keeps_serving_and_claims_after_recovery() {
     rpc.up.send_replace(true);
     let paid = pay_until_end(&r, channel, served_from, paid).await;
     r.report(PartyStatus::Completed).await;
+    // Channels outlive deals (reuse); the requester closing it makes the provider
+    // claim and close at once.
+    r.close(channel).await;
     let s = agent
         .wait_until(WAIT, |s| {
             s.claims.iter().any(|c| c.deal_id == id && c.close)

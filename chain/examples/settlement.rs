@@ -1,0 +1,351 @@
+//! Settlement benchmark (run by `benches/settlement/run.sh`): the chain side of 100
+//! deals of 10 minutes with 4 providers, on anvil mining a block every 2 s, under two
+//! protocols, side by side:
+//!
+//! - **per-deal channels** (the protocol before channel reuse): every deal opens a
+//!   channel (`openChannel`, requester) and ends with the provider's closing claim
+//!   (`claim(close)`); the provider's default `claim_interval` (10 min) adds no claim
+//!   inside a 10-minute deal. Every rental is a first contact: it waits for the open.
+//! - **reused channels, lazy claims** (this protocol): one channel per provider, opened
+//!   at first contact; later deals continue its cumulative amount; the deposit is kept
+//!   one deal ahead, each top-up adding `channel_prefund` = 8 deals; the provider
+//!   claims once its unclaimed amount reaches the automatic threshold (a claim's gas at
+//!   the current gas price is at most 1 % of the amount, one token base unit taken as
+//!   one wei), and every channel is closed at the end (`startClose` by the requester,
+//!   the provider's closing claim): those closes are counted.
+//!
+//! Time is compressed: a deal's service is not waited for, only its payments are made
+//! (first window, then the whole value). "Rent to first byte" here is the payment part
+//! of it: from the match to the provider holding a verified proof for the first window
+//! (the requester's open when needed, its signature, the provider's channel read unless
+//! the deposit is already known, the signature check); the exchange and tunnel hops
+//! come on top (about 20 ms on one machine, `benches/market/run.sh`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256};
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{BalanceProof, ChainClient, ChannelState, Deployment, verify_balance_proof};
+
+const DEALS: usize = 100;
+const PROVIDERS: usize = 4;
+const DEAL_S: u64 = 600;
+/// Price per IP-second in base units (the example provider config's price).
+const PRICE: u128 = 1_000_000_000_000;
+const FIRST_WINDOW_S: u64 = 5;
+const PREFUND: u128 = 8;
+/// Gas a claim costs, rounded up, and the share the automatic threshold allows
+/// (the provider agent's `CLAIM_GAS` and `CLAIM_GAS_SHARE`).
+const CLAIM_GAS: u128 = 80_000;
+const CLAIM_GAS_SHARE: u128 = 100;
+const REQUESTER: usize = 5;
+
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    gas_requester: u64,
+    gas_provider: u64,
+    tx_requester: u32,
+    tx_provider: u32,
+    first_contact: Vec<Duration>,
+    funded: Vec<Duration>,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.gas_requester += o.gas_requester;
+        self.gas_provider += o.gas_provider;
+        self.tx_requester += o.tx_requester;
+        self.tx_provider += o.tx_provider;
+        self.first_contact.extend(o.first_contact);
+        self.funded.extend(o.funded);
+    }
+}
+
+/// The provider's check of a first proof: the channel read from the chain unless its
+/// deposit is known to cover the amount, then the signature.
+async fn provider_verifies(
+    prov: &ChainClient,
+    requester: Address,
+    id: B256,
+    amount: u128,
+    sig: &[u8],
+    known: Option<&ChannelState>,
+) -> ChannelState {
+    let ch = match known {
+        Some(k) if k.deposit >= U256::from(amount) => *k,
+        _ => prov.channel(id).await.unwrap().expect("channel exists"),
+    };
+    assert!(ch.deposit >= U256::from(amount), "proof above the deposit");
+    let proof = BalanceProof {
+        channel_id: id,
+        cumulative_amount: U256::from(amount),
+    };
+    verify_balance_proof(&prov.domain(), &proof, sig, requester).unwrap();
+    ch
+}
+
+/// First contact: the requester opens a channel and pays the first window; the
+/// provider reads the channel and checks the proof. Timed from the match.
+async fn first_contact(
+    req: &ChainClient,
+    prov: &ChainClient,
+    value: u128,
+    first: u128,
+    t: &mut Tally,
+) -> B256 {
+    let t0 = Instant::now();
+    let (id, out) = req
+        .open_channel(prov.address(), U256::from(value))
+        .await
+        .unwrap();
+    t.gas_requester += out.gas_used;
+    t.tx_requester += 1;
+    let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
+    provider_verifies(prov, req.address(), id, first, &sig, None).await;
+    t.first_contact.push(t0.elapsed());
+    id
+}
+
+async fn per_deal_channels(req: ChainClient, prov: ChainClient, deals: usize) -> Tally {
+    let mut t = Tally::default();
+    let value = PRICE * u128::from(DEAL_S);
+    let first = PRICE * u128::from(FIRST_WINDOW_S);
+    for _ in 0..deals {
+        let id = first_contact(&req, &prov, value, first, &mut t).await;
+        let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
+        let proof = BalanceProof {
+            channel_id: id,
+            cumulative_amount: U256::from(value),
+        };
+        let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
+        t.gas_provider += out.gas_used;
+        t.tx_provider += 1;
+    }
+    t
+}
+
+async fn reused_channels(
+    req: ChainClient,
+    prov: ChainClient,
+    deals: usize,
+    threshold: u128,
+) -> Tally {
+    let mut t = Tally::default();
+    let value = PRICE * u128::from(DEAL_S);
+    let first = PRICE * u128::from(FIRST_WINDOW_S);
+    // (id, known channel state, deposit, signed, claimed, latest signature)
+    let mut lane: Option<(
+        B256,
+        ChannelState,
+        u128,
+        u128,
+        u128,
+        alloy::primitives::Bytes,
+    )> = None;
+    for _ in 0..deals {
+        let t0 = Instant::now();
+        let Some((id, known, deposit, signed, claimed, last)) = lane.take() else {
+            let id = first_contact(&req, &prov, value, first, &mut t).await;
+            // Kept one deal ahead: topped up beside the first deal's service.
+            let add = value * PREFUND;
+            let out = req.top_up(id, U256::from(add)).await.unwrap();
+            t.gas_requester += out.gas_used;
+            t.tx_requester += 1;
+            let known = prov.channel(id).await.unwrap().unwrap();
+            let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
+            lane = Some((id, known, value + add, value, 0, sig));
+            continue;
+        };
+        let base = signed;
+        let mut deposit = deposit;
+        let mut known = known;
+        // The first window goes at once when the deposit covers it; the top-up (if
+        // the whole deal would pass the deposit) runs beside it.
+        let covered = deposit >= base + first;
+        if covered {
+            let sig = req
+                .sign_balance_proof(id, U256::from(base + first))
+                .unwrap();
+            provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
+            t.funded.push(t0.elapsed());
+        }
+        if deposit < base + 2 * value {
+            let add = (base + value).saturating_sub(deposit) + value * PREFUND;
+            let out = req.top_up(id, U256::from(add)).await.unwrap();
+            t.gas_requester += out.gas_used;
+            t.tx_requester += 1;
+            deposit += add;
+            // The provider sees the larger deposit on its next read (or when a proof
+            // passes what it knew).
+            known = prov.channel(id).await.unwrap().unwrap();
+        }
+        if !covered {
+            let sig = req
+                .sign_balance_proof(id, U256::from(base + first))
+                .unwrap();
+            provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
+            t.funded.push(t0.elapsed());
+        }
+        let _ = last;
+        let signed = base + value;
+        let sig = req.sign_balance_proof(id, U256::from(signed)).unwrap();
+        let mut claimed = claimed;
+        if signed - claimed >= threshold {
+            let proof = BalanceProof {
+                channel_id: id,
+                cumulative_amount: U256::from(signed),
+            };
+            let out = prov
+                .claim(&proof, sig.clone(), B256::ZERO, false)
+                .await
+                .unwrap();
+            t.gas_provider += out.gas_used;
+            t.tx_provider += 1;
+            claimed = signed;
+        }
+        lane = Some((id, known, deposit, signed, claimed, sig));
+    }
+    // Close: the requester starts it admitting what is claimed, the provider claims the
+    // rest and closes.
+    if let Some((id, _, _, signed, claimed, sig)) = lane {
+        let out = req.start_close(id, U256::from(claimed)).await.unwrap();
+        t.gas_requester += out.gas_used;
+        t.tx_requester += 1;
+        let proof = BalanceProof {
+            channel_id: id,
+            cumulative_amount: U256::from(signed),
+        };
+        let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
+        t.gas_provider += out.gas_used;
+        t.tx_provider += 1;
+    }
+    t
+}
+
+async fn run(deployment: Deployment, anvil: &Anvil, reuse: bool, threshold: u128) -> Tally {
+    let req = ChainClient::connect(anvil.endpoint(), deployment, anvil.key(REQUESTER))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..PROVIDERS {
+        let prov = ChainClient::connect(anvil.endpoint(), deployment, anvil.key(1 + p))
+            .await
+            .unwrap();
+        let req = req.clone();
+        let n = DEALS / PROVIDERS;
+        tasks.push(tokio::spawn(async move {
+            if reuse {
+                reused_channels(req, prov, n, threshold).await
+            } else {
+                per_deal_channels(req, prov, n).await
+            }
+        }));
+    }
+    let mut t = Tally::default();
+    for task in tasks {
+        t.add(task.await.unwrap());
+    }
+    t
+}
+
+fn stats(v: &[Duration]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "median {:.1} ms, max {:.1} ms (n={})",
+        ms(v[v.len() / 2]),
+        ms(v[v.len() - 1]),
+        v.len()
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let block_time = std::env::var("IPSX_BLOCK_TIME").unwrap_or_else(|_| "2".into());
+    let anvil = Anvil::spawn_with_args(&["--block-time", &block_time]).unwrap();
+    let report = anvil.deploy_default().await.unwrap();
+    let d = report.deployment;
+    let lots = U256::from(10u128.pow(18) * 1_000_000);
+    anvil
+        .fund_and_deposit(d, REQUESTER, lots, lots)
+        .await
+        .unwrap();
+    let gas_price = ChainClient::connect_read_only(anvil.endpoint(), d)
+        .await
+        .unwrap()
+        .gas_price()
+        .await
+        .unwrap();
+    let threshold = CLAIM_GAS * gas_price * CLAIM_GAS_SHARE;
+    println!(
+        "anvil --block-time {block_time}; {DEALS} deals of {DEAL_S} s over {PROVIDERS} providers; price {PRICE}/IP-s (deal value {}); gas price {gas_price} wei; claim threshold {threshold}",
+        PRICE * u128::from(DEAL_S)
+    );
+    let t0 = Instant::now();
+    let old = run(d, &anvil, false, threshold).await;
+    let old_s = t0.elapsed();
+    let t0 = Instant::now();
+    let new = run(d, &anvil, true, threshold).await;
+    let new_s = t0.elapsed();
+    let ip_hours = (DEALS as f64) * (DEAL_S as f64) / 3600.0;
+    let per_ip_hour = |t: &Tally| (t.gas_requester + t.gas_provider) as f64 / ip_hours;
+    let per_deal = |n: u32| f64::from(n) / DEALS as f64;
+    println!();
+    println!(
+        "{:<44} {:>26} {:>34}",
+        "", "per-deal channels (before)", "reused channels, lazy claims"
+    );
+    println!(
+        "{:<44} {:>26.0} {:>34.0}",
+        "gas per IP-hour (both sides)",
+        per_ip_hour(&old),
+        per_ip_hour(&new)
+    );
+    println!(
+        "{:<44} {:>26} {:>34}",
+        "  gas total (requester + provider)",
+        format!("{} + {}", old.gas_requester, old.gas_provider),
+        format!("{} + {}", new.gas_requester, new.gas_provider)
+    );
+    println!(
+        "{:<44} {:>26.2} {:>34.2}",
+        "transactions per deal, requester",
+        per_deal(old.tx_requester),
+        per_deal(new.tx_requester)
+    );
+    println!(
+        "{:<44} {:>26.2} {:>34.2}",
+        "transactions per deal, provider",
+        per_deal(old.tx_provider),
+        per_deal(new.tx_provider)
+    );
+    println!(
+        "{:<44} {:>26} {:>34}",
+        "rent to first byte (payment part), funded",
+        stats(&old.funded),
+        stats(&new.funded)
+    );
+    println!(
+        "{:<44} {:>26} {:>34}",
+        "rent to first byte (payment part), first contact",
+        stats(&old.first_contact),
+        stats(&new.first_contact)
+    );
+    println!(
+        "{:<44} {:>26.1} {:>34.1}",
+        "wall time of the run, s",
+        old_s.as_secs_f64(),
+        new_s.as_secs_f64()
+    );
+    println!();
+    println!(
+        "gas per IP-hour ratio (new / before): {:.3} (target <= 0.100)",
+        per_ip_hour(&new) / per_ip_hour(&old)
+    );
+}
