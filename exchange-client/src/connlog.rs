@@ -238,7 +238,7 @@ mod tests {
     fn entry(i: u64) -> LogEntry {
         LogEntry {
             start_unix_ms: 1_700_000_000_000 + i,
-            dst: if i % 2 == 0 {
+            dst: if i.is_multiple_of(2) {
                 "93.184.216.34:443".parse().unwrap()
             } else {
                 "[2606:2800:220:1::1]:80".parse().unwrap()
@@ -306,7 +306,7 @@ mod tests {
         (
             any::<u64>(),
             prop_oneof![
-                any::<[u8; 4]>().prop_map(|b| IpAddr::from(b)),
+                any::<[u8; 4]>().prop_map(IpAddr::from),
                 any::<[u8; 16]>().prop_map(|b| IpAddr::V6(Ipv6Addr::from(b))),
             ],
             any::<u16>(),
