@@ -94,6 +94,11 @@ pub enum Outcome {
         /// Whether the deal was extended by this proposal.
         extended: bool,
     },
+    /// The commission of new deals changed (the Centralizer's fee changed on chain).
+    FeeChanged {
+        /// The new commission, basis points.
+        commission_bps: u16,
+    },
 }
 
 /// The combined terms of a deal (offer data, request data, agreed price and times).
@@ -449,6 +454,10 @@ pub struct NodeInfo {
     pub geoip_asn: bool,
     /// Whether loopback/private addresses are accepted (dev flag).
     pub allow_private_addresses: bool,
+    /// The commission new deals carry, basis points: on a chain, the Centralizer's
+    /// `feeBps` as last read (absent from older nodes).
+    #[serde(default)]
+    pub commission_bps: u16,
 }
 
 /// A profile as the API shows it.

@@ -1,7 +1,8 @@
 //! The light client of the ipsx exchange: the API's wire types ([`types`], [`api`]),
 //! EIP-712 signing of exchange messages ([`sign`]), the agreement protocol's status
 //! function ([`agreement`]), the typed HTTP client and its event stream ([`client`]),
-//! GeoIP checks of exit addresses ([`geo`]) and the deal arithmetic both sides share
+//! the per-deal connection log a requester checks at settlement ([`connlog`]), GeoIP
+//! checks of exit addresses ([`geo`]) and the deal arithmetic both sides share
 //! ([`market`]). No server code: the provider agent, the market and third parties
 //! depend on this crate, not on the exchange node (`ipsx-exchange`).
 //!
@@ -12,6 +13,7 @@
 pub mod agreement;
 pub mod api;
 pub mod client;
+pub mod connlog;
 pub mod error;
 pub mod geo;
 pub mod market;

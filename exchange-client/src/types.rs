@@ -843,6 +843,9 @@ impl Preferences {
     }
 }
 
+/// Highest commission the exchange accepts, basis points (the whole value).
+pub const MAX_COMMISSION_BPS: u16 = 10_000;
+
 /// The platform's commission on `value` at `bps` basis points, rounded down, exact for
 /// every `u128` value (no intermediate overflow).
 pub fn commission(value: u128, bps: u16) -> u128 {

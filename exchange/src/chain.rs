@@ -20,6 +20,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait BalanceSource: Send + Sync + 'static {
     /// Tokens of `wallet` free to use, base units.
     fn balance(&self, wallet: Address) -> BoxFuture<'_, Result<U256, ExchangeError>>;
+
+    /// The Centralizer's platform fee (`feeBps`), which deals carry as their
+    /// commission; `None` for a source without a chain (the engine's configured
+    /// commission applies).
+    fn fee_bps(&self) -> BoxFuture<'_, Result<Option<u16>, ExchangeError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Balances read from the Centralizer over JSON-RPC (plain HTTP).
@@ -59,6 +66,17 @@ impl BalanceSource for ChainBalances {
                 .call()
                 .await
                 .map_err(|e| ExchangeError::Chain(format!("balance({wallet}): {e}")))
+        })
+    }
+
+    fn fee_bps(&self) -> BoxFuture<'_, Result<Option<u16>, ExchangeError>> {
+        Box::pin(async move {
+            self.contract
+                .feeBps()
+                .call()
+                .await
+                .map(Some)
+                .map_err(|e| ExchangeError::Chain(format!("feeBps(): {e}")))
         })
     }
 }

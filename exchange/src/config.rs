@@ -21,8 +21,9 @@ use crate::limits::LimitsConfig;
 /// [engine]
 /// accept_window_s = 30
 /// settle_window_s = 300
-/// commission_bps = 250
 /// max_ttl_s = 2678400
+/// # commission_bps: only without a chain (static_balances); with rpc_url the
+/// # commission is the Centralizer's feeBps and this key is refused.
 ///
 /// # GeoIP databases (scripts/install-geo.sh); offers are checked against them.
 /// geoip_country = "geo/geolite2-country.mmdb"
@@ -120,6 +121,11 @@ impl ExchangeConfig {
     }
 
     /// Parses and checks a TOML document; errors name the key (and line for syntax).
+    ///
+    /// With `rpc_url` the commission is the Centralizer's `feeBps`, read from the chain,
+    /// so `engine.commission_bps` is refused (naming the key) rather than allowed to
+    /// disagree with it; it only sets the commission of a node without a chain
+    /// (`static_balances`).
     pub fn from_toml(text: &str) -> Result<Self, ExchangeError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ExchangeError::Config {
             key: e
@@ -133,6 +139,18 @@ impl ExchangeConfig {
             reason: e.message().to_owned(),
         })?;
         cfg.check()?;
+        let names_commission = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|t| t.get("engine")?.get("commission_bps").cloned())
+            .is_some();
+        if cfg.rpc_url.is_some() && names_commission {
+            return Err(ExchangeError::Config {
+                key: "engine.commission_bps".into(),
+                reason: "the commission is the Centralizer's feeBps, read from the chain \
+                         (change it on chain with setFee); remove this key"
+                    .into(),
+            });
+        }
         Ok(cfg)
     }
 
@@ -209,14 +227,13 @@ geoip_asn = "geo/asn.mmdb"
 [engine]
 accept_window_s = 30
 settle_window_s = 300
-commission_bps = 250
 max_ttl_s = 2678400
 [limits]
 max_open_orders_per_wallet = 1000
 client_rate_per_s = 50
 "#;
         let c = ExchangeConfig::from_toml(text).unwrap();
-        assert_eq!(c.engine.commission_bps, 250);
+        assert_eq!(c.engine.settle_window_s, 300);
         assert_eq!(c.limits.client_rate_per_s, 50);
         assert!(!c.allow_private_addresses, "refused by default");
     }
@@ -236,7 +253,13 @@ client_rate_per_s = 50
                 "static_balances",
             ),
             (
-                "chain_id = 1\nrpc_url = \"http://x\"\n[engine]\ncommission_bps = 10001",
+                "chain_id = 1\nstatic_balances = {}\n[engine]\ncommission_bps = 10001",
+                "engine.commission_bps",
+            ),
+            // On a chain the commission is the contract's fee: the key is refused,
+            // whatever its value.
+            (
+                "chain_id = 1\nrpc_url = \"http://x\"\n[engine]\ncommission_bps = 250",
                 "engine.commission_bps",
             ),
             (

@@ -36,7 +36,10 @@ pub struct EngineConfig {
     pub accept_window_s: u64,
     /// Seconds after a deal's end for final reports before silence counts as agreement.
     pub settle_window_s: u64,
-    /// Platform commission, basis points of a deal's value.
+    /// Platform commission, basis points of a deal's value: the initial value. A node on a
+    /// chain replaces it at start with the Centralizer's `feeBps` and follows it
+    /// ([`Command::Fee`]); the config file may only set it without a chain
+    /// (`static_balances`), see [`crate::config::ExchangeConfig::from_toml`].
     pub commission_bps: u16,
     /// Furthest ahead an order or message may expire, seconds.
     pub max_ttl_s: u64,
@@ -134,6 +137,14 @@ pub enum Command {
         /// Unix seconds.
         now: u64,
     },
+    /// The Centralizer's fee (`feeBps`), read from the chain, changed: deals matched (and
+    /// extensions agreed) from now on carry it as their commission.
+    Fee {
+        /// The contract's fee, basis points.
+        bps: u16,
+        /// Unix seconds.
+        now: u64,
+    },
 }
 
 impl Command {
@@ -149,7 +160,8 @@ impl Command {
             | Self::Proof { now, .. }
             | Self::Rate { now, .. }
             | Self::Prefs { now, .. }
-            | Self::Extend { now, .. } => *now,
+            | Self::Extend { now, .. }
+            | Self::Fee { now, .. } => *now,
         }
     }
 }
@@ -429,6 +441,18 @@ impl Exchange {
         let ttl = self.cfg.max_ttl_s;
         match cmd {
             Command::Tick { .. } => Ok(Outcome::Ticked),
+            Command::Fee { bps, .. } => {
+                if *bps > crate::types::MAX_COMMISSION_BPS {
+                    return Err(ExchangeError::invalid(
+                        "bps",
+                        format!("{bps} is above {}", crate::types::MAX_COMMISSION_BPS),
+                    ));
+                }
+                self.cfg.commission_bps = *bps;
+                Ok(Outcome::FeeChanged {
+                    commission_bps: *bps,
+                })
+            }
             Command::PostOffer { offer, .. } => {
                 let mut offer = offer.clone();
                 offer.check(now, ttl)?;

@@ -121,6 +121,9 @@ struct Node {
     domain: Eip712Domain,
     proof_domain: ipsx_chain::ChannelDomain,
     balances: Arc<dyn BalanceSource>,
+    /// Whether the commission is known: the Centralizer's fee was read at least once
+    /// (always true without a chain).
+    fee_known: AtomicBool,
     max_batch: usize,
     guard: Arc<Guard>,
     geo: GeoDb,
@@ -168,6 +171,18 @@ impl Node {
                 "the journal failed; the node refuses writes".into(),
             ));
         }
+        if !self.fee_known.load(Ordering::SeqCst)
+            && matches!(
+                cmd,
+                Command::PostOffer { .. } | Command::PostRequest { .. } | Command::Extend { .. }
+            )
+        {
+            return Err(ExchangeError::Chain(
+                "the Centralizer's fee (feeBps) has not been read yet, so no deal can be \
+                 priced; is the chain at rpc_url reachable?"
+                    .into(),
+            ));
+        }
         let now = cmd.now();
         if core.ex.advance(now) {
             // Deadline effects happen now, before the command, in the journal too.
@@ -190,7 +205,7 @@ impl Node {
             Command::Rate { rating, .. } => (rating.wallet, rating.nonce, false),
             Command::Extend { extend, .. } => (extend.wallet, extend.nonce, false),
             Command::Prefs { prefs, .. } => (prefs.wallet, prefs.nonce, false),
-            Command::Tick { .. } | Command::Proof { .. } => return Ok(()),
+            Command::Tick { .. } | Command::Proof { .. } | Command::Fee { .. } => return Ok(()),
         };
         if ex.nonce_used(&wallet, nonce) {
             return Err(ExchangeError::Replay { wallet, nonce });
@@ -408,6 +423,7 @@ async fn run(
             centralizer: config.centralizer,
         },
         balances,
+        fee_known: AtomicBool::new(false),
         max_batch: config.max_batch,
         guard: Arc::new(Guard::new(config.limits)),
         info: NodeInfo {
@@ -419,9 +435,29 @@ async fn run(
             geoip_country: config.geoip_country.is_some(),
             geoip_asn: config.geoip_asn.is_some(),
             allow_private_addresses: config.allow_private_addresses,
+            commission_bps: config.engine.commission_bps,
         },
         geo,
     });
+    // The commission is the Centralizer's fee: read before serving, then followed. Until
+    // it has been read once (chain unreachable), nothing that can make a deal is accepted.
+    if let Err(e) = sync_fee(&node).await {
+        tracing::warn!("reading the Centralizer's fee: {e}; no deals until it is read");
+    }
+    let fee_follower = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(FEE_REFRESH);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = sync_fee(&node).await {
+                    tracing::warn!("reading the Centralizer's fee: {e}");
+                }
+            }
+        })
+    };
     let ticker = {
         let node = node.clone();
         tokio::spawn(async move {
@@ -458,6 +494,8 @@ async fn run(
     };
     ticker.abort();
     let _ = ticker.await;
+    fee_follower.abort();
+    let _ = fee_follower.await;
     if let Ok(mut core) = node.core.lock() {
         core.journal = None;
     }
@@ -536,8 +574,34 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
-async fn info(State(node): State<Arc<Node>>) -> Json<NodeInfo> {
-    Json(node.info.clone())
+async fn info(State(node): State<Arc<Node>>) -> ApiResult<Json<NodeInfo>> {
+    let commission_bps = node.read(|ex| ex.config().commission_bps)?;
+    Ok(Json(NodeInfo {
+        commission_bps,
+        ..node.info.clone()
+    }))
+}
+
+/// How often a node on a chain re-reads the Centralizer's fee (`feeBps`).
+pub const FEE_REFRESH: Duration = Duration::from_secs(1);
+
+/// Reads the Centralizer's fee and, when it differs from the engine's commission, journals
+/// a [`Command::Fee`] so new deals carry it. Nothing to do without a chain.
+async fn sync_fee(node: &Node) -> Result<(), ExchangeError> {
+    let Some(bps) = node.balances.fee_bps().await? else {
+        node.fee_known.store(true, Ordering::SeqCst);
+        return Ok(());
+    };
+    if node.read(|ex| ex.config().commission_bps)? != bps {
+        tracing::info!(fee_bps = bps, "commission follows the Centralizer's fee");
+        node.submit(Command::Fee {
+            bps,
+            now: unix_now(),
+        })
+        .await?;
+    }
+    node.fee_known.store(true, Ordering::SeqCst);
+    Ok(())
 }
 
 /// Parses and verifies a signed message, then charges its wallet's rate.

@@ -6,7 +6,6 @@
 //! `h(n) = SHA-256(h(n-1) || entry(n))`, where `entry` is the fixed 51-byte encoding of
 //! [`LogEntry::encode`]. Both sides can recompute the final hash from the entries.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -15,41 +14,9 @@ use sha2::{Digest, Sha256};
 /// Entries kept in memory per peer (the hash covers every entry ever appended).
 pub const LOG_KEEP: usize = 10_000;
 
-/// One relayed connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogEntry {
-    /// Start, milliseconds since the Unix epoch.
-    pub start_unix_ms: u64,
-    /// The destination dialled.
-    pub dst: SocketAddr,
-    /// Bytes from the peer to the destination.
-    pub bytes_up: u64,
-    /// Bytes from the destination to the peer.
-    pub bytes_down: u64,
-    /// How long it lasted, milliseconds.
-    pub duration_ms: u64,
-}
-
-impl LogEntry {
-    /// The canonical encoding hashed into the chain: start (u64 BE), destination
-    /// address as 16 bytes (IPv4 mapped into IPv6), port (u16 BE), bytes up, bytes
-    /// down, duration (u64 BE each), then a version byte (1).
-    pub fn encode(&self) -> [u8; 51] {
-        let mut out = [0u8; 51];
-        out[0..8].copy_from_slice(&self.start_unix_ms.to_be_bytes());
-        let ip16 = match self.dst.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        out[8..24].copy_from_slice(&ip16);
-        out[24..26].copy_from_slice(&self.dst.port().to_be_bytes());
-        out[26..34].copy_from_slice(&self.bytes_up.to_be_bytes());
-        out[34..42].copy_from_slice(&self.bytes_down.to_be_bytes());
-        out[42..50].copy_from_slice(&self.duration_ms.to_be_bytes());
-        out[50] = 1;
-        out
-    }
-}
+/// One relayed connection, and its canonical 51-byte encoding: the one definition the
+/// requester checks against (`ipsx_exchange_client::connlog`).
+pub use ipsx_exchange_client::connlog::LogEntry;
 
 /// The first link of a peer's chain.
 pub fn genesis(peer_public_key: &[u8; 32]) -> [u8; 32] {

@@ -154,3 +154,109 @@ async fn balances_come_from_the_chain_through_alloy() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// Posts a matching offer and request (one IP for 60 s at `price`) and returns the deal.
+async fn one_deal(
+    provider: &Client,
+    requester: &Client,
+    last: u8,
+    price: u128,
+) -> ipsx_exchange::Deal {
+    let p = provider.wallet().unwrap();
+    let r = requester.wallet().unwrap();
+    provider
+        .post_offer(&common::offer(p, last, "de", price, 1))
+        .await
+        .unwrap();
+    let out = requester
+        .post_request(&request(r, 1, "de", price, 60))
+        .await
+        .unwrap();
+    let ipsx_exchange::Outcome::RequestPosted { deals, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(deals.len(), 1, "{deals:?}");
+    requester.deal(deals[0]).await.unwrap()
+}
+
+/// The commission in a deal's terms is the Centralizer's `feeBps`, read from the chain, and
+/// follows the owner's `setFee`: deals matched after the change carry the new fee, deals
+/// matched before keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deals_carry_the_centralizers_fee_and_follow_set_fee() {
+    use ipsx_exchange::types::commission;
+    let anvil = ipsx_chain::testing::Anvil::spawn().unwrap();
+    let dep = anvil.deploy_default().await.unwrap().deployment;
+    let tokens = U256::from(10u128.pow(24));
+    anvil
+        .fund_and_deposit(dep, 1, tokens, tokens)
+        .await
+        .unwrap();
+    let owner = ipsx_chain::ChainClient::connect(anvil.endpoint(), dep, anvil.key(0))
+        .await
+        .unwrap();
+    let initial = owner.fee_bps().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ExchangeConfig::for_tests(
+        format!("sqlite://{}/j.db", dir.path().display()),
+        Default::default(),
+    );
+    cfg.static_balances = None;
+    cfg.rpc_url = Some(anvil.endpoint().to_owned());
+    cfg.chain_id = anvil.chain_id();
+    cfg.centralizer = dep.centralizer;
+    // The engine's own default must not be what the deals show.
+    assert_ne!(cfg.engine.commission_bps, initial);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(ipsx_exchange::server::serve_ready(
+        listener,
+        cfg,
+        async {
+            let _ = stopped.await;
+        },
+        ready_tx,
+    ));
+    ready.await.unwrap();
+    let provider = Client::new(&url, anvil.chain_id(), dep.centralizer)
+        .unwrap()
+        .with_key(anvil.key(2));
+    let requester = Client::new(&url, anvil.chain_id(), dep.centralizer)
+        .unwrap()
+        .with_key(anvil.key(1));
+    assert_eq!(requester.info().await.unwrap().commission_bps, initial);
+
+    let price = 1_000_000_000_000u128;
+    let before = one_deal(&provider, &requester, 1, price).await;
+    assert_eq!(before.terms.value, price * 60);
+    assert_eq!(
+        before.terms.commission,
+        commission(before.terms.value, initial)
+    );
+
+    let changed = if initial == 700 { 300 } else { 700 };
+    owner.set_fee(changed).await.unwrap();
+    // The node re-reads the fee every second: wait (bounded) until it shows.
+    let mut seen = 0;
+    for _ in 0..300 {
+        seen = requester.info().await.unwrap().commission_bps;
+        if seen == changed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, changed, "the node never picked up setFee");
+    let after = one_deal(&provider, &requester, 2, price).await;
+    assert_eq!(
+        after.terms.commission,
+        commission(after.terms.value, changed)
+    );
+    assert_ne!(after.terms.commission, before.terms.commission);
+    // The earlier deal keeps the fee it was matched at.
+    assert_eq!(requester.deal(before.id).await.unwrap().terms, before.terms);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
