@@ -28,6 +28,10 @@ const EXITS: [(u8, &str, &str, &str); 8] = [
 
 /// Price per IP-second offered by the demo providers: 0.0001 IPSX.
 const PRICE: u128 = 100_000_000_000_000;
+/// The demo's providers claim once about 20 IP-seconds of service are unclaimed, so the
+/// chain and the dashboards show payments within a minute; a real provider keeps
+/// `claim_threshold = "auto"` (see docs/provider.md).
+const DEMO_CLAIM_THRESHOLD: u128 = PRICE * 20;
 
 fn hex_key(signer: &PrivateKeySigner) -> String {
     format!("0x{}", alloy::hex::encode(signer.to_bytes()))
@@ -184,7 +188,7 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             port.saturating_add(2 + i as u16)
         };
         let mut toml = format!(
-            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"2s\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"2s\"\nclaim_threshold = \"{DEMO_CLAIM_THRESHOLD}\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
             anvil.endpoint(),
             deployment_path.display(),
             hex_key(key)

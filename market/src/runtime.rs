@@ -265,11 +265,11 @@ impl PoolManager {
         if let Some(spec) = &rent {
             groups.push(("rent".to_owned(), spec.filter.clone(), 1));
         }
-        let mut core = Core::new(
-            settings_of(&cfg, Duration::from_secs(challenge)),
-            groups,
-            now,
-        );
+        let mut settings = settings_of(&cfg, Duration::from_secs(challenge));
+        // A one-shot rental settles everything when it ends: nothing is left to reuse
+        // its channel, so a deposit kept open would only wait for someone to close it.
+        settings.close_channels_at_shutdown |= rent.is_some();
+        let mut core = Core::new(settings, groups, now);
         let restored = store.load().await?;
         let resumed = restored.len();
         core.restore(restored, now);

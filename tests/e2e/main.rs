@@ -11,5 +11,5 @@ mod gateway_wireguard;
 mod market_e2e;
 mod market_failover;
 mod market_v2;
-mod vpn_rent;
 mod nat_gateway;
+mod vpn_rent;

@@ -402,7 +402,13 @@ async fn a_gateway_killed_with_sigkill_resumes_its_deal_and_pays_nothing_twice()
     let config = sys.dir.join("gateway.toml");
     let toml = sys
         .gateway_toml
-        .replace("[gateway]\n", "[gateway]\nadmin_listen = \"127.0.0.1:0\"\n");
+        .replace("[gateway]\n", "[gateway]\nadmin_listen = \"127.0.0.1:0\"\n")
+        // Channels are kept for reuse by default; this test checks that a gateway
+        // asked to close them at shutdown leaves none open after a SIGKILL and resume.
+        .replace(
+            "[market]\n",
+            "[market]\nclose_channels_at_shutdown = true\n",
+        );
     std::fs::write(&config, toml).unwrap();
     let echo = sys.echo.url();
     let requester = sys.anvil.key(REQUESTER).address();
