@@ -23,8 +23,12 @@ up: install
 # `cargo clippy` does, keeping code generation), with the same lints and `-D warnings`.
 # The dependencies are then compiled once for both, instead of once for the tests and
 # again in check mode for clippy, which used to cost about four minutes.
+# The test build also links with mold (installed by scripts/install-base.sh): about thirty
+# test binaries of ~100 MB each are linked, which GNU ld does several times slower. No
+# debug info for the test build: panics still name file and line.
 LINT_ENV = RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver || echo clippy-driver-not-installed)" \
-	CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+	CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__ \
+	RUSTFLAGS="-C link-arg=-fuse-ld=mold" CARGO_PROFILE_DEV_DEBUG=false
 test: install
 	$(CARGO) fmt --all --check
 	$(LINT_ENV) $(CARGO) build --workspace --locked --bins

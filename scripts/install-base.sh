@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Base tools every test needs: curl, Python requests with PySocks, cargo-nextest.
+# Base tools every test needs: curl, the mold linker (make test links with it), Python
+# requests with PySocks, cargo-nextest.
 set -euo pipefail
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v mold >/dev/null || need_apt+=(mold)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
