@@ -20,13 +20,6 @@ pub mod market;
 pub mod sign;
 pub mod types;
 
-/// Deprecated path kept for one merge: the contracts' client moved to `ipsx_chain`.
-#[doc(hidden)]
-pub use ipsx_chain as chain;
-/// Deprecated path kept for one merge: the wallet CLI moved to `ipsx_chain::cli`.
-#[doc(hidden)]
-pub use ipsx_chain::cli;
-
 pub use agreement::{Deadlines, DealStatus, deal_status};
 pub use api::{Actor, Deal, DealEvent, DealTerms, EventKind, NodeInfo, Outcome, Profile};
 pub use client::{Client, Follow, fresh};

@@ -21,8 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ipsx_exchange_client::chain::testing::Anvil;
-use ipsx_exchange_client::chain::{DeployParams, deploy, parse_tokens};
+use ipsx_chain::testing::Anvil;
+use ipsx_chain::{DeployParams, deploy, parse_tokens};
 use natlab::{Host, Lab, Nat, TURN_PASSWORD, TURN_USER};
 
 /// A child process killed (and reaped) on drop, also when the test fails.
