@@ -22,6 +22,7 @@ use ipsx_exchange::engine::{Deal, Outcome};
 use ipsx_exchange::{
     Client, DealStatus, ExchangeConfig, Extend, PartyStatus, Request, StatusReport, WgKey,
 };
+use ipsx_exchange_client::connlog;
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, amount_due, inner_ip_for_deal};
 use ipsx_provider::agent::{AgentConfig, AgentError, Stage};
 use ipsx_provider::{Agent, AgentHandle};
@@ -183,6 +184,9 @@ private_key = "0x{key}"
 listen = "127.0.0.1:0"
 token = "{STATUS_TOKEN}"
 
+[connlog]
+dir = "{connlog}"
+
 [timings]
 offer_ttl = "1h"
 first_window = "5s"
@@ -208,7 +212,13 @@ allow_destinations = ["127.0.0.0/8"]
             rpc = self.anvil.endpoint(),
             dep = self.deployment_path.display(),
             key = alloy_primitives::hex::encode(self.provider.to_bytes()),
+            connlog = self.connlog_dir().display(),
         )
+    }
+
+    /// Where the agent keeps the deals' connection logs.
+    fn connlog_dir(&self) -> PathBuf {
+        self._dir.path().join("connlog")
     }
 
     async fn agent(&self, capacity: u32) -> AgentHandle {
@@ -510,8 +520,6 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         "closed"
     );
 
-    // The claim events carry the peer's connection-log hash.
-    let expected = B256::from(agent.exit(0).unwrap().log_hash(&r.wg.public_key()).unwrap());
     assert_eq!(
         agent
             .exit(0)
@@ -535,8 +543,8 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         .collect();
     assert!(!ours.is_empty());
     let last = &ours.last().unwrap().0;
-    assert_eq!(last.logHash, expected);
     assert_eq!(last.cumulativeAmount, total);
+    connection_log_is_checkable(&w, &agent, id, channel, last.logHash, target).await;
 
     // The exchange saw both sides complete and the rating.
     wait_chain("the deal to be completed", || async {
@@ -545,6 +553,80 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     })
     .await;
     agent.shutdown().await.unwrap();
+}
+
+/// GET a deal's connection log from the agent as `who` (a signed request, no token).
+async fn fetch_log(
+    agent: &AgentHandle,
+    who: &PrivateKeySigner,
+    provider: Address,
+    deal: u64,
+) -> (u16, Vec<u8>) {
+    let t = connlog::request_target(who, provider, deal, unix_now() + 60).unwrap();
+    let url = format!("http://{}{t}", agent.status_addr().unwrap());
+    let resp = reqwest::get(&url).await.unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.bytes().await.unwrap().to_vec())
+}
+
+/// The deal's connection log, served signed to its requester, recomputes the
+/// `logHash` the closing claim put on chain; someone else is refused; a record
+/// dropped from the file on disk is caught.
+async fn connection_log_is_checkable(
+    w: &World,
+    agent: &AgentHandle,
+    id: u64,
+    channel: B256,
+    on_chain: B256,
+    target: SocketAddr,
+) {
+    let provider = w.provider.address();
+    let (code, body) = fetch_log(agent, &w.requester, provider, id).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    connlog::verify_log(&x.log, id, provider, None).unwrap();
+    assert_eq!(x.log.entries.len(), 1, "the one connection: {x:?}");
+    assert_eq!(x.log.entries[0].dst, target);
+    assert!(x.log.entries[0].bytes_down > 0);
+    assert_ne!(on_chain, B256::ZERO);
+    connlog::verify_commitment(&channel, &on_chain, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .expect("the requester recomputes the logHash on chain");
+
+    let (code, body) = fetch_log(agent, &PrivateKeySigner::random(), provider, id).await;
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("signature"));
+    let (code, _) = fetch_log(agent, &w.requester, provider, id + 1000).await;
+    assert_eq!(code, 404);
+    let url = format!(
+        "http://{}/api/connlog/{id}?expiry=1",
+        agent.status_addr().unwrap()
+    );
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().contains("signature"));
+
+    // Tampering: the record dropped from the deal's file on disk.
+    let file = std::fs::read_dir(w.connlog_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{id}-")))
+        })
+        .expect("the deal's log file");
+    std::fs::write(&file, b"").unwrap();
+    let (code, body) = fetch_log(agent, &w.requester, provider, id).await;
+    assert_eq!(code, 200);
+    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    connlog::verify_log(&x.log, id, provider, None).unwrap();
+    let e = connlog::verify_commitment(&channel, &on_chain, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("entries"), "{e}");
 }
 
 /// Raw requests to the status listener: refusals are answered, none is served
