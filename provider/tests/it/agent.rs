@@ -555,6 +555,18 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     agent.shutdown().await.unwrap();
 }
 
+/// The deal's connection-log file in the agent's `connlog.dir`.
+fn deal_log_file(w: &World, id: u64) -> Option<PathBuf> {
+    std::fs::read_dir(w.connlog_dir())
+        .ok()?
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{id}-")))
+        })
+}
+
 /// GET a deal's connection log from the agent as `who` (a signed request, no token).
 async fn fetch_log(
     agent: &AgentHandle,
@@ -608,15 +620,7 @@ async fn connection_log_is_checkable(
     assert!(resp.text().await.unwrap().contains("signature"));
 
     // Tampering: the record dropped from the deal's file on disk.
-    let file = std::fs::read_dir(w.connlog_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{id}-")))
-        })
-        .expect("the deal's log file");
+    let file = deal_log_file(w, id).expect("the deal's log file");
     std::fs::write(&file, b"").unwrap();
     let (code, body) = fetch_log(agent, &w.requester, provider, id).await;
     assert_eq!(code, 200);
@@ -1186,6 +1190,13 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
     let ch = chain.channel(channel).await.unwrap().expect("still open");
     assert_eq!(ch.claimed, U256::from(second));
 
+    // The deal's connection log is on disk (what the next agent resumes).
+    let logged = deal_log_file(&w, id)
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap_or(0)
+        / connlog::ENTRY_LEN as u64;
+    assert!(logged >= 1, "the connection before the restart is on disk");
+
     // A new agent (same wallet, same WireGuard key and port) learns the deal from the
     // exchange, checks the proof again and serves; it reports nothing already reported.
     let text2 = text.replace(
@@ -1241,6 +1252,23 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
         .map(|(e, _)| e.paid)
         .fold(U256::ZERO, |a, b| a + b);
     assert_eq!(total, U256::from(paid), "paid exactly once in total");
+    // The log went on from disk: the connections of both agents, and the closing
+    // claim's logHash recomputes from them.
+    let last = events
+        .iter()
+        .filter(|(e, _)| e.channelId == channel)
+        .map(|(e, _)| e.logHash)
+        .next_back()
+        .unwrap();
+    let (code, body) = fetch_log(&agent2, &w.requester, w.provider.address(), id).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    connlog::verify_log(&x.log, id, w.provider.address(), None).unwrap();
+    assert_eq!(x.log.entries.len() as u64, logged + 1, "{x:?}");
+    connlog::verify_commitment(&channel, &last, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .expect("the closing claim commits the log resumed from disk");
     tunnel.shutdown().await;
     agent2.shutdown().await.unwrap();
 }
