@@ -495,6 +495,62 @@ pub fn request_signer(
     )
 }
 
+/// Largest answer [`fetch_log`] reads, bytes (a full deal of 20,000 records is about
+/// 4 MB of JSON).
+pub const MAX_EXPORT_BYTES: usize = 16 << 20;
+
+/// Fetches a deal's log from the provider agent listening at `base`
+/// (`http://host:port`), with a request signed by `key` (the deal's requester) valid
+/// for a minute after `now_s`. Answers over [`MAX_EXPORT_BYTES`] are refused; the
+/// signature and chain are not checked here ([`verify_log`], [`verify_commitment`]).
+pub async fn fetch_log(
+    http: &reqwest::Client,
+    base: &str,
+    key: &PrivateKeySigner,
+    provider: Address,
+    deal_id: u64,
+    now_s: u64,
+) -> Result<LogExport, ExchangeError> {
+    let target = request_target(key, provider, deal_id, now_s.saturating_add(60))?;
+    let url = format!("{}{target}", base.trim_end_matches('/'));
+    let shown = format!("{}{LOG_PATH}{deal_id}", base.trim_end_matches('/'));
+    let mut resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| ExchangeError::Transport(format!("{shown}: {e}")))?;
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ExchangeError::Transport(format!("{shown}: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_EXPORT_BYTES {
+            return Err(ExchangeError::Transport(format!(
+                "{shown}: answer over {MAX_EXPORT_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if status != 200 {
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+        return Err(ExchangeError::Remote {
+            status,
+            code: "connlog".into(),
+            field: None,
+            message: format!("{shown}: {msg}"),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| ExchangeError::BadJson {
+        path: ".".into(),
+        reason: format!("{shown}: {e}"),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -567,18 +567,30 @@ fn deal_log_file(w: &World, id: u64) -> Option<PathBuf> {
         })
 }
 
-/// GET a deal's connection log from the agent as `who` (a signed request, no token).
+/// GET a deal's connection log from the agent as `who` (a signed request, no token):
+/// the export, or the HTTP status and message of a refusal.
 async fn fetch_log(
     agent: &AgentHandle,
     who: &PrivateKeySigner,
     provider: Address,
     deal: u64,
-) -> (u16, Vec<u8>) {
-    let t = connlog::request_target(who, provider, deal, unix_now() + 60).unwrap();
-    let url = format!("http://{}{t}", agent.status_addr().unwrap());
-    let resp = reqwest::get(&url).await.unwrap();
-    let code = resp.status().as_u16();
-    (code, resp.bytes().await.unwrap().to_vec())
+) -> Result<connlog::LogExport, (u16, String)> {
+    let base = format!("http://{}", agent.status_addr().unwrap());
+    connlog::fetch_log(
+        &reqwest::Client::new(),
+        &base,
+        who,
+        provider,
+        deal,
+        unix_now(),
+    )
+    .await
+    .map_err(|e| match e {
+        ipsx_exchange::ExchangeError::Remote {
+            status, message, ..
+        } => (status, message),
+        e => panic!("{e}"),
+    })
 }
 
 /// The deal's connection log, served signed to its requester, recomputes the
@@ -593,9 +605,7 @@ async fn connection_log_is_checkable(
     target: SocketAddr,
 ) {
     let provider = w.provider.address();
-    let (code, body) = fetch_log(agent, &w.requester, provider, id).await;
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    let x = fetch_log(agent, &w.requester, provider, id).await.unwrap();
     connlog::verify_log(&x.log, id, provider, None).unwrap();
     assert_eq!(x.log.entries.len(), 1, "the one connection: {x:?}");
     assert_eq!(x.log.entries[0].dst, target);
@@ -606,25 +616,51 @@ async fn connection_log_is_checkable(
     })
     .expect("the requester recomputes the logHash on chain");
 
-    let (code, body) = fetch_log(agent, &PrivateKeySigner::random(), provider, id).await;
-    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
-    assert!(String::from_utf8_lossy(&body).contains("signature"));
-    let (code, _) = fetch_log(agent, &w.requester, provider, id + 1000).await;
+    let (code, msg) = fetch_log(agent, &PrivateKeySigner::random(), provider, id)
+        .await
+        .unwrap_err();
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("signature"), "{msg}");
+    let (code, _) = fetch_log(agent, &w.requester, provider, id + 1000)
+        .await
+        .unwrap_err();
     assert_eq!(code, 404);
-    let url = format!(
-        "http://{}/api/connlog/{id}?expiry=1",
-        agent.status_addr().unwrap()
-    );
-    let resp = reqwest::get(&url).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 400);
-    assert!(resp.text().await.unwrap().contains("signature"));
+    // Hostile requests: unsigned, expired, an oversized target, garbage, another method.
+    let base = format!("http://{}", agent.status_addr().unwrap());
+    let http = reqwest::Client::new();
+    let sig = format!("0x{}", "ab".repeat(65));
+    for (req, code, field) in [
+        (
+            http.get(format!("{base}/api/connlog/{id}?expiry=1")),
+            400,
+            "signature",
+        ),
+        (
+            http.get(format!("{base}/api/connlog/{id}?expiry=1&signature={sig}")),
+            400,
+            "expiry",
+        ),
+        (
+            http.get(format!(
+                "{base}/api/connlog/{id}?expiry={}",
+                "9".repeat(600)
+            )),
+            400,
+            "path",
+        ),
+        (http.get(format!("{base}/api/connlog/x")), 400, "deal_id"),
+        (http.post(format!("{base}/api/connlog/{id}")), 405, "GET"),
+    ] {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code, "{field}");
+        let body = resp.text().await.unwrap();
+        assert!(body.contains(field), "{field}: {body}");
+    }
 
     // Tampering: the record dropped from the deal's file on disk.
     let file = deal_log_file(w, id).expect("the deal's log file");
     std::fs::write(&file, b"").unwrap();
-    let (code, body) = fetch_log(agent, &w.requester, provider, id).await;
-    assert_eq!(code, 200);
-    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    let x = fetch_log(agent, &w.requester, provider, id).await.unwrap();
     connlog::verify_log(&x.log, id, provider, None).unwrap();
     let e = connlog::verify_commitment(&channel, &on_chain, id, &x.commits, |d| {
         (d == id).then_some(x.log.entries.as_slice())
@@ -1260,9 +1296,9 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
         .map(|(e, _)| e.logHash)
         .next_back()
         .unwrap();
-    let (code, body) = fetch_log(&agent2, &w.requester, w.provider.address(), id).await;
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let x: connlog::LogExport = serde_json::from_slice(&body).unwrap();
+    let x = fetch_log(&agent2, &w.requester, w.provider.address(), id)
+        .await
+        .unwrap();
     connlog::verify_log(&x.log, id, w.provider.address(), None).unwrap();
     assert_eq!(x.log.entries.len() as u64, logged + 1, "{x:?}");
     connlog::verify_commitment(&channel, &last, id, &x.commits, |d| {
