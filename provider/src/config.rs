@@ -146,6 +146,10 @@ pub struct ProviderConfig {
     /// NAT traversal (none by default: the listen address is reachable).
     #[serde(default)]
     pub nat: NatSection,
+    /// Local services peers reach at `inner_address` past the egress policy (set by
+    /// the agent: the connection-log listener; see [`crate::inner_service`]).
+    #[serde(skip)]
+    pub inner_services: crate::inner_service::InnerServices,
 }
 
 impl ProviderConfig {
@@ -165,6 +169,7 @@ impl ProviderConfig {
             limits: Limits::default(),
             peers: Vec::new(),
             nat: NatSection::default(),
+            inner_services: crate::inner_service::InnerServices::none(),
         }
     }
 

@@ -34,7 +34,7 @@ use ipsx_tunnel_pool::smoltcp::socket::tcp;
 use ipsx_tunnel_pool::smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
 use ipsx_tunnel_pool::{NatPath, NatSocket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -972,7 +972,13 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
             // nor a pass of smoltcp over every one of them.
             let dst = SocketAddr::new(parsed.dst, parsed.dst_port());
             let src = SocketAddr::new(parsed.src, parsed.src_port());
-            if let Err(reason) = shared.policy.check(dst) {
+            // The exit's own services (the connection log) bypass the policy for
+            // their exact (inner address, port) only.
+            let inner = IpAddr::V4(shared.cfg.inner_address);
+            let service = shared.cfg.inner_services.route(inner, dst);
+            if service.is_none()
+                && let Err(reason) = shared.policy.check(dst)
+            {
                 c.refused.fetch_add(1, Ordering::Relaxed);
                 peer.meter.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
@@ -1018,6 +1024,7 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
                             peer.bandwidth.clone(),
                             stream,
                             dst,
+                            service,
                         ));
                     }
                     // No listener (it could not listen): smoltcp answers RST.
@@ -1204,6 +1211,7 @@ async fn relay(
     bandwidth: Option<Arc<Bandwidth>>,
     inner: StackStream,
     dst: SocketAddr,
+    service: Option<SocketAddr>,
 ) {
     let meter = guard.meter.clone();
     let start_ms = unix_ms();
@@ -1220,20 +1228,26 @@ async fn relay(
         } else {
             TcpSocket::new_v6()
         }?;
-        sock.bind(SocketAddr::new(shared.source_ip, 0))?;
+        match service {
+            // An inner service is a local listener, dialled as is.
+            Some(local) => return TcpStream::connect(local).await,
+            None => sock.bind(SocketAddr::new(shared.source_ip, 0))?,
+        }
         sock.connect(dst).await
     };
     let mut outer = match tokio::time::timeout(CONNECT_TIMEOUT, outer).await {
         Ok(Ok(s)) => s,
         _ => {
             inner.abort();
-            meter.append(LogEntry {
-                start_unix_ms: start_ms,
-                dst,
-                bytes_up: 0,
-                bytes_down: 0,
-                duration_ms: t0.elapsed().as_millis() as u64,
-            });
+            if service.is_none() {
+                meter.append(LogEntry {
+                    start_unix_ms: start_ms,
+                    dst,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    duration_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
             return;
         }
     };
@@ -1267,6 +1281,9 @@ async fn relay(
     }
     drop(inner);
     drop(outer);
+    if service.is_some() {
+        return; // the exit's own service: not a relayed connection
+    }
     meter.append(LogEntry {
         start_unix_ms: start_ms,
         dst,

@@ -25,6 +25,7 @@ pub mod agent;
 pub mod config;
 pub mod connlog_store;
 pub mod exit;
+pub mod inner_service;
 pub mod limits;
 pub mod meter;
 pub mod packet;

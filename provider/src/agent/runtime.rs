@@ -557,6 +557,18 @@ impl Agent {
         })?
         .with_key(signer);
 
+        // The connection log's own listener, reached by peers at the exit's inner
+        // address (`inner_service::CONNLOG_PORT`) through their deal's tunnel.
+        let connlog_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| AgentError::Config {
+                key: "connlog".into(),
+                reason: format!("binding the connection-log listener on 127.0.0.1: {e}"),
+            })?;
+        let inner_services = connlog_listener
+            .local_addr()
+            .map(crate::inner_service::InnerServices::connlog)
+            .unwrap_or_default();
         let mut exits = Vec::new();
         let mut templates = Vec::new();
         let mut slots = Vec::new();
@@ -574,6 +586,7 @@ impl Agent {
             pc.own_addresses = x.own_addresses.clone();
             pc.limits = cfg.limits;
             pc.nat = x.nat.clone();
+            pc.inner_services = inner_services.clone();
             let handle = match ProviderExit::start(pc).await {
                 Ok(h) => h,
                 Err(source) => {
@@ -670,6 +683,26 @@ impl Agent {
         });
         let mut status_addr = None;
         let mut status_task = None;
+        {
+            // Only the open connection-log route is served to peers: everything else
+            // on this listener needs a token nobody knows.
+            let v = view.clone();
+            let source: StatusSource = Arc::new(move || v.build());
+            let mut stop = stop_rx.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let secret =
+                ipsx_tunnel_pool::key_to_base64(&ipsx_tunnel_pool::SecretKey::generate().0);
+            tokio::spawn(crate::status::serve(
+                connlog_listener,
+                source,
+                Some(secret),
+                None,
+                Some(connlog_route(connlog.clone(), log_key.clone())),
+                shutdown,
+            ));
+        }
         if let Some(listener) = status_listener {
             status_addr = listener.local_addr().ok();
             let token = cfg
