@@ -235,6 +235,9 @@ pub const CHANNEL_TAG: &[u8] = b"ipsx-connlog-channel-v1";
 pub const REQUEST_TAG: &[u8] = b"ipsx-connlog-request-v1";
 /// The path a provider agent serves a deal's log under: `GET {LOG_PATH}{deal_id}?...`.
 pub const LOG_PATH: &str = "/api/connlog/";
+/// The port of the exit's inner address (inside a deal's tunnel) where the provider
+/// agent serves [`LOG_PATH`] to the deal's requester.
+pub const SERVICE_PORT: u16 = 80;
 /// Longest request target ([`parse_request`]) accepted, bytes.
 pub const MAX_REQUEST_LEN: usize = 512;
 /// Longest a request stays valid: its `expiry` is at most this far ahead, seconds.

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
 use ipsx_exchange_client::api::DealTerms;
+use ipsx_exchange_client::connlog::{self, CommitPart, LogExport};
 use ipsx_exchange_client::market::{amount_due, cost};
 use ipsx_exchange_client::types::PartyStatus;
 use ipsx_rotation::{ExitAttributes, Filter};
@@ -251,6 +252,53 @@ pub struct Channel {
     pub checked_at: Millis,
 }
 
+/// Where the requester's check of a deal's connection log stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogCheck {
+    /// Not decided yet: the log is still to be fetched, or the channel's `logHash`
+    /// on chain does not cover it yet.
+    #[default]
+    Pending,
+    /// The provider's signed log recomputes the `logHash` its claim put on chain.
+    Verified,
+    /// The log is not what the provider committed (or not signed by it).
+    Mismatch,
+    /// No log to check (never served, the tunnel was gone, the fetch failed).
+    Unavailable,
+}
+
+impl LogCheck {
+    /// The lower-case name (`/api/market`, the metric's label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Verified => "verified",
+            Self::Mismatch => "mismatch",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A deal's connection-log check and why it stands there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnlogCheck {
+    /// Where it stands.
+    pub state: LogCheck,
+    /// Why (free text for the admin API).
+    pub reason: String,
+    /// The log was fetched (and its signature checked).
+    pub fetched: bool,
+    /// Last look at the channel's `logHash` (unix ms).
+    pub checked_at: Millis,
+}
+
+/// Most fetched logs the core keeps (oldest deals go first; a pending one then turns
+/// `unavailable`).
+pub const MAX_KEPT_LOGS: usize = 64;
+/// A pending check looks at the channel's `logHash` on chain again this often (ms).
+pub const LOG_RECHECK_MS: Millis = 10_000;
+
 /// Everything the requester knows about one deal; persisted by the runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deal {
@@ -301,6 +349,9 @@ pub struct Deal {
     pub requests_seen: u64,
     /// Whether the provider has been rated.
     pub rated: bool,
+    /// The check of the deal's connection log.
+    #[serde(default)]
+    pub connlog: ConnlogCheck,
 }
 
 impl Deal {
@@ -529,6 +580,25 @@ pub enum Input {
         /// Channel id.
         channel: B256,
     },
+    /// The deal's connection log was fetched through its tunnel before the tunnel was
+    /// removed ([`Action::FetchLog`]); `on_chain` is the channel's `logHash` read just
+    /// before the fetch (`None`: the channel is gone or the read failed).
+    LogFetched {
+        /// Deal id.
+        deal: u64,
+        /// The provider's export, or why there is none.
+        log: Result<Box<LogExport>, String>,
+        /// The channel's `logHash` then.
+        on_chain: Option<B256>,
+    },
+    /// The channel's `logHash` on chain ([`Action::ReadLogHash`]); `None` when the
+    /// channel is closed (no longer readable).
+    LogHash {
+        /// Channel id.
+        channel: B256,
+        /// The hash.
+        hash: Option<B256>,
+    },
     /// Shutdown began: rent nothing more (cancel resting requests, refuse matches);
     /// the live deals keep serving while the gateway drains.
     Shutdown,
@@ -618,6 +688,31 @@ pub enum Action {
         /// Deal id.
         deal: u64,
     },
+    /// Fetch the deal's signed connection log through its tunnel (bounded), then
+    /// carry out the [`Action::Disconnect`] of the same deal, and answer with
+    /// [`Input::LogFetched`]. Comes with that `Disconnect` in one batch.
+    FetchLog {
+        /// Deal id.
+        deal: u64,
+        /// Its channel (its `logHash` is read first).
+        channel: B256,
+        /// The provider wallet (who signed the request is checked by it).
+        provider: Address,
+    },
+    /// Read the channel's `logHash` on chain; answer with [`Input::LogHash`].
+    ReadLogHash {
+        /// Channel.
+        channel: B256,
+    },
+    /// A deal's log check reached a verdict: count it (and warn on a mismatch).
+    LogChecked {
+        /// Deal id.
+        deal: u64,
+        /// The verdict.
+        state: LogCheck,
+        /// Why.
+        reason: String,
+    },
     /// Propose extending the lease to `new_end` (unix s).
     Extend {
         /// Deal id.
@@ -677,6 +772,8 @@ pub struct Core {
     shutting_down: bool,
     /// Deals changed since the last [`Core::take_dirty`].
     dirty: Vec<u64>,
+    /// Fetched connection logs (at most [`MAX_KEPT_LOGS`]), by deal.
+    logs: BTreeMap<u64, LogExport>,
 }
 
 impl Core {
@@ -705,6 +802,7 @@ impl Core {
             avoid: HashMap::new(),
             shutting_down: false,
             dirty: Vec::new(),
+            logs: BTreeMap::new(),
         }
     }
 
@@ -1164,6 +1262,37 @@ impl Core {
                     self.touch(id);
                 }
             }
+            Input::LogFetched {
+                deal,
+                log,
+                on_chain,
+            } => self.on_log_fetched(deal, log, on_chain, now, &mut out),
+            Input::LogHash { channel, hash } => {
+                let ids: Vec<u64> = self
+                    .deals
+                    .values()
+                    .filter(|d| {
+                        d.connlog.state == LogCheck::Pending
+                            && d.connlog.fetched
+                            && d.channel.is_some_and(|c| c.id == channel)
+                    })
+                    .map(|d| d.id)
+                    .collect();
+                for id in ids {
+                    if let Some(d) = self.deals.get_mut(&id) {
+                        d.connlog.checked_at = now;
+                    }
+                    match hash {
+                        Some(h) => self.check_log(id, h, &mut out),
+                        None => self.log_verdict(
+                            id,
+                            LogCheck::Unavailable,
+                            "the channel closed with a logHash no fetched log covers".into(),
+                            &mut out,
+                        ),
+                    }
+                }
+            }
             Input::Shutdown => {
                 self.shutting_down = true;
                 for g in &mut self.groups {
@@ -1313,6 +1442,7 @@ impl Core {
             extensions: 0,
             requests_seen: 0,
             rated: false,
+            connlog: ConnlogCheck::default(),
         };
         self.touch(id);
         if let Some(reason) = reject {
@@ -1432,14 +1562,40 @@ impl Core {
         d.note = reason.chars().take(200).collect();
         d.ended_at = Some(now);
         d.extend_to = None;
+        // Our own end of a serving deal: its log is fetched through the tunnel before
+        // the tunnel goes, and the provider hears of the end only then (it removes our
+        // key when it does).
+        let fetch = match (was, d.channel) {
+            (Phase::Serving, Some(c)) if outcome == Outcome::Completed => Some(c.id),
+            _ => None,
+        };
+        if let Some(channel) = fetch {
+            out.push(Action::FetchLog {
+                deal: id,
+                channel,
+                provider: d.provider,
+            });
+        } else if d.connlog.state == LogCheck::Pending && !d.connlog.fetched {
+            d.connlog.state = LogCheck::Unavailable;
+            d.connlog.reason = if d.served() {
+                format!(
+                    "the deal ended as {}: its log was not fetched",
+                    outcome.as_str()
+                )
+            } else {
+                "the exit never served".into()
+            };
+        }
         if matches!(was, Phase::Connecting | Phase::Serving) {
             out.push(Action::Disconnect { deal: id });
         }
-        out.push(Action::Report {
-            deal: id,
-            status: outcome.report(),
-            reason: d.note.clone(),
-        });
+        if fetch.is_none() {
+            out.push(Action::Report {
+                deal: id,
+                status: outcome.report(),
+                reason: d.note.clone(),
+            });
+        }
         if let Some(score) = outcome.rating(d.served()) {
             d.rated = true;
             out.push(Action::Rate { deal: id, score });
@@ -1459,6 +1615,197 @@ impl Core {
             }
             _ => self.start_channel_close(id, now, out),
         }
+    }
+
+    fn on_log_fetched(
+        &mut self,
+        id: u64,
+        log: Result<Box<LogExport>, String>,
+        on_chain: Option<B256>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        if d.connlog.fetched {
+            return; // replayed
+        }
+        // The report held back for the fetch.
+        if let Some(outcome) = d.outcome {
+            out.push(Action::Report {
+                deal: id,
+                status: outcome.report(),
+                reason: d.note.clone(),
+            });
+        }
+        d.connlog.checked_at = now;
+        let provider = d.provider;
+        self.touch(id);
+        let x = match log {
+            Ok(x) => x,
+            Err(e) => {
+                let reason = format!("not fetched: {}", e.chars().take(300).collect::<String>());
+                return self.log_verdict(id, LogCheck::Unavailable, reason, out);
+            }
+        };
+        if let Err(e) = connlog::verify_log(&x.log, id, provider, None) {
+            return self.log_verdict(id, LogCheck::Mismatch, e.to_string(), out);
+        }
+        if let Some(d) = self.deals.get_mut(&id) {
+            d.connlog.fetched = true;
+            d.connlog.reason = format!(
+                "{} connection(s) fetched; waiting for the channel's logHash on chain",
+                x.log.entries.len()
+            );
+        }
+        self.logs.insert(id, *x);
+        while self.logs.len() > MAX_KEPT_LOGS {
+            let Some((old, _)) = self.logs.pop_first() else {
+                break;
+            };
+            if self
+                .deals
+                .get(&old)
+                .is_some_and(|d| d.connlog.state == LogCheck::Pending)
+            {
+                self.log_verdict(
+                    old,
+                    LogCheck::Unavailable,
+                    format!("log dropped: more than {MAX_KEPT_LOGS} kept"),
+                    out,
+                );
+            }
+        }
+        if let Some(h) = on_chain {
+            self.check_log(id, h, out);
+        }
+    }
+
+    /// Checks a fetched log against the channel's `logHash` on chain: with the
+    /// provider's commitment that hash names ([`connlog::verify_commitment`]), or, for
+    /// a claim made after the fetch, by recomputing the commitment from the logs of
+    /// every deal over the channel. Stays pending while the hash covers none of it.
+    fn check_log(&mut self, id: u64, on_chain: B256, out: &mut Vec<Action>) {
+        let (Some(d), Some(x)) = (self.deals.get(&id), self.logs.get(&id)) else {
+            return;
+        };
+        let Some(channel) = d.channel.map(|c| c.id) else {
+            return;
+        };
+        if d.connlog.state != LogCheck::Pending {
+            return;
+        }
+        if on_chain == B256::ZERO {
+            return; // nothing claimed yet
+        }
+        let logs = &self.logs;
+        let entries = |deal: u64| logs.get(&deal).map(|x| x.log.entries.as_slice());
+        let verdict = if let Some(c) = x
+            .commits
+            .iter()
+            .rev()
+            .find(|c| c.channel_id == channel && c.hash == on_chain)
+        {
+            match c.parts.iter().find(|p| !logs.contains_key(&p.deal_id)) {
+                Some(p) => Some((
+                    LogCheck::Unavailable,
+                    format!(
+                        "the commitment covers deal {}, whose log this gateway does not hold",
+                        p.deal_id
+                    ),
+                )),
+                None => Some(
+                    match connlog::verify_commitment(&channel, &on_chain, id, &x.commits, entries) {
+                        Ok(()) => (
+                            LogCheck::Verified,
+                            format!(
+                                "{} connection(s); logHash {on_chain} recomputed",
+                                x.log.entries.len()
+                            ),
+                        ),
+                        Err(e) => (LogCheck::Mismatch, e.to_string()),
+                    },
+                ),
+            }
+        } else {
+            // A claim after the fetch: the deals over the channel, as fetched.
+            let parts: Vec<CommitPart> = self
+                .deals
+                .values()
+                .filter(|d| d.channel.is_some_and(|c| c.id == channel))
+                .filter_map(|d| {
+                    let x = logs.get(&d.id)?;
+                    Some(CommitPart {
+                        deal_id: d.id,
+                        entries: x.log.entries.len() as u64,
+                        dropped: x.dropped,
+                        head: x.log.head,
+                    })
+                })
+                .collect();
+            (connlog::channel_commitment(&channel, &parts) == on_chain).then(|| {
+                (
+                    LogCheck::Verified,
+                    format!(
+                        "{} connection(s); logHash {on_chain} recomputed from the channel's logs",
+                        x.log.entries.len()
+                    ),
+                )
+            })
+        };
+        match verdict {
+            Some((state, reason)) => self.log_verdict(id, state, reason, out),
+            None => {
+                if let Some(d) = self.deals.get_mut(&id) {
+                    d.connlog.reason = format!(
+                        "the chain holds logHash {on_chain}, which the fetched commitments do not include yet"
+                    );
+                }
+            }
+        }
+    }
+
+    fn log_verdict(&mut self, id: u64, state: LogCheck, reason: String, out: &mut Vec<Action>) {
+        let Some(d) = self.deals.get_mut(&id) else {
+            return;
+        };
+        d.connlog.state = state;
+        d.connlog.reason = reason.chars().take(400).collect();
+        self.touch(id);
+        out.push(Action::LogChecked {
+            deal: id,
+            state,
+            reason,
+        });
+    }
+
+    /// Pending log checks of ended deals: the channel's `logHash` is looked at again
+    /// every [`LOG_RECHECK_MS`] (one read per channel).
+    fn recheck_logs(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let mut channels = Vec::new();
+        for d in self.deals.values_mut() {
+            if d.connlog.state == LogCheck::Pending
+                && d.connlog.fetched
+                && now.saturating_sub(d.connlog.checked_at) >= LOG_RECHECK_MS
+                && let Some(c) = d.channel
+            {
+                d.connlog.checked_at = now;
+                if !channels.contains(&c.id) {
+                    channels.push(c.id);
+                }
+            }
+        }
+        out.extend(
+            channels
+                .into_iter()
+                .map(|channel| Action::ReadLogHash { channel }),
+        );
+    }
+
+    /// The kept log of a deal (fetched and signature-checked).
+    pub fn log(&self, id: u64) -> Option<&LogExport> {
+        self.logs.get(&id)
     }
 
     /// Asks for a re-verification of a serving exit once `reverify_every` has passed
@@ -1517,6 +1864,7 @@ impl Core {
             .collect();
         for id in &gone {
             self.deals.remove(id);
+            self.logs.remove(id);
         }
         let from = now.saturating_sub(3_600_000);
         self.spend.retain(|(t, _)| *t >= from);
@@ -1527,6 +1875,7 @@ impl Core {
     pub fn tick(&mut self, now: Millis) -> Vec<Action> {
         let mut out = Vec::new();
         let unix = now / 1000;
+        self.recheck_logs(now, &mut out);
         // Deals: ends, timeouts, payments, extensions, channels.
         let ids: Vec<u64> = self.deals.keys().copied().collect();
         for id in ids {

@@ -12,6 +12,7 @@
 //! the clock in, actions out), [`store`] the SQLite file, and the runtime
 //! ([`PoolManager`]) the tokio glue that carries out actions.
 
+pub mod connlog;
 pub mod core;
 mod runtime;
 pub mod store;

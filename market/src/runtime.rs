@@ -24,8 +24,8 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::core::{
-    Action, ChannelPhase, Core, Input, Millis, Phase, Settings, Want, attrs_of, deal_of_exit,
-    exit_name,
+    Action, ChannelPhase, Core, Input, LogCheck, Millis, Phase, Settings, Want, attrs_of,
+    deal_of_exit, exit_name,
 };
 use crate::store::Store;
 
@@ -74,6 +74,38 @@ pub struct MarketStatus {
     pub paid_total: String,
     /// Channels opened and not closed on chain yet.
     pub channels_open: usize,
+}
+
+/// Splits actions into batches run one after the other: a deal's
+/// [`Action::FetchLog`] comes before its [`Action::Disconnect`] (the log is read
+/// through the tunnel that the disconnect removes); every other action alone.
+fn sequenced(actions: Vec<Action>) -> Vec<Vec<Action>> {
+    let fetching: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FetchLog { deal, .. } => Some(*deal),
+            _ => None,
+        })
+        .collect();
+    let (held, rest): (Vec<Action>, Vec<Action>) = actions
+        .into_iter()
+        .partition(|a| matches!(a, Action::Disconnect { deal } if fetching.contains(deal)));
+    let mut out = Vec::new();
+    for a in rest {
+        if let Action::FetchLog { deal, .. } = a {
+            let d = deal;
+            let mut batch = vec![a];
+            batch.extend(
+                held.iter()
+                    .filter(|h| matches!(h, Action::Disconnect { deal } if *deal == d))
+                    .cloned(),
+            );
+            out.push(batch);
+        } else {
+            out.push(vec![a]);
+        }
+    }
+    out
 }
 
 fn unix_ms() -> Millis {
@@ -141,6 +173,8 @@ struct Inner {
     exchange: Client,
     chain: ChainClient,
     wallet: Address,
+    /// The requester wallet's key (signs connection-log requests).
+    signer: PrivateKeySigner,
     wg_key: SecretKey,
     core: Mutex<Core>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
@@ -217,7 +251,7 @@ impl PoolManager {
             deployment.centralizer,
         )
         .map_err(|e| MarketError::Exchange(e.to_string()))?
-        .with_key(signer);
+        .with_key(signer.clone());
         let geo_path = |p: &Option<String>| p.as_ref().map(|p| base_dir.join(p));
         let geo = GeoDb::open(
             geo_path(&cfg.geoip_country).as_deref(),
@@ -283,6 +317,7 @@ impl PoolManager {
             exchange,
             chain,
             wallet,
+            signer,
             wg_key,
             core: Mutex::new(core),
             tunnels: Mutex::new(HashMap::new()),
@@ -358,6 +393,8 @@ impl PoolManager {
                     })),
                     "ends_in_s": d.terms.end.saturating_sub(unix),
                     "path": paths.get(&d.id).map(|p| p.as_str()),
+                    "connlog": d.connlog.state.as_str(),
+                    "connlog_reason": d.connlog.reason,
                     "note": d.note,
                 })
             })
@@ -410,9 +447,13 @@ impl PoolManager {
     /// right after).
     async fn run_all(&self, actions: Vec<Action>) {
         let mut tasks = Vec::new();
-        for a in actions {
+        for batch in sequenced(actions) {
             let me = self.clone();
-            tasks.push(tokio::spawn(async move { me.run(a).await }));
+            tasks.push(tokio::spawn(async move {
+                for a in batch {
+                    me.run(a).await;
+                }
+            }));
         }
         for t in tasks {
             let _ = t.await;
@@ -497,9 +538,13 @@ impl PoolManager {
     }
 
     fn spawn_all(&self, actions: Vec<Action>) {
-        for a in actions {
+        for batch in sequenced(actions) {
             let me = self.clone();
-            tokio::spawn(async move { me.run(a).await });
+            tokio::spawn(async move {
+                for a in batch {
+                    me.run(a).await;
+                }
+            });
         }
     }
 
@@ -894,6 +939,71 @@ impl PoolManager {
                     metrics::gauge!("ipsx_market_exits_live").decrement(1.0);
                 }
                 tracing::info!(deal, "rented exit out of rotation");
+                None
+            }
+            Action::FetchLog {
+                deal,
+                channel,
+                provider,
+            } => {
+                // Out of rotation first: no new connection starts while the log is read.
+                self.inner.gw.remove_exit(&exit_name(deal));
+                let on_chain = chain
+                    .channel(channel)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|c| c.log_hash);
+                let tunnel = self
+                    .inner
+                    .tunnels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&deal)
+                    .cloned();
+                let log = match tunnel {
+                    Some(t) => crate::connlog::fetch_through(
+                        &t,
+                        &self.inner.signer,
+                        provider,
+                        deal,
+                        unix_ms() / 1000,
+                    )
+                    .await
+                    .map(Box::new),
+                    None => Err("no tunnel to the exit".into()),
+                };
+                Some(Input::LogFetched {
+                    deal,
+                    log,
+                    on_chain,
+                })
+            }
+            Action::ReadLogHash { channel } => match chain.channel(channel).await {
+                Ok(st) => Some(Input::LogHash {
+                    channel,
+                    hash: st.map(|c| c.log_hash),
+                }),
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "channel look-up failed");
+                    None
+                }
+            },
+            Action::LogChecked {
+                deal,
+                state,
+                reason,
+            } => {
+                metrics::counter!("ipsx_market_connlog_checks_total", "outcome" => state.as_str())
+                    .increment(1);
+                match state {
+                    LogCheck::Mismatch => {
+                        tracing::warn!(deal, %reason, "connection log does not match what the provider committed")
+                    }
+                    _ => {
+                        tracing::info!(deal, outcome = state.as_str(), %reason, "connection log checked")
+                    }
+                }
                 None
             }
             Action::Extend { deal, new_end } => {

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The port of the exit's inner address that serves a deal's connection log
 /// (`GET /api/connlog/<deal>?expiry=..&signature=..`, see `docs/provider.md`).
-pub const CONNLOG_PORT: u16 = 80;
+pub const CONNLOG_PORT: u16 = ipsx_exchange_client::connlog::SERVICE_PORT;
 
 /// Which `(inner address, port)` pairs are relayed to which local address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -4,10 +4,13 @@
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
+use alloy::signers::local::PrivateKeySigner;
 use ipsx_exchange_client::api::DealTerms;
+use ipsx_exchange_client::connlog::{self, ChannelCommit, CommitPart, LogEntry, LogExport};
 use ipsx_exchange_client::types::{PartyStatus, WgKey};
 use ipsx_market::core::{
-    Action, ChannelPhase, Core, Input, Outcome, Phase, Settings, Want, deal_of_exit, exit_name,
+    Action, ChannelPhase, Core, Input, LogCheck, Outcome, Phase, Settings, Want, deal_of_exit,
+    exit_name,
 };
 use ipsx_rotation::{ExitKind, Filter};
 
@@ -75,6 +78,11 @@ fn serving_deal(now: &mut u64) -> Core {
 }
 
 fn serving_deal_with(s: Settings, now: &mut u64) -> Core {
+    serving_deal_of(s, provider(9), now)
+}
+
+fn serving_deal_of(s: Settings, provider_wallet: Address, now: &mut u64) -> Core {
+    let provider = |_: u8| provider_wallet;
     let mut core = Core::new(s, vec![("de".into(), de(), 1)], *now);
     let a = core.tick(*now);
     assert!(
@@ -287,11 +295,31 @@ fn shutdown_stops_renting_first_and_rejects_late_matches() {
     assert_eq!(core.deal(7).unwrap().phase, Phase::Serving);
     let a = core.handle(Input::EndAll, now);
     assert!(a.contains(&Action::Disconnect { deal: 7 }));
+    // The log is fetched through the tunnel first; the provider hears of the end
+    // after that.
+    assert!(a.contains(&Action::FetchLog {
+        deal: 7,
+        channel: channel(7),
+        provider: provider(9)
+    }));
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::Report { .. })),
+        "{a:?}"
+    );
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Err("the tunnel did not answer".into()),
+            on_chain: None,
+        },
+        now,
+    );
     assert!(a.contains(&Action::Report {
         deal: 7,
         status: PartyStatus::Completed,
         reason: "gateway shutting down".into()
     }));
+    assert_eq!(core.deal(7).unwrap().connlog.state, LogCheck::Unavailable);
     // A match arriving after shutdown is rejected without a channel.
     let a = core.handle(
         Input::Matched {
@@ -798,4 +826,222 @@ fn an_idle_channel_is_closed_after_channel_idle_close() {
             amount: d7.base + d7.paid
         }]
     );
+}
+
+fn conn(i: u64) -> LogEntry {
+    LogEntry {
+        start_unix_ms: 1_800_000_000_000 + i,
+        dst: "93.184.216.34:443".parse().unwrap(),
+        bytes_up: 100 + i,
+        bytes_down: 1000 + i,
+        duration_ms: 20,
+    }
+}
+
+/// What a provider agent serves for deal 7 over channel 7: its records signed, and its
+/// commitment of the first `committed` of them (what its claim put on chain).
+fn export(key: &PrivateKeySigner, entries: Vec<LogEntry>, committed: usize) -> LogExport {
+    let part = CommitPart {
+        deal_id: 7,
+        entries: committed as u64,
+        dropped: 0,
+        head: connlog::head(7, &entries[..committed]),
+    };
+    let hash = connlog::channel_commitment(&channel(7), &[part]);
+    LogExport {
+        log: connlog::sign_log(key, 7, entries).unwrap(),
+        dropped: 0,
+        commits: vec![ChannelCommit {
+            channel_id: channel(7),
+            parts: vec![part],
+            hash,
+        }],
+    }
+}
+
+fn ended_for_fetch(key: &PrivateKeySigner, now: &mut u64) -> Core {
+    let mut core = serving_deal_of(settings(), key.address(), now);
+    *now += 10_000;
+    let a = core.handle(Input::EndAll, *now);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::FetchLog { deal: 7, .. })),
+        "{a:?}"
+    );
+    assert_eq!(core.deal(7).unwrap().connlog.state, LogCheck::Pending);
+    core
+}
+
+fn verdict(a: &[Action]) -> Option<LogCheck> {
+    a.iter().find_map(|a| match a {
+        Action::LogChecked { deal: 7, state, .. } => Some(*state),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_fetched_log_recomputes_the_loghash_on_chain() {
+    let key = PrivateKeySigner::random();
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    // The claim on chain committed the first two of three records (a prefix).
+    let x = export(&key, (0..3).map(conn).collect(), 2);
+    let on_chain = x.commits[0].hash;
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Ok(Box::new(x)),
+            on_chain: Some(on_chain),
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Verified), "{a:?}");
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Report { deal: 7, .. }))
+    );
+    assert_eq!(core.deal(7).unwrap().connlog.state, LogCheck::Verified);
+    assert_eq!(core.log(7).unwrap().log.entries.len(), 3);
+}
+
+#[test]
+fn a_record_missing_from_the_served_log_is_a_mismatch() {
+    let key = PrivateKeySigner::random();
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    // The provider committed three records, then served (signed) only two.
+    let mut x = export(&key, (0..3).map(conn).collect(), 3);
+    let on_chain = x.commits[0].hash;
+    x.log = connlog::sign_log(&key, 7, vec![conn(0), conn(2)]).unwrap();
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Ok(Box::new(x)),
+            on_chain: Some(on_chain),
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Mismatch), "{a:?}");
+    let c = &core.deal(7).unwrap().connlog;
+    assert!(c.reason.contains("entries"), "{}", c.reason);
+}
+
+#[test]
+fn a_log_signed_by_someone_else_is_a_mismatch_and_a_failed_fetch_unavailable() {
+    let key = PrivateKeySigner::random();
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    let x = export(&PrivateKeySigner::random(), vec![conn(0)], 1);
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Ok(Box::new(x)),
+            on_chain: None,
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Mismatch), "{a:?}");
+    assert!(core.deal(7).unwrap().connlog.reason.contains("signed by"));
+
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Err("connecting to 10.77.0.1:80 through the tunnel: timed out".into()),
+            on_chain: None,
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Unavailable), "{a:?}");
+}
+
+#[test]
+fn a_claim_after_the_fetch_is_checked_when_it_lands() {
+    let key = PrivateKeySigner::random();
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    let entries: Vec<LogEntry> = (0..2).map(conn).collect();
+    // Nothing claimed yet when fetched: pending.
+    let x = export(&key, entries.clone(), 1);
+    let a = core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Ok(Box::new(x)),
+            on_chain: Some(B256::ZERO),
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), None);
+    assert_eq!(core.deal(7).unwrap().connlog.state, LogCheck::Pending);
+    // The pending check looks at the chain again, once per interval.
+    now += ipsx_market::core::LOG_RECHECK_MS;
+    let reads = |a: &[Action]| {
+        a.iter()
+            .filter(|a| matches!(a, Action::ReadLogHash { channel: c } if *c == channel(7)))
+            .count()
+    };
+    assert_eq!(reads(&core.tick(now)), 1);
+    assert_eq!(reads(&core.tick(now + 1)), 0);
+    // A hash that covers something else: still pending.
+    let a = core.handle(
+        Input::LogHash {
+            channel: channel(7),
+            hash: Some(B256::repeat_byte(0xee)),
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), None);
+    // The closing claim, made after the fetch, over the whole log.
+    let part = CommitPart {
+        deal_id: 7,
+        entries: 2,
+        dropped: 0,
+        head: connlog::head(7, &entries),
+    };
+    let closing = connlog::channel_commitment(&channel(7), &[part]);
+    let a = core.handle(
+        Input::LogHash {
+            channel: channel(7),
+            hash: Some(closing),
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Verified), "{a:?}");
+}
+
+#[test]
+fn a_channel_gone_before_any_hash_covers_the_log_leaves_it_unavailable() {
+    let key = PrivateKeySigner::random();
+    let mut now = T0;
+    let mut core = ended_for_fetch(&key, &mut now);
+    let x = export(&key, vec![conn(0)], 1);
+    core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log: Ok(Box::new(x)),
+            on_chain: None,
+        },
+        now,
+    );
+    let a = core.handle(
+        Input::LogHash {
+            channel: channel(7),
+            hash: None,
+        },
+        now,
+    );
+    assert_eq!(verdict(&a), Some(LogCheck::Unavailable), "{a:?}");
+}
+
+#[test]
+fn a_deal_that_never_served_or_died_has_no_log_to_fetch() {
+    let mut now = T0;
+    let mut core = serving_deal(&mut now);
+    now += 20_000;
+    let a = core.handle(Input::ExitUnhealthy { deal: 7 }, now);
+    assert!(!a.iter().any(|a| matches!(a, Action::FetchLog { .. })));
+    let c = &core.deal(7).unwrap().connlog;
+    assert_eq!(c.state, LogCheck::Unavailable);
+    assert!(c.reason.contains("unhealthy"), "{}", c.reason);
 }

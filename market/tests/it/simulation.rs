@@ -460,7 +460,29 @@ impl World {
                     }
                 }
             }
-            Action::Disconnect { .. } => {}
+            Action::Disconnect { .. } | Action::LogChecked { .. } => {}
+            Action::FetchLog { deal, .. } => {
+                // The tunnel may be gone already: the deal's report is sent either way.
+                let d = self.delay();
+                self.at(
+                    d,
+                    Input::LogFetched {
+                        deal,
+                        log: Err("the tunnel did not answer".into()),
+                        on_chain: None,
+                    },
+                );
+            }
+            Action::ReadLogHash { channel } => {
+                let d = self.delay();
+                self.at(
+                    d,
+                    Input::LogHash {
+                        channel,
+                        hash: None,
+                    },
+                );
+            }
             Action::Reverify { deal, .. } => {
                 // Now and then the database places a serving exit elsewhere.
                 if self.rng.random_range(0..20) == 0 {
