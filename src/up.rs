@@ -188,10 +188,12 @@ pub(crate) async fn run(port: u16, state_file: Option<PathBuf>) -> Result<(), St
             port.saturating_add(2 + i as u16)
         };
         let mut toml = format!(
-            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"2s\"\nclaim_threshold = \"{DEMO_CLAIM_THRESHOLD}\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n",
+            "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[timings]\npoll = \"2s\"\nclaim_threshold = \"{DEMO_CLAIM_THRESHOLD}\"\n\n[status]\nlisten = \"127.0.0.1:{status_port}\"\n\n[connlog]\ndir = \"{}\"\n\n",
             anvil.endpoint(),
             deployment_path.display(),
-            hex_key(key)
+            hex_key(key),
+            // Each agent's connection logs in its own directory of this run's state.
+            dir.join(format!("connlog-{i}")).display(),
         );
         for (last, cc, city, kind) in &EXITS[i * 2..i * 2 + 2] {
             toml.push_str(&format!(

@@ -24,6 +24,7 @@ use common::market::{MarketOpts, MarketSystem, REQUESTER, ip_of};
 use common::*;
 use ipsx_exchange::client::{Client, fresh};
 use ipsx_exchange::types::{Offer, WgKey};
+use ipsx_exchange_client::connlog;
 
 fn deals(status: &ipsx_market::MarketStatus) -> Vec<serde_json::Value> {
     status.deals.clone()
@@ -561,4 +562,109 @@ async fn an_exit_the_geoip_database_places_elsewhere_ends_its_deal_as_misplaced(
     assert_eq!(sys.live_exits(), 0);
     sys.stop().await;
     let _ = std::fs::remove_file(&db);
+}
+
+/// Issue 12: each deal's connection log, fetched by the gateway through the deal's
+/// tunnel (the exit's inner address, port 80) before the tunnel goes, recomputes the
+/// `logHash` its provider claimed on chain: `verified`. At the other provider a record
+/// is removed from the deal's log file on disk before the fetch: `mismatch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_checks_each_deals_connection_log_against_the_chain() {
+    let sys = MarketSystem::start(MarketOpts {
+        exits: vec![("127.0.0.2", "de"), ("127.0.0.3", "de")],
+        demand: "[[market.demand]]\nname = \"de\"\ntarget = { country = \"de\" }\ncount = 2\n"
+            .into(),
+        // Claims (with their logHash) come often.
+        agent_timings: "claim_threshold = \"1\"\nclaim_interval = \"1s\"\n".into(),
+        ..MarketOpts::default()
+    })
+    .await;
+    sys.wait_live(2, Duration::from_secs(60)).await;
+    let provider_of = |i: usize| format!("{:#x}", sys.anvil.key(2 + i).address());
+    let deal_of = |i: usize| {
+        let status = sys.market().status();
+        let d = deals(&status)
+            .into_iter()
+            .find(|d| d["provider"] == provider_of(i))
+            .unwrap_or_else(|| panic!("a deal with provider {i}: {status:?}"));
+        let id = d["deal"].as_u64().unwrap();
+        let channel: alloy::primitives::B256 =
+            d["channel"]["id"].as_str().unwrap().parse().unwrap();
+        (id, channel)
+    };
+    let log_file = |i: usize, id: u64| {
+        std::fs::read_dir(common::market::connlog_dir(&sys.dir, i))
+            .ok()?
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{id}-")))
+            })
+    };
+    let records = |i: usize, id: u64| {
+        log_file(i, id)
+            .and_then(|f| std::fs::metadata(f).ok())
+            .map_or(0, |m| m.len() / connlog::ENTRY_LEN as u64)
+    };
+    // Traffic through both exits, until each deal's log holds a connection.
+    let mut i = 0;
+    while (records(0, deal_of(0).0) == 0 || records(1, deal_of(1).0) == 0) && i < 30 {
+        assert!(ip_of(&sys.get().await).is_some(), "served");
+        i += 1;
+    }
+    assert!(
+        records(0, deal_of(0).0) > 0 && records(1, deal_of(1).0) > 0,
+        "both exits logged a connection"
+    );
+    // A claim commits those connections: wait until the chain holds the commitment
+    // of each deal's records as they are on disk.
+    let chain = sys.requester_chain().await;
+    for p in 0..2 {
+        let (id, channel) = deal_of(p);
+        let entries =
+            connlog::parse_records(&std::fs::read(log_file(p, id).unwrap()).unwrap()).unwrap();
+        let part = connlog::CommitPart {
+            deal_id: id,
+            entries: entries.len() as u64,
+            dropped: 0,
+            head: connlog::head(id, &entries),
+        };
+        let want = connlog::channel_commitment(&channel, &[part]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while chain.channel(channel).await.unwrap().unwrap().log_hash != want
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            chain.channel(channel).await.unwrap().unwrap().log_hash,
+            want,
+            "provider {p} claimed its deal's connections"
+        );
+    }
+    // Tampering at provider 1: its deal's file loses its records.
+    let (id1, _) = deal_of(1);
+    std::fs::write(log_file(1, id1).unwrap(), b"").unwrap();
+
+    // The gateway ends both deals: each log is fetched through its tunnel and checked.
+    sys.market().shutdown(Duration::from_secs(2)).await;
+    let status = sys.market().status();
+    let check = |i: usize| {
+        let d = deals(&status)
+            .into_iter()
+            .find(|d| d["provider"] == provider_of(i))
+            .unwrap();
+        (
+            d["connlog"].as_str().unwrap().to_owned(),
+            d["connlog_reason"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (state, reason) = check(0);
+    assert_eq!(state, "verified", "{reason}: {status:?}");
+    assert!(reason.contains("recomputed"), "{reason}");
+    let (state, reason) = check(1);
+    assert_eq!(state, "mismatch", "{reason}: {status:?}");
+    assert!(reason.contains("entries"), "{reason}");
+    sys.stop().await;
 }

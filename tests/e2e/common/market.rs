@@ -151,10 +151,11 @@ impl MarketSystem {
         let mut agents = Vec::new();
         for (i, (exit, country)) in opts.exits.iter().enumerate() {
             let toml = format!(
-                "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n\n[timings]\npoll = \"1s\"\n{}\n[[exit]]\nexit_address = \"{exit}\"\nlisten = \"{exit}:0\"\ncountry = \"{country}\"\ntype = \"residential\"\nprotocols = [\"any\"]\nprice_per_ip_second = \"1000000000000\"\nallow_destinations = [\"127.0.0.0/8\"]\n",
+                "[exchange]\nurl = \"{exchange_url}\"\n\n[chain]\nrpc_url = \"{}\"\ndeployment = \"{}\"\n\n[wallet]\nprivate_key = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n\n[connlog]\ndir = \"{}\"\n\n[timings]\npoll = \"1s\"\n{}\n[[exit]]\nexit_address = \"{exit}\"\nlisten = \"{exit}:0\"\ncountry = \"{country}\"\ntype = \"residential\"\nprotocols = [\"any\"]\nprice_per_ip_second = \"1000000000000\"\nallow_destinations = [\"127.0.0.0/8\"]\n",
                 anvil.endpoint(),
                 deployment_path.display(),
                 hex_key(&anvil.key(2 + i)),
+                connlog_dir(&dir, i).display(),
                 opts.agent_timings,
             );
             agents.push(
@@ -306,6 +307,11 @@ impl MarketSystem {
         drop(self.anvil);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Agent `i`'s connection-log directory (`[connlog] dir`): each agent its own.
+pub fn connlog_dir(dir: &std::path::Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("connlog-{i}"))
 }
 
 /// The exit address a 200 response of the echo target reports, if it is one.
