@@ -570,3 +570,50 @@ async fn one_peer_opening_50000_flows_stays_bounded_and_another_peer_is_served()
     assert!(!during.is_empty());
     good.exit.shutdown().await;
 }
+
+/// The inner service map: a flow to the exit's inner address on the connection-log
+/// port reaches the local listener the agent gave (loopback, normally refused), is
+/// not logged as a relayed connection; every other way to that listener, or to
+/// another port of the inner address, stays refused.
+#[tokio::test]
+async fn the_inner_service_port_reaches_its_local_listener_and_nothing_else_does() {
+    let echo = echo_server("127.0.0.1:0").await;
+    // No loopback allowed: only the mapped pair may reach 127.0.0.1.
+    let mut cfg = exit_config("127.0.0.2", &[]);
+    cfg.inner_services = ipsx_provider::inner_service::InnerServices::connlog(echo);
+    let inner = IpAddr::V4(cfg.inner_address);
+    let p = pair(cfg).await;
+    let service = SocketAddr::new(inner, ipsx_provider::inner_service::CONNLOG_PORT);
+    let mut s = p.tunnel.connect_tcp(service).await.unwrap();
+    s.write_all(b"log please").await.unwrap();
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"log please");
+    drop(s);
+    for dst in [
+        echo,                                // the listener itself
+        SocketAddr::new(inner, 81),          // another port of the inner address
+        SocketAddr::new(inner, echo.port()), // the listener's port on the inner address
+        "127.0.0.1:80".parse().unwrap(),     // loopback on the service port
+    ] {
+        let err = p.tunnel.connect_tcp(dst).await.unwrap_err();
+        assert!(
+            matches!(err, ipsx_tunnel_pool::TunnelError::Connect { .. }),
+            "{dst}: {err}"
+        );
+    }
+    let c = p.exit.counters();
+    assert!(c.refused >= 4, "{c:?}");
+    assert_eq!(c.flows, 1, "{c:?}");
+    // The service flow is not in the peer's connection log (a relay appends its
+    // entry before it gives its place back).
+    for _ in 0..250 {
+        if p.exit.counters().flows_live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.exit.counters().flows_live, 0);
+    assert!(p.exit.log(&p.client_pub).unwrap().is_empty());
+    p.exit.shutdown().await;
+}
