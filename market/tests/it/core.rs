@@ -872,6 +872,23 @@ fn ended_for_fetch(key: &PrivateKeySigner, now: &mut u64) -> Core {
     core
 }
 
+/// Deal 7's log came back from the fetch.
+fn fetched(
+    core: &mut Core,
+    log: Result<Box<LogExport>, String>,
+    on_chain: Option<B256>,
+    now: u64,
+) -> Vec<Action> {
+    core.handle(
+        Input::LogFetched {
+            deal: 7,
+            log,
+            on_chain,
+        },
+        now,
+    )
+}
+
 fn verdict(a: &[Action]) -> Option<LogCheck> {
     a.iter().find_map(|a| match a {
         Action::LogChecked { deal: 7, state, .. } => Some(*state),
@@ -887,14 +904,7 @@ fn a_fetched_log_recomputes_the_loghash_on_chain() {
     // The claim on chain committed the first two of three records (a prefix).
     let x = export(&key, (0..3).map(conn).collect(), 2);
     let on_chain = x.commits[0].hash;
-    let a = core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Ok(Box::new(x)),
-            on_chain: Some(on_chain),
-        },
-        now,
-    );
+    let a = fetched(&mut core, Ok(Box::new(x)), Some(on_chain), now);
     assert_eq!(verdict(&a), Some(LogCheck::Verified), "{a:?}");
     assert!(
         a.iter()
@@ -913,14 +923,7 @@ fn a_record_missing_from_the_served_log_is_a_mismatch() {
     let mut x = export(&key, (0..3).map(conn).collect(), 3);
     let on_chain = x.commits[0].hash;
     x.log = connlog::sign_log(&key, 7, vec![conn(0), conn(2)]).unwrap();
-    let a = core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Ok(Box::new(x)),
-            on_chain: Some(on_chain),
-        },
-        now,
-    );
+    let a = fetched(&mut core, Ok(Box::new(x)), Some(on_chain), now);
     assert_eq!(verdict(&a), Some(LogCheck::Mismatch), "{a:?}");
     let c = &core.deal(7).unwrap().connlog;
     assert!(c.reason.contains("entries"), "{}", c.reason);
@@ -932,25 +935,16 @@ fn a_log_signed_by_someone_else_is_a_mismatch_and_a_failed_fetch_unavailable() {
     let mut now = T0;
     let mut core = ended_for_fetch(&key, &mut now);
     let x = export(&PrivateKeySigner::random(), vec![conn(0)], 1);
-    let a = core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Ok(Box::new(x)),
-            on_chain: None,
-        },
-        now,
-    );
+    let a = fetched(&mut core, Ok(Box::new(x)), None, now);
     assert_eq!(verdict(&a), Some(LogCheck::Mismatch), "{a:?}");
     assert!(core.deal(7).unwrap().connlog.reason.contains("signed by"));
 
     let mut now = T0;
     let mut core = ended_for_fetch(&key, &mut now);
-    let a = core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Err("connecting to 10.77.0.1:80 through the tunnel: timed out".into()),
-            on_chain: None,
-        },
+    let a = fetched(
+        &mut core,
+        Err("connecting to 10.77.0.1:80 through the tunnel: timed out".into()),
+        None,
         now,
     );
     assert_eq!(verdict(&a), Some(LogCheck::Unavailable), "{a:?}");
@@ -964,14 +958,7 @@ fn a_claim_after_the_fetch_is_checked_when_it_lands() {
     let entries: Vec<LogEntry> = (0..2).map(conn).collect();
     // Nothing claimed yet when fetched: pending.
     let x = export(&key, entries.clone(), 1);
-    let a = core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Ok(Box::new(x)),
-            on_chain: Some(B256::ZERO),
-        },
-        now,
-    );
+    let a = fetched(&mut core, Ok(Box::new(x)), Some(B256::ZERO), now);
     assert_eq!(verdict(&a), None);
     assert_eq!(core.deal(7).unwrap().connlog.state, LogCheck::Pending);
     // The pending check looks at the chain again, once per interval.
@@ -1016,14 +1003,7 @@ fn a_channel_gone_before_any_hash_covers_the_log_leaves_it_unavailable() {
     let mut now = T0;
     let mut core = ended_for_fetch(&key, &mut now);
     let x = export(&key, vec![conn(0)], 1);
-    core.handle(
-        Input::LogFetched {
-            deal: 7,
-            log: Ok(Box::new(x)),
-            on_chain: None,
-        },
-        now,
-    );
+    fetched(&mut core, Ok(Box::new(x)), None, now);
     let a = core.handle(
         Input::LogHash {
             channel: channel(7),
