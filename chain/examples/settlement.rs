@@ -84,17 +84,15 @@ impl Tally {
         self.funded.extend(o.funded);
     }
 
-    fn requester(&mut self, kind: &'static str, gas: u64) {
-        self.gas_requester += gas;
-        self.tx_requester += 1;
-        let e = self.kinds.entry(kind).or_default();
-        e.0 += 1;
-        e.1 += gas;
-    }
-
-    fn provider(&mut self, kind: &'static str, gas: u64) {
-        self.gas_provider += gas;
-        self.tx_provider += 1;
+    /// One transaction of `kind` ("requester: ..." or "provider: ...") that used `gas`.
+    fn tx(&mut self, kind: &'static str, gas: u64) {
+        if kind.starts_with("requester") {
+            self.gas_requester += gas;
+            self.tx_requester += 1;
+        } else {
+            self.gas_provider += gas;
+            self.tx_provider += 1;
+        }
         let e = self.kinds.entry(kind).or_default();
         e.0 += 1;
         e.1 += gas;
@@ -138,7 +136,7 @@ async fn first_contact(
         .open_channel(prov.address(), U256::from(value))
         .await
         .unwrap();
-    t.requester("requester: openChannel", out.gas_used);
+    t.tx("requester: openChannel", out.gas_used);
     let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
     provider_verifies(prov, req.address(), id, first, &sig, None).await;
     t.first_contact.push(t0.elapsed());
@@ -157,7 +155,7 @@ async fn per_deal_channels(req: ChainClient, prov: ChainClient, deals: usize) ->
             cumulative_amount: U256::from(value),
         };
         let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
-        t.provider("provider: claim + close", out.gas_used);
+        t.tx("provider: claim + close", out.gas_used);
     }
     t
 }
@@ -187,7 +185,7 @@ async fn reused_channels(
             // Kept one deal ahead: topped up beside the first deal's service.
             let add = top_up_amount(value, 0, value, PREFUND).unwrap();
             let out = req.top_up(id, U256::from(add)).await.unwrap();
-            t.requester("requester: topUp", out.gas_used);
+            t.tx("requester: topUp", out.gas_used);
             let known = prov.channel(id).await.unwrap().unwrap();
             let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
             lane = Some((id, known, value + add, value, 0, sig));
@@ -208,7 +206,7 @@ async fn reused_channels(
         }
         if let Some(add) = top_up_amount(deposit, base, value, PREFUND) {
             let out = req.top_up(id, U256::from(add)).await.unwrap();
-            t.requester("requester: topUp", out.gas_used);
+            t.tx("requester: topUp", out.gas_used);
             deposit += add;
             // The provider sees the larger deposit on its next read (or when a proof
             // passes what it knew).
@@ -234,7 +232,7 @@ async fn reused_channels(
                 .claim(&proof, sig.clone(), B256::ZERO, false)
                 .await
                 .unwrap();
-            t.provider("provider: claim (lazy)", out.gas_used);
+            t.tx("provider: claim (lazy)", out.gas_used);
             claimed = signed;
         }
         lane = Some((id, known, deposit, signed, claimed, sig));
@@ -243,13 +241,13 @@ async fn reused_channels(
     // rest and closes.
     if let Some((id, _, _, signed, claimed, sig)) = lane {
         let out = req.start_close(id, U256::from(claimed)).await.unwrap();
-        t.requester("requester: startClose", out.gas_used);
+        t.tx("requester: startClose", out.gas_used);
         let proof = BalanceProof {
             channel_id: id,
             cumulative_amount: U256::from(signed),
         };
         let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
-        t.provider("provider: claim + close", out.gas_used);
+        t.tx("provider: claim + close", out.gas_used);
     }
     t
 }
