@@ -36,12 +36,32 @@ for city in $ALL; do
   echo "first contact city=$city status=$code ${t}s" >&2
   [ "$code" = 200 ] && samples+=("$t")
 done
-python3 - "$BLOCK_TIME" "$BIN" "${samples[@]}" <<'PY'
+# Funded channel: once the on-demand groups are released (idle_release, 5 min unused)
+# their deals end and their channels go idle; the same cities again rent over those
+# channels without a transaction. Bounded: at most 8 minutes of waiting.
+funded=()
+if [ "${FUNDED:-1}" = 1 ] && [ ${#samples[@]} -gt 0 ]; then
+  for _ in $(seq 1 96); do
+    n=$(curl -s "$ADMIN/api/exits" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["exits"]))')
+    [ "$n" -le 4 ] && break
+    sleep 5
+  done
+  sleep 3
+  for city in $ALL; do
+    case " $LIVE " in *" ${city//_/ } "*) continue;; esac
+    read -r code t < <(curl -s -m 60 -o "$WORK/body" -w '%{http_code} %{time_starttransfer}\n' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
+    echo "funded channel city=$city status=$code ${t}s" >&2
+    [ "$code" = 200 ] && funded+=("$t")
+  done
+fi
+python3 - "$BLOCK_TIME" "$BIN" "${samples[*]}" "${funded[*]}" <<'PY'
 import statistics, sys
-bt = float(sys.argv[1]); s = sorted(float(x) for x in sys.argv[3:])
-print(f"rent-to-first-byte through ipsx up ({sys.argv[2]}), anvil --block-time {sys.argv[1]}, first contact:")
-if s:
-    print(f"  median {statistics.median(s)*1000:.0f} ms, max {s[-1]*1000:.0f} ms over {len(s)} rentals; target <= {bt*1000+300:.0f} ms")
-else:
-    print("  no rental served")
+bt = float(sys.argv[1])
+print(f"rent-to-first-byte through ipsx up ({sys.argv[2]}), anvil --block-time {sys.argv[1]}:")
+for name, raw, target in (("first contact", sys.argv[3], bt * 1000 + 300), ("funded channel", sys.argv[4], 300)):
+    s = sorted(float(x) for x in raw.split())
+    if s:
+        print(f"  {name}: median {statistics.median(s)*1000:.0f} ms, max {s[-1]*1000:.0f} ms over {len(s)} rentals; target <= {target:.0f} ms")
+    else:
+        print(f"  {name}: no rental served")
 PY
