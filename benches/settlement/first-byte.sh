@@ -6,7 +6,8 @@
 # proof, tunnel up, exit verified) and the request gets its first byte through the new
 # tunnel. Timed by curl from the request to the first byte of the response.
 #   IPSX_BIN=target/release/ipsx bash benches/settlement/first-byte.sh
-# IPSX_BIN defaults to the release binary (built if missing); BLOCK_TIME defaults to 2.
+# IPSX_BIN defaults to the release binary (built if missing); BLOCK_TIME defaults to 2;
+# IPSX_LOG sets the log level of ipsx up (warn); KEEP_LOG=FILE keeps its log there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BLOCK_TIME=${BLOCK_TIME:-2}
@@ -22,7 +23,7 @@ fi
 REAL_ANVIL=$(readlink -f "$REAL_ANVIL")
 printf '#!/bin/sh\nexec %s "$@" --block-time %s\n' "$REAL_ANVIL" "$BLOCK_TIME" > "$WORK/anvil"
 chmod +x "$WORK/anvil"
-IPSX_ANVIL="$WORK/anvil" IPSX_LOG=warn "$BIN" up --port 0 --state "$WORK/state.json" > "$WORK/up.log" 2>&1 &
+IPSX_ANVIL="$WORK/anvil" IPSX_LOG=${IPSX_LOG:-warn} "$BIN" up --port 0 --state "$WORK/state.json" > "$WORK/up.log" 2>&1 &
 UP_PID=$!
 for _ in $(seq 1 1800); do grep -q "ipsx is up" "$WORK/up.log" && break; sleep 0.1; done
 grep -q "ipsx is up" "$WORK/up.log" || { cat "$WORK/up.log"; exit 1; }
@@ -54,6 +55,7 @@ if [ "${FUNDED:-1}" = 1 ] && [ ${#samples[@]} -gt 0 ]; then
     [ "$code" = 200 ] && funded+=("$t")
   done
 fi
+[ -n "${KEEP_LOG:-}" ] && cp "$WORK/up.log" "$KEEP_LOG"
 python3 - "$BLOCK_TIME" "$BIN" "${samples[*]}" "${funded[*]}" <<'PY'
 import statistics, sys
 bt = float(sys.argv[1])
