@@ -30,33 +30,34 @@ grep -q "ipsx is up" "$WORK/up.log" || { cat "$WORK/up.log"; exit 1; }
 read -r PROXY ADMIN ECHO < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["proxy"].split("@")[1], s["admin"], s["echo"])' "$WORK/state.json")
 ALL="berlin munich new_york chicago paris lyon tokyo osaka"
 LIVE=$(curl -s "$ADMIN/api/exits" | python3 -c 'import json,sys; print(" ".join(e["attrs"].get("city") or "" for e in json.load(sys.stdin)["exits"]))')
-samples=()
-for city in $ALL; do
-  case " $LIVE " in *" ${city//_/ } "*) continue;; esac
-  read -r code t < <(curl -s -m 60 -o "$WORK/body" -w '%{http_code} %{time_starttransfer}\n' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
-  echo "first contact city=$city status=$code ${t}s" >&2
-  [ "$code" = 200 ] && samples+=("$t")
-done
+# rent_cities LABEL: one request for each city no exit served at start; prints the
+# first-byte times (seconds) of those answered 200.
+rent_cities() {
+  local city code t
+  for city in $ALL; do
+    case " $LIVE " in *" ${city//_/ } "*) continue;; esac
+    read -r code t < <(curl -s -m 60 -o "$WORK/body" -w '%{http_code} %{time_starttransfer}\n' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
+    echo "$1 city=$city status=$code ${t}s" >&2
+    [ "$code" = 200 ] && echo "$t"
+  done
+  return 0
+}
+samples=$(rent_cities "first contact")
 # Funded channel: once the on-demand groups are released (idle_release, 5 min unused)
 # their deals end and their channels go idle; the same cities again rent over those
 # channels without a transaction. Bounded: at most 8 minutes of waiting.
-funded=()
-if [ "${FUNDED:-1}" = 1 ] && [ ${#samples[@]} -gt 0 ]; then
+funded=""
+if [ "${FUNDED:-1}" = 1 ] && [ -n "$samples" ]; then
   for _ in $(seq 1 96); do
     n=$(curl -s "$ADMIN/api/exits" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["exits"]))')
     [ "$n" -le 4 ] && break
     sleep 5
   done
   sleep 3
-  for city in $ALL; do
-    case " $LIVE " in *" ${city//_/ } "*) continue;; esac
-    read -r code t < <(curl -s -m 60 -o "$WORK/body" -w '%{http_code} %{time_starttransfer}\n' -x "http://demo-city-$city:demo-token@$PROXY" "$ECHO")
-    echo "funded channel city=$city status=$code ${t}s" >&2
-    [ "$code" = 200 ] && funded+=("$t")
-  done
+  funded=$(rent_cities "funded channel")
 fi
 [ -n "${KEEP_LOG:-}" ] && cp "$WORK/up.log" "$KEEP_LOG"
-python3 - "$BLOCK_TIME" "$BIN" "${samples[*]}" "${funded[*]}" <<'PY'
+python3 - "$BLOCK_TIME" "$BIN" "$samples" "$funded" <<'PY'
 import statistics, sys
 bt = float(sys.argv[1])
 print(f"rent-to-first-byte through ipsx up ({sys.argv[2]}), anvil --block-time {sys.argv[1]}:")
