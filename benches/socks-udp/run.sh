@@ -82,6 +82,7 @@ CONF
 cat > "$WORK/gateway.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 allow_destinations = ["127.0.0.0/8"]
 reload_poll = "0s"
 udp_max_datagram = 65507
@@ -104,6 +105,7 @@ IPSX_LOG=warn "$IPSX" gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log
 PIDS+=($!)
 wait_line "$WORK/gateway.log" "proxy listening"
 GW=$(grep -o 'proxy listening on [0-9.:]*' "$WORK/gateway.log" | awk '{print $4}')
+ADMIN=$(grep -o 'admin listening on http://[0-9.:]*' "$WORK/gateway.log" | sed 's|.*http://||')
 
 load() { # label [socks args...]
   local label=$1; shift
@@ -131,3 +133,5 @@ base = rows[0]["pps"] or 1
 for r in rows:
     print(f"{r['label']:<26}{r['pps']:>14.0f}{r['mb_per_s']:>10.1f}{r['loss']*100:>7.1f}%{r['pps']/base:>10.2f}x")
 PY
+for n in direct local tunnel; do cat "$WORK/$n.json"; done >&2
+curl -s "http://$ADMIN/api/status" >&2 || true
