@@ -135,3 +135,4 @@ for r in rows:
 PY
 for n in direct local tunnel; do cat "$WORK/$n.json"; done >&2
 curl -s "http://$ADMIN/api/status" >&2 || true
+awk 'NR>1 && $NF>0 {print "kernel udp drops", $2, $NF}' /proc/net/udp >&2
