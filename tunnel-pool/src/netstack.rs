@@ -364,19 +364,20 @@ impl Stack {
         core.iface.poll_maintenance(now);
         // What `Interface::poll` does, one packet at a time, so that a datagram a
         // watched UDP socket had no room for (smoltcp drops it silently) is counted:
-        // its receive queue did not grow.
+        // its receive queue did not grow by the datagram.
         for _ in 0..core.dev.rx.len() {
             let watched = core
                 .dev
                 .rx
                 .front()
                 .and_then(|p| udp_dst(p))
-                .and_then(|(port, len)| (len > 0).then_some(port))
-                .and_then(|port| core.udp_watch.get(&port));
-            let before = watched.map(|(h, dropped)| {
+                .filter(|&(_, len)| len > 0)
+                .and_then(|(port, len)| Some((core.udp_watch.get(&port)?, len)));
+            let before = watched.map(|((h, dropped), len)| {
                 (
                     *h,
                     dropped.clone(),
+                    len,
                     core.sockets.get::<udp::Socket>(*h).recv_queue(),
                 )
             });
@@ -387,14 +388,23 @@ impl Stack {
             {
                 break;
             }
-            if let Some((h, dropped, queued)) = before
-                && core.sockets.get::<udp::Socket>(h).recv_queue() == queued
+            // Taken, the queue grew by the payload (and maybe padding); refused, by
+            // less (nothing, or padding smoltcp added before finding no room).
+            if let Some((h, dropped, len, queued)) = before
+                && core
+                    .sockets
+                    .get::<udp::Socket>(h)
+                    .recv_queue()
+                    .saturating_sub(queued)
+                    < len
             {
                 dropped.fetch_add(1, Ordering::Relaxed);
                 self.udp_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        while core.iface.poll_egress(now, &mut core.dev, &mut core.sockets)
+        while core
+            .iface
+            .poll_egress(now, &mut core.dev, &mut core.sockets)
             != smoltcp::iface::PollResult::None
         {}
         core.reap(now);
