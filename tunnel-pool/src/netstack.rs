@@ -627,3 +627,65 @@ impl Drop for StackStream {
         self.stack.notify.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::udp_dst;
+
+    /// An IPv4 packet (header of `ihl` words) carrying UDP to `port` with `payload`.
+    fn v4(ihl: u8, port: u16, payload: &[u8], frag: u16) -> Vec<u8> {
+        let h = usize::from(ihl) * 4;
+        let mut p = vec![0u8; h + 8 + payload.len()];
+        p[0] = 0x40 | ihl;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = 17;
+        p[h + 2..h + 4].copy_from_slice(&port.to_be_bytes());
+        let len = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+        p[h + 4..h + 6].copy_from_slice(&len.to_be_bytes());
+        p[h + 8..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn udp_destinations_are_read_and_the_rest_is_not_udp() {
+        assert_eq!(udp_dst(&v4(5, 5353, b"hello", 0)), Some((5353, 5)));
+        assert_eq!(udp_dst(&v4(6, 9, b"", 0)), Some((9, 0)));
+        // Fragments (offset or more-fragments) and other protocols are not.
+        assert_eq!(udp_dst(&v4(5, 9, b"x", 0x2000)), None);
+        assert_eq!(udp_dst(&v4(5, 9, b"x", 0x0001)), None);
+        let mut tcp = v4(5, 9, b"x", 0);
+        tcp[9] = 6;
+        assert_eq!(udp_dst(&tcp), None);
+        assert_eq!(udp_dst(&v4(4, 9, b"x", 0)), None, "IHL under 5");
+        let mut v6 = vec![0u8; 48 + 3];
+        v6[0] = 0x60;
+        v6[6] = 17;
+        v6[42..44].copy_from_slice(&53u16.to_be_bytes());
+        v6[44..46].copy_from_slice(&11u16.to_be_bytes());
+        assert_eq!(udp_dst(&v6), Some((53, 3)));
+        assert_eq!(udp_dst(&v6[..43]), None, "truncated");
+        assert_eq!(udp_dst(&[]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(p in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = udp_dst(&p);
+        }
+
+        #[test]
+        fn a_built_packet_reads_back(
+            ihl in 5u8..=15,
+            port: u16,
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            prop_assert_eq!(udp_dst(&v4(ihl, port, &payload, 0)), Some((port, payload.len())));
+            // Cut anywhere inside the headers: not read.
+            let p = v4(ihl, port, &payload, 0);
+            let cut = usize::from(ihl) * 4 + 5;
+            prop_assert_eq!(udp_dst(&p[..cut]), None);
+        }
+    }
+}
