@@ -325,3 +325,31 @@ impl Load {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_counts_answers_once_and_loses_only_the_unanswered() {
+        let t0 = Instant::now();
+        let lost_after = Duration::from_secs(1);
+        let mut f = Flight::default();
+        for seq in 0..4 {
+            f.sent(seq, t0);
+        }
+        f.answered(2);
+        f.answered(2); // a duplicate
+        f.answered(0);
+        f.answered(9); // never sent
+        assert_eq!((f.received, f.outstanding, f.late), (2, 2, 2));
+        f.expire(t0 + Duration::from_millis(999), lost_after);
+        assert_eq!((f.lost, f.outstanding), (0, 2));
+        assert_eq!(f.next_deadline(lost_after), Some(t0 + lost_after));
+        f.expire(t0 + lost_after, lost_after);
+        assert_eq!((f.lost, f.outstanding, f.entries.len()), (2, 0, 0));
+        f.answered(1); // after it was declared lost
+        assert_eq!((f.received, f.late), (2, 3));
+        assert_eq!(f.next_deadline(lost_after), None);
+    }
+}
