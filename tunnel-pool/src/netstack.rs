@@ -370,6 +370,7 @@ impl Stack {
                 .dev
                 .rx
                 .front()
+                .filter(|_| !core.udp_watch.is_empty())
                 .and_then(|p| udp_dst(p))
                 .filter(|&(_, len)| len > 0)
                 .and_then(|(port, len)| Some((core.udp_watch.get(&port)?, len)));
