@@ -49,6 +49,12 @@ fn d_peer_queue() -> usize {
 fn d_peer_budget() -> usize {
     64
 }
+fn d_max_half_open_per_peer() -> u32 {
+    32
+}
+fn d_half_open_timeout() -> Duration {
+    Duration::from_secs(3)
+}
 
 /// `[limits]`: what one requester (a WireGuard peer, i.e. one deal) may cost the exit.
 ///
@@ -62,6 +68,8 @@ fn d_peer_budget() -> usize {
 /// flow_buffer = 131072           # bytes per direction of each flow's userspace socket
 /// peer_queue = 1024              # datagrams queued per peer between driver turns
 /// peer_budget = 64               # datagrams handled per peer per driver turn
+/// max_half_open_per_peer = 32    # flows of a peer still in their handshake; more SYNs get a RST
+/// half_open_timeout = "3s"       # a flow whose handshake is not done by then is reset
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +98,14 @@ pub struct Limits {
     /// Datagrams handled per peer in one driver turn (the round-robin share).
     #[serde(default = "d_peer_budget")]
     pub peer_budget: usize,
+    /// Flows of one peer whose TCP handshake is not complete yet (SYN received, no ACK:
+    /// the SYN backlog); a SYN over it is answered with a RST before any socket is made.
+    /// Counted within `max_flows_per_peer`.
+    #[serde(default = "d_max_half_open_per_peer")]
+    pub max_half_open_per_peer: u32,
+    /// A flow whose handshake is not complete this long after its SYN is reset.
+    #[serde(default = "d_half_open_timeout", with = "humantime_serde")]
+    pub half_open_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -103,6 +119,8 @@ impl Default for Limits {
             flow_buffer: d_flow_buffer(),
             peer_queue: d_peer_queue(),
             peer_budget: d_peer_budget(),
+            max_half_open_per_peer: d_max_half_open_per_peer(),
+            half_open_timeout: d_half_open_timeout(),
         }
     }
 }
@@ -153,6 +171,14 @@ impl Limits {
         }
         if !(1..=self.peer_queue).contains(&self.peer_budget) {
             return Err(bad("peer_budget", "must be in 1..=peer_queue".into()));
+        }
+        if !(1..=65_536).contains(&self.max_half_open_per_peer) {
+            return Err(bad("max_half_open_per_peer", "must be in 1..=65536".into()));
+        }
+        if self.half_open_timeout < Duration::from_millis(100)
+            || self.half_open_timeout > Duration::from_secs(600)
+        {
+            return Err(bad("half_open_timeout", "between 100ms and 10m".into()));
         }
         Ok(())
     }
@@ -249,6 +275,8 @@ pub enum LimitRefusal {
     TotalFlows,
     /// The peer opened `new_flows_per_second` flows in the last second (bucket empty).
     Rate,
+    /// The peer has `max_half_open_per_peer` flows still in their handshake.
+    HalfOpen,
 }
 
 impl std::fmt::Display for LimitRefusal {
@@ -257,6 +285,7 @@ impl std::fmt::Display for LimitRefusal {
             Self::PeerFlows => "max_flows_per_peer reached",
             Self::TotalFlows => "max_flows_total reached",
             Self::Rate => "new_flows_per_second exceeded",
+            Self::HalfOpen => "max_half_open_per_peer reached",
         })
     }
 }
@@ -264,7 +293,12 @@ impl std::fmt::Display for LimitRefusal {
 #[derive(Debug, Clone)]
 struct PeerLoad {
     live: u32,
+    /// Of `live`, the flows admitted by [`FlowLimiter::admit_half_open`] whose handshake
+    /// is not done.
+    half_open: u32,
     bucket: TokenBucket,
+    /// RSTs for refused SYNs ([`FlowLimiter::may_reset`]).
+    resets: TokenBucket,
     gone: bool,
 }
 
@@ -291,17 +325,16 @@ impl<K: Hash + Eq + Copy> FlowLimiter<K> {
     ///
     /// [`release`]: FlowLimiter::release
     pub fn admit(&mut self, peer: K, now_ms: u64) -> Result<(), LimitRefusal> {
-        let rate = u64::from(self.limits.new_flows_per_second);
-        let load = self.peers.entry(peer).or_insert_with(|| PeerLoad {
-            live: 0,
-            bucket: TokenBucket::new(rate, rate, now_ms),
-            gone: false,
-        });
-        load.gone = false;
-        if load.live >= self.limits.max_flows_per_peer {
+        let (per_peer, cap, total) = (
+            self.limits.max_flows_per_peer,
+            self.limits.max_flows_total,
+            self.total,
+        );
+        let load = self.load(peer, now_ms);
+        if load.live >= per_peer {
             return Err(LimitRefusal::PeerFlows);
         }
-        if self.total >= self.limits.max_flows_total {
+        if total >= cap {
             return Err(LimitRefusal::TotalFlows);
         }
         if !load.bucket.try_take(1, now_ms) {
@@ -312,12 +345,72 @@ impl<K: Hash + Eq + Copy> FlowLimiter<K> {
         Ok(())
     }
 
+    /// A new TCP flow of `peer` (a SYN): as [`admit`], and first refused with
+    /// [`LimitRefusal::HalfOpen`] when the peer already has `max_half_open_per_peer`
+    /// flows in their handshake. An admitted flow counts as half-open until
+    /// [`established`] (or its [`release_half_open`] if it never completes).
+    ///
+    /// [`admit`]: FlowLimiter::admit
+    /// [`established`]: FlowLimiter::established
+    /// [`release_half_open`]: FlowLimiter::release_half_open
+    pub fn admit_half_open(&mut self, peer: K, now_ms: u64) -> Result<(), LimitRefusal> {
+        let cap = self.limits.max_half_open_per_peer;
+        if self.load(peer, now_ms).half_open >= cap {
+            return Err(LimitRefusal::HalfOpen);
+        }
+        self.admit(peer, now_ms)?;
+        if let Some(load) = self.peers.get_mut(&peer) {
+            load.half_open += 1;
+        }
+        Ok(())
+    }
+
+    /// One of `peer`'s half-open flows completed its handshake (it stays live).
+    pub fn established(&mut self, peer: K) {
+        if let Some(load) = self.peers.get_mut(&peer) {
+            load.half_open = load.half_open.saturating_sub(1);
+        }
+    }
+
+    /// One of `peer`'s flows ended before its handshake completed.
+    pub fn release_half_open(&mut self, peer: K) {
+        self.established(peer);
+        self.release(peer);
+    }
+
+    /// Whether a refused SYN of `peer` may be answered with a RST now: at most
+    /// `new_flows_per_second` RSTs a second per peer (burst of the same size), so a
+    /// flood of refused SYNs costs the exit no encryption and no send beyond that; the
+    /// others are dropped (the sender's SYN retransmission or timeout tells it).
+    pub fn may_reset(&mut self, peer: K, now_ms: u64) -> bool {
+        self.load(peer, now_ms).resets.try_take(1, now_ms)
+    }
+
+    /// Half-open flows of `peer`.
+    pub fn half_open(&self, peer: &K) -> u32 {
+        self.peers.get(peer).map_or(0, |l| l.half_open)
+    }
+
+    fn load(&mut self, peer: K, now_ms: u64) -> &mut PeerLoad {
+        let rate = u64::from(self.limits.new_flows_per_second);
+        let load = self.peers.entry(peer).or_insert_with(|| PeerLoad {
+            live: 0,
+            half_open: 0,
+            bucket: TokenBucket::new(rate, rate, now_ms),
+            resets: TokenBucket::new(rate, rate, now_ms),
+            gone: false,
+        });
+        load.gone = false;
+        load
+    }
+
     /// One of `peer`'s admitted flows ended.
     pub fn release(&mut self, peer: K) {
         if let Some(load) = self.peers.get_mut(&peer)
             && load.live > 0
         {
             load.live -= 1;
+            load.half_open = load.half_open.min(load.live);
             self.total = self.total.saturating_sub(1);
             if load.live == 0 && load.gone {
                 self.peers.remove(&peer);
@@ -452,7 +545,7 @@ mod tests {
     #[test]
     fn defaults_validate_and_bad_values_name_the_key() {
         Limits::default().validate("limits").unwrap();
-        let cases: [(Limits, &str); 8] = [
+        let cases: [(Limits, &str); 10] = [
             (limits(0, 10, 1), "limits.max_flows_per_peer"),
             (limits(10, 5, 1), "limits.max_flows_total"),
             (limits(1, 1, 0), "limits.new_flows_per_second"),
@@ -490,6 +583,20 @@ mod tests {
                     ..Limits::default()
                 },
                 "limits.peer_budget",
+            ),
+            (
+                Limits {
+                    max_half_open_per_peer: 0,
+                    ..Limits::default()
+                },
+                "limits.max_half_open_per_peer",
+            ),
+            (
+                Limits {
+                    half_open_timeout: Duration::from_millis(10),
+                    ..Limits::default()
+                },
+                "limits.half_open_timeout",
             ),
         ];
         for (l, key) in cases {
@@ -545,6 +652,43 @@ mod tests {
     }
 
     #[test]
+    fn half_open_cap_refuses_before_the_rate_and_frees_on_handshake() {
+        let mut f = FlowLimiter::new(Limits {
+            max_half_open_per_peer: 2,
+            ..limits(10, 10, 3)
+        });
+        assert_eq!(f.admit_half_open(1u8, 0), Ok(()));
+        assert_eq!(f.admit_half_open(1, 0), Ok(()));
+        assert_eq!(f.admit_half_open(1, 0), Err(LimitRefusal::HalfOpen));
+        assert_eq!(f.half_open(&1), 2);
+        // The refusal took no token: the third one is still there.
+        f.established(1);
+        assert_eq!(f.admit_half_open(1, 0), Ok(()));
+        assert_eq!(f.admit_half_open(1, 0), Err(LimitRefusal::HalfOpen));
+        // A half-open flow that never completes frees both places.
+        f.release_half_open(1);
+        assert_eq!((f.live(&1), f.half_open(&1)), (2, 1));
+        assert_eq!(f.admit_half_open(1, 0), Err(LimitRefusal::Rate));
+        // Another peer has its own backlog.
+        assert_eq!(f.admit_half_open(2, 0), Ok(()));
+        // An established flow's release leaves the backlog alone.
+        f.established(1);
+        f.release(1);
+        assert_eq!((f.live(&1), f.half_open(&1)), (1, 0));
+        assert_eq!(f.total(), 2);
+    }
+
+    #[test]
+    fn resets_are_limited_per_peer() {
+        let mut f = FlowLimiter::new(limits(10, 10, 5));
+        let sent = (0..100).filter(|_| f.may_reset(1u8, 0)).count();
+        assert_eq!(sent, 5);
+        assert!(f.may_reset(2, 0), "another peer has its own budget");
+        assert!(!f.may_reset(1, 199));
+        assert!(f.may_reset(1, 200));
+    }
+
+    #[test]
     fn fair_queue_serves_every_key_each_round() {
         let mut q = FairQueue::new(100);
         for i in 0..100 {
@@ -595,6 +739,55 @@ mod tests {
                         let n = (j - i + 1) as u64;
                         prop_assert!(n <= u64::from(rate) + u64::from(rate) * (t1 - t0) / 1000 + 1);
                     }
+                }
+            }
+        }
+
+        #[test]
+        fn half_open_backlog_stays_within_its_cap(ops in proptest::collection::vec((0u8..3, 0u8..4, 0u64..50), 0..400),
+                                                  backlog in 1u32..5, per_peer in 1u32..8) {
+            let mut f = FlowLimiter::new(Limits {
+                max_half_open_per_peer: backlog,
+                ..limits(per_peer, 100, 1000)
+            });
+            let mut now = 0u64;
+            // Model: per peer, (half-open, established) flows.
+            let mut model = [(0u32, 0u32); 3];
+            for (peer, op, dt) in ops {
+                now += dt;
+                let m = &mut model[peer as usize];
+                match op {
+                    0 => {
+                        let r = f.admit_half_open(peer, now);
+                        if m.0 >= backlog {
+                            prop_assert_eq!(r, Err(LimitRefusal::HalfOpen));
+                        } else if m.0 + m.1 >= per_peer {
+                            prop_assert_eq!(r, Err(LimitRefusal::PeerFlows));
+                        }
+                        if r.is_ok() {
+                            m.0 += 1;
+                        }
+                    }
+                    1 if m.0 > 0 => {
+                        f.established(peer);
+                        m.0 -= 1;
+                        m.1 += 1;
+                    }
+                    2 if m.0 > 0 => {
+                        f.release_half_open(peer);
+                        m.0 -= 1;
+                    }
+                    3 if m.1 > 0 => {
+                        f.release(peer);
+                        m.1 -= 1;
+                    }
+                    _ => {}
+                }
+                for (p, &(h, e)) in model.iter().enumerate() {
+                    let p = p as u8;
+                    prop_assert_eq!(f.half_open(&p), h);
+                    prop_assert_eq!(f.live(&p), h + e);
+                    prop_assert!(h <= backlog && h + e <= per_peer);
                 }
             }
         }
