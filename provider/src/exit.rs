@@ -49,7 +49,8 @@ use crate::policy::{EgressPolicy, discover_own_addresses};
 mod udp_relay;
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Datagrams the driver reads from the socket (and hands to the peers) in one turn.
+/// Datagrams the driver reads from the socket (and hands to the peers) in one turn; it
+/// yields to the peers' tasks between turns.
 const RX_READ: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -733,10 +734,12 @@ impl Driver {
 
             // Hand what is waiting to the peers' tasks (no decryption here but of
             // handshake initiations); a peer's full queue sheds only its datagrams.
-            for _ in 0..RX_READ {
+            let mut read = 0;
+            while read < RX_READ {
                 let Ok(Some((n, from))) = self.udp.try_recv_from(&mut rx_buf) else {
                     break;
                 };
+                read += 1;
                 let data = rx_buf[..n].to_vec();
                 self.route(data, from, &mut out_buf).await;
             }
@@ -752,6 +755,10 @@ impl Driver {
             if now >= next_timer {
                 next_timer = now + TIMER_TICK;
                 udp_relay::expire(&self.shared);
+            }
+            if read == RX_READ {
+                // More may be waiting: the peers' tasks it woke run first.
+                tokio::task::yield_now().await;
             }
         }
         for p in self.peers.values() {

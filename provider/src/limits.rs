@@ -28,6 +28,10 @@ pub const RELAY_BUFFER: usize = 16 * 1024;
 /// netstack's orphan linger); counted in the memory bound.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 
+/// RSTs per second (and burst) one peer gets for its refused SYNs
+/// ([`FlowLimiter::may_reset`]); its other refused SYNs are dropped.
+pub const RESETS_PER_SECOND: u64 = 200;
+
 fn d_max_flows_per_peer() -> u32 {
     256
 }
@@ -379,9 +383,9 @@ impl<K: Hash + Eq + Copy> FlowLimiter<K> {
     }
 
     /// Whether a refused SYN of `peer` may be answered with a RST now: at most
-    /// `new_flows_per_second` RSTs a second per peer (burst of the same size), so a
-    /// flood of refused SYNs costs the exit no encryption and no send beyond that; the
-    /// others are dropped (the sender's SYN retransmission or timeout tells it).
+    /// [`RESETS_PER_SECOND`] a second per peer (burst of the same size), so a flood of
+    /// refused SYNs costs the exit no encryption and no send beyond that; the others
+    /// are dropped (the sender's SYN retransmission or timeout tells it).
     pub fn may_reset(&mut self, peer: K, now_ms: u64) -> bool {
         self.load(peer, now_ms).resets.try_take(1, now_ms)
     }
@@ -397,7 +401,7 @@ impl<K: Hash + Eq + Copy> FlowLimiter<K> {
             live: 0,
             half_open: 0,
             bucket: TokenBucket::new(rate, rate, now_ms),
-            resets: TokenBucket::new(rate, rate, now_ms),
+            resets: TokenBucket::new(RESETS_PER_SECOND, RESETS_PER_SECOND, now_ms),
             gone: false,
         });
         load.gone = false;
@@ -681,11 +685,12 @@ mod tests {
     #[test]
     fn resets_are_limited_per_peer() {
         let mut f = FlowLimiter::new(limits(10, 10, 5));
-        let sent = (0..100).filter(|_| f.may_reset(1u8, 0)).count();
-        assert_eq!(sent, 5);
+        let sent = (0..1000).filter(|_| f.may_reset(1u8, 0)).count() as u64;
+        assert_eq!(sent, RESETS_PER_SECOND);
         assert!(f.may_reset(2, 0), "another peer has its own budget");
-        assert!(!f.may_reset(1, 199));
-        assert!(f.may_reset(1, 200));
+        let tick = 1000 / RESETS_PER_SECOND;
+        assert!(!f.may_reset(1, tick - 1));
+        assert!(f.may_reset(1, tick));
     }
 
     #[test]
