@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use crate::ProviderError;
 use crate::config::ProviderConfig;
-use crate::limits::{FlowLimiter, LimitRefusal, RELAY_BUFFER, TokenBucket};
+use crate::limits::{FloodGate, FlowLimiter, LimitRefusal, RELAY_BUFFER, TokenBucket};
 use crate::meter::{LogEntry, MeterSnapshot, PeerMeter};
 use crate::packet::{self, Transport};
 use crate::policy::{EgressPolicy, discover_own_addresses};
@@ -83,6 +83,7 @@ struct AtomicCounters {
     udp_dropped: AtomicU64,
     icmp_echo: AtomicU64,
     resets_suppressed: AtomicU64,
+    datagrams_gated: AtomicU64,
 }
 
 /// A snapshot of the exit-wide counters.
@@ -134,6 +135,8 @@ pub struct ExitCounters {
     /// Refused SYNs dropped without a RST: the peer had used its RSTs of the second
     /// (`new_flows_per_second` of them).
     pub resets_suppressed: u64,
+    /// Datagrams of flooding peers dropped before decryption ([`crate::limits::FloodGate`]).
+    pub datagrams_gated: u64,
 }
 
 impl AtomicCounters {
@@ -161,6 +164,7 @@ impl AtomicCounters {
             udp_dropped: g(&self.udp_dropped),
             icmp_echo: g(&self.icmp_echo),
             resets_suppressed: g(&self.resets_suppressed),
+            datagrams_gated: g(&self.datagrams_gated),
         }
     }
 }
@@ -532,12 +536,19 @@ struct Peer {
     poll_at: Option<Instant>,
     /// The deal's bandwidth buckets, shared by its relays (none: no cap).
     bandwidth: Option<Arc<Bandwidth>>,
+    /// When the peer was last seen flooding (exit milliseconds; 0: never), for its
+    /// [`FloodGate`] in the driver.
+    flooded: Arc<AtomicU64>,
 }
 
 /// The driver's side of a peer: where its datagrams go.
 struct PeerLink {
     inner_ip: IpAddr,
     stack: Arc<Stack>,
+    /// Closed (rate-limited) while the peer floods; checked before the datagram is
+    /// copied or decrypted.
+    gate: FloodGate,
+    flooded: Arc<AtomicU64>,
     /// The peer's datagrams (at most `peer_queue` waiting; more are shed).
     tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     /// A new endpoint of the peer (rare: the control API).
@@ -627,7 +638,9 @@ impl Driver {
             .entry(key)
             .or_insert_with(|| Arc::new(PeerMeter::new(&key)))
             .clone();
+        let flooded = Arc::new(AtomicU64::new(0));
         let peer = Peer {
+            flooded: flooded.clone(),
             key,
             inner_ip,
             tunn,
@@ -667,6 +680,8 @@ impl Driver {
             PeerLink {
                 inner_ip,
                 stack,
+                gate: FloodGate::new(self.shared.now_ms()),
+                flooded,
                 tx,
                 endpoint: ep_tx,
                 _task: AbortOnDrop(task),
@@ -740,8 +755,7 @@ impl Driver {
                     break;
                 };
                 read += 1;
-                let data = rx_buf[..n].to_vec();
-                self.route(data, from, &mut out_buf).await;
+                self.route(&rx_buf[..n], from, &mut out_buf).await;
             }
             // STUN/TURN refreshes and retransmissions.
             if self.udp.due(nat_next) {
@@ -770,12 +784,12 @@ impl Driver {
     /// Hands a datagram to its peer's task: by the receiver index on the wire, or for a
     /// handshake initiation by the static key the DH reveals (after the MAC1 check and,
     /// under load, a cookie). Garbage and unknown peers are counted and dropped here.
-    async fn route(&mut self, data: Vec<u8>, from: SocketAddr, out: &mut [u8]) {
+    async fn route(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8]) {
         let c = &self.shared.counters;
-        let idx = match Tunn::parse_incoming_packet(&data) {
+        let idx = match Tunn::parse_incoming_packet(data) {
             Ok(Packet::HandshakeInit(_)) => {
                 // MAC1 check and load-dependent cookie before any Diffie-Hellman.
-                let init = match self.limiter.verify_packet(Some(from.ip()), &data, out) {
+                let init = match self.limiter.verify_packet(Some(from.ip()), data, out) {
                     Ok(Packet::HandshakeInit(init)) => init,
                     Ok(_) => return,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -809,11 +823,19 @@ impl Driver {
                 return;
             }
         };
-        let Some(peer) = self.peers.get(&idx) else {
+        let Some(peer) = self.peers.get_mut(&idx) else {
             c.unknown_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if peer.tx.try_send((data, from)).is_err() {
+        let flooded = peer.flooded.load(Ordering::Relaxed);
+        if !peer
+            .gate
+            .pass(self.shared.now_ms(), (flooded != 0).then_some(flooded))
+        {
+            c.datagrams_gated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if peer.tx.try_send((data.to_vec(), from)).is_err() {
             c.datagrams_shed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1096,11 +1118,14 @@ fn is_new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> bool {
 /// Answers a refused SYN with a RST (queued with the peer's output), while the peer
 /// has RSTs left this second; beyond that the SYN is dropped (counted).
 fn refuse_syn(shared: &Shared, peer: &mut Peer, syn: &[u8]) {
-    if !shared.limiter().may_reset(peer.key, shared.now_ms()) {
+    let now = shared.now_ms();
+    if !shared.limiter().may_reset(peer.key, now) {
+        // Refused SYNs beyond the RST budget: the peer is flooding.
         shared
             .counters
             .resets_suppressed
             .fetch_add(1, Ordering::Relaxed);
+        peer.flooded.store(now.max(1), Ordering::Relaxed);
         return;
     }
     if let Some(rst) = packet::rst_for_syn(syn) {

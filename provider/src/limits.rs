@@ -32,6 +32,13 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// ([`FlowLimiter::may_reset`]); its other refused SYNs are dropped.
 pub const RESETS_PER_SECOND: u64 = 200;
 
+/// Datagrams per second (and burst) a flooding peer still gets decrypted
+/// ([`FloodGate`]).
+pub const FLOODING_DATAGRAMS_PER_SECOND: u64 = 2000;
+
+/// How long after its last sign of flooding a peer stays behind its [`FloodGate`].
+pub const FLOOD_PENALTY: Duration = Duration::from_secs(1);
+
 fn d_max_flows_per_peer() -> u32 {
     256
 }
@@ -449,6 +456,41 @@ impl<K: Hash + Eq + Copy> FlowLimiter<K> {
     }
 }
 
+/// A peer's gate before decryption. Every datagram costs the exit a decryption before
+/// anything about it is known, so a peer that sends SYNs far beyond its limits (its
+/// refused SYNs outran [`RESETS_PER_SECOND`]) would make the exit spend that on each.
+/// Until [`FLOOD_PENALTY`] after its last sign of flooding, only
+/// [`FLOODING_DATAGRAMS_PER_SECOND`] of its datagrams pass; the others are dropped
+/// undecrypted (its own flows suffer, other peers do not). Any other peer is never
+/// gated.
+#[derive(Debug, Clone)]
+pub struct FloodGate {
+    bucket: TokenBucket,
+}
+
+impl FloodGate {
+    /// An open gate.
+    pub fn new(now_ms: u64) -> Self {
+        Self {
+            bucket: TokenBucket::new(
+                FLOODING_DATAGRAMS_PER_SECOND,
+                FLOODING_DATAGRAMS_PER_SECOND,
+                now_ms,
+            ),
+        }
+    }
+
+    /// Whether a datagram of the peer passes at `now_ms`, the peer having last been seen
+    /// flooding at `flooded_ms` (`None`: never).
+    pub fn pass(&mut self, now_ms: u64, flooded_ms: Option<u64>) -> bool {
+        let penalty = FLOOD_PENALTY.as_millis() as u64;
+        match flooded_ms {
+            Some(t) if now_ms < t.saturating_add(penalty) => self.bucket.try_take(1, now_ms),
+            _ => true,
+        }
+    }
+}
+
 /// Per-key bounded FIFO queues drained round-robin, `budget` items per key per round.
 #[derive(Debug, Clone)]
 pub struct FairQueue<K, T> {
@@ -694,6 +736,24 @@ mod tests {
     }
 
     #[test]
+    fn the_flood_gate_closes_for_a_flooder_and_reopens() {
+        let mut g = FloodGate::new(0);
+        assert!((0..10_000).all(|_| g.pass(0, None)), "open: no limit");
+        let passed = (0..10_000).filter(|_| g.pass(100, Some(100))).count() as u64;
+        assert_eq!(passed, FLOODING_DATAGRAMS_PER_SECOND);
+        let penalty = FLOOD_PENALTY.as_millis() as u64;
+        assert!(!g.pass(100, Some(100)));
+        let refilled = (0..10_000)
+            .filter(|_| g.pass(100 + penalty - 1, Some(100)))
+            .count() as u64;
+        assert!(refilled < FLOODING_DATAGRAMS_PER_SECOND, "{refilled}");
+        assert!(
+            (0..10_000).all(|_| g.pass(100 + penalty, Some(100))),
+            "open again"
+        );
+    }
+
+    #[test]
     fn fair_queue_serves_every_key_each_round() {
         let mut q = FairQueue::new(100);
         for i in 0..100 {
@@ -794,6 +854,31 @@ mod tests {
                     prop_assert_eq!(f.live(&p), h + e);
                     prop_assert!(h <= backlog && h + e <= per_peer);
                 }
+            }
+        }
+
+        #[test]
+        fn the_flood_gate_passes_at_most_its_rate_while_closed(steps in proptest::collection::vec((0u64..20, any::<bool>(), 1u32..500), 1..200)) {
+            let mut g = FloodGate::new(0);
+            let (mut now, mut flooded) = (0u64, None);
+            let mut passed_closed: Vec<u64> = Vec::new();
+            for (dt, flood, n) in steps {
+                now += dt;
+                if flood {
+                    flooded = Some(now);
+                }
+                let closed = flooded.is_some_and(|t| now < t + FLOOD_PENALTY.as_millis() as u64);
+                let passed = (0..n).filter(|_| g.pass(now, flooded)).count() as u32;
+                if closed {
+                    passed_closed.extend(std::iter::repeat_n(now, passed as usize));
+                } else {
+                    prop_assert_eq!(passed, n);
+                }
+            }
+            // While closed: within burst + rate x window in any window.
+            let rate = FLOODING_DATAGRAMS_PER_SECOND;
+            if let (Some(&first), Some(&last)) = (passed_closed.first(), passed_closed.last()) {
+                prop_assert!(passed_closed.len() as u64 <= rate + rate * (last - first) / 1000 + 1);
             }
         }
 
