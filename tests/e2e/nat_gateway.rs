@@ -12,8 +12,7 @@
 
 use crate::common::market::{ChainAndExchange, REQUESTER, hex_key};
 use crate::common::{TOKEN, clear_proxy_env};
-#[path = "../../provider/tests/it/common/natlab.rs"]
-mod natlab;
+use crate::provider_common::natlab;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

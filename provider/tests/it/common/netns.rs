@@ -9,9 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-// One command helper for both labs: natlab.rs is also loaded alone by the root crate's
-// e2e tests, so it holds it.
-use crate::natlab::run;
+use super::natlab::run;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
