@@ -1,21 +1,26 @@
 //! The exit: one UDP port, many WireGuard peers, each peer's TCP flows terminated in a
 //! userspace stack and relayed to real sockets bound to the exit address.
 //!
-//! One driver task owns the UDP socket and every peer's `Tunn`. For each decrypted IP
-//! packet it checks the source (the peer's inner address only), and for a TCP SYN to a
-//! new destination it applies the egress policy and, if allowed, adds a listening
-//! socket for exactly that destination to the peer's smoltcp stack (any-IP mode) and
-//! spawns a relay task. Refused SYNs reach no socket, so smoltcp answers them with a
-//! RST: the client fails fast and no byte reaches the destination. UDP to port 53 is
+//! One driver task owns the UDP socket and hands each datagram to its peer's task (by
+//! the receiver index on the wire; handshake initiations after the DH names the peer);
+//! each peer's task owns its `Tunn` and its smoltcp stack, so a heavy peer delays only
+//! itself. For each decrypted IP packet the peer's task checks the source (the peer's
+//! inner address only), and for a TCP SYN to a new destination it applies the egress
+//! policy and the limits and, if both allow, adds a listening socket for exactly that
+//! destination to the peer's smoltcp stack (any-IP mode) and spawns a relay task. A
+//! refused SYN is answered with a RST built outside the stack (`packet::rst_for_syn`):
+//! the client fails fast and no byte reaches the destination. UDP to port 53 is
 //! forwarded to the configured resolver; other UDP is relayed from the exit address,
 //! one host socket per flow ([`crate::udp`], runtime in `udp_relay.rs`), under the same
 //! policy and limits as TCP; ICMP echo requests to the exit's inner address are
 //! answered; other ICMP and other protocols are dropped and counted.
 //!
-//! Load is bounded per requester ([`crate::limits`]): datagrams wait in per-peer queues
-//! served round-robin, a SYN over the peer's flow cap, the exit's flow cap or the peer's
-//! flow rate gets a RST, each relay resets its flow after `idle_timeout` without a byte,
-//! and a deal's bytes per second can be capped.
+//! Load is bounded per requester ([`crate::limits`]): datagrams wait in bounded
+//! per-peer queues, a SYN over the peer's SYN backlog, flow cap or flow rate or the
+//! exit's flow cap gets a RST (at most 200 a second per peer; a peer refused more is
+//! flooding and gets only a share of its datagrams decrypted for a while), a handshake
+//! not done within `half_open_timeout` is reset, each relay resets its flow after
+//! `idle_timeout` without a byte, and a deal's bytes per second can be capped.
 
 use std::collections::HashMap;
 use std::io;

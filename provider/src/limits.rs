@@ -1,6 +1,6 @@
 //! Bounded per-requester load (sans-IO): how many flows a peer may hold and open per
 //! second, how long a relayed flow may stay idle, how many bytes per second a deal may
-//! move, and how the driver shares its turns between peers.
+//! move, and how much of a flooding peer's traffic is decrypted at all.
 //!
 //! Everything here is pure state fed with a millisecond clock the runtime supplies
 //! (`now_ms`, monotonic); the exit ([`crate::exit`]) holds the sockets. The pieces:
@@ -9,10 +9,10 @@
 //!   rate (take one token or refuse) and the bandwidth cap (take the bytes moved, get
 //!   back how long to wait until the debt is paid).
 //! - [`FlowLimiter`]: live flows per peer and in total, and each peer's flow-rate bucket.
-//! - [`FairQueue`]: per-peer bounded queues drained round-robin with a per-peer budget
-//!   per turn, so one busy peer cannot starve the others or grow memory without bound.
+//! - [`FloodGate`]: a peer's gate before decryption, closed (rate-limited) while the
+//!   peer floods.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
@@ -77,8 +77,8 @@ fn d_half_open_timeout() -> Duration {
 /// idle_timeout = "5m"            # a relayed flow with no byte either way is reset
 /// bandwidth_per_deal = 1250000   # bytes/s per direction for all of a peer's flows (absent: none)
 /// flow_buffer = 131072           # bytes per direction of each flow's userspace socket
-/// peer_queue = 1024              # datagrams queued per peer between driver turns
-/// peer_budget = 64               # datagrams handled per peer per driver turn
+/// peer_queue = 1024              # datagrams waiting per peer for its task; more are shed
+/// peer_budget = 64               # datagrams a peer's task handles before it yields
 /// max_half_open_per_peer = 32    # flows of a peer still in their handshake; more SYNs get a RST
 /// half_open_timeout = "3s"       # a flow whose handshake is not done by then is reset
 /// ```
@@ -103,10 +103,10 @@ pub struct Limits {
     /// Size of each direction's buffer of a flow's userspace socket, bytes.
     #[serde(default = "d_flow_buffer")]
     pub flow_buffer: usize,
-    /// Datagrams queued per peer between driver turns; more are dropped (counted).
+    /// Datagrams waiting for a peer's task; more are dropped (counted).
     #[serde(default = "d_peer_queue")]
     pub peer_queue: usize,
-    /// Datagrams handled per peer in one driver turn (the round-robin share).
+    /// Datagrams a peer's task handles in one turn before it yields to the others.
     #[serde(default = "d_peer_budget")]
     pub peer_budget: usize,
     /// Flows of one peer whose TCP handshake is not complete yet (SYN received, no ACK:
@@ -491,88 +491,6 @@ impl FloodGate {
     }
 }
 
-/// Per-key bounded FIFO queues drained round-robin, `budget` items per key per round.
-#[derive(Debug, Clone)]
-pub struct FairQueue<K, T> {
-    cap: usize,
-    queues: HashMap<K, VecDeque<T>>,
-    /// Keys with queued items, in service order.
-    order: VecDeque<K>,
-    len: usize,
-}
-
-impl<K: Hash + Eq + Copy, T> FairQueue<K, T> {
-    /// Queues of at most `cap_per_key` items each.
-    pub fn new(cap_per_key: usize) -> Self {
-        Self {
-            cap: cap_per_key.max(1),
-            queues: HashMap::new(),
-            order: VecDeque::new(),
-            len: 0,
-        }
-    }
-
-    /// Queues `item` for `key`; `false` (item dropped) if that key's queue is full.
-    pub fn push(&mut self, key: K, item: T) -> bool {
-        let q = self.queues.entry(key).or_default();
-        if q.len() >= self.cap {
-            return false;
-        }
-        if q.is_empty() {
-            self.order.push_back(key);
-        }
-        q.push_back(item);
-        self.len += 1;
-        true
-    }
-
-    /// Items queued.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// One round: up to `budget` items of every key that has some, keys in turn
-    /// (each key's items in order). A key left with items goes to the back, so the
-    /// next round starts with the key after it.
-    pub fn round(&mut self, budget: usize, out: &mut Vec<(K, T)>) {
-        for _ in 0..self.order.len() {
-            let Some(key) = self.order.pop_front() else {
-                break;
-            };
-            let Some(q) = self.queues.get_mut(&key) else {
-                continue;
-            };
-            for _ in 0..budget {
-                match q.pop_front() {
-                    Some(item) => {
-                        self.len -= 1;
-                        out.push((key, item));
-                    }
-                    None => break,
-                }
-            }
-            if q.is_empty() {
-                self.queues.remove(&key);
-            } else {
-                self.order.push_back(key);
-            }
-        }
-    }
-
-    /// Drops everything queued for `key`.
-    pub fn remove(&mut self, key: &K) {
-        if let Some(q) = self.queues.remove(key) {
-            self.len -= q.len();
-            self.order.retain(|k| k != key);
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -753,25 +671,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn fair_queue_serves_every_key_each_round() {
-        let mut q = FairQueue::new(100);
-        for i in 0..100 {
-            assert!(q.push('a', i));
-        }
-        assert!(!q.push('a', 100), "full");
-        q.push('b', 0);
-        q.push('b', 1);
-        let mut out = Vec::new();
-        q.round(8, &mut out);
-        let b: Vec<_> = out.iter().filter(|(k, _)| *k == 'b').collect();
-        assert_eq!(b.len(), 2, "the quiet key is served in the first round");
-        assert_eq!(out.len(), 10);
-        assert_eq!(q.len(), 92);
-        q.remove(&'a');
-        assert!(q.is_empty());
-    }
-
     proptest! {
         #[test]
         fn limiter_never_exceeds_caps(ops in proptest::collection::vec((0u8..4, any::<bool>(), 0u64..50), 0..400),
@@ -894,35 +793,6 @@ mod tests {
                 // After waiting, everything moved so far is covered by burst + rate*t.
                 prop_assert!(moved as u128 <= rate as u128 + (rate as u128 * now as u128) / 1000 + 1);
             }
-        }
-
-        #[test]
-        fn fair_queue_conserves_and_shares(pushes in proptest::collection::vec((0u8..5, 0u16..1000), 0..500), cap in 1usize..50, budget in 1usize..10) {
-            let mut q = FairQueue::new(cap);
-            let mut accepted = 0usize;
-            let mut per_key = [0usize; 5];
-            for (k, v) in pushes {
-                if q.push(k, v) {
-                    accepted += 1;
-                    per_key[k as usize] += 1;
-                }
-                prop_assert!(per_key.iter().all(|&n| n <= cap));
-                let _ = v;
-            }
-            prop_assert_eq!(q.len(), accepted);
-            let mut taken = 0;
-            while !q.is_empty() {
-                let mut out = Vec::new();
-                let before = per_key;
-                q.round(budget, &mut out);
-                for k in 0..5u8 {
-                    let got = out.iter().filter(|(key, _)| *key == k).count();
-                    prop_assert_eq!(got, before[k as usize].min(budget));
-                    per_key[k as usize] -= got;
-                }
-                taken += out.len();
-            }
-            prop_assert_eq!(taken, accepted);
         }
     }
 }
