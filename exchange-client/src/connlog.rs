@@ -229,6 +229,328 @@ pub fn verify_log(
     Ok(recomputed)
 }
 
+/// Domain tag of a channel's commitment (what a claim or close carries as `logHash`).
+pub const CHANNEL_TAG: &[u8] = b"ipsx-connlog-channel-v1";
+/// Domain tag of a requester's request for a deal's log.
+pub const REQUEST_TAG: &[u8] = b"ipsx-connlog-request-v1";
+/// The path a provider agent serves a deal's log under: `GET {LOG_PATH}{deal_id}?...`.
+pub const LOG_PATH: &str = "/api/connlog/";
+/// Longest request target ([`parse_request`]) accepted, bytes.
+pub const MAX_REQUEST_LEN: usize = 512;
+/// Longest a request stays valid: its `expiry` is at most this far ahead, seconds.
+pub const MAX_REQUEST_TTL_S: u64 = 600;
+/// Most commitments of a channel a provider keeps and serves (newest last).
+pub const MAX_COMMITS: usize = 8;
+
+/// One deal's share of a channel commitment: the head of its chain over its first
+/// `entries` records, and how many connections went unrecorded past the store's caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitPart {
+    /// The deal.
+    pub deal_id: u64,
+    /// Records the head covers.
+    pub entries: u64,
+    /// Connections past the caps, counted but not recorded.
+    pub dropped: u64,
+    /// The deal's chain head over its first `entries` records.
+    pub head: B256,
+}
+
+/// What a provider put on chain for a channel at one claim: every deal the channel
+/// paid for, in deal order, and the hash of them ([`channel_commitment`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelCommit {
+    /// The channel.
+    pub channel_id: B256,
+    /// The channel's deals, ascending deal id.
+    pub parts: Vec<CommitPart>,
+    /// [`channel_commitment`] of `channel_id` and `parts`: the `logHash` sent.
+    pub hash: B256,
+}
+
+/// The `logHash` a provider commits for a channel:
+/// `SHA-256(CHANNEL_TAG || channel_id || for each part: deal_id || entries || dropped
+/// (u64 BE each) || head)`, parts in ascending deal id.
+pub fn channel_commitment(channel_id: &B256, parts: &[CommitPart]) -> B256 {
+    let mut h = Sha256::new();
+    h.update(CHANNEL_TAG);
+    h.update(channel_id);
+    for p in parts {
+        h.update(p.deal_id.to_be_bytes());
+        h.update(p.entries.to_be_bytes());
+        h.update(p.dropped.to_be_bytes());
+        h.update(p.head);
+    }
+    B256::from(<[u8; 32]>::from(h.finalize()))
+}
+
+/// What a provider agent answers a deal's requester: the signed log, the connections
+/// past the caps, and the recent commitments of every channel that paid for the deal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogExport {
+    /// The deal's records, signed.
+    pub log: SignedLog,
+    /// Connections past the caps, counted but not recorded.
+    pub dropped: u64,
+    /// Recent commitments (newest last) of the channels the deal was paid over.
+    pub commits: Vec<ChannelCommit>,
+}
+
+/// Checks a channel's on-chain `logHash` against the requester's logs of that
+/// channel's deals. `logs(deal_id)` gives the verified entries of one of the
+/// requester's deals ([`verify_log`] first), `None` when it has none. Finds the
+/// commitment the chain holds among `commits`, checks each part's head against the
+/// prefix of that deal's entries, that `deal_id` is one of the parts, and recomputes the
+/// hash. Errors name what disagrees (`logHash`, `parts`, `entries`).
+pub fn verify_commitment<'a>(
+    channel_id: &B256,
+    on_chain: &B256,
+    deal_id: u64,
+    commits: &[ChannelCommit],
+    logs: impl Fn(u64) -> Option<&'a [LogEntry]>,
+) -> Result<(), ExchangeError> {
+    let Some(c) = commits
+        .iter()
+        .rev()
+        .find(|c| c.channel_id == *channel_id && c.hash == *on_chain)
+    else {
+        return Err(ExchangeError::invalid(
+            "logHash",
+            format!(
+                "the chain holds {on_chain} for channel {channel_id}; none of the provider's {} commitments is that",
+                commits.len()
+            ),
+        ));
+    };
+    if !c.parts.windows(2).all(|w| w[0].deal_id < w[1].deal_id) {
+        return Err(ExchangeError::invalid(
+            "parts",
+            "not in ascending deal order",
+        ));
+    }
+    if !c.parts.iter().any(|p| p.deal_id == deal_id) {
+        return Err(ExchangeError::invalid(
+            "parts",
+            format!("deal {deal_id} is not in the commitment of channel {channel_id}"),
+        ));
+    }
+    let recomputed = channel_commitment(channel_id, &c.parts);
+    if recomputed != *on_chain {
+        return Err(ExchangeError::invalid(
+            "logHash",
+            format!("the parts hash to {recomputed}, the chain holds {on_chain}"),
+        ));
+    }
+    for p in &c.parts {
+        let entries = logs(p.deal_id).ok_or_else(|| {
+            ExchangeError::invalid(
+                "parts",
+                format!("no log of deal {} to check its part against", p.deal_id),
+            )
+        })?;
+        let n = usize::try_from(p.entries).unwrap_or(usize::MAX);
+        let Some(prefix) = entries.get(..n) else {
+            return Err(ExchangeError::invalid(
+                "entries",
+                format!(
+                    "deal {}: {} records committed, the log has {}",
+                    p.deal_id,
+                    p.entries,
+                    entries.len()
+                ),
+            ));
+        };
+        let h = head(p.deal_id, prefix);
+        if h != p.head {
+            return Err(ExchangeError::invalid(
+                "entries",
+                format!(
+                    "deal {}: its first {} records hash to {h}, the commitment says {}",
+                    p.deal_id, p.entries, p.head
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A requester's request for a deal's log, as [`parse_request`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRequest {
+    /// The deal.
+    pub deal_id: u64,
+    /// Valid until, unix seconds.
+    pub expiry: u64,
+    /// The requester wallet's signature of [`request_digest`], 0x-hex.
+    pub signature: String,
+}
+
+/// What a requester signs to fetch a deal's log from `provider`:
+/// `keccak256(REQUEST_TAG || provider || deal_id || expiry (u64 BE))`.
+pub fn request_digest(provider: Address, deal_id: u64, expiry: u64) -> B256 {
+    let mut buf = Vec::with_capacity(REQUEST_TAG.len() + 20 + 16);
+    buf.extend_from_slice(REQUEST_TAG);
+    buf.extend_from_slice(provider.as_slice());
+    buf.extend_from_slice(&deal_id.to_be_bytes());
+    buf.extend_from_slice(&expiry.to_be_bytes());
+    keccak256(buf)
+}
+
+/// The request target (path and query) a requester sends the provider's agent:
+/// `/api/connlog/{deal_id}?expiry={unix s}&signature=0x..`.
+pub fn request_target(
+    key: &PrivateKeySigner,
+    provider: Address,
+    deal_id: u64,
+    expiry: u64,
+) -> Result<String, ExchangeError> {
+    let sig = sign::sign_hash(key, &request_digest(provider, deal_id, expiry))?;
+    Ok(format!(
+        "{LOG_PATH}{deal_id}?expiry={expiry}&signature={sig}"
+    ))
+}
+
+/// Parses a request target (path and query). Bounded ([`MAX_REQUEST_LEN`]); errors
+/// name the field (`path`, `deal_id`, `expiry`, `signature`, `query`).
+pub fn parse_request(target: &str) -> Result<LogRequest, ExchangeError> {
+    if target.len() > MAX_REQUEST_LEN {
+        return Err(ExchangeError::invalid(
+            "path",
+            format!("longer than {MAX_REQUEST_LEN} bytes"),
+        ));
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let id = path
+        .strip_prefix(LOG_PATH)
+        .ok_or_else(|| ExchangeError::invalid("path", format!("not under {LOG_PATH}")))?;
+    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ExchangeError::invalid("deal_id", "not a decimal deal id"));
+    }
+    let deal_id = id
+        .parse::<u64>()
+        .map_err(|e| ExchangeError::invalid("deal_id", e.to_string()))?;
+    let (mut expiry, mut signature) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match k {
+            "expiry" => &mut expiry,
+            "signature" => &mut signature,
+            other => {
+                let shown: String = other.chars().take(32).collect();
+                return Err(ExchangeError::invalid(
+                    "query",
+                    format!("unknown parameter `{shown}`"),
+                ));
+            }
+        };
+        if slot.replace(v).is_some() {
+            return Err(ExchangeError::invalid(k, "given twice"));
+        }
+    }
+    let expiry = expiry.ok_or_else(|| ExchangeError::invalid("expiry", "missing"))?;
+    if expiry.is_empty() || expiry.len() > 20 || !expiry.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ExchangeError::invalid("expiry", "not decimal unix seconds"));
+    }
+    let expiry = expiry
+        .parse::<u64>()
+        .map_err(|e| ExchangeError::invalid("expiry", e.to_string()))?;
+    let signature = signature.ok_or_else(|| ExchangeError::invalid("signature", "missing"))?;
+    let hex = signature.strip_prefix("0x").unwrap_or(signature);
+    if hex.len() != 130 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ExchangeError::invalid(
+            "signature",
+            "not 65 bytes of hex (r || s || v)",
+        ));
+    }
+    Ok(LogRequest {
+        deal_id,
+        expiry,
+        signature: signature.to_string(),
+    })
+}
+
+/// Checks a request's time window and recovers who signed it (the agent then
+/// compares with the deal's requester). Errors name the field.
+pub fn request_signer(
+    req: &LogRequest,
+    provider: Address,
+    now_s: u64,
+) -> Result<Address, ExchangeError> {
+    if req.expiry < now_s {
+        return Err(ExchangeError::invalid("expiry", "in the past"));
+    }
+    if req.expiry > now_s.saturating_add(MAX_REQUEST_TTL_S) {
+        return Err(ExchangeError::invalid(
+            "expiry",
+            format!("more than {MAX_REQUEST_TTL_S} s ahead"),
+        ));
+    }
+    sign::recover(
+        &request_digest(provider, req.deal_id, req.expiry),
+        &req.signature,
+        false,
+    )
+}
+
+/// Largest answer [`fetch_log`] reads, bytes (a full deal of 20,000 records is about
+/// 4 MB of JSON).
+pub const MAX_EXPORT_BYTES: usize = 16 << 20;
+
+/// Fetches a deal's log from the provider agent listening at `base`
+/// (`http://host:port`), with a request signed by `key` (the deal's requester) valid
+/// for a minute after `now_s`. Answers over [`MAX_EXPORT_BYTES`] are refused; the
+/// signature and chain are not checked here ([`verify_log`], [`verify_commitment`]).
+pub async fn fetch_log(
+    http: &reqwest::Client,
+    base: &str,
+    key: &PrivateKeySigner,
+    provider: Address,
+    deal_id: u64,
+    now_s: u64,
+) -> Result<LogExport, ExchangeError> {
+    let target = request_target(key, provider, deal_id, now_s.saturating_add(60))?;
+    let url = format!("{}{target}", base.trim_end_matches('/'));
+    let shown = format!("{}{LOG_PATH}{deal_id}", base.trim_end_matches('/'));
+    let mut resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| ExchangeError::Transport(format!("{shown}: {e}")))?;
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ExchangeError::Transport(format!("{shown}: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_EXPORT_BYTES {
+            return Err(ExchangeError::Transport(format!(
+                "{shown}: answer over {MAX_EXPORT_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if status != 200 {
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+        return Err(ExchangeError::Remote {
+            status,
+            code: "connlog".into(),
+            field: None,
+            message: format!("{shown}: {msg}"),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| ExchangeError::BadJson {
+        path: ".".into(),
+        reason: format!("{shown}: {e}"),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -302,6 +624,112 @@ mod tests {
         assert!(e.to_string().contains("offset 51"), "{e}");
     }
 
+    #[test]
+    fn a_channel_commitment_is_recomputed_from_the_deals_logs() {
+        let ch = B256::repeat_byte(9);
+        let a: Vec<_> = (0..5).map(entry).collect();
+        let b: Vec<_> = (10..12).map(entry).collect();
+        // Deal 3 was committed over its first 4 records (one more finished later).
+        let parts = vec![
+            CommitPart {
+                deal_id: 3,
+                entries: 4,
+                dropped: 0,
+                head: head(3, &a[..4]),
+            },
+            CommitPart {
+                deal_id: 5,
+                entries: 2,
+                dropped: 1,
+                head: head(5, &b),
+            },
+        ];
+        let hash = channel_commitment(&ch, &parts);
+        let commits = vec![ChannelCommit {
+            channel_id: ch,
+            parts: parts.clone(),
+            hash,
+        }];
+        let check = |deal: u64, on_chain: B256, a: &[LogEntry], b: &[LogEntry]| {
+            verify_commitment(&ch, &on_chain, deal, &commits, |d| match d {
+                3 => Some(a),
+                5 => Some(b),
+                _ => None,
+            })
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(check(3, hash, &a, &b), Ok(()));
+        assert_eq!(check(5, hash, &a, &b), Ok(()));
+        assert!(check(4, hash, &a, &b).unwrap_err().contains("parts"));
+        assert!(
+            check(3, B256::ZERO, &a, &b)
+                .unwrap_err()
+                .contains("logHash")
+        );
+        // A record dropped from deal 3's log, or one edited: its prefix no longer hashes.
+        let mut dropped = a.clone();
+        dropped.remove(1);
+        assert!(
+            check(3, hash, &dropped, &b)
+                .unwrap_err()
+                .contains("entries")
+        );
+        let mut edited = b.clone();
+        edited[0].bytes_up += 1;
+        assert!(check(3, hash, &a, &edited).unwrap_err().contains("entries"));
+        assert!(check(3, hash, &a[..3], &b).unwrap_err().contains("entries"));
+        // The hash binds the channel and every field of every part.
+        assert_ne!(channel_commitment(&B256::ZERO, &parts), hash);
+        let mut p2 = parts.clone();
+        p2[1].dropped = 0;
+        assert_ne!(channel_commitment(&ch, &p2), hash);
+    }
+
+    #[test]
+    fn a_signed_request_round_trips_and_bad_ones_name_the_field() {
+        let key = PrivateKeySigner::random();
+        let provider = Address::repeat_byte(7);
+        let t = request_target(&key, provider, 42, 1_000).unwrap();
+        let r = parse_request(&t).unwrap();
+        assert_eq!((r.deal_id, r.expiry), (42, 1_000));
+        assert_eq!(request_signer(&r, provider, 900).unwrap(), key.address());
+        assert_ne!(
+            request_signer(&r, Address::repeat_byte(8), 900).unwrap(),
+            key.address(),
+            "bound to the provider"
+        );
+        let field = |t: &str| match parse_request(t).unwrap_err() {
+            ExchangeError::Invalid { field, .. } => field,
+            e => panic!("{e}"),
+        };
+        assert!(
+            request_signer(&r, provider, 1_001)
+                .unwrap_err()
+                .to_string()
+                .contains("expiry")
+        );
+        assert!(
+            request_signer(&r, provider, 100)
+                .unwrap_err()
+                .to_string()
+                .contains("expiry")
+        );
+        assert_eq!(field("/api/status"), "path");
+        assert_eq!(field("/api/connlog/"), "deal_id");
+        assert_eq!(field("/api/connlog/-1?expiry=1"), "deal_id");
+        assert_eq!(field("/api/connlog/99999999999999999999"), "deal_id");
+        assert_eq!(field("/api/connlog/1"), "expiry");
+        assert_eq!(field("/api/connlog/1?expiry=x&signature=0x"), "expiry");
+        assert_eq!(field("/api/connlog/1?expiry=1"), "signature");
+        assert_eq!(field("/api/connlog/1?expiry=1&signature=0x12"), "signature");
+        assert_eq!(field("/api/connlog/1?expiry=1&expiry=2"), "expiry");
+        assert_eq!(field("/api/connlog/1?expiry=1&who=me"), "query");
+        assert_eq!(
+            field(&format!("/api/connlog/1?expiry={}", "1".repeat(600))),
+            "path"
+        );
+    }
+
     fn any_entry() -> impl Strategy<Value = LogEntry> {
         (
             any::<u64>(),
@@ -327,6 +755,22 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = parse_records(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_request_targets_never_panic_the_parser(t in "(/api/connlog/)?[0-9a-z?&=x/-]{0,200}") {
+            if let Ok(r) = parse_request(&t) {
+                prop_assert!(t.len() <= MAX_REQUEST_LEN);
+                prop_assert!(t.contains(&r.deal_id.to_string()));
+            }
+        }
+
+        #[test]
+        fn signed_requests_parse_back(deal in any::<u64>(), expiry in any::<u64>()) {
+            let key = PrivateKeySigner::from_bytes(&B256::repeat_byte(3)).unwrap();
+            let t = request_target(&key, Address::ZERO, deal, expiry).unwrap();
+            let r = parse_request(&t).unwrap();
+            prop_assert_eq!((r.deal_id, r.expiry), (deal, expiry));
         }
 
         #[test]

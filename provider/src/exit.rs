@@ -462,6 +462,11 @@ impl ProviderHandle {
             .cloned()
     }
 
+    /// A peer's live meter (to bind its connection log to a deal).
+    pub fn peer_meter(&self, public_key: &[u8; 32]) -> Option<Arc<PeerMeter>> {
+        self.meter_of(public_key)
+    }
+
     /// A peer's meter (bytes, active seconds, flows, refusals).
     pub fn meter(&self, public_key: &[u8; 32]) -> Option<MeterSnapshot> {
         self.meter_of(public_key).map(|m| m.snapshot())

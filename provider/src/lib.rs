@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod connlog_store;
 pub mod exit;
 pub mod limits;
 pub mod meter;

@@ -1,13 +1,16 @@
-//! Per-peer metering and the connection log with its running SHA-256 hash chain.
+//! Per-peer metering, a bounded in-memory window of the peer's connections with a
+//! running SHA-256 chain over them, and the hook that records each connection in its
+//! deal's log.
 //!
-//! The whitepaper says "all connections are recorded in the blockchain"; recording each
-//! one on chain is too costly, so the exit keeps the log and settles a commitment to it:
-//! `h0 = SHA-256("ipsx-connlog-v1" || peer_public_key)`,
-//! `h(n) = SHA-256(h(n-1) || entry(n))`, where `entry` is the fixed 51-byte encoding of
-//! [`LogEntry::encode`]. Both sides can recompute the final hash from the entries.
+//! What settlement commits is the per-deal chain kept on disk by the agent
+//! ([`crate::connlog_store`], `ipsx_exchange_client::connlog`): the agent binds a
+//! peer's meter to the deal it serves ([`PeerMeter::bind_deal`]) and every finished
+//! connection goes to that deal's log. The per-peer chain here
+//! (`h0 = SHA-256("ipsx-connlog-v1" || peer_public_key)`, `h(n) = SHA-256(h(n-1) ||
+//! entry(n))`) only describes the exit's own window (a bare exit knows no deals).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
@@ -32,6 +35,18 @@ pub fn chain(prev: &[u8; 32], entry: &LogEntry) -> [u8; 32] {
     h.update(prev);
     h.update(entry.encode());
     h.finalize().into()
+}
+
+/// Where a bound peer's finished connections go: the deal's log.
+pub trait LogSink: Send + Sync + std::fmt::Debug {
+    /// One finished connection of `deal_id`.
+    fn record(&self, deal_id: u64, entry: &LogEntry);
+}
+
+impl LogSink for crate::connlog_store::ConnLogStore {
+    fn record(&self, deal_id: u64, entry: &LogEntry) {
+        self.append(deal_id, entry);
+    }
 }
 
 /// A snapshot of a peer's meter.
@@ -71,6 +86,7 @@ pub struct PeerMeter {
     pub(crate) flows_live: AtomicU64,
     pub(crate) idle_closed: AtomicU64,
     log: Mutex<ConnLog>,
+    deal: Mutex<Option<(u64, Arc<dyn LogSink>)>>,
 }
 
 #[derive(Debug)]
@@ -98,7 +114,23 @@ impl PeerMeter {
                 total: 0,
                 entries: Default::default(),
             }),
+            deal: Mutex::new(None),
         }
+    }
+
+    /// From now on the peer's finished connections also go to `deal_id`'s log (a
+    /// requester key reused by a later deal is bound again to that deal).
+    pub fn bind_deal(&self, deal_id: u64, sink: Arc<dyn LogSink>) {
+        *self.deal.lock().unwrap_or_else(PoisonError::into_inner) = Some((deal_id, sink));
+    }
+
+    /// The deal the peer's connections are recorded for, if bound.
+    pub fn bound_deal(&self) -> Option<u64> {
+        self.deal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(d, _)| *d)
     }
 
     /// Data moved during second number `second` (of any monotonic clock).
@@ -108,15 +140,26 @@ impl PeerMeter {
         }
     }
 
-    /// Appends a finished connection and advances the hash chain.
+    /// Appends a finished connection, advances the hash chain, and records it in the
+    /// bound deal's log.
     pub fn append(&self, entry: LogEntry) {
-        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        log.hash = chain(&log.hash, &entry);
-        log.total += 1;
-        if log.entries.len() >= LOG_KEEP {
-            log.entries.pop_front();
+        {
+            let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+            log.hash = chain(&log.hash, &entry);
+            log.total += 1;
+            if log.entries.len() >= LOG_KEEP {
+                log.entries.pop_front();
+            }
+            log.entries.push_back(entry);
         }
-        log.entries.push_back(entry);
+        let bound = self
+            .deal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some((deal_id, sink)) = bound {
+            sink.record(deal_id, &entry);
+        }
     }
 
     /// The current head of the hash chain.

@@ -285,12 +285,15 @@ pub fn route(
     error(StatusCode::NOT_FOUND, "no such route (try GET /api/status)")
 }
 
-/// Serves the status listener until `shutdown` completes.
+/// Serves the status listener until `shutdown` completes. `open` routes are asked
+/// first, with the request's path and query, and need no token (they authenticate
+/// their requests themselves: the connection log's signed requests).
 pub async fn serve(
     listener: TcpListener,
     source: StatusSource,
     token: Option<String>,
     extra: Option<ExtraRoutes>,
+    open: Option<ExtraRoutes>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let token: Option<Arc<str>> = token.map(Arc::from);
@@ -311,10 +314,15 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
-        let (source, token, extra) = (source.clone(), token.clone(), extra.clone());
+        let (source, token, extra, open) =
+            (source.clone(), token.clone(), extra.clone(), open.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+                if let Some(r) = open.as_ref().and_then(|f| f(req.method(), target)) {
+                    return std::future::ready(Ok::<_, Infallible>(r));
+                }
                 let auth = req
                     .headers()
                     .get(hyper::header::AUTHORIZATION)
@@ -327,7 +335,7 @@ pub async fn serve(
                     req.uri().path(),
                     auth.as_deref(),
                 );
-                async move { Ok::<_, Infallible>(r) }
+                std::future::ready(Ok::<_, Infallible>(r))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

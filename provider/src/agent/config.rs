@@ -59,6 +59,71 @@ pub struct AgentConfig {
     /// is free (a warning otherwise); present: its `listen` must bind.
     #[serde(default)]
     pub status: Option<StatusSection>,
+    /// Where and how much of each deal's connection log is kept (`[connlog]`).
+    #[serde(default)]
+    pub connlog: ConnlogSection,
+}
+
+/// `[connlog]`: each deal's connection log on disk (docs/provider.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnlogSection {
+    /// Directory of the logs. Absent: `$XDG_STATE_HOME/ipsx/connlog/<wallet>` (else
+    /// `$HOME/.local/state/...`, else the temp dir).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Records kept per deal; later connections are counted, not recorded.
+    #[serde(default = "d_max_records")]
+    pub max_records_per_deal: u64,
+    /// Bytes of records kept over all deals (51 bytes a record).
+    #[serde(default = "d_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn d_max_records() -> u64 {
+    crate::connlog_store::StoreLimits::default().max_records_per_deal
+}
+fn d_max_bytes() -> u64 {
+    crate::connlog_store::StoreLimits::default().max_bytes
+}
+
+impl Default for ConnlogSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_records_per_deal: d_max_records(),
+            max_bytes: d_max_bytes(),
+        }
+    }
+}
+
+impl ConnlogSection {
+    /// The directory for `wallet`'s logs.
+    pub fn dir_for(&self, wallet: alloy_primitives::Address) -> PathBuf {
+        if let Some(d) = &self.dir {
+            return d.clone();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".local").join("state"))
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("ipsx")
+            .join("connlog")
+            .join(format!("{wallet:#x}"))
+    }
+
+    /// The store's caps.
+    pub fn limits(&self) -> crate::connlog_store::StoreLimits {
+        crate::connlog_store::StoreLimits {
+            max_records_per_deal: self.max_records_per_deal,
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// The default status listener.
@@ -407,6 +472,12 @@ impl AgentConfig {
 
     /// Checks what serde cannot; errors name the key.
     pub fn validate(&self) -> Result<(), AgentError> {
+        if self.connlog.max_records_per_deal == 0 {
+            return Err(bad("connlog.max_records_per_deal", "must be at least 1"));
+        }
+        if self.connlog.max_bytes < crate::connlog_store::StoreLimits::default().max_bytes / 256 {
+            return Err(bad("connlog.max_bytes", "must be at least 1 MiB"));
+        }
         let url = self.exchange.url.trim();
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
             return Err(bad("exchange.url", "must be an http:// or https:// URL"));

@@ -186,9 +186,10 @@ pub enum Action {
     Claim {
         /// Deal.
         deal_id: u64,
-        /// The exit whose peer's log hash goes on chain (none for deals of a lost exit).
+        /// The deal's exit (none for deals of a lost exit).
         exit: Option<usize>,
-        /// The requester's WireGuard key (whose connection-log hash is recorded).
+        /// The requester's WireGuard key. The `logHash` sent is the runtime's
+        /// commitment to the logs of all the channel's deals (`connlog_store`).
         key: [u8; 32],
         /// Channel.
         channel_id: B256,
@@ -509,7 +510,7 @@ impl DealState {
 struct Lane {
     /// The deal it pays now (the latest bound).
     deal: u64,
-    /// That deal's exit and requester key (whose connection-log hash goes on chain).
+    /// That deal's exit and requester key.
     exit: Option<usize>,
     key: [u8; 32],
     /// Facts as last read; `deposit` and `claimed` only grow.

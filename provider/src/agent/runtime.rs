@@ -33,6 +33,7 @@ use super::core::{
     Action, ChannelFacts, Core, DealInfo, DealView, ExitSlot, Failure, Observation, Settings,
 };
 use super::verify::check_proof;
+use crate::connlog_store::{ConnLogStore, ServeError};
 use crate::status::{
     Amount, DealStatus, ExtraRoutes, OfferStatus, ProviderStatus, STATUS_VERSION, StatusSource,
     Totals, stage_name,
@@ -523,6 +524,16 @@ impl Agent {
         let status_listener = bind_status(&cfg).await?;
         let signer = load_wallet(&cfg.wallet)?;
         let wallet = signer.address();
+        let connlog_dir = cfg.connlog.dir_for(wallet);
+        let connlog = Arc::new(
+            ConnLogStore::open(&connlog_dir, cfg.connlog.limits()).map_err(|e| {
+                AgentError::Config {
+                    key: "connlog.dir".into(),
+                    reason: format!("{}: {e}", connlog_dir.display()),
+                }
+            })?,
+        );
+        let log_key = signer.clone();
         let deployment =
             Deployment::load(&cfg.chain.deployment).map_err(|e| AgentError::Config {
                 key: "chain.deployment".into(),
@@ -639,6 +650,7 @@ impl Agent {
             status,
             status_tx,
             fetching: HashSet::new(),
+            connlog: connlog.clone(),
             polling: false,
             poll_every: t.poll,
         };
@@ -672,8 +684,14 @@ impl Agent {
                 let _ = stop.wait_for(|s| *s).await;
             };
             tracing::info!(addr = ?status_addr, "provider status listening (GET /api/status)");
+            let open = connlog_route(connlog, log_key);
             status_task = Some(tokio::spawn(crate::status::serve(
-                listener, source, token, extra, shutdown,
+                listener,
+                source,
+                token,
+                extra,
+                Some(open),
+                shutdown,
             )));
         }
         let task = tokio::spawn(rt.run(rx, stop_rx, offers));
@@ -697,6 +715,8 @@ struct Runtime {
     status: AgentStatus,
     status_tx: watch::Sender<AgentStatus>,
     fetching: HashSet<u64>,
+    /// Each deal's connection log.
+    connlog: Arc<ConnLogStore>,
     polling: bool,
     poll_every: Duration,
 }
@@ -865,6 +885,9 @@ impl Runtime {
                 self.core.report_done(id, status, r, now);
             }
             Msg::Checked(id, r) => {
+                if let Ok(v) = &r {
+                    self.connlog.bind_channel(v.channel.id, id);
+                }
                 let before = self.core.deal(id).map_or(0, |d| d.paid);
                 self.core.proof_checked(id, r, now);
                 let after = self.core.deal(id).map_or(0, |d| d.paid);
@@ -969,10 +992,20 @@ impl Runtime {
                 inner_ip,
                 endpoint,
             } => {
+                // The deal's log opens (or resumes from disk) before the peer can
+                // make a connection, and the peer's meter records into it.
+                if let Some(d) = self.core.deal(deal_id) {
+                    self.connlog.open_deal(deal_id, d.requester, d.start);
+                }
                 let r = match self.exits.get(exit) {
                     Some(h) => h.add_peer_at(key, IpAddr::V4(inner_ip), endpoint).await,
                     None => Err(ProviderError::Stopped),
                 };
+                if r.is_ok()
+                    && let Some(m) = self.exits.get(exit).and_then(|h| h.peer_meter(&key))
+                {
+                    m.bind_deal(deal_id, self.connlog.clone());
+                }
                 let r = r.map_err(|e| match e {
                     ProviderError::Stopped => Failure::Transient(e.to_string()),
                     e => Failure::Permanent(e.to_string()),
@@ -1087,18 +1120,13 @@ impl Runtime {
             }
             Action::Claim {
                 deal_id,
-                exit,
-                key,
                 channel_id,
                 amount,
                 signature,
                 close,
+                ..
             } => {
-                let log_hash = exit
-                    .and_then(|i| self.exits.get(i))
-                    .and_then(|h| h.log_hash(&key))
-                    .map(B256::from)
-                    .unwrap_or_default();
+                let log_hash = self.connlog.commit(channel_id, deal_id);
                 tokio::spawn(async move {
                     let r = claim(
                         &net, deal_id, channel_id, amount, signature, close, log_hash,
@@ -1113,25 +1141,20 @@ impl Runtime {
     async fn finish(&mut self, offers: JoinHandle<()>) {
         let claims = self.core.claimable();
         let net = self.net.clone();
-        let exits = self.exits.clone();
+        let connlog = self.connlog.clone();
         let work = async move {
             let _ = offers.await;
             for a in claims {
                 if let Action::Claim {
                     deal_id,
-                    exit,
-                    key,
                     channel_id,
                     amount,
                     signature,
                     close,
+                    ..
                 } = a
                 {
-                    let log_hash = exit
-                        .and_then(|i| exits.get(i))
-                        .and_then(|h| h.log_hash(&key))
-                        .map(B256::from)
-                        .unwrap_or_default();
+                    let log_hash = connlog.commit(channel_id, deal_id);
                     match claim(
                         &net, deal_id, channel_id, amount, signature, close, log_hash,
                     )
@@ -1232,6 +1255,47 @@ async fn claim(
         Err(e) if e.revert().is_some() => Err(Failure::Permanent(e.to_string())),
         Err(e) => Err(Failure::Transient(e.to_string())),
     }
+}
+
+/// `GET /api/connlog/<deal>?expiry=..&signature=..` on the status listener, outside
+/// its token: a deal's log, signed by the provider's wallet, for the deal's requester
+/// only (the request is signed by its wallet). Errors name the field.
+fn connlog_route(store: Arc<ConnLogStore>, key: PrivateKeySigner) -> ExtraRoutes {
+    use http_body_util::Full;
+    use hyper::{Method, Response, StatusCode};
+    Arc::new(move |method: &Method, target: &str| {
+        if !target.starts_with(ipsx_exchange_client::connlog::LOG_PATH) {
+            return None;
+        }
+        let (code, body) = if method != Method::GET {
+            (StatusCode::METHOD_NOT_ALLOWED, err_body("only GET"))
+        } else {
+            match store.serve(target, &key, unix_s()) {
+                Ok(x) => (StatusCode::OK, serde_json::to_vec(&x).unwrap_or_default()),
+                Err(ServeError::Bad(e)) => (StatusCode::BAD_REQUEST, err_body(&e)),
+                Err(ServeError::Forbidden(e)) => (StatusCode::FORBIDDEN, err_body(&e)),
+                Err(ServeError::NotFound(e)) => (StatusCode::NOT_FOUND, err_body(&e)),
+                Err(ServeError::Io(e)) => {
+                    tracing::error!(error = %e, "connection log: not served");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        err_body("the log could not be read"),
+                    )
+                }
+            }
+        };
+        let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        Some(r)
+    })
+}
+
+fn err_body(msg: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": msg })).unwrap_or_default()
 }
 
 /// Binds the status listener: an explicit `[status]` must bind (error naming

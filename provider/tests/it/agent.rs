@@ -22,6 +22,7 @@ use ipsx_exchange::engine::{Deal, Outcome};
 use ipsx_exchange::{
     Client, DealStatus, ExchangeConfig, Extend, PartyStatus, Request, StatusReport, WgKey,
 };
+use ipsx_exchange_client::connlog;
 use ipsx_exchange_client::market::{EXIT_INNER_ADDR, amount_due, inner_ip_for_deal};
 use ipsx_provider::agent::{AgentConfig, AgentError, Stage};
 use ipsx_provider::{Agent, AgentHandle};
@@ -183,6 +184,9 @@ private_key = "0x{key}"
 listen = "127.0.0.1:0"
 token = "{STATUS_TOKEN}"
 
+[connlog]
+dir = "{connlog}"
+
 [timings]
 offer_ttl = "1h"
 first_window = "5s"
@@ -208,7 +212,13 @@ allow_destinations = ["127.0.0.0/8"]
             rpc = self.anvil.endpoint(),
             dep = self.deployment_path.display(),
             key = alloy_primitives::hex::encode(self.provider.to_bytes()),
+            connlog = self.connlog_dir().display(),
         )
+    }
+
+    /// Where the agent keeps the deals' connection logs.
+    fn connlog_dir(&self) -> PathBuf {
+        self._dir.path().join("connlog")
     }
 
     async fn agent(&self, capacity: u32) -> AgentHandle {
@@ -510,8 +520,6 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         "closed"
     );
 
-    // The claim events carry the peer's connection-log hash.
-    let expected = B256::from(agent.exit(0).unwrap().log_hash(&r.wg.public_key()).unwrap());
     assert_eq!(
         agent
             .exit(0)
@@ -535,8 +543,8 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
         .collect();
     assert!(!ours.is_empty());
     let last = &ours.last().unwrap().0;
-    assert_eq!(last.logHash, expected);
     assert_eq!(last.cumulativeAmount, total);
+    connection_log_is_checkable(&w, &agent, id, channel, last.logHash, target).await;
 
     // The exchange saw both sides complete and the rating.
     wait_chain("the deal to be completed", || async {
@@ -545,6 +553,120 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
     })
     .await;
     agent.shutdown().await.unwrap();
+}
+
+/// The deal's connection-log file in the agent's `connlog.dir`.
+fn deal_log_file(w: &World, id: u64) -> Option<PathBuf> {
+    std::fs::read_dir(w.connlog_dir())
+        .ok()?
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{id}-")))
+        })
+}
+
+/// GET a deal's connection log from the agent as `who` (a signed request, no token):
+/// the export, or the HTTP status and message of a refusal.
+async fn fetch_log(
+    agent: &AgentHandle,
+    who: &PrivateKeySigner,
+    provider: Address,
+    deal: u64,
+) -> Result<connlog::LogExport, (u16, String)> {
+    let base = format!("http://{}", agent.status_addr().unwrap());
+    connlog::fetch_log(
+        &reqwest::Client::new(),
+        &base,
+        who,
+        provider,
+        deal,
+        unix_now(),
+    )
+    .await
+    .map_err(|e| match e {
+        ipsx_exchange::ExchangeError::Remote {
+            status, message, ..
+        } => (status, message),
+        e => panic!("{e}"),
+    })
+}
+
+/// The deal's connection log, served signed to its requester, recomputes the
+/// `logHash` the closing claim put on chain; someone else is refused; a record
+/// dropped from the file on disk is caught.
+async fn connection_log_is_checkable(
+    w: &World,
+    agent: &AgentHandle,
+    id: u64,
+    channel: B256,
+    on_chain: B256,
+    target: SocketAddr,
+) {
+    let provider = w.provider.address();
+    let x = fetch_log(agent, &w.requester, provider, id).await.unwrap();
+    connlog::verify_log(&x.log, id, provider, None).unwrap();
+    assert_eq!(x.log.entries.len(), 1, "the one connection: {x:?}");
+    assert_eq!(x.log.entries[0].dst, target);
+    assert!(x.log.entries[0].bytes_down > 0);
+    assert_ne!(on_chain, B256::ZERO);
+    connlog::verify_commitment(&channel, &on_chain, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .expect("the requester recomputes the logHash on chain");
+
+    let (code, msg) = fetch_log(agent, &PrivateKeySigner::random(), provider, id)
+        .await
+        .unwrap_err();
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("signature"), "{msg}");
+    let (code, _) = fetch_log(agent, &w.requester, provider, id + 1000)
+        .await
+        .unwrap_err();
+    assert_eq!(code, 404);
+    // Hostile requests: unsigned, expired, an oversized target, garbage, another method.
+    let base = format!("http://{}", agent.status_addr().unwrap());
+    let http = reqwest::Client::new();
+    let sig = format!("0x{}", "ab".repeat(65));
+    for (req, code, field) in [
+        (
+            http.get(format!("{base}/api/connlog/{id}?expiry=1")),
+            400,
+            "signature",
+        ),
+        (
+            http.get(format!("{base}/api/connlog/{id}?expiry=1&signature={sig}")),
+            400,
+            "expiry",
+        ),
+        (
+            http.get(format!(
+                "{base}/api/connlog/{id}?expiry={}",
+                "9".repeat(600)
+            )),
+            400,
+            "path",
+        ),
+        (http.get(format!("{base}/api/connlog/x")), 400, "deal_id"),
+        (http.post(format!("{base}/api/connlog/{id}")), 405, "GET"),
+    ] {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code, "{field}");
+        let body = resp.text().await.unwrap();
+        assert!(body.contains(field), "{field}: {body}");
+    }
+
+    // Tampering: the record dropped from the deal's file on disk.
+    let file = deal_log_file(w, id).expect("the deal's log file");
+    std::fs::write(&file, b"").unwrap();
+    let x = fetch_log(agent, &w.requester, provider, id).await.unwrap();
+    connlog::verify_log(&x.log, id, provider, None).unwrap();
+    let e = connlog::verify_commitment(&channel, &on_chain, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("entries"), "{e}");
 }
 
 /// Raw requests to the status listener: refusals are answered, none is served
@@ -1104,6 +1226,13 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
     let ch = chain.channel(channel).await.unwrap().expect("still open");
     assert_eq!(ch.claimed, U256::from(second));
 
+    // The deal's connection log is on disk (what the next agent resumes).
+    let logged = deal_log_file(&w, id)
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .unwrap_or(0)
+        / connlog::ENTRY_LEN as u64;
+    assert!(logged >= 1, "the connection before the restart is on disk");
+
     // A new agent (same wallet, same WireGuard key and port) learns the deal from the
     // exchange, checks the proof again and serves; it reports nothing already reported.
     let text2 = text.replace(
@@ -1159,6 +1288,23 @@ async fn an_agent_restart_claims_at_shutdown_and_serves_again_from_the_exchange_
         .map(|(e, _)| e.paid)
         .fold(U256::ZERO, |a, b| a + b);
     assert_eq!(total, U256::from(paid), "paid exactly once in total");
+    // The log went on from disk: the connections of both agents, and the closing
+    // claim's logHash recomputes from them.
+    let last = events
+        .iter()
+        .filter(|(e, _)| e.channelId == channel)
+        .map(|(e, _)| e.logHash)
+        .next_back()
+        .unwrap();
+    let x = fetch_log(&agent2, &w.requester, w.provider.address(), id)
+        .await
+        .unwrap();
+    connlog::verify_log(&x.log, id, w.provider.address(), None).unwrap();
+    assert_eq!(x.log.entries.len() as u64, logged + 1, "{x:?}");
+    connlog::verify_commitment(&channel, &last, id, &x.commits, |d| {
+        (d == id).then_some(x.log.entries.as_slice())
+    })
+    .expect("the closing claim commits the log resumed from disk");
     tunnel.shutdown().await;
     agent2.shutdown().await.unwrap();
 }
