@@ -26,12 +26,15 @@ up: install
 # The test build also links with mold (installed by scripts/install-base.sh): about thirty
 # test binaries of ~100 MB each are linked, which GNU ld does several times slower. No
 # debug info for the test build: panics still name file and line.
+# One build for everything: the test build activates the dev-dependencies' features
+# (tokio, rand, ...), so a separate `cargo build --bins` first compiled about sixty
+# dependencies (tokio, hyper, alloy) twice. nextest builds every binary the tests run,
+# and every bin target's own test harness, so each bin is still compiled and linted.
 LINT_ENV = RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver || echo clippy-driver-not-installed)" \
 	CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__ \
 	RUSTFLAGS="-C link-arg=-fuse-ld=mold" CARGO_PROFILE_DEV_DEBUG=false
 test: install
 	$(CARGO) fmt --all --check
-	$(LINT_ENV) $(CARGO) build --workspace --locked --bins
 	$(LINT_ENV) $(CARGO) nextest run --workspace --locked --no-fail-fast
 	$(LINT_ENV) $(CARGO) test --workspace --locked --bench '*' --no-run
 	$(LINT_ENV) $(CARGO) test --workspace --locked --doc

@@ -6,7 +6,9 @@
 #   tunnel exit through the relay and a WireGuard tunnel to our provider exit (the data
 #               path of a rented exit; renting only adds the exchange's control plane)
 # Each row: datagrams echoed per second and payload MB/s one way, with a window of
-# datagrams in flight; then the ratios to direct. No root needed (all on loopback).
+# datagrams in flight (each matched by sequence number; one unanswered after 1 s is
+# lost), the datagrams lost, then the ratios to direct; below, the gateway's UDP drop
+# counters and the kernel's socket drops. No root needed (all on loopback).
 #   DURATION=5 SIZE=512 WINDOW=32 bash benches/socks-udp/run.sh
 #   BUILD=debug bash benches/socks-udp/run.sh   # use debug binaries (figures are lower)
 set -euo pipefail
@@ -82,6 +84,7 @@ CONF
 cat > "$WORK/gateway.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 allow_destinations = ["127.0.0.0/8"]
 reload_poll = "0s"
 udp_max_datagram = 65507
@@ -104,6 +107,7 @@ IPSX_LOG=warn "$IPSX" gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log
 PIDS+=($!)
 wait_line "$WORK/gateway.log" "proxy listening"
 GW=$(grep -o 'proxy listening on [0-9.:]*' "$WORK/gateway.log" | awk '{print $4}')
+ADMIN=$(grep -o 'admin listening on http://[0-9.:]*' "$WORK/gateway.log" | sed 's|.*http://||')
 
 load() { # label [socks args...]
   local label=$1; shift
@@ -121,13 +125,22 @@ load direct > "$WORK/direct.json"
 load "socks5-udp local exit" --socks "$GW" --user bench-country-de --pass bench-token > "$WORK/local.json"
 load "socks5-udp tunnel exit" --socks "$GW" --user bench-country-fr --pass bench-token > "$WORK/tunnel.json"
 
+curl -s "http://$ADMIN/api/status" > "$WORK/status.json" || echo '{}' > "$WORK/status.json"
+# The kernel's own drops (last column of /proc/net/udp), for sockets still open.
+awk 'NR>1 && $NF>0 {print $2, $NF}' /proc/net/udp > "$WORK/kernel-drops.txt" || true
+
 python3 - "$WORK" "$SIZE" "$WINDOW" "$DURATION" "$BUILD" <<'PY'
 import json, sys
 work, size, window, duration, build = sys.argv[1:]
 rows = [json.load(open(f"{work}/{n}.json")) for n in ("direct", "local", "tunnel")]
 print(f"UDP echo, {size}-byte payloads, {window} in flight, {duration}s each ({build} build)")
-print(f"{'path':<26}{'datagrams/s':>14}{'MB/s':>10}{'loss':>8}{'vs direct':>11}")
+print(f"{'path':<26}{'datagrams/s':>14}{'MB/s':>10}{'lost':>8}{'loss':>8}{'vs direct':>11}")
 base = rows[0]["pps"] or 1
 for r in rows:
-    print(f"{r['label']:<26}{r['pps']:>14.0f}{r['mb_per_s']:>10.1f}{r['loss']*100:>7.1f}%{r['pps']/base:>10.2f}x")
+    print(f"{r['label']:<26}{r['pps']:>14.0f}{r['mb_per_s']:>10.1f}{r['lost']:>8}{r['loss']*100:>7.1f}%{r['pps']/base:>10.2f}x")
+udp = json.load(open(f"{work}/status.json")).get("udp", {})
+dropped = {k: v for k, v in udp.get("dropped", {}).items() if v}
+print(f"gateway udp: up {udp.get('datagrams_up')} down {udp.get('datagrams_down')} dropped {dropped or 'none'}")
+drops = open(f"{work}/kernel-drops.txt").read().split()
+print("kernel socket drops (local address, count): " + (" ".join(drops) or "none"))
 PY

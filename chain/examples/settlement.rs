@@ -8,7 +8,8 @@
 //!   inside a 10-minute deal. Every rental is a first contact: it waits for the open.
 //! - **reused channels, lazy claims** (this protocol): one channel per provider, opened
 //!   at first contact; later deals continue its cumulative amount; the deposit is kept
-//!   one deal ahead, each top-up adding `channel_prefund` = 8 deals; the provider
+//!   one deal ahead, each top-up adding `channel_prefund` = 8 deals or what the channel
+//!   carried so far when more (the market's `core::top_up_amount`); the provider
 //!   claims once its unclaimed amount reaches the automatic threshold (a claim's gas at
 //!   the current gas price is at most 1 % of the amount, one token base unit taken as
 //!   one wei), and every channel is closed at the end (`startClose` by the requester,
@@ -23,6 +24,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, U256};
@@ -41,6 +43,19 @@ const PREFUND: u128 = 8;
 const CLAIM_GAS: u128 = 80_000;
 const CLAIM_GAS_SHARE: u128 = 100;
 const REQUESTER: usize = 5;
+/// The commit before issue 12's work (first parent of the first 'split' merge).
+const BEFORE: &str = "bcaaa06";
+
+/// The market's `core::top_up_amount` (this crate cannot depend on the market): what
+/// a top-up adds when a deal of `value` runs over a channel that carried `base`.
+fn top_up_amount(deposit: u128, base: u128, value: u128, prefund: u128) -> Option<u128> {
+    let need = base + value;
+    let short = need.saturating_sub(deposit);
+    if short == 0 && need + value <= deposit {
+        return None;
+    }
+    Some(short + (value * prefund).max(base))
+}
 
 #[derive(Debug, Default, Clone)]
 struct Tally {
@@ -48,6 +63,8 @@ struct Tally {
     gas_provider: u64,
     tx_requester: u32,
     tx_provider: u32,
+    /// Per transaction kind: (count, gas).
+    kinds: BTreeMap<&'static str, (u32, u64)>,
     first_contact: Vec<Duration>,
     funded: Vec<Duration>,
 }
@@ -58,8 +75,27 @@ impl Tally {
         self.gas_provider += o.gas_provider;
         self.tx_requester += o.tx_requester;
         self.tx_provider += o.tx_provider;
+        for (k, (n, g)) in o.kinds {
+            let e = self.kinds.entry(k).or_default();
+            e.0 += n;
+            e.1 += g;
+        }
         self.first_contact.extend(o.first_contact);
         self.funded.extend(o.funded);
+    }
+
+    /// One transaction of `kind` ("requester: ..." or "provider: ...") that used `gas`.
+    fn tx(&mut self, kind: &'static str, gas: u64) {
+        if kind.starts_with("requester") {
+            self.gas_requester += gas;
+            self.tx_requester += 1;
+        } else {
+            self.gas_provider += gas;
+            self.tx_provider += 1;
+        }
+        let e = self.kinds.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += gas;
     }
 }
 
@@ -100,8 +136,7 @@ async fn first_contact(
         .open_channel(prov.address(), U256::from(value))
         .await
         .unwrap();
-    t.gas_requester += out.gas_used;
-    t.tx_requester += 1;
+    t.tx("requester: openChannel", out.gas_used);
     let sig = req.sign_balance_proof(id, U256::from(first)).unwrap();
     provider_verifies(prov, req.address(), id, first, &sig, None).await;
     t.first_contact.push(t0.elapsed());
@@ -120,8 +155,7 @@ async fn per_deal_channels(req: ChainClient, prov: ChainClient, deals: usize) ->
             cumulative_amount: U256::from(value),
         };
         let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
-        t.gas_provider += out.gas_used;
-        t.tx_provider += 1;
+        t.tx("provider: claim + close", out.gas_used);
     }
     t
 }
@@ -149,10 +183,9 @@ async fn reused_channels(
         let Some((id, known, deposit, signed, claimed, last)) = lane.take() else {
             let id = first_contact(&req, &prov, value, first, &mut t).await;
             // Kept one deal ahead: topped up beside the first deal's service.
-            let add = value * PREFUND;
+            let add = top_up_amount(value, 0, value, PREFUND).unwrap();
             let out = req.top_up(id, U256::from(add)).await.unwrap();
-            t.gas_requester += out.gas_used;
-            t.tx_requester += 1;
+            t.tx("requester: topUp", out.gas_used);
             let known = prov.channel(id).await.unwrap().unwrap();
             let sig = req.sign_balance_proof(id, U256::from(value)).unwrap();
             lane = Some((id, known, value + add, value, 0, sig));
@@ -171,11 +204,9 @@ async fn reused_channels(
             provider_verifies(&prov, req.address(), id, base + first, &sig, Some(&known)).await;
             t.funded.push(t0.elapsed());
         }
-        if deposit < base + 2 * value {
-            let add = (base + value).saturating_sub(deposit) + value * PREFUND;
+        if let Some(add) = top_up_amount(deposit, base, value, PREFUND) {
             let out = req.top_up(id, U256::from(add)).await.unwrap();
-            t.gas_requester += out.gas_used;
-            t.tx_requester += 1;
+            t.tx("requester: topUp", out.gas_used);
             deposit += add;
             // The provider sees the larger deposit on its next read (or when a proof
             // passes what it knew).
@@ -201,8 +232,7 @@ async fn reused_channels(
                 .claim(&proof, sig.clone(), B256::ZERO, false)
                 .await
                 .unwrap();
-            t.gas_provider += out.gas_used;
-            t.tx_provider += 1;
+            t.tx("provider: claim (lazy)", out.gas_used);
             claimed = signed;
         }
         lane = Some((id, known, deposit, signed, claimed, sig));
@@ -211,15 +241,13 @@ async fn reused_channels(
     // rest and closes.
     if let Some((id, _, _, signed, claimed, sig)) = lane {
         let out = req.start_close(id, U256::from(claimed)).await.unwrap();
-        t.gas_requester += out.gas_used;
-        t.tx_requester += 1;
+        t.tx("requester: startClose", out.gas_used);
         let proof = BalanceProof {
             channel_id: id,
             cumulative_amount: U256::from(signed),
         };
         let out = prov.claim(&proof, sig, B256::ZERO, true).await.unwrap();
-        t.gas_provider += out.gas_used;
-        t.tx_provider += 1;
+        t.tx("provider: claim + close", out.gas_used);
     }
     t
 }
@@ -299,7 +327,7 @@ async fn main() {
     println!();
     println!(
         "{:<44} {:>26} {:>34}",
-        "", "per-deal channels (before)", "reused channels, lazy claims"
+        "", "before: per-deal channels", "now: reused channels, lazy claims"
     );
     println!(
         "{:<44} {:>26.0} {:>34.0}",
@@ -345,7 +373,37 @@ async fn main() {
     );
     println!();
     println!(
+        "{:<44} {:>26} {:>34}",
+        "gas by transaction kind (count x avg = total)", "", ""
+    );
+    let kinds: std::collections::BTreeSet<&str> =
+        old.kinds.keys().chain(new.kinds.keys()).copied().collect();
+    let cell = |t: &Tally, k: &str| match t.kinds.get(k) {
+        Some((n, g)) => format!("{n} x {} = {g}", g / u64::from(*n)),
+        None => "-".into(),
+    };
+    for k in kinds {
+        println!(
+            "{:<44} {:>26} {:>34}",
+            format!("  {k}"),
+            cell(&old, k),
+            cell(&new, k)
+        );
+    }
+    println!();
+    println!(
         "gas per IP-hour ratio (new / before): {:.3} (target <= 0.100)",
         per_ip_hour(&new) / per_ip_hour(&old)
+    );
+    // bcaaa06's own recorded gas table (its docs/chain.md, from its gas test's receipts):
+    // a deal there is one `openChannel` (next for the wallet) and one `claim + close`.
+    let (open_gas, close_gas) = (124_405u64, 64_534u64);
+    let recorded = (open_gas + close_gas) as f64 * DEALS as f64 / ip_hours;
+    println!(
+        "{BEFORE}'s recorded gas table (its docs/chain.md, recorded 2026-11-29): openChannel {open_gas} + claim + close {close_gas} per deal = {recorded:.0} gas per IP-hour; new / that: {:.3}",
+        per_ip_hour(&new) / recorded
+    );
+    println!(
+        "before = the transactions of {BEFORE} (main before issue 12: an openChannel per deal, the provider's closing claim; its 10-minute claim_interval adds none in a 10-minute deal), replayed with this client against the same contracts (contracts/ unchanged since {BEFORE}); {BEFORE} itself is not built in this run"
     );
 }

@@ -16,11 +16,3 @@ sol!(
     Centralizer,
     "../contracts/artifacts/Centralizer.json"
 );
-
-sol!(
-    /// Hostile ERC20 that re-enters a target during transfers; used by the reentrancy tests
-    /// only.
-    #[sol(rpc, all_derives)]
-    ReentrantToken,
-    "../contracts/artifacts/ReentrantToken.json"
-);

@@ -157,7 +157,9 @@ pub struct MarketConfig {
     #[serde(default = "default_channel_idle_close", with = "humantime_serde")]
     pub channel_idle_close: Duration,
     /// A top-up of a reused channel adds this many deals' value beyond what the deal
-    /// needs, so that the next deals need none.
+    /// needs, or what the channel has carried so far when that is more (a top-up at
+    /// least doubles the channel's use, so N deals cost about log2(N / prefund)
+    /// top-ups), so that the next deals need none. 0: exactly what a deal needs.
     #[serde(default = "default_channel_prefund")]
     pub channel_prefund: u32,
     /// At shutdown, close the idle channels too (`startClose`; the providers claim and

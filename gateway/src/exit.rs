@@ -525,6 +525,15 @@ impl ExitUdp {
         }
     }
 
+    /// Answers dropped before the relay read them because the socket was full: counted
+    /// inside a tunnel; the kernel counts those of a local socket (`/proc/net/udp`).
+    pub fn dropped(&self) -> u64 {
+        match self {
+            Self::Local(_) => 0,
+            Self::Tunnel(s) => s.dropped(),
+        }
+    }
+
     /// The largest payload one datagram to `dst` can carry through this exit.
     pub fn max_payload(&self, dst: &SocketAddr) -> usize {
         match self {

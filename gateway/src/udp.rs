@@ -53,11 +53,14 @@ pub enum Dropped {
     Unsolicited,
     /// The exit could not send it.
     SendFailed,
+    /// An answer that reached a WireGuard exit's tunnel while the association's socket
+    /// there had no room (the relay did not keep up with the exit).
+    ExitBufferFull,
 }
 
 impl Dropped {
     /// Every reason, in label order (for counters).
-    pub const ALL: [Dropped; 10] = [
+    pub const ALL: [Dropped; 11] = [
         Self::Foreign,
         Self::Fragment,
         Self::Malformed,
@@ -68,6 +71,7 @@ impl Dropped {
         Self::Resolve,
         Self::Unsolicited,
         Self::SendFailed,
+        Self::ExitBufferFull,
     ];
 
     /// The metrics label.
@@ -83,6 +87,7 @@ impl Dropped {
             Self::Resolve => "resolve",
             Self::Unsolicited => "unsolicited",
             Self::SendFailed => "send_failed",
+            Self::ExitBufferFull => "exit_buffer_full",
         }
     }
 }
@@ -249,10 +254,18 @@ pub(crate) struct Counters {
 impl Counters {
     /// Counts a drop, here and in the metrics.
     pub(crate) fn drop(&self, why: Dropped) {
-        if let Some(i) = Dropped::ALL.iter().position(|d| *d == why) {
-            self.dropped[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.drop_n(why, 1);
+    }
+
+    /// Counts `n` drops for `why`.
+    pub(crate) fn drop_n(&self, why: Dropped, n: u64) {
+        if n == 0 {
+            return;
         }
-        metrics::counter!("ipsx_udp_dropped_total", "reason" => why.reason()).increment(1);
+        if let Some(i) = Dropped::ALL.iter().position(|d| *d == why) {
+            self.dropped[i].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        metrics::counter!("ipsx_udp_dropped_total", "reason" => why.reason()).increment(n);
     }
 
     pub(crate) fn snapshot(&self) -> UdpStats {

@@ -128,6 +128,7 @@ pub(crate) async fn serve_udp_associate(
         relay: &relay,
         assoc,
         limits,
+        exit_drops: 0,
     };
     relaying.run(conn, stop).await;
     tracing::debug!(peer = %conn.peer, exit = %exit.id, "udp association closed");
@@ -162,10 +163,30 @@ struct Relaying<'a> {
     relay: &'a UdpSocket,
     assoc: Association,
     limits: Limits,
+    /// The exit socket's drops counted so far.
+    exit_drops: u64,
 }
 
 impl Relaying<'_> {
     async fn run(mut self, conn: &mut ClientConn, stop: impl std::future::Future<Output = ()>) {
+        self.relay_until_end(conn, stop).await;
+        self.count_exit_drops();
+    }
+
+    /// Moves the exit socket's new drops into the gateway's counters.
+    fn count_exit_drops(&mut self) {
+        let now = self.exit_sock.dropped();
+        self.gw
+            .udp
+            .drop_n(Dropped::ExitBufferFull, now.saturating_sub(self.exit_drops));
+        self.exit_drops = now;
+    }
+
+    async fn relay_until_end(
+        &mut self,
+        conn: &mut ClientConn,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         // One byte more than the largest acceptable datagram, so a larger one reads as
         // oversize instead of being cut silently.
         let mut up = vec![0u8; MAX_CLIENT_HEADER + self.limits.max_datagram + 1];
@@ -262,6 +283,7 @@ impl Relaying<'_> {
 
     /// An answer of `n` bytes from `from` sits in `buf` after room for the header.
     async fn down(&mut self, from: std::net::SocketAddr, n: usize, buf: &mut [u8]) {
+        self.count_exit_drops();
         let client = match self.assoc.from_exit(from, n, Instant::now()) {
             Ok(c) => c,
             Err(why) => return self.gw.udp.drop(why),

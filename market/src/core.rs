@@ -81,11 +81,36 @@ pub struct Settings {
     /// A channel left idle (no deal over it) this long is closed; until then the next
     /// deal with the same provider reuses it without a chain transaction.
     pub channel_idle_close: Duration,
-    /// A top-up adds this many deals' value beyond what the deal needs, so that the
-    /// next deals over the channel need none.
+    /// A top-up adds this many deals' value beyond what the deal needs (or, when
+    /// more, what the channel has carried so far), so that the next deals over the
+    /// channel need none. 0: top up by exactly what a deal needs.
     pub channel_prefund: u32,
     /// At shutdown ([`Input::EndAll`]) close the idle channels too.
     pub close_channels_at_shutdown: bool,
+}
+
+/// What a channel's top-up adds when a deal of `value` runs over it after its earlier
+/// deals were signed `base`, with `deposit` on chain (`None`: no top-up).
+///
+/// Without prefunding (`prefund` 0), exactly what the deal is short of. With it, the
+/// deposit is kept one deal ahead (so the next deal over the channel starts at once,
+/// without a transaction), and a top-up adds what is short plus `prefund` deals'
+/// value, or plus `base` (what the channel has carried so far) when that is more: the
+/// pair's past use sizes its next, so N deals over one channel cost about
+/// log2(N / prefund) top-ups while the unspent deposit (returned at the close) stays
+/// within the channel's past use plus `prefund` deals.
+pub fn top_up_amount(deposit: u128, base: u128, value: u128, prefund: u32) -> Option<u128> {
+    let need = base.saturating_add(value);
+    let short = need.saturating_sub(deposit);
+    if prefund == 0 {
+        return (short > 0).then_some(short);
+    }
+    let behind = need.saturating_add(value) > deposit;
+    if short == 0 && !behind {
+        return None;
+    }
+    let ahead = value.saturating_mul(u128::from(prefund)).max(base);
+    Some(short.saturating_add(ahead))
 }
 
 impl Default for Settings {
@@ -1532,14 +1557,9 @@ impl Core {
         if d.phase == Phase::Ended || d.topping_up.is_some() || c.phase != ChannelPhase::Open {
             return;
         }
-        let need = d.base.saturating_add(d.terms.value);
-        let short = need.saturating_sub(c.deposit);
-        // With prefunding, the deposit is kept one deal ahead (so the next deal over
-        // the channel starts at once) and each top-up adds `channel_prefund` deals.
-        let prefund = u128::from(self.s.channel_prefund);
-        let behind = need.saturating_add(d.terms.value) > c.deposit;
-        if short > 0 || (prefund > 0 && behind) {
-            let amount = short.saturating_add(d.terms.value.saturating_mul(prefund));
+        if let Some(amount) =
+            top_up_amount(c.deposit, d.base, d.terms.value, self.s.channel_prefund)
+        {
             d.topping_up = Some(amount);
             out.push(Action::TopUp {
                 deal: id,

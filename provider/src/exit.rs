@@ -1,21 +1,26 @@
 //! The exit: one UDP port, many WireGuard peers, each peer's TCP flows terminated in a
 //! userspace stack and relayed to real sockets bound to the exit address.
 //!
-//! One driver task owns the UDP socket and every peer's `Tunn`. For each decrypted IP
-//! packet it checks the source (the peer's inner address only), and for a TCP SYN to a
-//! new destination it applies the egress policy and, if allowed, adds a listening
-//! socket for exactly that destination to the peer's smoltcp stack (any-IP mode) and
-//! spawns a relay task. Refused SYNs reach no socket, so smoltcp answers them with a
-//! RST: the client fails fast and no byte reaches the destination. UDP to port 53 is
+//! One driver task owns the UDP socket and hands each datagram to its peer's task (by
+//! the receiver index on the wire; handshake initiations after the DH names the peer);
+//! each peer's task owns its `Tunn` and its smoltcp stack, so a heavy peer delays only
+//! itself. For each decrypted IP packet the peer's task checks the source (the peer's
+//! inner address only), and for a TCP SYN to a new destination it applies the egress
+//! policy and the limits and, if both allow, adds a listening socket for exactly that
+//! destination to the peer's smoltcp stack (any-IP mode) and spawns a relay task. A
+//! refused SYN is answered with a RST built outside the stack (`packet::rst_for_syn`):
+//! the client fails fast and no byte reaches the destination. UDP to port 53 is
 //! forwarded to the configured resolver; other UDP is relayed from the exit address,
 //! one host socket per flow ([`crate::udp`], runtime in `udp_relay.rs`), under the same
 //! policy and limits as TCP; ICMP echo requests to the exit's inner address are
 //! answered; other ICMP and other protocols are dropped and counted.
 //!
-//! Load is bounded per requester ([`crate::limits`]): datagrams wait in per-peer queues
-//! served round-robin, a SYN over the peer's flow cap, the exit's flow cap or the peer's
-//! flow rate gets a RST, each relay resets its flow after `idle_timeout` without a byte,
-//! and a deal's bytes per second can be capped.
+//! Load is bounded per requester ([`crate::limits`]): datagrams wait in bounded
+//! per-peer queues, a SYN over the peer's SYN backlog, flow cap or flow rate or the
+//! exit's flow cap gets a RST (at most 200 a second per peer; a peer refused more is
+//! flooding and gets only a share of its datagrams decrypted for a while), a handshake
+//! not done within `half_open_timeout` is reset, each relay resets its flow after
+//! `idle_timeout` without a byte, and a deal's bytes per second can be capped.
 
 use std::collections::HashMap;
 use std::io;
@@ -40,7 +45,7 @@ use tokio::time::Instant;
 
 use crate::ProviderError;
 use crate::config::ProviderConfig;
-use crate::limits::{FairQueue, FlowLimiter, LimitRefusal, RELAY_BUFFER, TokenBucket};
+use crate::limits::{FloodGate, FlowLimiter, LimitRefusal, RELAY_BUFFER, TokenBucket};
 use crate::meter::{LogEntry, MeterSnapshot, PeerMeter};
 use crate::packet::{self, Transport};
 use crate::policy::{EgressPolicy, discover_own_addresses};
@@ -49,14 +54,10 @@ use crate::policy::{EgressPolicy, discover_own_addresses};
 mod udp_relay;
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Datagrams read from the socket at most before each round (into the per-peer queues).
+/// Datagrams the driver reads from the socket (and hands to the peers) in one turn; it
+/// yields to the peers' tasks between turns.
 const RX_READ: usize = 1024;
-/// Datagrams handled per driver turn (round-robin over the peers' queues).
-const RX_PROCESS: usize = 64;
-/// The queue key of handshake initiations (their peer is known only after the DH).
-const HANDSHAKE_QUEUE: u32 = u32::MAX;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Concurrent DNS forwards per exit; more are dropped (the client retries).
 const DNS_MAX_INFLIGHT: u64 = 256;
@@ -86,6 +87,8 @@ struct AtomicCounters {
     udp_datagrams_down: AtomicU64,
     udp_dropped: AtomicU64,
     icmp_echo: AtomicU64,
+    resets_suppressed: AtomicU64,
+    datagrams_gated: AtomicU64,
 }
 
 /// A snapshot of the exit-wide counters.
@@ -114,7 +117,8 @@ pub struct ExitCounters {
     pub flows: u64,
     /// Relayed flows open now (all peers).
     pub flows_live: u64,
-    /// SYNs refused (RST) by `max_flows_per_peer` or `max_flows_total`.
+    /// SYNs refused (RST) by `max_flows_per_peer`, `max_flows_total` or
+    /// `max_half_open_per_peer`.
     pub limited: u64,
     /// SYNs refused (RST) by `new_flows_per_second`.
     pub rate_limited: u64,
@@ -133,6 +137,11 @@ pub struct ExitCounters {
     pub udp_dropped: u64,
     /// ICMP echo requests to the exit's inner address answered.
     pub icmp_echo: u64,
+    /// Refused SYNs dropped without a RST: the peer had used its RSTs of the second
+    /// (`new_flows_per_second` of them).
+    pub resets_suppressed: u64,
+    /// Datagrams of flooding peers dropped before decryption ([`crate::limits::FloodGate`]).
+    pub datagrams_gated: u64,
 }
 
 impl AtomicCounters {
@@ -159,6 +168,8 @@ impl AtomicCounters {
             udp_datagrams_down: g(&self.udp_datagrams_down),
             udp_dropped: g(&self.udp_dropped),
             icmp_echo: g(&self.icmp_echo),
+            resets_suppressed: g(&self.resets_suppressed),
+            datagrams_gated: g(&self.datagrams_gated),
         }
     }
 }
@@ -301,16 +312,13 @@ impl ProviderExit {
         let limiter = Arc::new(RateLimiter::new(&public, shared.cfg.handshake_rate_limit));
         let mut driver = Driver {
             shared: shared.clone(),
-            udp,
+            udp: Arc::new(udp),
             secret,
             public,
             limiter,
             peers: HashMap::new(),
             by_key: HashMap::new(),
             next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
-            notify: Arc::new(Notify::new()),
-            queue: FairQueue::new(shared.cfg.limits.peer_queue),
-            initiate: Vec::new(),
         };
         for p in shared.cfg.peers.clone() {
             driver.add_peer(p.public_key.0, p.inner_ip, p.endpoint)?;
@@ -513,8 +521,10 @@ impl ProviderHandle {
     }
 }
 
-// === the driver ===
+// === the driver and the peer tasks ===
 
+/// One peer's state, owned by its own task ([`run_peer`]): its `Tunn`, its stack and
+/// what its packets are waiting for.
 struct Peer {
     key: [u8; 32],
     inner_ip: IpAddr,
@@ -534,12 +544,26 @@ struct Peer {
     direct: Vec<Vec<u8>>,
     /// When the stack's timers next want it run (`None`: no timer).
     poll_at: Option<Instant>,
-    /// Set when one of the peer's relays woke its stack.
-    woken: Arc<std::sync::atomic::AtomicBool>,
-    /// Forwards the stack's wake-ups to the driver (with `woken`).
-    _forward: AbortOnDrop,
     /// The deal's bandwidth buckets, shared by its relays (none: no cap).
     bandwidth: Option<Arc<Bandwidth>>,
+    /// When the peer was last seen flooding (exit milliseconds; 0: never), for its
+    /// [`FloodGate`] in the driver.
+    flooded: Arc<AtomicU64>,
+}
+
+/// The driver's side of a peer: where its datagrams go.
+struct PeerLink {
+    inner_ip: IpAddr,
+    stack: Arc<Stack>,
+    /// Closed (rate-limited) while the peer floods; checked before the datagram is
+    /// copied or decrypted.
+    gate: FloodGate,
+    flooded: Arc<AtomicU64>,
+    /// The peer's datagrams (at most `peer_queue` waiting; more are shed).
+    tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
+    /// A new endpoint of the peer (rare: the control API).
+    endpoint: mpsc::UnboundedSender<SocketAddr>,
+    _task: AbortOnDrop,
 }
 
 /// Aborts a task when dropped.
@@ -557,20 +581,19 @@ struct Bandwidth {
     down: Mutex<TokenBucket>,
 }
 
+/// Owns the UDP socket: reads datagrams and hands each to its peer's task by the
+/// receiver index on the wire (handshake initiations after the DH that names their
+/// peer). Every peer's decryption, stack and sending run on the peer's own task, so
+/// one peer's load (a SYN flood, hundreds of half-open sockets) delays only itself.
 struct Driver {
     shared: Arc<Shared>,
-    udp: NatSocket,
+    udp: Arc<NatSocket>,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
-    peers: HashMap<u32, Peer>,
+    peers: HashMap<u32, PeerLink>,
     by_key: HashMap<[u8; 32], u32>,
     next_index: u32,
-    notify: Arc<Notify>,
-    /// Received datagrams waiting, per peer index (round-robin).
-    queue: FairQueue<u32, (Vec<u8>, SocketAddr)>,
-    /// Peers with a known endpoint whose first handshake we send.
-    initiate: Vec<u32>,
 }
 
 impl Driver {
@@ -614,21 +637,9 @@ impl Driver {
             IpAddress::Ipv4(self.shared.cfg.inner_address),
             32,
         )];
-        // The stack wakes a notify of its own, forwarded to the driver with a flag
-        // saying which peer's stack has something to do.
+        // The stack wakes the peer's task when one of its relays wrote or read.
         let own = Arc::new(Notify::new());
         let stack = Stack::with_notify(&addrs, self.shared.cfg.mtu, true, own.clone());
-        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let forward = {
-            let (woken, driver) = (woken.clone(), self.notify.clone());
-            tokio::spawn(async move {
-                loop {
-                    own.notified().await;
-                    woken.store(true, Ordering::Release);
-                    driver.notify_one();
-                }
-            })
-        };
         let meter = self
             .shared
             .meters
@@ -637,36 +648,56 @@ impl Driver {
             .entry(key)
             .or_insert_with(|| Arc::new(PeerMeter::new(&key)))
             .clone();
+        let flooded = Arc::new(AtomicU64::new(0));
+        let peer = Peer {
+            flooded: flooded.clone(),
+            key,
+            inner_ip,
+            tunn,
+            endpoint,
+            stack: stack.clone(),
+            meter,
+            inbound: Vec::new(),
+            pending_syns: Vec::new(),
+            flow_pairs: std::collections::HashSet::new(),
+            direct: Vec::new(),
+            poll_at: None,
+            bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
+                let now = self.shared.now_ms();
+                Arc::new(Bandwidth {
+                    up: Mutex::new(TokenBucket::new(rate, rate, now)),
+                    down: Mutex::new(TokenBucket::new(rate, rate, now)),
+                })
+            }),
+        };
+        let (tx, rx) = mpsc::channel(self.shared.cfg.limits.peer_queue);
+        let (ep_tx, ep_rx) = mpsc::unbounded_channel();
+        if let Some(ep) = endpoint {
+            self.udp.permit(ep);
+        }
+        let task = tokio::spawn(run_peer(
+            self.shared.clone(),
+            self.udp.clone(),
+            peer,
+            PeerInput {
+                datagrams: rx,
+                endpoint: ep_rx,
+                wake: own,
+            },
+        ));
         self.peers.insert(
             index,
-            Peer {
-                key,
+            PeerLink {
                 inner_ip,
-                tunn,
-                endpoint,
                 stack,
-                meter,
-                inbound: Vec::new(),
-                pending_syns: Vec::new(),
-                flow_pairs: std::collections::HashSet::new(),
-                direct: Vec::new(),
-                poll_at: None,
-                woken,
-                _forward: AbortOnDrop(forward),
-                bandwidth: self.shared.cfg.limits.bandwidth_per_deal.map(|rate| {
-                    let now = self.shared.now_ms();
-                    Arc::new(Bandwidth {
-                        up: Mutex::new(TokenBucket::new(rate, rate, now)),
-                        down: Mutex::new(TokenBucket::new(rate, rate, now)),
-                    })
-                }),
+                gate: FloodGate::new(self.shared.now_ms()),
+                flooded,
+                tx,
+                endpoint: ep_tx,
+                _task: AbortOnDrop(task),
             },
         );
         self.by_key.insert(key, index);
-        if let Some(ep) = endpoint {
-            self.udp.permit(ep);
-            self.initiate.push(index);
-        }
         Ok(())
     }
 
@@ -676,7 +707,6 @@ impl Driver {
                 if let Some(p) = self.peers.remove(&idx) {
                     p.stack.close();
                 }
-                self.queue.remove(&idx);
                 udp_relay::close_peer(&self.shared, key);
                 self.shared.limiter().forget(*key);
                 true
@@ -689,23 +719,10 @@ impl Driver {
         let size = self.shared.cfg.mtu.max(1420) + 128;
         let mut rx_buf = vec![0u8; size];
         let mut out_buf = vec![0u8; size + 64];
-        let mut outbound: Vec<Vec<u8>> = Vec::new();
-        let mut batch: Vec<(u32, (Vec<u8>, SocketAddr))> = Vec::new();
-        let budget = self.shared.cfg.limits.peer_budget;
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
-        let mut poll_delay: Option<Duration> = None;
         let mut nat_next = self.udp.service().await;
-        let mut order: Vec<(u64, u32)> = Vec::new();
         loop {
-            let now = Instant::now();
-            let mut wake_at = next_timer;
-            if let Some(d) = poll_delay {
-                wake_at = wake_at.min(now + d);
-            }
-            if !self.queue.is_empty() {
-                wake_at = now;
-            }
             tokio::select! {
                 biased;
                 r = stop.changed() => {
@@ -723,11 +740,10 @@ impl Driver {
                     Some(Command::Endpoint { key, endpoint, reply }) => {
                         let known = self.by_key.get(&key).copied();
                         if let Some(idx) = known
-                            && let Some(p) = self.peers.get_mut(&idx)
+                            && let Some(p) = self.peers.get(&idx)
                         {
-                            p.endpoint = Some(endpoint);
                             self.udp.permit(endpoint);
-                            self.initiate.push(idx);
+                            let _ = p.endpoint.send(endpoint);
                         }
                         let _ = reply.send(known.is_some());
                     }
@@ -738,94 +754,23 @@ impl Driver {
                         break;
                     }
                 }
-                _ = self.notify.notified() => {}
-                _ = tokio::time::sleep_until(wake_at.min(self.udp.instant_of(nat_next))) => {}
+                _ = tokio::time::sleep_until(next_timer.min(self.udp.instant_of(nat_next))) => {}
             }
 
-            // Before each round, read what is waiting into the per-peer queues (cheap:
-            // no crypto), so the kernel's buffer keeps room and a flooding peer fills
-            // (and overflows) only its own queue; then handle one round-robin round.
-            let mut handled = 0;
-            for _ in 0..RX_PROCESS {
-                for _ in 0..RX_READ {
-                    let Ok(Some((n, from))) = self.udp.try_recv_from(&mut rx_buf) else {
-                        break;
-                    };
-                    self.enqueue(&rx_buf[..n], from);
-                }
-                if self.queue.is_empty() || handled >= RX_PROCESS {
+            // Hand what is waiting to the peers' tasks (no decryption here but of
+            // handshake initiations); a peer's full queue sheds only its datagrams.
+            let mut read = 0;
+            while read < RX_READ {
+                let Ok(Some((n, from))) = self.udp.try_recv_from(&mut rx_buf) else {
                     break;
-                }
-                self.queue.round(budget, &mut batch);
-                handled += batch.len();
-                for (_, (data, from)) in batch.drain(..) {
-                    self.on_datagram(&data, from, &mut out_buf).await;
-                }
+                };
+                read += 1;
+                self.route(&rx_buf[..n], from, &mut out_buf).await;
             }
             // STUN/TURN refreshes and retransmissions.
             if self.udp.due(nat_next) {
                 nat_next = self.udp.service().await;
             }
-            // First handshakes toward peers whose endpoint we were given.
-            for idx in std::mem::take(&mut self.initiate) {
-                let Some(peer) = self.peers.get_mut(&idx) else {
-                    continue;
-                };
-                if let (TunnResult::WriteToNetwork(p), Some(ep)) = (
-                    peer.tunn.format_handshake_initiation(&mut out_buf, false),
-                    peer.endpoint,
-                ) {
-                    send(&self.udp, ep, p).await;
-                }
-            }
-
-            // Run the stacks that have something to do (packets in, a relay's wake-up, a
-            // timer due), those with the fewest flows first: a stack costs in proportion
-            // to its sockets, so a peer holding hundreds of half-open flows runs after
-            // the others have sent their answers, and only when it must. Send what each
-            // produced.
-            poll_delay = None;
-            let now = Instant::now();
-            order.clear();
-            order.extend(
-                self.peers
-                    .iter()
-                    .map(|(idx, p)| (p.meter.flows_live.load(Ordering::Relaxed), *idx)),
-            );
-            order.sort_unstable();
-            for &(_, idx) in &order {
-                let Some(peer) = self.peers.get_mut(&idx) else {
-                    continue;
-                };
-                let due = peer.woken.swap(false, Ordering::AcqRel)
-                    || !peer.inbound.is_empty()
-                    || !peer.direct.is_empty()
-                    || peer.poll_at.is_some_and(|t| t <= now);
-                let d = if due {
-                    let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
-                    peer.poll_at = d.map(|d| now + d);
-                    d
-                } else {
-                    peer.poll_at.map(|t| t - now)
-                };
-                outbound.append(&mut peer.direct);
-                peer.pending_syns.clear();
-                poll_delay = match (poll_delay, d) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                let Some(ep) = peer.endpoint else {
-                    outbound.clear();
-                    continue;
-                };
-                for pkt in outbound.drain(..) {
-                    if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(&pkt, &mut out_buf)
-                    {
-                        send(&self.udp, ep, p).await;
-                    }
-                }
-            }
-
             let now = Instant::now();
             if now >= next_reset {
                 next_reset = now + Duration::from_secs(1);
@@ -834,13 +779,10 @@ impl Driver {
             if now >= next_timer {
                 next_timer = now + TIMER_TICK;
                 udp_relay::expire(&self.shared);
-                for peer in self.peers.values_mut() {
-                    if let (TunnResult::WriteToNetwork(p), Some(ep)) =
-                        (peer.tunn.update_timers(&mut out_buf), peer.endpoint)
-                    {
-                        send(&self.udp, ep, p).await;
-                    }
-                }
+            }
+            if read == RX_READ {
+                // More may be waiting: the peers' tasks it woke run first.
+                tokio::task::yield_now().await;
             }
         }
         for p in self.peers.values() {
@@ -849,38 +791,13 @@ impl Driver {
         udp_relay::close_all(&self.shared);
     }
 
-    /// Files a datagram under its peer (by the receiver index on the wire; handshake
-    /// initiations under one key of their own). Garbage and unknown peers are counted
-    /// and dropped here; a full queue drops (sheds) the datagram.
-    fn enqueue(&mut self, data: &[u8], from: SocketAddr) {
+    /// Hands a datagram to its peer's task: by the receiver index on the wire, or for a
+    /// handshake initiation by the static key the DH reveals (after the MAC1 check and,
+    /// under load, a cookie). Garbage and unknown peers are counted and dropped here.
+    async fn route(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8]) {
         let c = &self.shared.counters;
-        let key = match Tunn::parse_incoming_packet(data) {
-            Ok(Packet::HandshakeInit(_)) => HANDSHAKE_QUEUE,
-            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> INDEX_SHIFT,
-            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> INDEX_SHIFT,
-            Ok(Packet::PacketData(p)) => p.receiver_idx >> INDEX_SHIFT,
-            Err(_) => {
-                c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        if key != HANDSHAKE_QUEUE && !self.peers.contains_key(&key) {
-            c.unknown_peer.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if !self.queue.push(key, (data.to_vec(), from)) {
-            c.datagrams_shed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    async fn on_datagram(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8]) {
-        let c = &self.shared.counters;
-        let Ok(packet) = Tunn::parse_incoming_packet(data) else {
-            c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let idx = match packet {
-            Packet::HandshakeInit(_) => {
+        let idx = match Tunn::parse_incoming_packet(data) {
+            Ok(Packet::HandshakeInit(_)) => {
                 // MAC1 check and load-dependent cookie before any Diffie-Hellman.
                 let init = match self.limiter.verify_packet(Some(from.ip()), data, out) {
                     Ok(Packet::HandshakeInit(init)) => init,
@@ -908,43 +825,167 @@ impl Driver {
                     }
                 }
             }
-            Packet::HandshakeResponse(p) => p.receiver_idx >> INDEX_SHIFT,
-            Packet::PacketCookieReply(p) => p.receiver_idx >> INDEX_SHIFT,
-            Packet::PacketData(p) => p.receiver_idx >> INDEX_SHIFT,
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> INDEX_SHIFT,
+            Err(_) => {
+                c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         };
         let Some(peer) = self.peers.get_mut(&idx) else {
             c.unknown_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let kind = data.first().copied();
-        match peer.tunn.decapsulate(Some(from.ip()), data, out) {
-            TunnResult::WriteToNetwork(p) => {
-                if kind == Some(1) {
-                    c.handshakes.fetch_add(1, Ordering::Relaxed);
-                    peer.endpoint = Some(from);
+        let flooded = peer.flooded.load(Ordering::Relaxed);
+        if !peer
+            .gate
+            .pass(self.shared.now_ms(), (flooded != 0).then_some(flooded))
+        {
+            c.datagrams_gated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if peer.tx.try_send((data.to_vec(), from)).is_err() {
+            c.datagrams_shed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a peer's task waits on.
+struct PeerInput {
+    datagrams: mpsc::Receiver<(Vec<u8>, SocketAddr)>,
+    endpoint: mpsc::UnboundedReceiver<SocketAddr>,
+    /// Woken by the peer's stack when one of its relays wrote or read.
+    wake: Arc<Notify>,
+}
+
+/// A peer's task: decrypts its datagrams (at most `peer_budget` a turn, then it yields
+/// to the other tasks), handles the IP packets, runs its stack when it has something to
+/// do (packets in, a relay's wake-up, a timer due), and encrypts and sends the output.
+/// It ends when the driver drops the peer (or stops).
+async fn run_peer(shared: Arc<Shared>, udp: Arc<NatSocket>, mut peer: Peer, mut input: PeerInput) {
+    let size = shared.cfg.mtu.max(1420) + 128;
+    let mut out_buf = vec![0u8; size + 64];
+    let budget = shared.cfg.limits.peer_budget;
+    let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(budget);
+    let mut outbound: Vec<Vec<u8>> = Vec::new();
+    let mut next_timer = Instant::now() + TIMER_TICK;
+    let mut initiate = peer.endpoint.is_some();
+    loop {
+        // First handshake toward a peer whose endpoint we were given.
+        if std::mem::take(&mut initiate)
+            && let (TunnResult::WriteToNetwork(p), Some(ep)) = (
+                peer.tunn.format_handshake_initiation(&mut out_buf, false),
+                peer.endpoint,
+            )
+        {
+            send(&udp, ep, p).await;
+        }
+        let wake_at = peer.poll_at.map_or(next_timer, |t| t.min(next_timer));
+        let mut woken = false;
+        tokio::select! {
+            biased;
+            _ = input.wake.notified() => woken = true,
+            ep = input.endpoint.recv() => {
+                if let Some(ep) = ep {
+                    peer.endpoint = Some(ep);
+                    initiate = true;
                 }
-                let ep = peer.endpoint.unwrap_or(from);
-                send(&self.udp, ep, p).await;
-                for _ in 0..512 {
-                    match peer.tunn.decapsulate(None, &[], out) {
-                        TunnResult::WriteToNetwork(p) => send(&self.udp, ep, p).await,
-                        _ => break,
+            }
+            n = input.datagrams.recv_many(&mut batch, budget) => {
+                if n == 0 {
+                    break; // the driver dropped the peer
+                }
+            }
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+        while batch.len() < budget {
+            match input.datagrams.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let full = batch.len() >= budget;
+        for (data, from) in batch.drain(..) {
+            peer_datagram(&shared, &udp, &mut peer, &data, from, &mut out_buf).await;
+        }
+
+        let now = Instant::now();
+        let due = woken
+            || !peer.inbound.is_empty()
+            || !peer.direct.is_empty()
+            || peer.poll_at.is_some_and(|t| t <= now);
+        if due {
+            let d = peer.stack.poll(&mut peer.inbound, &mut outbound);
+            peer.poll_at = d.map(|d| now + d);
+        }
+        outbound.append(&mut peer.direct);
+        peer.pending_syns.clear();
+        match peer.endpoint {
+            Some(ep) => {
+                for pkt in outbound.drain(..) {
+                    if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(&pkt, &mut out_buf)
+                    {
+                        send(&udp, ep, p).await;
                     }
                 }
             }
-            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                // Authenticated data: the peer may have roamed.
+            None => outbound.clear(),
+        }
+        if now >= next_timer {
+            next_timer = now + TIMER_TICK;
+            if let (TunnResult::WriteToNetwork(p), Some(ep)) =
+                (peer.tunn.update_timers(&mut out_buf), peer.endpoint)
+            {
+                send(&udp, ep, p).await;
+            }
+        }
+        if full {
+            // More is waiting: let the other peers' tasks run first.
+            tokio::task::yield_now().await;
+        }
+    }
+    peer.stack.close();
+}
+
+/// One datagram of `peer` (its task).
+async fn peer_datagram(
+    shared: &Arc<Shared>,
+    udp: &NatSocket,
+    peer: &mut Peer,
+    data: &[u8],
+    from: SocketAddr,
+    out: &mut [u8],
+) {
+    let c = &shared.counters;
+    let kind = data.first().copied();
+    match peer.tunn.decapsulate(Some(from.ip()), data, out) {
+        TunnResult::WriteToNetwork(p) => {
+            if kind == Some(1) {
+                c.handshakes.fetch_add(1, Ordering::Relaxed);
                 peer.endpoint = Some(from);
-                let pkt = p.to_vec();
-                handle_inner(&self.shared, peer, pkt);
             }
-            TunnResult::Done => {
-                peer.endpoint = Some(from);
+            let ep = peer.endpoint.unwrap_or(from);
+            send(udp, ep, p).await;
+            for _ in 0..512 {
+                match peer.tunn.decapsulate(None, &[], out) {
+                    TunnResult::WriteToNetwork(p) => send(udp, ep, p).await,
+                    _ => break,
+                }
             }
-            TunnResult::Err(e) => {
-                tracing::trace!(?e, "exit: datagram refused");
-                c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
-            }
+        }
+        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+            // Authenticated data: the peer may have roamed.
+            peer.endpoint = Some(from);
+            let pkt = p.to_vec();
+            handle_inner(shared, peer, pkt);
+        }
+        TunnResult::Done => {
+            peer.endpoint = Some(from);
+        }
+        TunnResult::Err(e) => {
+            tracing::trace!(?e, "exit: datagram refused");
+            c.datagrams_invalid.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -987,19 +1028,21 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
                     %reason,
                     "exit: flow refused"
                 );
-                refuse_syn(peer, &pkt);
+                refuse_syn(shared, peer, &pkt);
                 return;
             }
             if !is_new_flow(peer, src, dst) {
                 peer.inbound.push(pkt); // a retransmitted or duplicate SYN
                 return;
             }
-            let admitted = shared.limiter().admit(peer.key, shared.now_ms());
+            let admitted = shared.limiter().admit_half_open(peer.key, shared.now_ms());
             match admitted {
                 Err(why) => {
                     let counter = match why {
                         LimitRefusal::Rate => &c.rate_limited,
-                        LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
+                        LimitRefusal::PeerFlows
+                        | LimitRefusal::TotalFlows
+                        | LimitRefusal::HalfOpen => &c.limited,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     peer.meter.limited.fetch_add(1, Ordering::Relaxed);
@@ -1009,7 +1052,7 @@ fn handle_inner(shared: &Arc<Shared>, peer: &mut Peer, pkt: Vec<u8>) {
                         reason = %why,
                         "exit: flow over the limits"
                     );
-                    refuse_syn(peer, &pkt);
+                    refuse_syn(shared, peer, &pkt);
                 }
                 Ok(()) => {
                     let guard = FlowGuard::new(shared.clone(), peer);
@@ -1089,8 +1132,19 @@ fn is_new_flow(peer: &mut Peer, src: SocketAddr, dst: SocketAddr) -> bool {
     !exists
 }
 
-/// Answers a refused SYN with a RST (queued with the peer's output).
-fn refuse_syn(peer: &mut Peer, syn: &[u8]) {
+/// Answers a refused SYN with a RST (queued with the peer's output), while the peer
+/// has RSTs left this second; beyond that the SYN is dropped (counted).
+fn refuse_syn(shared: &Shared, peer: &mut Peer, syn: &[u8]) {
+    let now = shared.now_ms();
+    if !shared.limiter().may_reset(peer.key, now) {
+        // Refused SYNs beyond the RST budget: the peer is flooding.
+        shared
+            .counters
+            .resets_suppressed
+            .fetch_add(1, Ordering::Relaxed);
+        peer.flooded.store(now.max(1), Ordering::Relaxed);
+        return;
+    }
     if let Some(rst) = packet::rst_for_syn(syn) {
         peer.direct.push(rst);
     }
@@ -1178,11 +1232,13 @@ impl Shared {
     }
 }
 
-/// A flow's place in the limits, given back when its relay ends (however it ends).
+/// A flow's place in the limits (and in its peer's SYN backlog until its handshake
+/// completes), given back when its relay ends (however it ends).
 struct FlowGuard {
     shared: Arc<Shared>,
     meter: Arc<PeerMeter>,
     key: [u8; 32],
+    half_open: bool,
 }
 
 impl FlowGuard {
@@ -1192,6 +1248,14 @@ impl FlowGuard {
             shared,
             meter: peer.meter.clone(),
             key: peer.key,
+            half_open: true,
+        }
+    }
+
+    /// The flow's handshake completed: it leaves the peer's SYN backlog.
+    fn established(&mut self) {
+        if std::mem::take(&mut self.half_open) {
+            self.shared.limiter().established(self.key);
         }
     }
 }
@@ -1199,7 +1263,12 @@ impl FlowGuard {
 impl Drop for FlowGuard {
     fn drop(&mut self) {
         self.meter.flows_live.fetch_sub(1, Ordering::Relaxed);
-        self.shared.limiter().release(self.key);
+        let mut limiter = self.shared.limiter();
+        if self.half_open {
+            limiter.release_half_open(self.key);
+        } else {
+            limiter.release(self.key);
+        }
     }
 }
 
@@ -1207,7 +1276,7 @@ impl Drop for FlowGuard {
 /// sides close, either fails, or no byte moved for `idle_timeout` (then both are reset).
 async fn relay(
     shared: Arc<Shared>,
-    guard: FlowGuard,
+    mut guard: FlowGuard,
     bandwidth: Option<Arc<Bandwidth>>,
     inner: StackStream,
     dst: SocketAddr,
@@ -1216,12 +1285,16 @@ async fn relay(
     let meter = guard.meter.clone();
     let start_ms = unix_ms();
     let t0 = Instant::now();
-    let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, inner.established()).await;
+    // A handshake not done within `half_open_timeout` is reset: the flow leaves the
+    // peer's SYN backlog either way.
+    let handshake = shared.cfg.limits.half_open_timeout;
+    let accepted = tokio::time::timeout(handshake, inner.established()).await;
     let mut inner = inner;
     if !matches!(accepted, Ok(Ok(()))) {
         inner.abort();
         return;
     }
+    guard.established();
     let outer = async {
         let sock = if dst.is_ipv4() {
             TcpSocket::new_v4()

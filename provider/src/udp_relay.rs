@@ -97,7 +97,7 @@ pub(super) fn outbound(shared: &Arc<Shared>, peer: &mut Peer, pkt: &[u8], parsed
                     peer.meter.limited.fetch_add(1, Ordering::Relaxed);
                     match l {
                         LimitRefusal::Rate => &c.rate_limited,
-                        LimitRefusal::PeerFlows | LimitRefusal::TotalFlows => &c.limited,
+                        _ => &c.limited,
                     }
                 }
             }

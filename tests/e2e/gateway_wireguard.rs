@@ -4,8 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::common;
-#[path = "../../provider/tests/it/common/mod.rs"]
-mod provider_common;
+use crate::provider_common;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

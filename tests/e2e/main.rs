@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+// The provider's test helpers (exit + tunnel pairs, network namespaces, the NAT lab),
+// loaded once for every test module here.
 mod gateway_admin;
 mod gateway_clients;
 mod gateway_dialects;
@@ -12,4 +14,6 @@ mod market_e2e;
 mod market_failover;
 mod market_v2;
 mod nat_gateway;
+#[path = "../../provider/tests/it/common/mod.rs"]
+mod provider_common;
 mod vpn_rent;

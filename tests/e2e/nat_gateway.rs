@@ -10,10 +10,9 @@
 //! reaches them through forwarders on its server address. Skipped (with a message) when
 //! coturn, iptables or `ip` is missing; the install scripts install them.
 
-use crate::common::market::hex_key;
+use crate::common::market::{ChainAndExchange, REQUESTER, hex_key};
 use crate::common::{TOKEN, clear_proxy_env};
-#[path = "../../provider/tests/it/common/natlab.rs"]
-mod natlab;
+use crate::provider_common::natlab;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -21,8 +20,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ipsx_chain::testing::Anvil;
-use ipsx_chain::{DeployParams, deploy, parse_tokens};
 use natlab::{Host, Lab, Nat, TURN_PASSWORD, TURN_USER};
 
 /// A child process killed (and reaped) on drop, also when the test fails.
@@ -157,42 +154,13 @@ async fn case(provider_nat: Nat, requester_behind_nat: bool, want: &str) {
         .unwrap();
 
     // Chain and exchange here, reached from the lab through forwarders.
-    let anvil = Anvil::spawn().expect("anvil (scripts/install-chain.sh installs it)");
-    let deployer = anvil.key(0);
-    let params = DeployParams {
-        treasury: anvil.key(9).address(),
-        challenge_period_secs: 3_600,
-        ..DeployParams::all_to(deployer.address())
-    };
-    let deployment = deploy(anvil.endpoint(), deployer, &params)
-        .await
-        .unwrap()
-        .deployment;
-    let deployment_path = dir.join("deployment.json");
-    deployment.save(&deployment_path).unwrap();
-    anvil
-        .fund_and_deposit(
-            deployment,
-            1,
-            parse_tokens("10000").unwrap(),
-            parse_tokens("5000").unwrap(),
-        )
-        .await
-        .unwrap();
-    let exchange_toml = format!(
-        "chain_id = {}\ndatabase = \"sqlite://{}\"\nrpc_url = \"{}\"\ncentralizer = \"{:#x}\"\nallow_private_addresses = true\n",
-        deployment.chain_id,
-        dir.join("exchange.db").display(),
-        anvil.endpoint(),
-        deployment.centralizer
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let exchange_local = listener.local_addr().unwrap();
-    let exchange = tokio::spawn(ipsx_exchange::serve(
-        listener,
-        ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml).unwrap(),
-        std::future::pending(),
-    ));
+    let ChainAndExchange {
+        anvil,
+        deployment_path,
+        exchange_addr: exchange_local,
+        exchange,
+        ..
+    } = ChainAndExchange::start(&dir, 3_600).await;
     let rpc = lab
         .forward(
             anvil
@@ -230,7 +198,7 @@ async fn case(provider_nat: Nat, requester_behind_nat: bool, want: &str) {
         format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nallow_destinations = [\"{target}/32\"]\nconnect_timeout = \"5s\"\nverify_url = \"http://{echo}/ip.txt\"\n\n[[token]]\nname = \"t\"\nsecret = \"{TOKEN}\"\n\n[market]\nexchange_url = \"http://{exchange_addr}\"\nrpc_url = \"http://{rpc}\"\ndeployment = \"{}\"\nprivate_key = \"{}\"\nmax_price_per_ip_second = \"2000000000000\"\nstate_file = \"{}\"\ndeal_duration = \"5m\"\npayment_window = \"30s\"\nproof_interval = \"1s\"\nrent_on_demand = false\n\n[[market.demand]]\nname = \"de\"\ntarget = {{ country = \"de\" }}\ncount = 1\n\n{}",
             deployment_path.display(),
-            hex_key(&anvil.key(1)),
+            hex_key(&anvil.key(REQUESTER)),
             dir.join("market-state.db").display(),
             nat_section(&lab, "market.nat"),
         ),

@@ -450,13 +450,34 @@ fn sigint(pid: u32) -> i32 {
 
 /// The benchmark's load: UDP echo to argv[1]:argv[2] with argv[3]-byte payloads, at
 /// most argv[4] datagrams in flight, for argv[5] seconds (a silent second resets the
-/// window: lost datagrams). Prints `<replies/s> <MB/s of replies>`.
+/// window: lost datagrams). With argv[6..10] (proxy address, port, user, password) the
+/// datagrams go through that SOCKS5 proxy's UDP ASSOCIATE (RFC 1928 section 7), each
+/// with its 10-byte header. Prints `<replies/s> <MB/s of replies>`.
 const UDP_LOAD_PY: &str = r#"
-import socket, sys, time
+import socket, struct, sys, time
 ip, port, size, window, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((ip, port)); s.settimeout(1.0)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 payload = b"x" * size
+if len(sys.argv) > 9:
+    c = socket.create_connection((sys.argv[6], int(sys.argv[7])))
+    def exact(n):
+        b = b""
+        while len(b) < n:
+            m = c.recv(n - len(b))
+            if not m: raise SystemExit("proxy closed")
+            b += m
+        return b
+    user, pw = sys.argv[8].encode(), sys.argv[9].encode()
+    c.sendall(b"\x05\x01\x02"); assert exact(2) == b"\x05\x02"
+    c.sendall(bytes([1, len(user)]) + user + bytes([len(pw)]) + pw); assert exact(2) == b"\x01\x00"
+    c.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    r = exact(10); assert r[1] == 0 and r[3] == 1, r
+    s.connect((socket.inet_ntoa(r[4:8]), struct.unpack(">H", r[8:10])[0]))
+    payload = b"\x00\x00\x00\x01" + socket.inet_aton(ip) + struct.pack(">H", port) + payload
+else:
+    s.connect((ip, port))
+s.settimeout(1.0)
 inflight = got = 0
 t0 = time.time(); end = t0 + secs
 while time.time() < end:
@@ -470,14 +491,22 @@ el = time.time() - t0
 print("%.0f %.2f" % (got / el, got * size / el / 1e6))
 "#;
 
-/// Runs the load from namespace `role` and returns (datagrams/s, MB/s) for small
-/// (64 B) and large (1200 B) payloads.
-fn load(lab: &Lab, role: &str, ip: &str, secs: &str) -> [(String, String); 2] {
+/// Runs the load from namespace `role` (`None`: the root one) and returns (datagrams/s,
+/// MB/s) for small (64 B) and large (1200 B) payloads; `socks` as UDP_LOAD_PY's tail.
+fn load(
+    lab: &Lab,
+    role: Option<&str>,
+    ip: &str,
+    secs: &str,
+    socks: &[&str],
+) -> [(String, String); 2] {
     ["64", "1200"].map(|size| {
-        let out = lab.exec(
-            role,
-            &["python3", "-c", UDP_LOAD_PY, ip, "9", size, "32", secs],
-        );
+        let mut args = vec!["python3", "-c", UDP_LOAD_PY, ip, "9", size, "32", secs];
+        args.extend_from_slice(socks);
+        let out = match role {
+            Some(role) => lab.exec(role, &args),
+            None => sh(&args),
+        };
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let mut w = text.split_whitespace();
         (
@@ -485,6 +514,48 @@ fn load(lab: &Lab, role: &str, ip: &str, secs: &str) -> [(String, String); 2] {
             w.next().unwrap_or("0").to_owned(),
         )
     })
+}
+
+/// `ipsx gateway` (a child in the root namespace, killed with the lab) with the rented
+/// exit's exported wg-quick file as its one tunnel exit, allowed to reach `target`;
+/// returns its proxy address.
+fn gateway_on_rented_exit(
+    lab: &mut Lab,
+    dir: &std::path::Path,
+    conf: &std::path::Path,
+    target: &str,
+) -> String {
+    let cfg = dir.join("bench-gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nallow_destinations = [\"{target}/32\"]\nreload_poll = \"0s\"\n\n[[token]]\nname = \"bench\"\nsecret = \"bench-token\"\n\n[[exit]]\nname = \"rented\"\nwireguard = \"{}\"\ncountry = \"de\"\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ipsx"))
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .env("IPSX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lab.children.push(child);
+    for _ in 0..100 {
+        let Some(Ok(line)) = tokio::task::block_in_place(|| lines.next()) else {
+            break;
+        };
+        if let Some(rest) = line.strip_prefix("proxy listening on ") {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            // Keep reading its stdout so that it never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return addr;
+        }
+    }
+    panic!("`ipsx gateway` did not start");
 }
 
 /// A plain wireguard-go pair: namespaces `a` and `b` joined by a veth, one wireguard-go
@@ -577,21 +648,36 @@ async fn bench_udp_echo_rented_exit_vs_wireguard_go_pair() {
     let _ = r
         .lab
         .exec("c", &["python3", "-c", UDP_PY, &target, "9", "warm"]);
-    let rented = load(&r.lab, "c", &target, &secs);
+    let rented = load(&r.lab, Some("c"), &target, &secs, &[]);
+    // The same rented exit through the gateway's SOCKS5 UDP ASSOCIATE: wireguard-go
+    // goes (one key, one client at a time) and the gateway takes the exported file.
+    let wg = format!("wgr{}", r.lab.n);
+    must(&["ip", "-n", &r.lab.ns("c"), "link", "del", &wg]);
+    let conf = r.sys.dir.join("de.conf");
+    let gw = gateway_on_rented_exit(&mut r.lab, &r.sys.dir, &conf, &target);
+    let (gw_ip, gw_port) = gw.rsplit_once(':').unwrap();
+    let socks = [gw_ip, gw_port, "bench", "bench-token"];
+    // Warm up: the gateway's tunnel handshake, a second or so at most.
+    for _ in 0..10 {
+        let w = load(&r.lab, None, &target, "1", &socks);
+        if w[0].0 != "0" {
+            break;
+        }
+    }
+    let via_socks = load(&r.lab, None, &target, &secs, &socks);
     let plain_ip = plain_pair(&mut r.lab).await;
     let _ = r
         .lab
         .exec("a", &["python3", "-c", UDP_PY, &plain_ip, "9", "warm"]);
-    let plain = load(&r.lab, "a", &plain_ip, &secs);
+    let plain = load(&r.lab, Some("a"), &plain_ip, &secs, &[]);
     println!("path                     64B dgram/s   1200B dgram/s   1200B MB/s");
-    for (name, v) in [("wireguard-go pair", &plain), ("rented ipsx exit", &rented)] {
+    for (name, v) in [
+        ("wireguard-go pair", &plain),
+        ("rented ipsx exit", &rented),
+        ("socks5-udp via gateway", &via_socks),
+    ] {
         println!("{name:<24} {:>12} {:>15} {:>12}", v[0].0, v[1].0, v[1].1);
     }
-    // H7's row goes here: UDP echo through the gateway's SOCKS5 UDP ASSOCIATE.
-    println!(
-        "{:<24} {:>12} {:>15} {:>12}",
-        "socks5-udp via gateway", "-", "-", "-"
-    );
     let ratio = |a: &str, b: &str| {
         let (a, b) = (
             a.parse::<f64>().unwrap_or(0.0),
@@ -603,12 +689,17 @@ async fn bench_udp_echo_rented_exit_vs_wireguard_go_pair() {
             "-".into()
         }
     };
-    println!(
-        "ratio rented/pair        {:>12} {:>15} {:>12}",
-        ratio(&rented[0].0, &plain[0].0),
-        ratio(&rented[1].0, &plain[1].0),
-        ratio(&rented[1].1, &plain[1].1)
-    );
+    for (name, v) in [
+        ("ratio rented/pair", &rented),
+        ("ratio socks5/pair", &via_socks),
+    ] {
+        println!(
+            "{name:<24} {:>12} {:>15} {:>12}",
+            ratio(&v[0].0, &plain[0].0),
+            ratio(&v[1].0, &plain[1].0),
+            ratio(&v[1].1, &plain[1].1)
+        );
+    }
     let _ = tokio::task::block_in_place(|| {
         let _ = sh(&["kill", "-INT", &r.rent.id().to_string()]);
         r.rent.wait()

@@ -219,6 +219,9 @@ pub struct Counters {
     pub send_errors: u64,
     /// Handshakes forced as liveness probes.
     pub probes: u64,
+    /// Datagrams from the exit for one of the tunnel's UDP sockets (SOCKS5 UDP
+    /// associations, DNS queries) dropped because that socket's buffer was full.
+    pub udp_dropped: u64,
 }
 
 #[cfg(test)]

@@ -8,16 +8,17 @@
 //! buffers: a writer that outruns the tunnel gets `Pending` once its send buffer is
 //! full, and a slow reader closes the TCP window towards the far end.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{HardwareAddress, IpCidr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -184,6 +185,9 @@ pub struct StackCore {
     pub dev: QueueDevice,
     orphans: Vec<(SocketHandle, smoltcp::time::Instant)>,
     next_port: u16,
+    /// The UDP sockets whose lost datagrams are counted (see [`Stack::poll`]): by
+    /// local port, the socket and its drop counter.
+    udp_watch: HashMap<u16, (SocketHandle, Arc<AtomicU64>)>,
     /// Set when the tunnel is shut down: streams fail from then on.
     pub closed: bool,
 }
@@ -228,6 +232,17 @@ impl StackCore {
         self.next_port
     }
 
+    /// Counts in `dropped` the datagrams for UDP socket `handle` (bound to `port`) that
+    /// smoltcp drops because its receive buffer is full; until [`StackCore::unwatch_udp`].
+    pub fn watch_udp(&mut self, port: u16, handle: SocketHandle, dropped: Arc<AtomicU64>) {
+        self.udp_watch.insert(port, (handle, dropped));
+    }
+
+    /// Stops counting for the UDP socket on `port`.
+    pub fn unwatch_udp(&mut self, port: u16) {
+        self.udp_watch.remove(&port);
+    }
+
     /// Hands a socket to the stack for closing; it is removed once closed.
     pub fn orphan(&mut self, handle: SocketHandle, now: smoltcp::time::Instant) {
         self.orphans.push((handle, now));
@@ -269,6 +284,7 @@ pub struct Stack {
     /// driven by one task (the exit side) share one.
     pub notify: Arc<Notify>,
     epoch: tokio::time::Instant,
+    udp_dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for Stack {
@@ -311,10 +327,12 @@ impl Stack {
                 dev,
                 orphans: Vec::new(),
                 next_port: start_port,
+                udp_watch: HashMap::new(),
                 closed: false,
             }),
             notify,
             epoch,
+            udp_dropped: AtomicU64::new(0),
         })
     }
 
@@ -343,12 +361,64 @@ impl Stack {
         let mut core = self.lock();
         let core = &mut *core;
         core.dev.rx.extend(inbound.drain(..));
-        core.iface.poll(now, &mut core.dev, &mut core.sockets);
+        core.iface.poll_maintenance(now);
+        // What `Interface::poll` does, one packet at a time, so that a datagram a
+        // watched UDP socket had no room for (smoltcp drops it silently) is counted:
+        // its receive queue did not grow by the datagram.
+        for _ in 0..core.dev.rx.len() {
+            let watched = core
+                .dev
+                .rx
+                .front()
+                .filter(|_| !core.udp_watch.is_empty())
+                .and_then(|p| udp_dst(p))
+                .filter(|&(_, len)| len > 0)
+                .and_then(|(port, len)| Some((core.udp_watch.get(&port)?, len)));
+            let before = watched.map(|((h, dropped), len)| {
+                (
+                    *h,
+                    dropped.clone(),
+                    len,
+                    core.sockets.get::<udp::Socket>(*h).recv_queue(),
+                )
+            });
+            if core
+                .iface
+                .poll_ingress_single(now, &mut core.dev, &mut core.sockets)
+                == smoltcp::iface::PollIngressSingleResult::None
+            {
+                break;
+            }
+            // Taken, the queue grew by the payload (and maybe padding); refused, by
+            // less (nothing, or padding smoltcp added before finding no room).
+            if let Some((h, dropped, len, queued)) = before
+                && core
+                    .sockets
+                    .get::<udp::Socket>(h)
+                    .recv_queue()
+                    .saturating_sub(queued)
+                    < len
+            {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                self.udp_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        while core
+            .iface
+            .poll_egress(now, &mut core.dev, &mut core.sockets)
+            != smoltcp::iface::PollResult::None
+        {}
         core.reap(now);
         outbound.extend(core.dev.tx.drain(..));
         core.iface
             .poll_delay(now, &core.sockets)
             .map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    /// Datagrams for this stack's UDP sockets dropped because the socket's receive
+    /// buffer was full (counted for sockets registered with [`StackCore::watch_udp`]).
+    pub fn udp_dropped(&self) -> u64 {
+        self.udp_dropped.load(Ordering::Relaxed)
     }
 
     /// Marks the stack closed and aborts every socket.
@@ -366,6 +436,26 @@ impl Stack {
         drop(core);
         self.notify.notify_one();
     }
+}
+
+/// The destination port and payload length of an unfragmented UDP packet (IPv4, or
+/// IPv6 without extension headers); `None` for anything else.
+fn udp_dst(pkt: &[u8]) -> Option<(u16, usize)> {
+    let at = match pkt.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+            let frag = u16::from_be_bytes([*pkt.get(6)?, *pkt.get(7)?]) & 0x3fff;
+            if *pkt.get(9)? != 17 || frag != 0 || ihl < 20 {
+                return None;
+            }
+            ihl
+        }
+        6 if *pkt.get(6)? == 17 => 40,
+        _ => return None,
+    };
+    let port = u16::from_be_bytes([*pkt.get(at + 2)?, *pkt.get(at + 3)?]);
+    let len = usize::from(u16::from_be_bytes([*pkt.get(at + 4)?, *pkt.get(at + 5)?]));
+    Some((port, len.saturating_sub(8)))
 }
 
 /// A TCP connection inside a [`Stack`], as a tokio byte stream.
@@ -536,5 +626,67 @@ impl Drop for StackStream {
         core.orphan(self.handle, now);
         drop(core);
         self.stack.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::udp_dst;
+
+    /// An IPv4 packet (header of `ihl` words) carrying UDP to `port` with `payload`.
+    fn v4(ihl: u8, port: u16, payload: &[u8], frag: u16) -> Vec<u8> {
+        let h = usize::from(ihl) * 4;
+        let mut p = vec![0u8; h + 8 + payload.len()];
+        p[0] = 0x40 | ihl;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = 17;
+        p[h + 2..h + 4].copy_from_slice(&port.to_be_bytes());
+        let len = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+        p[h + 4..h + 6].copy_from_slice(&len.to_be_bytes());
+        p[h + 8..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn udp_destinations_are_read_and_the_rest_is_not_udp() {
+        assert_eq!(udp_dst(&v4(5, 5353, b"hello", 0)), Some((5353, 5)));
+        assert_eq!(udp_dst(&v4(6, 9, b"", 0)), Some((9, 0)));
+        // Fragments (offset or more-fragments) and other protocols are not.
+        assert_eq!(udp_dst(&v4(5, 9, b"x", 0x2000)), None);
+        assert_eq!(udp_dst(&v4(5, 9, b"x", 0x0001)), None);
+        let mut tcp = v4(5, 9, b"x", 0);
+        tcp[9] = 6;
+        assert_eq!(udp_dst(&tcp), None);
+        assert_eq!(udp_dst(&v4(4, 9, b"x", 0)), None, "IHL under 5");
+        let mut v6 = vec![0u8; 48 + 3];
+        v6[0] = 0x60;
+        v6[6] = 17;
+        v6[42..44].copy_from_slice(&53u16.to_be_bytes());
+        v6[44..46].copy_from_slice(&11u16.to_be_bytes());
+        assert_eq!(udp_dst(&v6), Some((53, 3)));
+        assert_eq!(udp_dst(&v6[..43]), None, "truncated");
+        assert_eq!(udp_dst(&[]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(p in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = udp_dst(&p);
+        }
+
+        #[test]
+        fn a_built_packet_reads_back(
+            ihl in 5u8..=15,
+            port: u16,
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            prop_assert_eq!(udp_dst(&v4(ihl, port, &payload, 0)), Some((port, payload.len())));
+            // Cut anywhere inside the headers: not read.
+            let p = v4(ihl, port, &payload, 0);
+            let cut = usize::from(ihl) * 4 + 5;
+            prop_assert_eq!(udp_dst(&p[..cut]), None);
+        }
     }
 }

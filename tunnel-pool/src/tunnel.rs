@@ -72,6 +72,7 @@ impl AtomicCounters {
             handshakes: g(&self.handshakes),
             send_errors: g(&self.send_errors),
             probes: g(&self.probes),
+            udp_dropped: 0,
         }
     }
 }
@@ -488,7 +489,10 @@ impl Tunnel {
                 .map(|t| now.saturating_duration_since(t)),
             rtt_ewma: cell.monitor.rtt(),
             exit_verified: cell.monitor.exit_verified(),
-            counters: shared.counters.snapshot(),
+            counters: Counters {
+                udp_dropped: shared.stack.udp_dropped(),
+                ..shared.counters.snapshot()
+            },
         }
     }
 

@@ -9,11 +9,24 @@ use alloy::providers::Provider as _;
 use alloy::sol_types::SolCall;
 use common::{World, centralizer_err, tokens};
 use ipsx_chain::bindings::Centralizer::{self, CentralizerErrors as E};
-use ipsx_chain::bindings::{IPSXToken, ReentrantToken};
+use ipsx_chain::bindings::IPSXToken;
+use reentrant::ReentrantToken;
+
 use ipsx_chain::{
     BalanceProof, ChainClient, ChannelDomain, CloseConsent, DeployParams, ProofError, Revert,
     channel_id_for, deploy, fee_split, sign_balance_proof, verify_balance_proof,
 };
+
+/// Hostile ERC20 that re-enters a target during transfers (the reentrancy tests), bound
+/// here rather than in the library so the crates using the chain client do not compile it.
+mod reentrant {
+    #![allow(missing_docs, unreachable_pub, clippy::too_many_arguments)]
+    alloy::sol!(
+        #[sol(rpc, all_derives)]
+        ReentrantToken,
+        "../contracts/artifacts/ReentrantToken.json"
+    );
+}
 
 fn proof(id: B256, amount: U256) -> BalanceProof {
     BalanceProof {

@@ -10,7 +10,7 @@ use ipsx_exchange_client::connlog::{self, ChannelCommit, CommitPart, LogEntry, L
 use ipsx_exchange_client::types::{PartyStatus, WgKey};
 use ipsx_market::core::{
     Action, ChannelPhase, Core, Input, LogCheck, Outcome, Phase, Settings, Want, deal_of_exit,
-    exit_name,
+    exit_name, top_up_amount,
 };
 use ipsx_rotation::{ExitKind, Filter};
 
@@ -792,6 +792,67 @@ fn the_next_deal_with_a_provider_reuses_its_channel_without_a_chain_transaction(
             amount: signed7
         }]
     );
+}
+
+/// A top-up grows with the channel's use: once a channel has carried more than
+/// `channel_prefund` deals' value, the top-up adds what the deal is short of plus
+/// everything carried so far, not just `channel_prefund` deals (so 25 deals over one
+/// channel need 3 top-ups with the default 8, not 4); with prefunding off it adds
+/// exactly what the deal is short of.
+#[test]
+fn a_top_up_adds_at_least_what_the_channel_carried_so_far() {
+    let v = PRICE * 600;
+    // First deal over a fresh channel (deposit = its value): 8 deals ahead.
+    assert_eq!(top_up_amount(v, 0, v, 8), Some(8 * v));
+    // Not behind: nothing.
+    assert_eq!(top_up_amount(9 * v, 7 * v, v, 8), None);
+    // Carried 8 deals: 8 more; carried 16: 16 more (plus what is short).
+    assert_eq!(top_up_amount(9 * v, 8 * v, v, 8), Some(8 * v));
+    assert_eq!(top_up_amount(17 * v, 16 * v, v, 8), Some(16 * v));
+    assert_eq!(top_up_amount(10 * v, 16 * v, v, 8), Some(7 * v + 16 * v));
+    // No prefunding: exactly what is short, nothing when covered.
+    assert_eq!(top_up_amount(10 * v, 16 * v, v, 0), Some(7 * v));
+    assert_eq!(top_up_amount(17 * v, 16 * v, v, 0), None);
+    // 25 deals over one channel opened with the first deal's value.
+    let (mut deposit, mut top_ups) = (v, 0);
+    for k in 0..25 {
+        if let Some(add) = top_up_amount(deposit, k * v, v, 8) {
+            deposit += add;
+            top_ups += 1;
+        }
+    }
+    assert_eq!(top_ups, 3, "deposit {deposit}");
+}
+
+proptest::proptest! {
+    /// Whatever the channel's state, a top-up covers the deal, keeps the deposit one
+    /// deal ahead when prefunding, and adds no more than what is short plus the larger
+    /// of `prefund` deals and what the channel carried.
+    #[test]
+    fn top_up_amount_covers_the_deal_and_stays_bounded(
+        deposit in 0u128..1 << 80,
+        base in 0u128..1 << 80,
+        value in 1u128..1 << 60,
+        prefund in 0u32..64,
+    ) {
+        let short = (base + value).saturating_sub(deposit);
+        match top_up_amount(deposit, base, value, prefund) {
+            None => {
+                proptest::prop_assert!(deposit >= base + value);
+                if prefund > 0 {
+                    proptest::prop_assert!(deposit >= base + 2 * value);
+                }
+            }
+            Some(add) => {
+                proptest::prop_assert!(deposit + add >= base + value);
+                if prefund > 0 {
+                    proptest::prop_assert!(deposit + add >= base + 2 * value);
+                }
+                let ahead = if prefund == 0 { 0 } else { (value * u128::from(prefund)).max(base) };
+                proptest::prop_assert_eq!(add, short + ahead);
+            }
+        }
+    }
 }
 
 /// An idle channel is closed after `channel_idle_close`, admitting what was signed.

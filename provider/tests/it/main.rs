@@ -8,6 +8,4 @@ mod health;
 mod interop;
 mod loopback;
 mod udp;
-// Not in common/: the root crate's tests share common/ and do not depend on nix.
-#[path = "common/natlab.rs"]
-mod natlab;
+use common::natlab;

@@ -100,19 +100,25 @@ pub struct MarketSystem {
 /// Dev key 1 is the requester; agents use keys 2.. ; key 9 is the treasury.
 pub const REQUESTER: usize = 1;
 
-impl MarketSystem {
-    pub async fn start(opts: MarketOpts) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("ipsx-market-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+/// anvil with the contracts deployed (the requester funded and deposited) and the
+/// exchange serving on 127.0.0.1; their files under `dir`.
+pub struct ChainAndExchange {
+    pub anvil: Anvil,
+    pub deployment: Deployment,
+    pub deployment_path: std::path::PathBuf,
+    pub exchange_addr: SocketAddr,
+    pub exchange_url: String,
+    pub exchange_toml: String,
+    pub exchange: JoinHandle<Result<(), ipsx_exchange::ExchangeError>>,
+}
+
+impl ChainAndExchange {
+    pub async fn start(dir: &std::path::Path, challenge_secs: u64) -> Self {
         let anvil = Anvil::spawn().expect("anvil (scripts/install-chain.sh installs it)");
         let deployer = anvil.key(0);
         let params = DeployParams {
             treasury: anvil.key(9).address(),
-            challenge_period_secs: opts.challenge_secs,
+            challenge_period_secs: challenge_secs,
             ..DeployParams::all_to(deployer.address())
         };
         let deployment = deploy(anvil.endpoint(), deployer, &params)
@@ -146,6 +152,35 @@ impl MarketSystem {
             ipsx_exchange::ExchangeConfig::from_toml(&exchange_toml).unwrap(),
             std::future::pending(),
         ));
+        Self {
+            anvil,
+            deployment,
+            deployment_path,
+            exchange_addr,
+            exchange_url,
+            exchange_toml,
+            exchange,
+        }
+    }
+}
+
+impl MarketSystem {
+    pub async fn start(opts: MarketOpts) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("ipsx-market-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ChainAndExchange {
+            anvil,
+            deployment,
+            deployment_path,
+            exchange_addr,
+            exchange_url,
+            exchange_toml,
+            exchange,
+        } = ChainAndExchange::start(&dir, opts.challenge_secs).await;
 
         let echo = Echo::start().await;
         let mut agents = Vec::new();

@@ -1,6 +1,7 @@
 //! Test helpers: loopback targets, a tiny DNS server, an exit + tunnel pair.
 #![allow(clippy::unwrap_used, dead_code, unreachable_pub, missing_docs)]
 
+pub mod natlab;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

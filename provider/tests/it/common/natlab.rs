@@ -18,7 +18,8 @@ pub const TURN_PORT: u16 = 3478;
 pub const TURN_USER: &str = "ipsx";
 pub const TURN_PASSWORD: &str = "lab-secret";
 
-fn run(args: &[&str]) -> String {
+/// Runs a command; its stdout (the test fails if it cannot run or fails).
+pub fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()

@@ -9,22 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+use super::natlab::run;
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {args:?}: {e} (install with scripts/install-tunnel.sh)")
-        });
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn ip_at(base: u32, off: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + base + off)
