@@ -80,15 +80,11 @@ impl Default for MarketOpts {
     }
 }
 
+/// The chain and the exchange (reached through `Deref`: `sys.anvil`, `sys.exchange_url`),
+/// provider agents, an echo target and optionally a gateway with its market.
 pub struct MarketSystem {
     pub dir: std::path::PathBuf,
-    pub anvil: Anvil,
-    pub deployment: Deployment,
-    pub deployment_path: std::path::PathBuf,
-    pub exchange_addr: SocketAddr,
-    pub exchange_url: String,
-    pub exchange_toml: String,
-    pub exchange: JoinHandle<Result<(), ipsx_exchange::ExchangeError>>,
+    pub chain: ChainAndExchange,
     pub echo: Echo,
     pub agents: Vec<ipsx_provider::AgentHandle>,
     pub gw: Option<TestGateway>,
@@ -164,6 +160,19 @@ impl ChainAndExchange {
     }
 }
 
+impl std::ops::Deref for MarketSystem {
+    type Target = ChainAndExchange;
+    fn deref(&self) -> &ChainAndExchange {
+        &self.chain
+    }
+}
+
+impl std::ops::DerefMut for MarketSystem {
+    fn deref_mut(&mut self) -> &mut ChainAndExchange {
+        &mut self.chain
+    }
+}
+
 impl MarketSystem {
     pub async fn start(opts: MarketOpts) -> Self {
         let nanos = std::time::SystemTime::now()
@@ -172,15 +181,9 @@ impl MarketSystem {
             .as_nanos();
         let dir = std::env::temp_dir().join(format!("ipsx-market-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ChainAndExchange {
-            anvil,
-            deployment,
-            deployment_path,
-            exchange_addr,
-            exchange_url,
-            exchange_toml,
-            exchange,
-        } = ChainAndExchange::start(&dir, opts.challenge_secs).await;
+        let chain = ChainAndExchange::start(&dir, opts.challenge_secs).await;
+        let (anvil, deployment_path, exchange_url) =
+            (&chain.anvil, &chain.deployment_path, &chain.exchange_url);
 
         let echo = Echo::start().await;
         let mut agents = Vec::new();
@@ -223,13 +226,7 @@ impl MarketSystem {
         );
         let mut sys = Self {
             dir,
-            anvil,
-            deployment,
-            deployment_path,
-            exchange_addr,
-            exchange_url,
-            exchange_toml,
-            exchange,
+            chain,
             echo,
             agents,
             gw: None,
@@ -338,8 +335,8 @@ impl MarketSystem {
         for a in self.agents {
             let _ = a.shutdown().await;
         }
-        self.exchange.abort();
-        drop(self.anvil);
+        self.chain.exchange.abort();
+        drop(self.chain.anvil);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

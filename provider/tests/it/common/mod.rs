@@ -293,10 +293,25 @@ impl RawPeer {
 
     /// Encrypts one IP packet and sends it to the exit.
     pub async fn send_ip(&mut self, pkt: &[u8]) {
-        use ipsx_tunnel_pool::boringtun::noise::TunnResult;
-        if let TunnResult::WriteToNetwork(p) = self.tunn.encapsulate(pkt, &mut self.buf) {
-            let _ = self.udp.send(p).await;
+        if let Some(d) = self.seal_ip(pkt) {
+            let _ = self.udp.send(&d).await;
         }
+    }
+
+    /// Encrypts one IP packet into the datagram that carries it, without sending it: a
+    /// flood can be sealed in advance so that its encryption does not share the CPU with
+    /// the exit while it is measured (a real attacker encrypts on its own machine).
+    pub fn seal_ip(&mut self, pkt: &[u8]) -> Option<Vec<u8>> {
+        use ipsx_tunnel_pool::boringtun::noise::TunnResult;
+        match self.tunn.encapsulate(pkt, &mut self.buf) {
+            TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Sends a datagram sealed by [`RawPeer::seal_ip`].
+    pub async fn send_sealed(&self, datagram: &[u8]) {
+        let _ = self.udp.send(datagram).await;
     }
 
     /// The next IP packet the exit sends into the tunnel (handshake and keepalive
