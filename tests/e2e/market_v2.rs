@@ -317,16 +317,7 @@ impl GatewayProcess {
             .env("IPSX_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap());
-        for v in [
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(v);
-        }
+        clear_proxy_env(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let out = BufReader::new(child.stdout.take().unwrap());
         let (mut proxy, mut admin) = (None, None);

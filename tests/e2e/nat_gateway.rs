@@ -50,16 +50,7 @@ fn ipsx_in(ns: &str, args: &[&str], log: &std::path::Path) -> Proc {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap());
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
+    clear_proxy_env(&mut cmd);
     Proc {
         child: cmd.spawn().expect("ip netns exec ipsx"),
         log: log.to_owned(),
@@ -71,7 +62,7 @@ async fn curl_in(ns: &str, args: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new("ip");
     cmd.args(["netns", "exec", ns, "curl", "-sS", "--max-time", "15"])
         .args(args);
-    clear_proxy_env(&mut cmd);
+    clear_proxy_env(cmd.as_std_mut());
     cmd.kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await

@@ -140,7 +140,7 @@ impl TestGateway {
 pub async fn curl(args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new("curl");
     cmd.args(["-sS", "--max-time", "20"]).args(args);
-    clear_proxy_env(&mut cmd);
+    clear_proxy_env(cmd.as_std_mut());
     cmd.kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -148,7 +148,10 @@ pub async fn curl(args: &[&str]) -> Output {
         .expect("curl runs (is curl installed?)")
 }
 
-pub fn clear_proxy_env(cmd: &mut tokio::process::Command) {
+/// Removes the proxy variables of the environment from a child's (a std or, through
+/// `as_std_mut`, a tokio command), so test clients and processes never use a proxy by
+/// accident.
+pub fn clear_proxy_env(cmd: &mut std::process::Command) {
     for v in [
         "http_proxy",
         "https_proxy",
@@ -167,7 +170,7 @@ pub fn clear_proxy_env(cmd: &mut tokio::process::Command) {
 pub async fn python(code: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new("python3");
     cmd.arg("-c").arg(code).args(args);
-    clear_proxy_env(&mut cmd);
+    clear_proxy_env(cmd.as_std_mut());
     cmd.kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
