@@ -717,8 +717,14 @@ impl Driver {
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
         let size = self.shared.cfg.mtu.max(1420) + 128;
-        let mut rx_buf = vec![0u8; size];
         let mut out_buf = vec![0u8; size + 64];
+        let mut reader = match self.udp.batch_reader(size) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "exit: cannot read the socket in batches");
+                return;
+            }
+        };
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
         let mut nat_next = self.udp.service().await;
@@ -761,11 +767,16 @@ impl Driver {
             // handshake initiations); a peer's full queue sheds only its datagrams.
             let mut read = 0;
             while read < RX_READ {
-                let Ok(Some((n, from))) = self.udp.try_recv_from(&mut rx_buf) else {
+                let Ok(Some(n)) = self.udp.try_recv_batch(&mut reader) else {
                     break;
                 };
-                read += 1;
-                self.route(&rx_buf[..n], from, &mut out_buf).await;
+                read += n;
+                let now_ms = self.shared.now_ms();
+                for k in 0..reader.len() {
+                    if let Some((data, from)) = reader.get(k) {
+                        self.route(data, from, &mut out_buf, now_ms).await;
+                    }
+                }
             }
             // STUN/TURN refreshes and retransmissions.
             if self.udp.due(nat_next) {
@@ -780,7 +791,7 @@ impl Driver {
                 next_timer = now + TIMER_TICK;
                 udp_relay::expire(&self.shared);
             }
-            if read == RX_READ {
+            if read >= RX_READ {
                 // More may be waiting: the peers' tasks it woke run first.
                 tokio::task::yield_now().await;
             }
@@ -794,7 +805,7 @@ impl Driver {
     /// Hands a datagram to its peer's task: by the receiver index on the wire, or for a
     /// handshake initiation by the static key the DH reveals (after the MAC1 check and,
     /// under load, a cookie). Garbage and unknown peers are counted and dropped here.
-    async fn route(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8]) {
+    async fn route(&mut self, data: &[u8], from: SocketAddr, out: &mut [u8], now_ms: u64) {
         let c = &self.shared.counters;
         let idx = match Tunn::parse_incoming_packet(data) {
             Ok(Packet::HandshakeInit(_)) => {
@@ -838,10 +849,7 @@ impl Driver {
             return;
         };
         let flooded = peer.flooded.load(Ordering::Relaxed);
-        if !peer
-            .gate
-            .pass(self.shared.now_ms(), (flooded != 0).then_some(flooded))
-        {
+        if !peer.gate.pass(now_ms, (flooded != 0).then_some(flooded)) {
             c.datagrams_gated.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -906,9 +914,23 @@ async fn run_peer(shared: Arc<Shared>, udp: Arc<NatSocket>, mut peer: Peer, mut 
             }
         }
         let full = batch.len() >= budget;
-        for (data, from) in batch.drain(..) {
+        let flooding = is_flooding(&shared, &peer);
+        let seen = peer.flooded.load(Ordering::Relaxed);
+        let mut turn = batch.drain(..);
+        for (data, from) in turn.by_ref() {
             peer_datagram(&shared, &udp, &mut peer, &data, from, &mut out_buf).await;
+            if !flooding && peer.flooded.load(Ordering::Relaxed) != seen {
+                // The peer began to flood in this turn: what it queued before its gate
+                // closed is dropped undecrypted too, not worked through.
+                let queued = turn.len() + discard_queued(&mut input.datagrams);
+                shared
+                    .counters
+                    .datagrams_gated
+                    .fetch_add(queued as u64, Ordering::Relaxed);
+                break;
+            }
         }
+        drop(turn);
 
         let now = Instant::now();
         let due = woken
@@ -946,6 +968,22 @@ async fn run_peer(shared: Arc<Shared>, udp: Arc<NatSocket>, mut peer: Peer, mut 
         }
     }
     peer.stack.close();
+}
+
+/// Whether `peer` is behind its [`FloodGate`] now (seen flooding within the penalty).
+fn is_flooding(shared: &Shared, peer: &Peer) -> bool {
+    let t = peer.flooded.load(Ordering::Relaxed);
+    t != 0 && shared.now_ms() < t.saturating_add(crate::limits::FLOOD_PENALTY.as_millis() as u64)
+}
+
+/// Empties a peer's queue (at most its capacity) without decrypting it; how many
+/// datagrams it held.
+fn discard_queued(queue: &mut mpsc::Receiver<(Vec<u8>, SocketAddr)>) -> usize {
+    let mut n = 0;
+    while n < queue.max_capacity() && queue.try_recv().is_ok() {
+        n += 1;
+    }
+    n
 }
 
 /// One datagram of `peer` (its task).

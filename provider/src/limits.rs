@@ -32,9 +32,12 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// ([`FlowLimiter::may_reset`]); its other refused SYNs are dropped.
 pub const RESETS_PER_SECOND: u64 = 200;
 
-/// Datagrams per second (and burst) a flooding peer still gets decrypted
-/// ([`FloodGate`]).
+/// Datagrams per second a flooding peer still gets decrypted ([`FloodGate`]).
 pub const FLOODING_DATAGRAMS_PER_SECOND: u64 = 2000;
+
+/// The burst of a closed [`FloodGate`]: a tenth of a second's worth, so the gate's
+/// first moment lets no more through than any other.
+pub const FLOODING_BURST: u64 = FLOODING_DATAGRAMS_PER_SECOND / 10;
 
 /// How long after its last sign of flooding a peer stays behind its [`FloodGate`].
 pub const FLOOD_PENALTY: Duration = Duration::from_secs(1);
@@ -472,11 +475,7 @@ impl FloodGate {
     /// An open gate.
     pub fn new(now_ms: u64) -> Self {
         Self {
-            bucket: TokenBucket::new(
-                FLOODING_DATAGRAMS_PER_SECOND,
-                FLOODING_DATAGRAMS_PER_SECOND,
-                now_ms,
-            ),
+            bucket: TokenBucket::new(FLOODING_DATAGRAMS_PER_SECOND, FLOODING_BURST, now_ms),
         }
     }
 
@@ -658,13 +657,22 @@ mod tests {
         let mut g = FloodGate::new(0);
         assert!((0..10_000).all(|_| g.pass(0, None)), "open: no limit");
         let passed = (0..10_000).filter(|_| g.pass(100, Some(100))).count() as u64;
-        assert_eq!(passed, FLOODING_DATAGRAMS_PER_SECOND);
+        assert_eq!(passed, FLOODING_BURST);
+        // Then the rate, millisecond by millisecond, for half a second.
+        let later: u64 = (101..=600)
+            .map(|t| (0..100).filter(|_| g.pass(t, Some(100))).count() as u64)
+            .sum();
+        assert_eq!(
+            later,
+            FLOODING_DATAGRAMS_PER_SECOND / 2,
+            "half a second's worth"
+        );
         let penalty = FLOOD_PENALTY.as_millis() as u64;
-        assert!(!g.pass(100, Some(100)));
+        assert!(!g.pass(600, Some(100)));
         let refilled = (0..10_000)
             .filter(|_| g.pass(100 + penalty - 1, Some(100)))
             .count() as u64;
-        assert!(refilled < FLOODING_DATAGRAMS_PER_SECOND, "{refilled}");
+        assert!(refilled <= FLOODING_BURST, "{refilled}");
         assert!(
             (0..10_000).all(|_| g.pass(100 + penalty, Some(100))),
             "open again"
@@ -777,7 +785,7 @@ mod tests {
             // While closed: within burst + rate x window in any window.
             let rate = FLOODING_DATAGRAMS_PER_SECOND;
             if let (Some(&first), Some(&last)) = (passed_closed.first(), passed_closed.last()) {
-                prop_assert!(passed_closed.len() as u64 <= rate + rate * (last - first) / 1000 + 1);
+                prop_assert!(passed_closed.len() as u64 <= FLOODING_BURST + rate * (last - first) / 1000 + 1);
             }
         }
 

@@ -639,6 +639,45 @@ pub fn local_ip_toward(server: SocketAddr) -> Option<IpAddr> {
     s.local_addr().ok().map(|a| a.ip())
 }
 
+/// Buffers a [`BatchReader`] reads into at most (each may hold several datagrams).
+const MAX_BATCH: usize = 16;
+
+/// Datagrams read together from a [`NatSocket`] (see [`NatSocket::batch_reader`]).
+pub struct BatchReader {
+    state: quinn_udp::UdpSocketState,
+    bufs: Vec<Vec<u8>>,
+    metas: Vec<quinn_udp::RecvMeta>,
+    /// The peer datagrams of the last read: buffer, start, length, sender.
+    got: Vec<(usize, usize, usize, SocketAddr)>,
+}
+
+impl fmt::Debug for BatchReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchReader")
+            .field("buffers", &self.bufs.len())
+            .field("got", &self.got.len())
+            .finish()
+    }
+}
+
+impl BatchReader {
+    /// How many peer datagrams the last read gave.
+    pub fn len(&self) -> usize {
+        self.got.len()
+    }
+
+    /// Whether the last read gave no peer datagram.
+    pub fn is_empty(&self) -> bool {
+        self.got.is_empty()
+    }
+
+    /// The `k`-th peer datagram of the last read and its sender (`None` past the end).
+    pub fn get(&self, k: usize) -> Option<(&[u8], SocketAddr)> {
+        let &(i, start, len, from) = self.got.get(k)?;
+        Some((&self.bufs[i][start..start + len], from))
+    }
+}
+
 /// A UDP socket with optional NAT traversal: STUN/TURN traffic is handled inside,
 /// relayed datagrams come out of [`NatSocket::try_recv_from`] as if sent by the peer,
 /// and [`NatSocket::send_to`] relays when the socket relays.
@@ -813,6 +852,77 @@ impl NatSocket {
         Ok(None)
     }
 
+    /// A reader that takes the datagrams waiting on this socket many per system call
+    /// (`recvmmsg`, through quinn-udp), for a receive loop that sees floods: one call
+    /// per batch instead of one per datagram. `max_datagram` is the largest datagram
+    /// expected (larger ones are cut). It turns on the socket options quinn-udp reads
+    /// batches with (GRO among them: a buffer may hold several datagrams of one sender,
+    /// which [`NatSocket::try_recv_batch`] splits again).
+    pub fn batch_reader(&self, max_datagram: usize) -> io::Result<BatchReader> {
+        let state = quinn_udp::UdpSocketState::new((&self.udp).into())?;
+        let buffers = quinn_udp::BATCH_SIZE.clamp(1, MAX_BATCH);
+        let size = max_datagram.max(1) * state.gro_segments().max(1);
+        Ok(BatchReader {
+            state,
+            // Zeroed allocations: the kernel maps their pages as datagrams fill them.
+            bufs: (0..buffers).map(|_| vec![0u8; size]).collect(),
+            metas: vec![quinn_udp::RecvMeta::default(); buffers],
+            got: Vec::new(),
+        })
+    }
+
+    /// Reads the datagrams waiting (one batch at most) without waiting: `Ok(None)` when
+    /// nothing is queued, else how many datagrams were read. The peer datagrams among
+    /// them are then in `reader` ([`BatchReader::get`]); STUN/TURN messages are handled
+    /// and skipped, relayed data is unwrapped with the peer's address, as in
+    /// [`NatSocket::try_recv_from`].
+    pub fn try_recv_batch(&self, reader: &mut BatchReader) -> io::Result<Option<usize>> {
+        let BatchReader {
+            state,
+            bufs,
+            metas,
+            got,
+        } = reader;
+        got.clear();
+        let mut slices: Vec<io::IoSliceMut<'_>> =
+            bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        let n = match self.udp.try_io(tokio::io::Interest::READABLE, || {
+            state.recv((&self.udp).into(), &mut slices, metas)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        drop(slices);
+        let mut datagrams = 0;
+        let mut now = None;
+        for (i, meta) in metas.iter().enumerate().take(n) {
+            let len = meta.len.min(bufs[i].len());
+            let stride = if meta.stride == 0 { len } else { meta.stride };
+            let mut start = 0;
+            while start < len {
+                let end = (start + stride).min(len);
+                datagrams += 1;
+                let from = meta.addr;
+                let r = self.nat.as_ref().map(|_| {
+                    let now = *now.get_or_insert_with(|| self.now());
+                    self.with(|t| t.recv(from, &bufs[i][start..end], now))
+                });
+                match r.flatten() {
+                    None | Some(Received::Wireguard) => got.push((i, start, end - start, from)),
+                    Some(Received::Consumed) => {}
+                    Some(Received::Relayed { from, data }) => {
+                        let k = data.len().min(end - start);
+                        bufs[i][start..start + k].copy_from_slice(&data[..k]);
+                        got.push((i, start, k, from));
+                    }
+                }
+                start = end;
+            }
+        }
+        Ok(Some(datagrams))
+    }
+
     /// Sends `data` to `to` (through the relay when relaying); returns the bytes put
     /// on the wire (0: dropped until the relay permits the peer). A full buffer is
     /// waited for (a few times), other errors are returned.
@@ -956,6 +1066,107 @@ mod tests {
                 t.poll(now);
                 while t.poll_transmit(now).is_some() {}
             }
+        }
+    }
+
+    /// Reads batches from `sock` until `want` peer datagrams came (bounded wait).
+    async fn read_batches(
+        sock: &NatSocket,
+        reader: &mut BatchReader,
+        want: usize,
+    ) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            if got.len() >= want {
+                break;
+            }
+            match sock.try_recv_batch(reader).unwrap() {
+                Some(n) => {
+                    assert!(n >= reader.len());
+                    for k in 0..reader.len() {
+                        let (d, from) = reader.get(k).unwrap();
+                        got.push((d.to_vec(), from));
+                    }
+                    assert!(reader.get(reader.len()).is_none());
+                }
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), sock.readable()).await;
+                }
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_batch_reader_gives_every_datagram_whole_with_its_sender() {
+        let sock = NatSocket::plain(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let to = sock.local_addr().unwrap();
+        let mut reader = sock.batch_reader(1500).unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Sizes from 1 byte to past the largest expected datagram (not cut, not mixed).
+        let sizes = [1usize, 7, 148, 1200, 1500, 1501, 9000, 65_000];
+        let mut sent = Vec::new();
+        for i in 0..200usize {
+            let (s, from) = if i % 3 == 0 {
+                (&a, a.local_addr().unwrap())
+            } else {
+                (&b, b.local_addr().unwrap())
+            };
+            let len = sizes[i % sizes.len()];
+            let data: Vec<u8> = (0..len).map(|k| (k + i) as u8).collect();
+            s.send_to(&data, to).await.unwrap();
+            sent.push((data, from));
+            if i % 4 == 3 {
+                // Let the reader keep up (the socket's buffer holds a few 65 KB ones).
+                let got = read_batches(&sock, &mut reader, 4).await;
+                let lens = |v: &[(Vec<u8>, SocketAddr)]| {
+                    v.iter().map(|(d, f)| (d.len(), *f)).collect::<Vec<_>>()
+                };
+                assert_eq!(lens(&got), lens(&sent[i - 3..=i]));
+                assert!(got == sent[i - 3..=i], "contents differ");
+            }
+        }
+        assert_eq!(
+            sock.try_recv_batch(&mut reader).unwrap(),
+            None,
+            "nothing left"
+        );
+        assert!(reader.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_reader_splits_datagrams_the_kernel_coalesced() {
+        let sock = NatSocket::plain(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let to = sock.local_addr().unwrap();
+        let mut reader = sock.batch_reader(1500).unwrap();
+        // Sent as one GSO transmit: on a kernel with UDP GRO they arrive in one buffer
+        // with a stride, elsewhere as separate datagrams; either way ten come out.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = sender.local_addr().unwrap();
+        let state = quinn_udp::UdpSocketState::new((&sender).into()).unwrap();
+        let segments = state.max_gso_segments().clamp(1, 10);
+        let mut payload = Vec::new();
+        for i in 0..segments {
+            let len = if i + 1 == segments { 300 } else { 1000 };
+            payload.extend((0..len).map(|k| (k * 7 + i) as u8));
+        }
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: &payload,
+            segment_size: (segments > 1).then_some(1000),
+            src_ip: None,
+        };
+        state.send((&sender).into(), &transmit).unwrap();
+        let got = read_batches(&sock, &mut reader, segments).await;
+        assert_eq!(got.len(), segments);
+        let mut at = 0;
+        for (i, (d, f)) in got.iter().enumerate() {
+            assert_eq!(*f, from);
+            assert_eq!(d.len(), if i + 1 == segments { 300 } else { 1000 });
+            assert_eq!(d[..], payload[at..at + d.len()]);
+            at += d.len();
         }
     }
 }
