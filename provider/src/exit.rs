@@ -54,6 +54,8 @@ use crate::policy::{EgressPolicy, discover_own_addresses};
 mod udp_relay;
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How often the driver brings the kernel filter of flooding peers up to date.
+const FILTER_TICK: Duration = Duration::from_millis(50);
 /// Datagrams the driver reads from the socket (and hands to the peers) in one turn; it
 /// yields to the peers' tasks between turns.
 const RX_READ: usize = 1024;
@@ -89,6 +91,7 @@ struct AtomicCounters {
     icmp_echo: AtomicU64,
     resets_suppressed: AtomicU64,
     datagrams_gated: AtomicU64,
+    peers_filtered: AtomicU64,
 }
 
 /// A snapshot of the exit-wide counters.
@@ -142,6 +145,10 @@ pub struct ExitCounters {
     pub resets_suppressed: u64,
     /// Datagrams of flooding peers dropped before decryption ([`crate::limits::FloodGate`]).
     pub datagrams_gated: u64,
+    /// Flooding peers whose data datagrams the kernel thins before they are queued (a
+    /// socket filter, [`ipsx_tunnel_pool::flood_filter`]); the kernel's drops are not
+    /// counted.
+    pub peers_filtered: u64,
 }
 
 impl AtomicCounters {
@@ -170,6 +177,7 @@ impl AtomicCounters {
             icmp_echo: g(&self.icmp_echo),
             resets_suppressed: g(&self.resets_suppressed),
             datagrams_gated: g(&self.datagrams_gated),
+            peers_filtered: g(&self.peers_filtered),
         }
     }
 }
@@ -319,6 +327,8 @@ impl ProviderExit {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             next_index: rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> INDEX_SHIFT,
+            filtered: Vec::new(),
+            filter_failed: false,
         };
         for p in shared.cfg.peers.clone() {
             driver.add_peer(p.public_key.0, p.inner_ip, p.endpoint)?;
@@ -594,6 +604,10 @@ struct Driver {
     peers: HashMap<u32, PeerLink>,
     by_key: HashMap<[u8; 32], u32>,
     next_index: u32,
+    /// The peers the socket's kernel filter thins now (sorted; empty: no filter).
+    filtered: Vec<u32>,
+    /// Set when the kernel refused a filter: the gate alone works from then on.
+    filter_failed: bool,
 }
 
 impl Driver {
@@ -727,6 +741,7 @@ impl Driver {
         };
         let mut next_timer = Instant::now() + TIMER_TICK;
         let mut next_reset = Instant::now() + Duration::from_secs(1);
+        let mut next_filter = Instant::now() + FILTER_TICK;
         let mut nat_next = self.udp.service().await;
         loop {
             tokio::select! {
@@ -791,6 +806,10 @@ impl Driver {
                 next_timer = now + TIMER_TICK;
                 udp_relay::expire(&self.shared);
             }
+            if now >= next_filter {
+                next_filter = now + FILTER_TICK;
+                self.refresh_filter();
+            }
             if read >= RX_READ {
                 // More may be waiting: the peers' tasks it woke run first.
                 tokio::task::yield_now().await;
@@ -800,6 +819,40 @@ impl Driver {
             p.stack.close();
         }
         udp_relay::close_all(&self.shared);
+    }
+
+    /// Puts the peers flooding now (and only them) behind the socket's kernel filter.
+    fn refresh_filter(&mut self) {
+        if self.filter_failed {
+            return;
+        }
+        let now = self.shared.now_ms();
+        let mut flooding: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| flooding_at(&p.flooded, now))
+            .map(|(idx, _)| *idx)
+            .collect();
+        flooding.sort_unstable();
+        if flooding == self.filtered {
+            return;
+        }
+        match self.udp.filter_receivers(&flooding, INDEX_SHIFT) {
+            Ok(()) => {
+                let n = flooding
+                    .len()
+                    .min(ipsx_tunnel_pool::flood_filter::MAX_FILTERED);
+                self.shared
+                    .counters
+                    .peers_filtered
+                    .store(n as u64, Ordering::Relaxed);
+                self.filtered = flooding;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "exit: no kernel filter for flooding peers; the gate alone drops their datagrams");
+                self.filter_failed = true;
+            }
+        }
     }
 
     /// Hands a datagram to its peer's task: by the receiver index on the wire, or for a
@@ -972,8 +1025,14 @@ async fn run_peer(shared: Arc<Shared>, udp: Arc<NatSocket>, mut peer: Peer, mut 
 
 /// Whether `peer` is behind its [`FloodGate`] now (seen flooding within the penalty).
 fn is_flooding(shared: &Shared, peer: &Peer) -> bool {
-    let t = peer.flooded.load(Ordering::Relaxed);
-    t != 0 && shared.now_ms() < t.saturating_add(crate::limits::FLOOD_PENALTY.as_millis() as u64)
+    flooding_at(&peer.flooded, shared.now_ms())
+}
+
+/// Whether a peer last seen flooding at `flooded` (exit milliseconds; 0: never) is
+/// still within its penalty at `now_ms`.
+fn flooding_at(flooded: &AtomicU64, now_ms: u64) -> bool {
+    let t = flooded.load(Ordering::Relaxed);
+    t != 0 && now_ms < t.saturating_add(crate::limits::FLOOD_PENALTY.as_millis() as u64)
 }
 
 /// Empties a peer's queue (at most its capacity) without decrypting it; how many

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod dns;
+pub mod flood_filter;
 pub mod health;
 pub mod nat;
 pub mod netstack;

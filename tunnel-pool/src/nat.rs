@@ -852,6 +852,21 @@ impl NatSocket {
         Ok(None)
     }
 
+    /// Thins the data datagrams to the peers `indices` (receiver index `>> shift`) in the
+    /// kernel, before they are queued ([`crate::flood_filter`]); an empty list removes
+    /// the filter.
+    pub fn filter_receivers(&self, indices: &[u32], shift: u32) -> io::Result<()> {
+        let sock = socket2::SockRef::from(&self.udp);
+        match crate::flood_filter::program(indices, shift) {
+            Some(p) => sock.attach_filter(&p),
+            None => match sock.detach_filter() {
+                // ENOENT: there was none.
+                Err(e) if e.raw_os_error() == Some(2) => Ok(()),
+                r => r,
+            },
+        }
+    }
+
     /// A reader that takes the datagrams waiting on this socket many per system call
     /// (`recvmmsg`, through quinn-udp), for a receive loop that sees floods: one call
     /// per batch instead of one per datagram. `max_datagram` is the largest datagram
