@@ -69,54 +69,32 @@ pub async fn fetch_through(
     serde_json::from_slice(body).map_err(|e| format!("the answer is not a log export: {e}"))
 }
 
-/// Splits an HTTP/1.x answer read to its end into the status code and the body.
-/// A chunked body is refused (an HTTP/1.0 request never gets one); a
-/// `Content-Length` longer than the body is a truncated answer.
+/// Splits an HTTP/1.x answer read to its end into the status code and the body, with
+/// the gateway's strict response-head parser (ambiguous framing refused). A chunked
+/// body is refused (an HTTP/1.0 request never gets one); a `Content-Length` longer than
+/// the body is a truncated answer.
 pub fn parse_response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
+    use ipsx_gateway::http1::{HeadLimits, HeadScan};
+    use ipsx_gateway::response_head::{ResponseLength, parse_response_head};
+    const LIMITS: HeadLimits = HeadLimits {
+        max_bytes: 16 * 1024,
+        max_headers: 64,
+    };
+    let (head, consumed) = parse_response_head(raw, LIMITS, &mut HeadScan::default())
+        .map_err(|e| format!("the answer's head: {e}"))?
         .ok_or("no end of the headers")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "headers are not UTF-8")?;
-    let body = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!(
-            "not an HTTP/1 status line: {}",
-            status_line.chars().take(60).collect::<String>()
-        ));
+    let body = &raw[consumed..];
+    match head.declared {
+        ResponseLength::UntilClose => Ok((head.status, body)),
+        ResponseLength::Length(len) => match usize::try_from(len) {
+            Ok(len) if len <= body.len() => Ok((head.status, &body[..len])),
+            _ => Err(format!(
+                "truncated: content-length {len}, {} bytes read",
+                body.len()
+            )),
+        },
+        ResponseLength::Chunked => Err("transfer-encoding chunked is not supported".into()),
     }
-    let code = parts
-        .next()
-        .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or("no status code")?;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err("a header line without `:`".into());
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") && !value.eq_ignore_ascii_case("identity")
-        {
-            return Err(format!("transfer-encoding {value} is not supported"));
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            let len: usize = value
-                .parse()
-                .map_err(|_| format!("content-length `{value}` is not a number"))?;
-            if len > body.len() {
-                return Err(format!(
-                    "truncated: content-length {len}, {} bytes read",
-                    body.len()
-                ));
-            }
-            return Ok((code, &body[..len]));
-        }
-    }
-    Ok((code, body))
 }
 
 #[cfg(test)]
