@@ -835,21 +835,39 @@ impl NatSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let now = self.now();
-            let Some(r) = self.with(|t| t.recv(from, &buf[..n], now)) else {
-                return Ok(Some((n, from)));
-            };
-            match r {
-                Received::Wireguard => return Ok(Some((n, from))),
-                Received::Consumed => continue,
-                Received::Relayed { from, data } => {
-                    let n = data.len().min(buf.len());
-                    buf[..n].copy_from_slice(&data[..n]);
-                    return Ok(Some((n, from)));
-                }
+            if let Some(peer) = self.peer_datagram(&mut buf[..n], from, &mut None) {
+                return Ok(Some(peer));
             }
         }
         Ok(None)
+    }
+
+    /// What a received datagram (at the start of `datagram`, from `from`) is for the
+    /// peers: `None` for a STUN/TURN message (handled), else its length and sender, a
+    /// relayed datagram unwrapped in place. `now` is read once, when first needed.
+    fn peer_datagram(
+        &self,
+        datagram: &mut [u8],
+        from: SocketAddr,
+        now: &mut Option<Duration>,
+    ) -> Option<(usize, SocketAddr)> {
+        let Some(nat) = &self.nat else {
+            return Some((datagram.len(), from));
+        };
+        let now = *now.get_or_insert_with(|| self.now());
+        let r = nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv(from, datagram, now);
+        match r {
+            Received::Wireguard => Some((datagram.len(), from)),
+            Received::Consumed => None,
+            Received::Relayed { from, data } => {
+                let k = data.len().min(datagram.len());
+                datagram[..k].copy_from_slice(&data[..k]);
+                Some((k, from))
+            }
+        }
     }
 
     /// Thins the data datagrams to the peers `indices` (receiver index `>> shift`) in the
@@ -918,19 +936,10 @@ impl NatSocket {
             while start < len {
                 let end = (start + stride).min(len);
                 datagrams += 1;
-                let from = meta.addr;
-                let r = self.nat.as_ref().map(|_| {
-                    let now = *now.get_or_insert_with(|| self.now());
-                    self.with(|t| t.recv(from, &bufs[i][start..end], now))
-                });
-                match r.flatten() {
-                    None | Some(Received::Wireguard) => got.push((i, start, end - start, from)),
-                    Some(Received::Consumed) => {}
-                    Some(Received::Relayed { from, data }) => {
-                        let k = data.len().min(end - start);
-                        bufs[i][start..start + k].copy_from_slice(&data[..k]);
-                        got.push((i, start, k, from));
-                    }
+                if let Some((k, from)) =
+                    self.peer_datagram(&mut bufs[i][start..end], meta.addr, &mut now)
+                {
+                    got.push((i, start, k, from));
                 }
                 start = end;
             }
