@@ -901,8 +901,7 @@ impl Driver {
             c.unknown_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let flooded = peer.flooded.load(Ordering::Relaxed);
-        if !peer.gate.pass(now_ms, (flooded != 0).then_some(flooded)) {
+        if !peer.gate.pass(now_ms, flooded_ms(&peer.flooded)) {
             c.datagrams_gated.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -1028,11 +1027,15 @@ fn is_flooding(shared: &Shared, peer: &Peer) -> bool {
     flooding_at(&peer.flooded, shared.now_ms())
 }
 
-/// Whether a peer last seen flooding at `flooded` (exit milliseconds; 0: never) is
-/// still within its penalty at `now_ms`.
+/// Whether a peer last seen flooding at `flooded` is still within its penalty at
+/// `now_ms`.
 fn flooding_at(flooded: &AtomicU64, now_ms: u64) -> bool {
-    let t = flooded.load(Ordering::Relaxed);
-    t != 0 && now_ms < t.saturating_add(crate::limits::FLOOD_PENALTY.as_millis() as u64)
+    crate::limits::penalized(flooded_ms(flooded), now_ms)
+}
+
+/// When a peer was last seen flooding (exit milliseconds; the atomic holds 0 for never).
+fn flooded_ms(flooded: &AtomicU64) -> Option<u64> {
+    Some(flooded.load(Ordering::Relaxed)).filter(|&t| t != 0)
 }
 
 /// Empties a peer's queue (at most its capacity) without decrypting it; how many

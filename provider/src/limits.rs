@@ -482,12 +482,14 @@ impl FloodGate {
     /// Whether a datagram of the peer passes at `now_ms`, the peer having last been seen
     /// flooding at `flooded_ms` (`None`: never).
     pub fn pass(&mut self, now_ms: u64, flooded_ms: Option<u64>) -> bool {
-        let penalty = FLOOD_PENALTY.as_millis() as u64;
-        match flooded_ms {
-            Some(t) if now_ms < t.saturating_add(penalty) => self.bucket.try_take(1, now_ms),
-            _ => true,
-        }
+        !penalized(flooded_ms, now_ms) || self.bucket.try_take(1, now_ms)
     }
+}
+
+/// Whether a peer last seen flooding at `flooded_ms` (`None`: never) is still within
+/// its [`FLOOD_PENALTY`] at `now_ms`: behind its [`FloodGate`] (and the kernel filter).
+pub fn penalized(flooded_ms: Option<u64>, now_ms: u64) -> bool {
+    flooded_ms.is_some_and(|t| now_ms < t.saturating_add(FLOOD_PENALTY.as_millis() as u64))
 }
 
 #[cfg(test)]
