@@ -308,23 +308,38 @@ fn parse_deal_file(name: &str) -> Option<(u64, Address, u64)> {
     Some((deal, requester, start))
 }
 
+/// The deal log files in `dir`: deal id, requester, start and path, oldest start first.
+pub fn deal_files(dir: &Path) -> std::io::Result<Vec<(u64, Address, u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if let Some((d, r, s)) = e.file_name().to_str().and_then(parse_deal_file) {
+            found.push((d, r, s, e.path()));
+        }
+    }
+    found.sort_by_key(|f| f.2);
+    Ok(found)
+}
+
+/// The file of deal `deal_id` in a store's `dir` (the newest, if several), read from
+/// the outside (no store open).
+pub fn find_deal_file(dir: &Path, deal_id: u64) -> Option<PathBuf> {
+    deal_files(dir)
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|f| f.0 == deal_id)
+        .map(|f| f.3)
+}
+
 impl ConnLogStore {
     /// Opens `dir` (created if missing) and resumes every deal's chain and every
     /// channel's commitments from it. A torn last record is cut off.
     pub fn open(dir: &Path, limits: StoreLimits) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir.join("channels"))?;
         let mut book = LogBook::new(limits);
-        let mut found: Vec<(u64, Address, u64, PathBuf)> = Vec::new();
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            let name = e.file_name();
-            if let Some((d, r, s)) = name.to_str().and_then(parse_deal_file) {
-                found.push((d, r, s, e.path()));
-            }
-        }
         // Oldest start first, so the newest of an id wins.
-        found.sort_by_key(|f| f.2);
-        for (deal, requester, start, path) in found {
+        for (deal, requester, start, path) in deal_files(dir)? {
             let bytes = std::fs::read(&path)?;
             if let Some(valid) = book.resume(deal, requester, start, &bytes)
                 && valid < bytes.len()

@@ -584,14 +584,7 @@ async fn the_gateway_checks_each_deals_connection_log_against_the_chain() {
         (id, channel)
     };
     let log_file = |i: usize, id: u64| {
-        std::fs::read_dir(common::market::connlog_dir(&sys.dir, i))
-            .ok()?
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{id}-")))
-            })
+        ipsx_provider::connlog_store::find_deal_file(&common::market::connlog_dir(&sys.dir, i), id)
     };
     let records = |i: usize, id: u64| {
         log_file(i, id)

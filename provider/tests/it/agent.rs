@@ -557,14 +557,7 @@ async fn happy_path_serves_after_the_first_proof_and_claims_at_the_end() {
 
 /// The deal's connection-log file in the agent's `connlog.dir`.
 fn deal_log_file(w: &World, id: u64) -> Option<PathBuf> {
-    std::fs::read_dir(w.connlog_dir())
-        .ok()?
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{id}-")))
-        })
+    ipsx_provider::connlog_store::find_deal_file(&w.connlog_dir(), id)
 }
 
 /// GET a deal's connection log from the agent as `who` (a signed request, no token):
