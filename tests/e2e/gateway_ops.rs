@@ -148,20 +148,11 @@ impl GatewayProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut admin = None;
-        let proxy = loop {
-            let line = lines.next().expect("gateway printed its address").unwrap();
-            if let Some(rest) = line.strip_prefix("admin listening on http://") {
-                admin = Some(rest.trim().parse().unwrap());
-            }
-            if let Some(rest) = line.strip_prefix("proxy listening on ") {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
+        let addrs = common::gateway_addrs(&mut lines).expect("gateway printed its address");
         Self {
             child,
-            proxy,
-            admin,
+            proxy: addrs.proxy,
+            admin: addrs.admin,
             dir,
         }
     }

@@ -319,22 +319,12 @@ impl GatewayProcess {
             .stderr(std::fs::File::create(log).unwrap());
         clear_proxy_env(&mut cmd);
         let mut child = cmd.spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (mut proxy, mut admin) = (None, None);
-        for line in out.lines() {
-            let line = line.unwrap();
-            if let Some(a) = line.strip_prefix("admin listening on http://") {
-                admin = Some(a.trim().parse().unwrap());
-            }
-            if let Some(rest) = line.strip_prefix("proxy listening on ") {
-                proxy = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
-                break;
-            }
-        }
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addrs = common::gateway_addrs(&mut out).expect("the gateway printed its proxy address");
         Self {
             child,
-            proxy: proxy.expect("the gateway printed its proxy address"),
-            admin: admin.expect("the gateway printed its admin address"),
+            proxy: addrs.proxy,
+            admin: addrs.admin.expect("the gateway printed its admin address"),
         }
     }
 

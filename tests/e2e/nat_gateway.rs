@@ -11,7 +11,7 @@
 //! coturn, iptables or `ip` is missing; the install scripts install them.
 
 use crate::common::market::{ChainAndExchange, REQUESTER, hex_key};
-use crate::common::{TOKEN, clear_proxy_env};
+use crate::common::{self, TOKEN, clear_proxy_env};
 use crate::provider_common::natlab;
 
 use std::collections::HashMap;
@@ -200,20 +200,11 @@ async fn case(provider_nat: Nat, requester_behind_nat: bool, want: &str) {
         &["gateway", "--config", gateway_toml.to_str().unwrap()],
         &dir.join("gateway.log"),
     );
-    let mut out = BufReader::new(gateway.child.stdout.take().unwrap());
-    let (mut proxy, mut admin) = (None::<SocketAddr>, None::<SocketAddr>);
-    for line in (&mut out).lines() {
-        let Ok(line) = line else { break };
-        if let Some(a) = line.strip_prefix("admin listening on http://") {
-            admin = a.trim().parse().ok();
-        }
-        if let Some(rest) = line.strip_prefix("proxy listening on ") {
-            proxy = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-            break;
-        }
-    }
+    let mut out = BufReader::new(gateway.child.stdout.take().unwrap()).lines();
+    let addrs = common::gateway_addrs(&mut out);
+    let (proxy, admin) = (addrs.map(|a| a.proxy), addrs.and_then(|a| a.admin));
     // Keep reading: a closed pipe would fail the gateway's later prints.
-    std::thread::spawn(move || out.lines().for_each(drop));
+    std::thread::spawn(move || out.for_each(drop));
     let logs = |gw: &Proc| {
         format!(
             "\n--- gateway ---\n{}\n--- provider ---\n{}",

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::U256;
 
+use crate::common;
 use crate::common::market::{MarketOpts, MarketSystem, hex_key};
 
 /// Runs a command to its end (blocking; the test's runtime keeps the other worker).
@@ -544,18 +545,11 @@ fn gateway_on_rented_exit(
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     lab.children.push(child);
-    for _ in 0..100 {
-        let Some(Ok(line)) = tokio::task::block_in_place(|| lines.next()) else {
-            break;
-        };
-        if let Some(rest) = line.strip_prefix("proxy listening on ") {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            // Keep reading its stdout so that it never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return addr;
-        }
-    }
-    panic!("`ipsx gateway` did not start");
+    let addrs = tokio::task::block_in_place(|| common::gateway_addrs(&mut lines))
+        .expect("`ipsx gateway` did not start");
+    // Keep reading its stdout so that it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    addrs.proxy.to_string()
 }
 
 /// A plain wireguard-go pair: namespaces `a` and `b` joined by a veth, one wireguard-go

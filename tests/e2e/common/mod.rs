@@ -148,6 +148,34 @@ pub async fn curl(args: &[&str]) -> Output {
         .expect("curl runs (is curl installed?)")
 }
 
+/// The addresses `ipsx gateway` prints when it starts.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayAddrs {
+    /// `proxy listening on ...`: HTTP and SOCKS5.
+    pub proxy: std::net::SocketAddr,
+    /// `admin listening on http://...`, when the config has an admin listener.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Reads `ipsx gateway`'s stdout lines until it says where its proxy listens (the admin
+/// line comes first when there is one); `None` if the output ends (or breaks) first.
+pub fn gateway_addrs(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> Option<GatewayAddrs> {
+    let mut admin = None;
+    for line in lines {
+        let line = line.ok()?;
+        if let Some(a) = line.strip_prefix("admin listening on http://") {
+            admin = a.trim().parse().ok();
+        }
+        if let Some(rest) = line.strip_prefix("proxy listening on ") {
+            let proxy = rest.split_whitespace().next()?.parse().ok()?;
+            return Some(GatewayAddrs { proxy, admin });
+        }
+    }
+    None
+}
+
 /// Removes the proxy variables of the environment from a child's (a std or, through
 /// `as_std_mut`, a tokio command), so test clients and processes never use a proxy by
 /// accident.
