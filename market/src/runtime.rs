@@ -189,6 +189,20 @@ struct Inner {
     rent: Option<rent::RentState>,
 }
 
+impl Inner {
+    /// The live tunnels by deal (a poisoned lock is taken over: the map stays valid).
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tunnel>> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deal `deal`'s tunnel, if it is live.
+    fn tunnel(&self, deal: u64) -> Option<Tunnel> {
+        self.tunnels().get(&deal).cloned()
+    }
+}
+
 /// The running pool manager; cheap to clone.
 #[derive(Clone)]
 pub struct PoolManager {
@@ -764,9 +778,7 @@ impl PoolManager {
     async fn observe(&self) {
         let unhealthy: Vec<u64> = self
             .inner
-            .tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .tunnels()
             .iter()
             .filter(|(_, t)| !t.health().healthy)
             .map(|(id, _)| *id)
@@ -928,12 +940,7 @@ impl PoolManager {
             Action::Reverify { deal, terms } => self.reverify(deal, &terms).await,
             Action::Disconnect { deal } => {
                 self.inner.gw.remove_exit(&exit_name(deal));
-                let tunnel = self
-                    .inner
-                    .tunnels
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&deal);
+                let tunnel = self.inner.tunnels().remove(&deal);
                 if let Some(t) = tunnel {
                     t.shutdown().await;
                     metrics::gauge!("ipsx_market_exits_live").decrement(1.0);
@@ -954,13 +961,7 @@ impl PoolManager {
                     .ok()
                     .flatten()
                     .map(|c| c.log_hash);
-                let tunnel = self
-                    .inner
-                    .tunnels
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&deal)
-                    .cloned();
+                let tunnel = self.inner.tunnel(deal);
                 let log = match tunnel {
                     Some(t) => crate::connlog::fetch_through(
                         &t,
@@ -1109,13 +1110,7 @@ impl PoolManager {
         id: u64,
         terms: &ipsx_exchange_client::api::DealTerms,
     ) -> Option<Input> {
-        let tunnel = self
-            .inner
-            .tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
+        let tunnel = self.inner.tunnel(id);
         if let (Some(url), Some(t)) = (&self.inner.verify_url, tunnel)
             && let Err(e) = t.verify_exit(url, terms.exit_address).await
         {
@@ -1227,11 +1222,7 @@ impl PoolManager {
             },
         };
         self.inner.gw.add_exit(exit, Some(tunnel.clone()));
-        self.inner
-            .tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tunnel);
+        self.inner.tunnels().insert(id, tunnel);
         metrics::gauge!("ipsx_market_exits_live").increment(1.0);
         tracing::info!(deal = id, exit = %terms.exit_address, "rented exit live");
         Input::ExitLive { deal: id }
