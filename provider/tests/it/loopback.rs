@@ -156,11 +156,7 @@ async fn egress_refusals_are_dropped_and_counted() {
         "100.64.0.1:80".parse().unwrap(),      // CGNAT
     ];
     for dst in refused {
-        let err = p.tunnel.connect_tcp(dst).await.unwrap_err();
-        assert!(
-            matches!(err, ipsx_tunnel_pool::TunnelError::Connect { .. }),
-            "{dst}: {err}"
-        );
+        assert_refused(&p.tunnel, dst).await;
     }
     let c = p.exit.counters();
     assert!(c.refused >= 6, "{c:?}");
@@ -280,11 +276,7 @@ async fn the_flow_cap_resets_the_syn_over_it_and_frees_a_place_when_a_flow_ends(
         s.read_exact(&mut b).await.unwrap();
         held.push(s);
     }
-    let err = p.tunnel.connect_tcp(echo).await.unwrap_err();
-    assert!(
-        matches!(err, ipsx_tunnel_pool::TunnelError::Connect { .. }),
-        "{err}"
-    );
+    assert_refused(&p.tunnel, echo).await;
     let c = p.exit.counters();
     assert_eq!(c.flows_live, 3, "{c:?}");
     assert!(c.limited >= 1, "{c:?}");
@@ -417,6 +409,15 @@ fn udp_drops(port: u16) -> u64 {
 fn pct(mut v: Vec<Duration>, p: usize) -> Duration {
     v.sort();
     v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+/// A connection to `dst` through `t` is refused (the exit answered the SYN with a RST).
+async fn assert_refused(t: &ipsx_tunnel_pool::Tunnel, dst: SocketAddr) {
+    let err = t.connect_tcp(dst).await.unwrap_err();
+    assert!(
+        matches!(err, ipsx_tunnel_pool::TunnelError::Connect { .. }),
+        "{dst}: {err}"
+    );
 }
 
 /// One request on a new connection through the tunnel; its latency.
@@ -765,11 +766,7 @@ async fn the_inner_service_port_reaches_its_local_listener_and_nothing_else_does
         SocketAddr::new(inner, echo.port()), // the listener's port on the inner address
         "127.0.0.1:80".parse().unwrap(),     // loopback on the service port
     ] {
-        let err = p.tunnel.connect_tcp(dst).await.unwrap_err();
-        assert!(
-            matches!(err, ipsx_tunnel_pool::TunnelError::Connect { .. }),
-            "{dst}: {err}"
-        );
+        assert_refused(&p.tunnel, dst).await;
     }
     let c = p.exit.counters();
     assert!(c.refused >= 4, "{c:?}");
