@@ -5,9 +5,10 @@
 //! The filter only thins: one datagram in [`PASS_ONE_IN`] of a filtered peer still
 //! passes (the kernel's random number decides), so the exit keeps seeing the flood and
 //! keeps the peer behind its own gate. Everything else passes untouched: other message
-//! types, other receivers, datagrams too short to hold a receiver index (the kernel
-//! drops those itself, as an out-of-bounds load), relayed datagrams (they start with a
-//! TURN header, not a WireGuard one).
+//! types, other receivers, relayed datagrams (they start with a TURN header, not a
+//! WireGuard one). While a filter is attached, datagrams too short to be WireGuard
+//! data (empty, or of the data type with no room for a receiver index) are dropped: the
+//! program's loads fall outside them, which ends it with a drop.
 //!
 //! For a UDP socket the program sees the packet from the UDP header on, so the WireGuard
 //! message starts at byte 8: its type at 8, the receiver index (little-endian) at 12.
@@ -168,6 +169,22 @@ mod tests {
             (1..=120).contains(&flood_passed),
             "{flood_passed} of 2000 passed"
         );
+
+        // Too short to be WireGuard data: dropped while filtering (garbage either way);
+        // a short datagram of another type passes.
+        for short in [&[][..], &[4u8][..], &[4u8, 0, 0, 0, 1, 2][..]] {
+            tx.send_to(short, to).await.unwrap();
+        }
+        tx.send_to(&[1u8, 0, 0, 0], to).await.unwrap();
+        let mut reader = sock.batch_reader(64).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            match sock.try_recv_batch(&mut reader).unwrap() {
+                Some(_) => got.extend((0..reader.len()).map(|k| reader.get(k).unwrap().0.to_vec())),
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert_eq!(got, vec![vec![1u8, 0, 0, 0]]);
 
         // Removed: everything passes again.
         sock.filter_receivers(&[], 8).unwrap();
